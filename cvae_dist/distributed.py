@@ -1,0 +1,81 @@
+"""Process-group set-up: the Accelerator, per-rank threads, and launch sanity checks."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedType, InitProcessGroupKwargs
+
+from cvae_dist.config import ConfigError, JobConfig
+
+
+class LaunchError(RuntimeError):
+    """The processes were started in a way the trainer cannot run correctly."""
+
+
+def set_threads() -> int:
+    """Give each process its share of the cores (2 processes on 2 cores -> 1 thread), unless OMP_NUM_THREADS is set."""
+    if "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    threads = max(1, len(os.sched_getaffinity(0)) // local_world)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def make_accelerator(cfg: JobConfig) -> Accelerator:
+    """An Accelerator for whatever `accelerate launch` set up; refuses launches that silently lost their peers."""
+    requested = int(os.environ.get("WORLD_SIZE", "1"))
+    kwargs: dict = {}
+    if requested > 1 and not torch.cuda.is_available():
+        # Without CUDA, accelerate finds no backend and every rank would train alone. DeepSpeed needs the
+        # gloo backend named; plain DDP needs cpu=True (MULTI_CPU), which would switch DeepSpeed off.
+        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
+        else:
+            kwargs["cpu"] = True
+    accelerator = Accelerator(mixed_precision=cfg.train.precision.value, **kwargs)
+    alone = requested > 1 and accelerator.distributed_type == DistributedType.NO
+    if requested != accelerator.num_processes or alone:
+        raise LaunchError(
+            f"launched as {requested} processes but this one runs alone (world size {accelerator.num_processes}, "
+            f"{accelerator.distributed_type.value}); on a CPU-only machine use launch/ddp_cpu.yaml"
+        )
+    return accelerator
+
+
+def per_rank_batch_size(cfg: JobConfig, world_size: int) -> int:
+    """The recipe's batch is global; each rank takes an equal share (or the pinned per-rank batch)."""
+    if cfg.data.per_rank_batch_size is not None:
+        return cfg.data.per_rank_batch_size
+    if cfg.data.batch_size % world_size:
+        raise ConfigError(
+            f"data.batch_size={cfg.data.batch_size} is not divisible by the world size {world_size}; "
+            f"pick a multiple of {world_size} or pin data.per_rank_batch_size"
+        )
+    return cfg.data.batch_size // world_size
+
+
+def is_deepspeed(accelerator: Accelerator) -> bool:
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def configure_deepspeed(accelerator: Accelerator, per_rank_batch: int) -> None:
+    """Keep DeepSpeed's train_batch_size = micro batch x accumulation x world size consistent with ours."""
+    if not is_deepspeed(accelerator):
+        return
+    ds = accelerator.state.deepspeed_plugin.deepspeed_config
+    accumulation = ds.get("gradient_accumulation_steps", 1)
+    accumulation = 1 if accumulation == "auto" else int(accumulation)
+    ds["train_micro_batch_size_per_gpu"] = per_rank_batch
+    ds["gradient_accumulation_steps"] = accumulation
+    ds["train_batch_size"] = per_rank_batch * accumulation * accelerator.num_processes
+
+
+def input_dtype(accelerator: Accelerator) -> torch.dtype:
+    """DeepSpeed bf16/fp16 casts the weights and does not autocast: the inputs must match them."""
+    if is_deepspeed(accelerator) and accelerator.mixed_precision in ("bf16", "fp16"):
+        return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
+    return torch.float32

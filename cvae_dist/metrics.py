@@ -1,0 +1,128 @@
+"""Where figures go: `metrics.jsonl` (always) and a W&B run (offline unless a key is configured).
+
+Only the main process writes; other ranks get a logger whose methods do nothing, so the training
+loop calls it unconditionally. W&B trouble is logged and never stops training.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import netrc
+import os
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import torch
+
+from cvae_dist.config import JobConfig, WandbMode, to_dict
+
+log = logging.getLogger(__name__)
+WANDB_INIT_TIMEOUT_S = 15
+
+
+def wandb_key_configured() -> bool:
+    """True when W&B has an API key: WANDB_API_KEY or a netrc entry for the W&B host."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        return netrc.netrc().authenticators(host) is not None
+    except (FileNotFoundError, netrc.NetrcParseError):
+        return False
+
+
+def resolve_wandb_mode(mode: WandbMode) -> str:
+    if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
+        return os.environ["WANDB_MODE"]
+    if mode is WandbMode.auto:
+        return "online" if wandb_key_configured() else "offline"
+    return mode.value
+
+
+class RunLogger:
+    """Appends one JSON object per event to metrics.jsonl and mirrors scalars and images to W&B."""
+
+    def __init__(self, run_dir: Path, cfg: JobConfig, run_config: dict[str, Any], enabled: bool = True):
+        self.enabled = enabled
+        self.wandb_run = None
+        if not enabled:
+            return
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("a", buffering=1)
+        mode = resolve_wandb_mode(cfg.log.wandb)
+        if mode != "disabled":
+            self.wandb_run = _init_wandb(run_dir, cfg, {**to_dict(cfg), **run_config}, mode)
+
+    def log(self, record: dict[str, Any], images: dict[str, torch.Tensor] | None = None) -> None:
+        """Write `record` (scalars; must hold `step`) to metrics.jsonl and W&B; images go to W&B only."""
+        if not self.enabled:
+            return
+        record = {k: _plain(v) for k, v in record.items()}
+        self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self.wandb_run is not None:
+            try:
+                import wandb
+
+                payload = dict(record)
+                for name, image in (images or {}).items():
+                    payload[name] = wandb.Image(image.float().cpu().squeeze(0).numpy(), mode="L")
+                self.wandb_run.log(payload)
+            except Exception as e:  # noqa: BLE001 - W&B must never stop training
+                log.warning("W&B log failed (%s); continuing with metrics.jsonl only", e)
+                self.wandb_run = None
+
+    def summary(self, values: dict[str, Any]) -> None:
+        if self.enabled and self.wandb_run is not None:
+            self.wandb_run.summary.update({k: _plain(v) for k, v in values.items()})
+
+    def close(self) -> None:
+        if not self.enabled:
+            return
+        self.file.close()
+        if self.wandb_run is not None:
+            try:
+                self.wandb_run.finish()
+            except Exception as e:  # noqa: BLE001
+                log.warning("W&B finish failed: %s", e)
+
+
+def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str):
+    try:
+        import wandb
+    except ImportError:
+        log.warning("wandb is not installed; logging to metrics.jsonl only")
+        return None
+    kwargs = dict(
+        project=cfg.log.project,
+        group=cfg.log.group,
+        name=run_dir.name,
+        dir=str(run_dir),
+        config=config,
+        settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=True),
+    )
+    try:
+        run = wandb.init(mode=mode, **kwargs)
+    except Exception as e:  # noqa: BLE001 - an unreachable server must not stop training
+        if mode != "online":
+            log.warning("W&B init failed (%s); logging to metrics.jsonl only", e)
+            return None
+        log.warning("W&B online init failed (%s); falling back to an offline run", e)
+        try:
+            run = wandb.init(mode="offline", **kwargs)
+        except Exception as e2:  # noqa: BLE001
+            log.warning("W&B offline init failed too (%s); logging to metrics.jsonl only", e2)
+            return None
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, torch.Tensor):
+        return v.item()
+    if isinstance(v, float):
+        return round(v, 6)
+    return v

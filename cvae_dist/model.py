@@ -1,0 +1,97 @@
+"""The convolutional VAE of the Lux.jl / MLX `cvae` example, and its loss."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cvae_dist.config import ModelConfig
+
+
+def _conv_block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.01)]
+
+
+class Encoder(nn.Module):
+    """3x (conv 3x3 stride 2 -> BatchNorm -> leaky ReLU), then linear heads for mu and log sigma^2."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        f = cfg.filters
+        self.features = nn.Sequential(
+            *_conv_block(1, f // 4, 2), *_conv_block(f // 4, f // 2, 2), *_conv_block(f // 2, f, 2), nn.Flatten()
+        )
+        flat = f * (cfg.image_size // 8) ** 2
+        self.mu = nn.Linear(flat, cfg.latent_dim)
+        self.log_var = nn.Linear(flat, cfg.latent_dim)
+        nn.init.zeros_(self.mu.bias)
+        nn.init.zeros_(self.log_var.bias)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = self.features(x)
+        return self.mu(h), self.log_var(h).clamp(-20.0, 10.0)
+
+
+class Decoder(nn.Module):
+    """Linear -> (F, H/8, W/8) -> 2x (nearest upsample -> conv -> BN -> leaky ReLU) -> upsample -> conv -> sigmoid."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        f, side = cfg.filters, cfg.image_size // 8
+        self.shape = (f, side, side)
+        self.linear = nn.Linear(cfg.latent_dim, f * side * side)
+        up = nn.Upsample(scale_factor=2, mode="nearest")
+        self.features = nn.Sequential(
+            up, *_conv_block(f, f // 2, 1), up, *_conv_block(f // 2, f // 4, 1), up, nn.Conv2d(f // 4, 1, 3, padding=1)
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(self.features(self.linear(z).view(-1, *self.shape)))
+
+
+class VAEOutput(NamedTuple):
+    reconstruction: torch.Tensor
+    mu: torch.Tensor
+    log_var: torch.Tensor
+
+
+class CVAE(nn.Module):
+    """Encoder + reparameterisation + decoder. `forward` returns reconstruction, mu and log sigma^2."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+
+    def forward(self, x: torch.Tensor | None = None, *, z: torch.Tensor | None = None) -> VAEOutput | torch.Tensor:
+        """`model(x)`: reconstruction, mu, log sigma^2. `model(z=latents)`: decoded images only.
+
+        Decoding goes through `forward` too, so DDP / DeepSpeed wrappers (ZeRO-3 gathers) serve both.
+        """
+        if z is not None:
+            return self.decoder(z)
+        mu, log_var = self.encoder(x)
+        z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
+        return VAEOutput(self.decoder(z), mu, log_var)
+
+
+class LossParts(NamedTuple):
+    total: torch.Tensor
+    reconstruction: torch.Tensor
+    kl: torch.Tensor
+
+
+def vae_loss(out: VAEOutput, x: torch.Tensor) -> LossParts:
+    """Sum-squared-error reconstruction + KL(q(z|x) || N(0, I)), summed over the batch, in fp32."""
+    recon = F.mse_loss(out.reconstruction.float(), x.float(), reduction="sum")
+    mu, log_var = out.mu.float(), out.log_var.float()
+    kl = -0.5 * torch.sum(1 + log_var - mu.square() - log_var.exp())
+    return LossParts(recon + kl, recon, kl)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)

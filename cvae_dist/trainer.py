@@ -1,0 +1,235 @@
+"""The training loop: set up, then epochs of (stream -> forward -> loss -> backward -> step), then save."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list, set_seed
+from tqdm.auto import tqdm
+
+from cvae_dist import checkpoint, distributed
+from cvae_dist.config import JobConfig
+from cvae_dist.data import RankStream, load_split, to_model_input
+from cvae_dist.images import save_grid, seed_grid
+from cvae_dist.metrics import RunLogger
+from cvae_dist.model import CVAE, count_parameters, vae_loss
+
+GRID_IMAGES = 128
+EVAL_BATCH = 128
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    epoch_losses: list[float]
+    steps: int
+
+
+def train(cfg: JobConfig) -> TrainResult:
+    """Train `cfg` on however many processes `accelerate launch` started; returns the run directory."""
+    accelerator = distributed.make_accelerator(cfg)
+    threads = distributed.set_threads()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    run_dir = _agree_on_run_dir(accelerator, cfg)
+    set_seed(cfg.train.seed)  # same initial weights on every rank
+
+    model = CVAE(cfg.model)
+    accelerator.print(f"trainable parameters: {count_parameters(model):,}")
+    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    lr = cfg.train.lr * (world if cfg.train.scale_lr else 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay, foreach=True)
+    batch = distributed.per_rank_batch_size(cfg, world)
+    stream = RankStream(
+        cfg.data.source,
+        cfg.data.train_split,
+        rank,
+        world,
+        batch,
+        cfg.data.shuffle_buffer,
+        cfg.train.seed,
+        cfg.data.num_workers,
+    )
+    steps_per_epoch = _agree_on_steps(accelerator, stream)
+    distributed.configure_deepspeed(accelerator, batch)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    input_dtype = distributed.input_dtype(accelerator)
+    eval_pixels, _ = load_split(cfg.data.source, cfg.data.eval_split)
+    prior = torch.randn(GRID_IMAGES, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
+
+    logger = RunLogger(
+        run_dir,
+        cfg,
+        {
+            "world_size": world,
+            "per_rank_batch_size": batch,
+            "global_batch_size": batch * world,
+            "steps_per_epoch": steps_per_epoch,
+            "threads_per_rank": threads,
+            "backend": accelerator.distributed_type.value,
+        },
+        enabled=accelerator.is_main_process,
+    )
+    accelerator.print(
+        f"run {run_dir}: {world} process(es), {batch} images per rank per step, "
+        f"{steps_per_epoch} steps per epoch ({steps_per_epoch * batch * world} images)"
+    )
+
+    def model_input(pixels: torch.Tensor) -> torch.Tensor:
+        x = to_model_input(
+            pixels.to(accelerator.device, non_blocking=True), cfg.model.image_size, cfg.train.channels_last
+        )
+        return x.to(input_dtype)
+
+    step, epoch_losses = 0, []
+    for epoch in range(1, cfg.train.epochs + 1):
+        model.train()
+        loss_sum = torch.zeros((), device=accelerator.device)  # stays on the device: no sync per step
+        interval_sum, interval_start = torch.zeros_like(loss_sum), time.perf_counter()
+        start = time.perf_counter()
+        progress = tqdm(
+            stream.epoch(epoch),
+            total=steps_per_epoch,
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=None if accelerator.is_local_main_process else True,
+        )  # None: off when not a TTY
+        for batch_data in progress:
+            x = model_input(batch_data.pixels)
+            with accelerator.autocast():
+                out = model(x)
+            loss = vae_loss(out, x).total
+            # Each rank's loss sums its share of the global batch; DDP/DeepSpeed average gradients over
+            # ranks, so scale by the world size to keep the recipe's "summed over the batch" gradient.
+            accelerator.backward(loss * world)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            interval_sum += loss.detach()
+            step += 1
+            if step % cfg.log.every_steps == 0:
+                now = time.perf_counter()
+                interval_loss = accelerator.reduce(interval_sum, "sum").item() / cfg.log.every_steps
+                logger.log(
+                    {
+                        "step": step,
+                        "epoch": epoch,
+                        "train/step_loss": interval_loss,
+                        "train/step_img_per_s": cfg.log.every_steps * batch * world / (now - interval_start),
+                    }
+                )
+                progress.set_postfix(loss=f"{interval_loss:,.0f}")
+                interval_sum.zero_()
+                interval_start = now
+        seconds = time.perf_counter() - start
+        epoch_loss = accelerator.reduce(loss_sum, "sum").item() / steps_per_epoch
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(f"epoch {epoch}: loss is {epoch_loss} (rank {rank} or a peer)")
+        epoch_losses.append(epoch_loss)
+        global_batch = batch * world
+        record = {
+            "step": step,
+            "epoch": epoch,
+            "train/loss": epoch_loss,
+            "train/loss_per_image": epoch_loss / global_batch,
+            "train/img_per_s": steps_per_epoch * global_batch / seconds,
+            "train/epoch_time_s": seconds,
+            **evaluate(model, accelerator, eval_pixels, model_input, cfg.train.seed),
+        }
+        images = None
+        if epoch % cfg.log.images_every_epochs == 0 or epoch == cfg.train.epochs:
+            grid = make_seed_grid(model, eval_pixels[:GRID_IMAGES], prior, model_input, cfg.train.seed)
+            if accelerator.is_main_process:
+                save_grid(grid, run_dir / "images" / f"epoch_{epoch:03d}.png")
+            images = {"images/grid": grid}
+        logger.log(record, images)
+        accelerator.print(
+            f"epoch {epoch}: loss {epoch_loss:,.1f} ({epoch_loss / global_batch:.2f} per image), "
+            f"held-out {record['eval/loss_per_image']:.2f} per image, "
+            f"{record['train/img_per_s']:,.0f} img/s, {seconds:.1f} s"
+        )
+
+    export_dir = checkpoint.save_final(accelerator, model, run_dir, cfg)
+    logger.summary({"final/train_loss": epoch_losses[-1], "final/export": str(export_dir)})
+    logger.close()
+    accelerator.end_training()
+    return TrainResult(run_dir, epoch_losses, step)
+
+
+@torch.no_grad()
+def evaluate(model, accelerator: Accelerator, pixels: torch.Tensor, model_input, seed: int) -> dict[str, float]:
+    """Held-out loss: each rank a strided share, equal batch counts everywhere, sums reduced over ranks."""
+    model.eval()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    mine = pixels[rank::world]
+    n_batches = math.ceil(math.ceil(len(pixels) / world) / EVAL_BATCH)  # same on every rank
+    totals = torch.zeros(3, device=accelerator.device)  # reconstruction, KL, images
+    with torch.random.fork_rng(devices=[]):  # fixed eval noise, training RNG untouched
+        torch.manual_seed(seed)
+        for i in range(n_batches):
+            chunk = mine[i * EVAL_BATCH : (i + 1) * EVAL_BATCH]
+            if len(chunk) == 0:  # keep collective-driven wrappers (ZeRO-3) in step with the other ranks
+                chunk, weight = pixels[:1], 0.0
+            else:
+                weight = 1.0
+            x = model_input(chunk)
+            with accelerator.autocast():
+                out = model(x)
+            parts = vae_loss(out, x)
+            totals += weight * torch.stack(
+                [parts.reconstruction, parts.kl, torch.tensor(float(len(chunk)), device=totals.device)]
+            )
+    recon, kl, n = accelerator.reduce(totals, "sum").tolist()
+    model.train()
+    per_image = (recon + kl) / n
+    return {
+        "eval/loss_per_image": per_image,
+        "eval/loss": per_image * EVAL_BATCH,
+        "eval/recon_per_image": recon / n,
+        "eval/kl_per_image": kl / n,
+    }
+
+
+@torch.no_grad()
+def make_seed_grid(model, pixels: torch.Tensor, prior: torch.Tensor, model_input, seed: int) -> torch.Tensor:
+    """The seed's figure: reconstructions of a fixed held-out batch, a blank row, decoded prior draws."""
+    model.eval()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        x = model_input(pixels)
+        reconstructions = model(x).reconstruction
+        samples = model(z=prior.to(x.device, x.dtype))
+    model.train()
+    return seed_grid(reconstructions, samples)
+
+
+def _agree_on_run_dir(accelerator: Accelerator, cfg: JobConfig) -> Path:
+    if cfg.run_name is None:
+        cfg.run_name = time.strftime("run-%Y%m%d-%H%M%S")
+    elif cfg.run_name.endswith("{time}"):
+        cfg.run_name = cfg.run_name.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
+    name = [cfg.run_name]
+    broadcast_object_list(name, from_process=0)  # ranks may have started in different seconds
+    cfg.run_name = name[0]
+    run_dir = checkpoint.run_dir_for(cfg)
+    checkpoint.check_new_run_dir(run_dir)  # every rank checks before anyone creates it
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        checkpoint.create_run_dir(run_dir, cfg)
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def _agree_on_steps(accelerator: Accelerator, stream: RankStream) -> int:
+    """Every rank runs the smallest rank's step count, so no rank waits alone in a collective."""
+    local = torch.tensor([stream.steps_per_epoch], device=accelerator.device)
+    steps = int(accelerator.gather(local).min())
+    if steps == 0:
+        raise ValueError(f"a rank has fewer rows ({stream.local_rows}) than one batch ({stream.batch_size})")
+    stream.steps_per_epoch = steps
+    return steps

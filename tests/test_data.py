@@ -1,0 +1,122 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from cvae_dist.data import DataError, RankStream, load_split, open_stream
+from cvae_dist.prepare_data import DataFormatError, read_csv, read_idx, write_shards
+
+
+def test_shipped_splits_are_disjoint_and_stratified():
+    train_ids = {i for rows in open_stream("shipped", "train").iter(1000) for i in rows["id"]}
+    test_pixels, test_labels = load_split("shipped", "test")
+    test_ids = {i for rows in open_stream("shipped", "test").iter(1000) for i in rows["id"]}
+    assert len(train_ids) == 4500 and len(test_ids) == 500 and not train_ids & test_ids
+    assert test_labels.bincount().tolist() == [50] * 10
+    assert test_pixels.dtype == torch.uint8 and test_pixels.shape == (500, 1, 28, 28)
+
+
+def test_stream_count_dtype_range_and_reshuffle():
+    stream = RankStream("shipped", "train", rank=0, world_size=1, batch_size=128, shuffle_buffer=10_000, seed=0)
+    assert stream.local_rows == 4500 and stream.steps_per_epoch == 35  # last partial batch dropped
+    epoch1 = list(stream.epoch(1))
+    assert len(epoch1) == 35
+    b = epoch1[0]
+    assert b.pixels.dtype == torch.uint8 and b.pixels.shape == (128, 1, 28, 28)
+    assert int(b.pixels.min()) >= 0 and int(b.pixels.max()) == 255 and b.labels.max() <= 9
+    ids1 = torch.cat([b.ids for b in epoch1])
+    assert len(set(ids1.tolist())) == 35 * 128
+    ids2 = torch.cat([b.ids for b in stream.epoch(2)])
+    assert not torch.equal(ids1, ids2)  # a new order each epoch
+    assert torch.equal(ids1, torch.cat([b.ids for b in stream.epoch(1)]))  # and a reproducible one
+
+
+@pytest.mark.parametrize("world", [2, 3, 4, 8])
+def test_ranks_get_disjoint_shards_covering_the_data(world):
+    streams = [RankStream("shipped", "train+test", r, world, 16, shuffle_buffer=0) for r in range(world)]
+    seen = [set(torch.cat([b.ids for b in s.epoch(0)]).tolist()) for s in streams]
+    full = [{i for rows in s.dataset.iter(1000) for i in rows["id"]} for s in streams]
+    assert sum(len(f) for f in full) == 5000 and len(set().union(*full)) == 5000  # disjoint, complete
+    for s, ids in zip(streams, seen, strict=True):
+        assert len(ids) == s.steps_per_epoch * 16
+
+
+def test_unknown_source_and_split_are_named():
+    with pytest.raises(DataError, match="no such directory"):
+        open_stream("/nowhere/at/all", "train")
+    with pytest.raises(DataError, match="no 'valid-\\*.parquet' files"):
+        open_stream("shipped", "valid")
+
+
+def _digits(n=30):
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10
+
+
+def test_csv_round_trip(tmp_path):
+    pixels, labels = _digits()
+    rows = np.concatenate([pixels.reshape(len(labels), -1), labels[:, None]], axis=1)
+    with gzip.open(tmp_path / "d.csv.gz", "wt") as f:
+        np.savetxt(f, rows, fmt="%d", delimiter=",")
+    x, y = read_csv(tmp_path / "d.csv.gz")
+    assert np.array_equal(x, pixels) and np.array_equal(y, labels)
+    # label-first with a header (the Kaggle layout)
+    header = "label," + ",".join(f"pixel{i}" for i in range(784))
+    np.savetxt(
+        tmp_path / "k.csv",
+        np.concatenate([labels[:, None], rows[:, :-1]], 1),
+        fmt="%d",
+        delimiter=",",
+        header=header,
+        comments="",
+    )
+    x, y = read_csv(tmp_path / "k.csv")
+    assert np.array_equal(x, pixels) and np.array_equal(y, labels)
+    sizes = write_shards(x, y, tmp_path / "out", shards=2, heldout_per_class=1)
+    assert sizes == {"train": 20, "test": 10}
+    back_x, back_y = load_split(str(tmp_path / "out"), "train+test")
+    ids = [i for rows in open_stream(str(tmp_path / "out"), "train+test").iter(100) for i in rows["id"]]
+    assert np.array_equal(back_x[:, 0].numpy(), pixels[ids]) and np.array_equal(back_y.numpy(), labels[ids])
+    with pytest.raises(FileExistsError):
+        write_shards(x, y, tmp_path / "out")
+
+
+def test_idx_round_trip(tmp_path):
+    pixels, labels = _digits()
+    (tmp_path / "img.idx").write_bytes(struct.pack(">IIII", 0x803, len(labels), 28, 28) + pixels.tobytes())
+    (tmp_path / "lbl.idx.gz").write_bytes(
+        gzip.compress(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
+    )
+    x, y = read_idx(tmp_path / "img.idx", tmp_path / "lbl.idx.gz")
+    assert np.array_equal(x, pixels) and np.array_equal(y, labels)
+    (tmp_path / "junk").write_bytes(b"\x00" * 64)
+    with pytest.raises(DataFormatError, match="not MNIST IDX"):
+        read_idx(tmp_path / "junk", tmp_path / "lbl.idx.gz")
+
+
+def test_prepare_data_cli(tmp_path, capsys):
+    from cvae_dist.cli import main
+
+    pixels, labels = _digits(40)
+    rows = np.concatenate([pixels.reshape(40, -1), labels[:, None]], axis=1)
+    np.savetxt(tmp_path / "d.csv", rows, fmt="%d", delimiter=",")
+    assert (
+        main(
+            [
+                "prepare-data",
+                "--csv",
+                str(tmp_path / "d.csv"),
+                "--out",
+                str(tmp_path / "o"),
+                "--shards",
+                "4",
+                "--heldout-per-class",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "o").iterdir())[0] == "test-00000-of-00001.parquet"
+    assert len(list((tmp_path / "o").glob("train-*-of-00004.parquet"))) == 4

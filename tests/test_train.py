@@ -1,0 +1,69 @@
+"""End-to-end single-process training on the shipped digits (real Accelerate, real offline W&B)."""
+
+import json
+
+import pytest
+from PIL import Image
+from wandb_offline import read_run
+
+from cvae_dist.checkpoint import load_exported
+from cvae_dist.config import ConfigError, load_config
+from cvae_dist.trainer import train
+
+
+@pytest.fixture(scope="module")
+def debug_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    cfg = load_config(
+        "configs/debug.yaml",
+        ["train.epochs=3", f"output_dir={out}", "run_name=e2e", "log.wandb=offline", "log.every_steps=5"],
+    )
+    return train(cfg)
+
+
+def test_loss_falls(debug_run):
+    losses = debug_run.epoch_losses
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
+    assert debug_run.steps == 3 * 35
+
+
+def test_grid_png(debug_run):
+    grids = sorted((debug_run.run_dir / "images").glob("epoch_*.png"))
+    assert [g.name for g in grids] == ["epoch_001.png", "epoch_002.png", "epoch_003.png"]
+    # 8 rows x 16 digits of 64 px reconstructions, one blank row, 8 x 16 prior samples
+    assert Image.open(grids[-1]).size == (16 * 64, 17 * 64)
+
+
+def test_metrics_jsonl_has_epoch_lines(debug_run):
+    lines = [json.loads(line) for line in (debug_run.run_dir / "metrics.jsonl").read_text().splitlines()]
+    epochs = [r for r in lines if "train/loss" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    for r in epochs:
+        assert r["train/img_per_s"] > 0 and r["eval/loss_per_image"] > 0
+        assert r["train/loss"] == pytest.approx(r["train/loss_per_image"] * 128)
+    assert any("train/step_loss" in r for r in lines)
+
+
+def test_offline_wandb_run_holds_logged_keys(debug_run):
+    run = read_run(debug_run.run_dir)
+    logged = set().union(*(row.keys() for row in run.history))
+    assert {"train/loss", "train/img_per_s", "eval/loss", "images/grid/path", "step", "epoch"} <= logged
+    assert run.config["world_size"] == 1 and run.config["train"]["precision"] == "no"
+    assert [r["train/loss"] for r in run.history if "train/loss" in r] == pytest.approx(debug_run.epoch_losses)
+
+
+def test_export_and_checkpoint(debug_run):
+    model = load_exported(debug_run.run_dir / "model")
+    assert sum(p.numel() for p in model.parameters()) == 149_265
+    assert (debug_run.run_dir / "checkpoints" / "final" / "model.safetensors").is_file()
+    assert (debug_run.run_dir / "checkpoints" / "final" / "optimizer.bin").is_file()
+
+
+def test_existing_run_is_not_overwritten(debug_run):
+    before = (debug_run.run_dir / "metrics.jsonl").read_bytes()
+    cfg = load_config(
+        "configs/debug.yaml", [f"output_dir={debug_run.run_dir.parent}", "run_name=e2e", "log.wandb=disabled"]
+    )
+    with pytest.raises(ConfigError, match="already exists"):
+        train(cfg)
+    assert (debug_run.run_dir / "metrics.jsonl").read_bytes() == before
