@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -68,3 +71,114 @@ def load_exported(path: Path) -> CVAE:
             f"{weights}: weights do not fit the model in config.json ({str(e).splitlines()[0]})"
         ) from None
     return model.eval()
+
+
+# ---- resumable checkpoints -------------------------------------------------------------------------------------
+
+STATE_FILE = "trainer_state.json"
+MANIFEST_FILE = "manifest.json"
+STEP_PREFIX = "step-"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, corrupt, or not this trainer's."""
+
+
+@dataclass
+class TrainerState:
+    """Everything besides model / optimizer / RNG that an exact resume needs (saved as JSON, never pickled)."""
+
+    step: int = 0
+    epoch: int = 1  # the epoch in progress
+    batches_done: int = 0  # batches of that epoch already trained on (the data stream's position)
+    epoch_loss_sum: float = 0.0  # partial sums, so a resumed epoch logs what an uninterrupted one would
+    interval_loss_sum: float = 0.0
+    epoch_seconds: float = 0.0
+    world_size: int = 1
+    per_rank_batch_size: int = 0
+    wandb_run_id: str | None = None
+    model: dict = field(default_factory=dict)
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Finished checkpoints of a run, oldest first."""
+    root = run_dir / "checkpoints"
+    return sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir()) if root.is_dir() else []
+
+
+def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
+    """Atomically write `checkpoints/step-NNNNNNNNN` on every rank; keep the newest `keep`.
+
+    All ranks write into a hidden temporary directory (accelerate: model, optimizer, scaler, every
+    rank's RNG state; DeepSpeed: per-rank shards); then the main process adds the trainer state and a
+    manifest of sha256 checksums and renames the directory into place, so a kill at any point never
+    leaves a half-written checkpoint that looks complete.
+    """
+    final = run_dir / "checkpoints" / f"{STEP_PREFIX}{state.step:09d}"
+    if final.exists():  # e.g. a signal right after the epoch-end checkpoint: nothing new to save
+        return final
+    partial = final.with_name(f".partial-{final.name}")
+    if accelerator.is_main_process and partial.exists():
+        shutil.rmtree(partial)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+        files = sorted(p for p in partial.rglob("*") if p.is_file())
+        manifest = {str(p.relative_to(partial)): _sha256(p) for p in files}
+        (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+        os.replace(partial, final)
+        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def verify_checkpoint(path: Path) -> TrainerState:
+    """Check the manifest's checksums and read the trainer state; raises CheckpointError."""
+    manifest_file = path / MANIFEST_FILE
+    if not manifest_file.is_file():
+        raise CheckpointError(f"{path}: no {MANIFEST_FILE}; not a complete cvae-dist checkpoint")
+    try:
+        manifest = json.loads(manifest_file.read_text())
+        for name, digest in manifest.items():
+            file = path / name
+            if not file.is_file():
+                raise CheckpointError(f"{path}: {name} is missing")
+            if _sha256(file) != digest:
+                raise CheckpointError(f"{path}: {name} does not match its checksum (corrupt or truncated)")
+        return TrainerState(**json.loads((path / STATE_FILE).read_text()))
+    except (json.JSONDecodeError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable checkpoint metadata ({e})") from None
+
+
+def find_resumable(run_dir: Path, warn) -> tuple[Path, TrainerState] | None:
+    """The newest checkpoint that verifies; older ones are tried when newer ones are corrupt (and `warn` says so)."""
+    for path in reversed(checkpoint_dirs(run_dir)):
+        try:
+            return path, verify_checkpoint(path)
+        except CheckpointError as e:
+            warn(f"skipping checkpoint: {e}; trying the previous one")
+    return None
+
+
+def check_compatible(state: TrainerState, path: Path, cfg: JobConfig, world_size: int, per_rank_batch: int) -> None:
+    """Refuse resumes that would silently change the model or the data order."""
+    current = to_dict(cfg)["model"]
+    if state.model and state.model != current:
+        raise CheckpointError(f"{path}: written for model {state.model}, but this run configures {current}")
+    if state.world_size != world_size or state.per_rank_batch_size != per_rank_batch:
+        raise CheckpointError(
+            f"{path}: written by {state.world_size} rank(s) x {state.per_rank_batch_size} images; resuming with "
+            f"{world_size} x {per_rank_batch} would change which examples each step sees. Relaunch with "
+            f"{state.world_size} processes (the data order is exact only for the same world size)"
+        )
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

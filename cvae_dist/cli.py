@@ -8,6 +8,13 @@ import sys
 from pathlib import Path
 
 from cvae_dist.config import ConfigError
+from cvae_dist.data import DataError
+from cvae_dist.distributed import LaunchError
+from cvae_dist.faults import REQUEUE_EXIT_CODE, Preempted
+from cvae_dist.prepare_data import DataFormatError
+
+# Mistakes in what the user gave us: one line on stderr, exit 2. Anything else keeps its traceback.
+USER_ERRORS = (ConfigError, DataError, DataFormatError, LaunchError, FileExistsError, FileNotFoundError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +41,14 @@ def main(argv: list[str] | None = None) -> int:
             from cvae_dist.config import load_config
             from cvae_dist.trainer import train
 
-            train(load_config(args.config, args.overrides))
+            try:
+                train(load_config(args.config, args.overrides))
+            except Preempted as e:
+                print(f"cvae-dist train: {e}", file=sys.stderr)
+                return REQUEUE_EXIT_CODE
         elif args.command == "prepare-data":
             return _prepare_data(args)
-    except (ConfigError, ValueError, RuntimeError, FileExistsError, FileNotFoundError) as e:
+    except USER_ERRORS as e:
         print(f"cvae-dist {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -65,6 +65,7 @@ class LogConfig:
     group: str | None = None
     every_steps: int = 10  # console / metrics.jsonl step-line interval
     images_every_epochs: int = 1
+    sample_ids: bool = False  # record each rank's example ids per epoch in ranks/rank<r>.json (data audits)
 
 
 @dataclass

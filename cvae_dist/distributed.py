@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import torch
 from accelerate import Accelerator
@@ -27,6 +28,12 @@ def set_threads() -> int:
 
 def make_accelerator(cfg: JobConfig) -> Accelerator:
     """An Accelerator for whatever `accelerate launch` set up; refuses launches that silently lost their peers."""
+    if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ:
+        # `accelerate launch --cpu --num_processes N` sets a rendezvous address for N > 1, then starts one process.
+        raise LaunchError(
+            "accelerate launch asked for several processes but started one (the --cpu launcher does that); "
+            "use --config_file launch/ddp_cpu.yaml --num_processes N"
+        )
     requested = int(os.environ.get("WORLD_SIZE", "1"))
     kwargs: dict = {}
     if requested > 1 and not torch.cuda.is_available():
@@ -72,6 +79,8 @@ def configure_deepspeed(accelerator: Accelerator, per_rank_batch: int) -> None:
     ds["train_micro_batch_size_per_gpu"] = per_rank_batch
     ds["gradient_accumulation_steps"] = accumulation
     ds["train_batch_size"] = per_rank_batch * accumulation * accelerator.num_processes
+    if ds.get("gradient_clipping", "auto") == "auto":
+        ds["gradient_clipping"] = 0.0  # accelerate would fill in 1.0; the recipe does not clip
 
 
 def input_dtype(accelerator: Accelerator) -> torch.dtype:
@@ -79,3 +88,21 @@ def input_dtype(accelerator: Accelerator) -> torch.dtype:
     if is_deepspeed(accelerator) and accelerator.mixed_precision in ("bf16", "fp16"):
         return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
     return torch.float32
+
+
+def rank_identity(accelerator: Accelerator) -> dict:
+    """Who this process is: for per-rank records and W&B config."""
+    return {
+        "rank": accelerator.process_index,
+        "local_rank": accelerator.local_process_index,
+        "machine_rank": int(os.environ.get("GROUP_RANK", os.environ.get("SLURM_NODEID", "0"))),
+        "host": socket.gethostname(),
+        "node": os.environ.get("SLURMD_NODENAME", socket.gethostname()),
+        "world_size": accelerator.num_processes,
+        "backend": accelerator.distributed_type.value,
+    }
+
+
+def zero_stage(accelerator: Accelerator) -> int:
+    """The DeepSpeed ZeRO stage, 0 when not under DeepSpeed."""
+    return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else 0

@@ -126,3 +126,43 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float):
         return round(v, 6)
     return v
+
+
+class RankRecord:
+    """What this rank did, in `ranks/rank<r>.json` (every rank writes its own): identity, step counts, a digest
+    of its final parameters and, with `log.sample_ids`, the example ids it trained on in each epoch."""
+
+    def __init__(self, run_dir: Path, identity: dict[str, Any], record_ids: bool):
+        self.path = run_dir / "ranks" / f"rank{identity['rank']}.json"
+        self.data: dict[str, Any] = {**identity, "steps": 0, "steps_per_epoch": []}
+        self.record_ids = record_ids
+        self.epoch_ids: list[torch.Tensor] = []
+        if record_ids:
+            self.data["ids"] = {}
+
+    def batch(self, ids: torch.Tensor) -> None:
+        self.data["steps"] += 1
+        if self.record_ids:
+            self.epoch_ids.append(ids)
+
+    def end_epoch(self, epoch: int, steps: int) -> None:
+        self.data["steps_per_epoch"].append(steps)
+        if self.record_ids:
+            self.data["ids"][str(epoch)] = torch.cat(self.epoch_ids).tolist() if self.epoch_ids else []
+            self.epoch_ids = []
+
+    def finish(self, **fields: Any) -> None:
+        self.data.update(fields)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(self.data))
+
+
+def parameter_digest(model: torch.nn.Module) -> str:
+    """sha256 over the parameters' bytes in a fixed order: equal digests mean bit-identical weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()

@@ -16,7 +16,7 @@ from cvae_dist import checkpoint, distributed
 from cvae_dist.config import JobConfig
 from cvae_dist.data import RankStream, load_split, to_model_input
 from cvae_dist.images import save_grid, seed_grid
-from cvae_dist.metrics import RunLogger
+from cvae_dist.metrics import RankRecord, RunLogger, parameter_digest
 from cvae_dist.model import CVAE, count_parameters, vae_loss
 
 GRID_IMAGES = 128
@@ -40,8 +40,9 @@ def train(cfg: JobConfig) -> TrainResult:
 
     model = CVAE(cfg.model)
     accelerator.print(f"trainable parameters: {count_parameters(model):,}")
-    memory_format = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
+    if cfg.train.channels_last and not distributed.is_deepspeed(accelerator):
+        # DeepSpeed broadcasts parameters as flat bytes and needs them contiguous; inputs stay channels_last.
+        model = model.to(memory_format=torch.channels_last)
     lr = cfg.train.lr * (world if cfg.train.scale_lr else 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay, foreach=True)
     batch = distributed.per_rank_batch_size(cfg, world)
@@ -62,19 +63,17 @@ def train(cfg: JobConfig) -> TrainResult:
     eval_pixels, _ = load_split(cfg.data.source, cfg.data.eval_split)
     prior = torch.randn(GRID_IMAGES, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
 
-    logger = RunLogger(
-        run_dir,
-        cfg,
-        {
-            "world_size": world,
-            "per_rank_batch_size": batch,
-            "global_batch_size": batch * world,
-            "steps_per_epoch": steps_per_epoch,
-            "threads_per_rank": threads,
-            "backend": accelerator.distributed_type.value,
-        },
-        enabled=accelerator.is_main_process,
-    )
+    identity = distributed.rank_identity(accelerator)
+    record = RankRecord(run_dir, identity, cfg.log.sample_ids)
+    run_facts = {
+        "per_rank_batch_size": batch,
+        "global_batch_size": batch * world,
+        "lr_effective": lr,
+        "steps_per_epoch": steps_per_epoch,
+        "threads_per_rank": threads,
+        **identity,
+    }
+    logger = RunLogger(run_dir, cfg, run_facts, enabled=accelerator.is_main_process)
     accelerator.print(
         f"run {run_dir}: {world} process(es), {batch} images per rank per step, "
         f"{steps_per_epoch} steps per epoch ({steps_per_epoch * batch * world} images)"
@@ -111,6 +110,7 @@ def train(cfg: JobConfig) -> TrainResult:
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             interval_sum += loss.detach()
+            record.batch(batch_data.ids)
             step += 1
             if step % cfg.log.every_steps == 0:
                 now = time.perf_counter()
@@ -127,12 +127,13 @@ def train(cfg: JobConfig) -> TrainResult:
                 interval_sum.zero_()
                 interval_start = now
         seconds = time.perf_counter() - start
+        record.end_epoch(epoch, steps_per_epoch)
         epoch_loss = accelerator.reduce(loss_sum, "sum").item() / steps_per_epoch
         if not math.isfinite(epoch_loss):
             raise FloatingPointError(f"epoch {epoch}: loss is {epoch_loss} (rank {rank} or a peer)")
         epoch_losses.append(epoch_loss)
         global_batch = batch * world
-        record = {
+        summary = {
             "step": step,
             "epoch": epoch,
             "train/loss": epoch_loss,
@@ -147,14 +148,16 @@ def train(cfg: JobConfig) -> TrainResult:
             if accelerator.is_main_process:
                 save_grid(grid, run_dir / "images" / f"epoch_{epoch:03d}.png")
             images = {"images/grid": grid}
-        logger.log(record, images)
+        logger.log(summary, images)
         accelerator.print(
             f"epoch {epoch}: loss {epoch_loss:,.1f} ({epoch_loss / global_batch:.2f} per image), "
-            f"held-out {record['eval/loss_per_image']:.2f} per image, "
-            f"{record['train/img_per_s']:,.0f} img/s, {seconds:.1f} s"
+            f"held-out {summary['eval/loss_per_image']:.2f} per image, "
+            f"{summary['train/img_per_s']:,.0f} img/s, {seconds:.1f} s"
         )
 
     export_dir = checkpoint.save_final(accelerator, model, run_dir, cfg)
+    zero3 = distributed.zero_stage(accelerator) == 3  # ZeRO-3 ranks hold only their parameter partition
+    record.finish(param_sha256=None if zero3 else parameter_digest(accelerator.unwrap_model(model)))
     logger.summary({"final/train_loss": epoch_losses[-1], "final/export": str(export_dir)})
     logger.close()
     accelerator.end_training()

@@ -1,0 +1,42 @@
+"""Stopping cleanly: preemption signals, the requeue exit code, non-finite losses."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+# sysexits' EX_TEMPFAIL: "try again later". The trainer exits with it after checkpointing on SIGTERM/SIGUSR1,
+# and slurm/*.sbatch requeue the job when they see it (or `status.json` saying "preempted").
+REQUEUE_EXIT_CODE = 75
+
+
+class Preempted(Exception):
+    """Every rank stopped on a signal after saving a checkpoint; rerun with resume=auto to continue."""
+
+    def __init__(self, step: int, checkpoint: str):
+        super().__init__(f"stopped on a signal at step {step}; checkpoint {checkpoint}; rerun with resume=auto")
+        self.step, self.checkpoint = step, checkpoint
+
+
+class StopSignal:
+    """SIGTERM / SIGUSR1 ask for a checkpoint and a clean exit at the next agreement point; a second one exits now."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        for sig in self.SIGNALS:
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.received is not None:
+            os._exit(128 + signum)  # the user insists: no checkpoint, exit at once
+        self.received = signum
+
+    @property
+    def requested(self) -> bool:
+        return self.received is not None
+
+    def restore(self) -> None:
+        for sig in self.SIGNALS:
+            signal.signal(sig, signal.SIG_DFL)

@@ -1,0 +1,72 @@
+"""Start real `accelerate launch` jobs of the trainer and read back what every rank wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from wandb_offline import read_run
+
+REPO = Path(__file__).resolve().parents[1]
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+
+
+@dataclass
+class LaunchResult:
+    returncode: int
+    output: str
+    run_dir: Path
+
+    def ranks(self) -> list[dict]:
+        files = sorted((self.run_dir / "ranks").glob("rank*.json"), key=lambda p: int(p.stem[4:]))
+        return [json.loads(p.read_text()) for p in files]
+
+    def epochs(self) -> list[dict]:
+        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if "train/loss" in r]
+
+    def step_losses(self) -> list[float]:
+        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [r["train/step_loss"] for r in map(json.loads, lines) if "train/step_loss" in r]
+
+    def wandb_config(self) -> dict:
+        return read_run(self.run_dir).config
+
+
+def launch(
+    tmp_path: Path,
+    name: str,
+    launcher_args: list[str],
+    overrides: list[str] = (),
+    timeout: float = 300,
+    config: str = "configs/debug.yaml",
+    check: bool = True,
+) -> LaunchResult:
+    """`accelerate launch <launcher_args> -m cvae_dist.cli train --config <config> <overrides>`."""
+    cmd = [
+        ACCELERATE,
+        "launch",
+        *launcher_args,
+        "-m",
+        "cvae_dist.cli",
+        "train",
+        "--config",
+        config,
+        f"output_dir={tmp_path}",
+        f"run_name={name}",
+        "log.wandb=offline",
+        *overrides,
+    ]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    try:
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as e:
+        raise AssertionError(f"{name}: no result within {timeout} s (hang?)\n{e.output}\n{e.stderr}") from None
+    result = LaunchResult(proc.returncode, proc.stdout + proc.stderr, tmp_path / name)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{name} exited {proc.returncode}:\n{result.output[-6000:]}")
+    return result
