@@ -38,11 +38,9 @@ def create_run_dir(path: Path, cfg: JobConfig) -> None:
     (path / "config.yaml").write_text(to_yaml(cfg))
 
 
-def save_final(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, cfg: JobConfig) -> Path:
-    """Full training state via accelerate (every rank takes part) plus a safetensors export of the weights."""
-    state_dir = run_dir / "checkpoints" / "final"
-    accelerator.save_state(str(state_dir))
-    state_dict = accelerator.get_state_dict(model)  # gathers ZeRO-3 shards; call on every rank
+def export_final(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, cfg: JobConfig) -> Path:
+    """The final weights as `model/model.safetensors` + `config.json` (every rank takes part: ZeRO-3 gathers)."""
+    state_dict = accelerator.get_state_dict(model)
     export_dir = run_dir / "model"
     if accelerator.is_main_process:
         export(state_dict, cfg.model, export_dir)
@@ -161,6 +159,23 @@ def find_resumable(run_dir: Path, warn) -> tuple[Path, TrainerState] | None:
         except CheckpointError as e:
             warn(f"skipping checkpoint: {e}; trying the previous one")
     return None
+
+
+def resolve_resume(run_dir: Path, resume: str | None, warn) -> tuple[Path, TrainerState] | None:
+    """What `resume` points at: None (new run), "auto" (newest valid checkpoint, if any) or a checkpoint path."""
+    if resume is None:
+        return None
+    if resume != "auto":
+        path = Path(resume)
+        if not path.is_dir():
+            raise CheckpointError(
+                f"resume={resume}: no such checkpoint directory (accepted: auto, or a checkpoints/step-* directory)"
+            )
+        return path, verify_checkpoint(path)
+    found = find_resumable(run_dir, warn)
+    if found is None and checkpoint_dirs(run_dir):
+        raise CheckpointError(f"resume=auto: no valid checkpoint in {run_dir / 'checkpoints'} (all failed checks)")
+    return found
 
 
 def check_compatible(state: TrainerState, path: Path, cfg: JobConfig, world_size: int, per_rank_batch: int) -> None:

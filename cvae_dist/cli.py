@@ -7,14 +7,24 @@ import logging
 import sys
 from pathlib import Path
 
+from cvae_dist.checkpoint import CheckpointError
 from cvae_dist.config import ConfigError
 from cvae_dist.data import DataError
 from cvae_dist.distributed import LaunchError
-from cvae_dist.faults import REQUEUE_EXIT_CODE, Preempted
+from cvae_dist.faults import REQUEUE_EXIT_CODE, NonFiniteLoss, Preempted
+from cvae_dist.inference import add_commands
 from cvae_dist.prepare_data import DataFormatError
 
 # Mistakes in what the user gave us: one line on stderr, exit 2. Anything else keeps its traceback.
-USER_ERRORS = (ConfigError, DataError, DataFormatError, LaunchError, FileExistsError, FileNotFoundError)
+USER_ERRORS = (
+    ConfigError,
+    CheckpointError,
+    DataError,
+    DataFormatError,
+    LaunchError,
+    FileExistsError,
+    FileNotFoundError,
+)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--heldout-per-class", type=int, default=50, help="digits per class in the test split")
     p.add_argument("--seed", type=int, default=0)
 
+    add_commands(sub)  # eval, sample, reconstruct, interpolate, export
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -46,8 +57,13 @@ def main(argv: list[str] | None = None) -> int:
             except Preempted as e:
                 print(f"cvae-dist train: {e}", file=sys.stderr)
                 return REQUEUE_EXIT_CODE
+            except NonFiniteLoss as e:
+                print(f"cvae-dist train: error: {e}", file=sys.stderr)
+                return 1
         elif args.command == "prepare-data":
             return _prepare_data(args)
+        elif hasattr(args, "inference"):
+            return args.inference(args)
     except USER_ERRORS as e:
         print(f"cvae-dist {args.command}: error: {e}", file=sys.stderr)
         return 2

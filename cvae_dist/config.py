@@ -56,6 +56,7 @@ class TrainConfig:
     seed: int = 0
     precision: Precision = Precision.no
     channels_last: bool = True
+    collective_timeout_s: int = 600  # a rank that stops answering fails the others after this long
 
 
 @dataclass
@@ -69,13 +70,24 @@ class LogConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # also checkpoint every N steps (a multiple of log.every_steps); 0: epoch ends only
+    every_epoch: bool = True
+    keep: int = 3  # newest checkpoints kept; older ones are deleted
+
+
+@dataclass
 class JobConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs"
     run_name: str | None = None  # default: the recipe's file name and a timestamp
+    # None: a new run (its directory must not exist yet); "auto": continue the run directory's newest valid
+    # checkpoint (or start it if it has none); or the path of one checkpoint directory.
+    resume: str | None = None
 
     def validate(self) -> JobConfig:
         m = self.model
@@ -93,6 +105,14 @@ class JobConfig:
             raise ConfigError(f"train.epochs={self.train.epochs}: must be positive")
         if self.log.every_steps <= 0:
             raise ConfigError(f"log.every_steps={self.log.every_steps}: must be positive")
+        every = self.checkpoint.every_steps
+        if every < 0 or every % self.log.every_steps:
+            raise ConfigError(
+                f"checkpoint.every_steps={every}: must be 0 or a multiple of "
+                f"log.every_steps={self.log.every_steps} (losses are checked at those steps)"
+            )
+        if self.checkpoint.keep < 1:
+            raise ConfigError(f"checkpoint.keep={self.checkpoint.keep}: must be at least 1")
         return self
 
 

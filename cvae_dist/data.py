@@ -124,8 +124,10 @@ class RankStream:
         self.num_workers = num_workers
         self.steps_per_epoch = self.local_rows // batch_size
 
-    def epoch(self, epoch: int) -> Iterator[Batch]:
-        """Decoded batches of one epoch: a new, reproducible order for each epoch number."""
+    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
+        """Decoded batches of one epoch: a new, reproducible order for each epoch number.
+
+        `skip` batches are passed over first (a resumed epoch continues where its checkpoint was taken)."""
         self.batches.set_epoch(epoch)  # on the batched view: `batch()` does not carry the epoch along
         decoded = _DecodedBatches(self.batches)
         if self.num_workers > 0:  # decode in worker processes; datasets splits the shards among them
@@ -136,7 +138,7 @@ class RankStream:
                 prefetch_factor=4,
                 pin_memory=torch.cuda.is_available(),
             )
-        return itertools.islice(iter(decoded), self.steps_per_epoch)
+        return itertools.islice(iter(decoded), skip, self.steps_per_epoch)
 
 
 class _DecodedBatches(torch.utils.data.IterableDataset):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from datetime import timedelta
 
 import torch
 from accelerate import Accelerator
@@ -36,12 +37,13 @@ def make_accelerator(cfg: JobConfig) -> Accelerator:
         )
     requested = int(os.environ.get("WORLD_SIZE", "1"))
     kwargs: dict = {}
-    if requested > 1 and not torch.cuda.is_available():
-        # Without CUDA, accelerate finds no backend and every rank would train alone. DeepSpeed needs the
-        # gloo backend named; plain DDP needs cpu=True (MULTI_CPU), which would switch DeepSpeed off.
-        if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-            kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="gloo")]
-        else:
+    if requested > 1:
+        cuda = torch.cuda.is_available()
+        timeout = timedelta(seconds=cfg.train.collective_timeout_s)  # a dead peer fails us instead of hanging
+        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)]
+        # Without CUDA, accelerate would let every rank train alone. DeepSpeed only needs the gloo backend
+        # named; plain DDP also needs cpu=True (MULTI_CPU), which would switch DeepSpeed off.
+        if not cuda and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
             kwargs["cpu"] = True
     accelerator = Accelerator(mixed_precision=cfg.train.precision.value, **kwargs)
     alone = requested > 1 and accelerator.distributed_type == DistributedType.NO

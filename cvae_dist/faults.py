@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import signal
+import time
+from pathlib import Path
 
 # sysexits' EX_TEMPFAIL: "try again later". The trainer exits with it after checkpointing on SIGTERM/SIGUSR1,
 # and slurm/*.sbatch requeue the job when they see it (or `status.json` saying "preempted").
@@ -16,6 +20,10 @@ class Preempted(Exception):
     def __init__(self, step: int, checkpoint: str):
         super().__init__(f"stopped on a signal at step {step}; checkpoint {checkpoint}; rerun with resume=auto")
         self.step, self.checkpoint = step, checkpoint
+
+
+class NonFiniteLoss(FloatingPointError):
+    """The loss became NaN or inf; names the steps and ranks."""
 
 
 class StopSignal:
@@ -40,3 +48,26 @@ class StopSignal:
     def restore(self) -> None:
         for sig in self.SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+
+
+@contextlib.contextmanager
+def run_status(run_dir: Path, write: bool):
+    """Keep `status.json` saying running / completed / preempted / failed, for wrappers such as slurm/*.sbatch
+    (a launcher's own exit code does not carry the trainer's: torchrun reports 1 whatever its workers said)."""
+
+    def put(state: str, **extra) -> None:
+        if write:
+            tmp = run_dir / ".status.json.tmp"
+            tmp.write_text(json.dumps({"state": state, "time": time.time(), **extra}))
+            os.replace(tmp, run_dir / "status.json")
+
+    put("running")
+    try:
+        yield
+    except Preempted as e:
+        put("preempted", step=e.step, checkpoint=e.checkpoint, exit_code=REQUEUE_EXIT_CODE)
+        raise
+    except BaseException as e:
+        put("failed", error=f"{type(e).__name__}: {e}"[:500])
+        raise
+    put("completed")

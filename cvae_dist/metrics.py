@@ -45,16 +45,26 @@ def resolve_wandb_mode(mode: WandbMode) -> str:
 class RunLogger:
     """Appends one JSON object per event to metrics.jsonl and mirrors scalars and images to W&B."""
 
-    def __init__(self, run_dir: Path, cfg: JobConfig, run_config: dict[str, Any], enabled: bool = True):
+    def __init__(
+        self,
+        run_dir: Path,
+        cfg: JobConfig,
+        run_config: dict[str, Any],
+        enabled: bool = True,
+        resume_id: str | None = None,
+    ):
         self.enabled = enabled
         self.wandb_run = None
+        self.run_id = resume_id
         if not enabled:
             return
         self.path = run_dir / "metrics.jsonl"
         self.file = self.path.open("a", buffering=1)
         mode = resolve_wandb_mode(cfg.log.wandb)
         if mode != "disabled":
-            self.wandb_run = _init_wandb(run_dir, cfg, {**to_dict(cfg), **run_config}, mode)
+            self.wandb_run = _init_wandb(run_dir, cfg, {**to_dict(cfg), **run_config}, mode, resume_id)
+            if self.wandb_run is not None:
+                self.run_id = self.wandb_run.id
 
     def log(self, record: dict[str, Any], images: dict[str, torch.Tensor] | None = None) -> None:
         """Write `record` (scalars; must hold `step`) to metrics.jsonl and W&B; images go to W&B only."""
@@ -89,7 +99,7 @@ class RunLogger:
                 log.warning("W&B finish failed: %s", e)
 
 
-def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str):
+def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str, resume_id: str | None):
     try:
         import wandb
     except ImportError:
@@ -101,6 +111,8 @@ def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str):
         name=run_dir.name,
         dir=str(run_dir),
         config=config,
+        id=resume_id,
+        resume="allow" if resume_id else None,
         settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=True),
     )
     try:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -13,12 +15,15 @@ from accelerate.utils import broadcast_object_list, set_seed
 from tqdm.auto import tqdm
 
 from cvae_dist import checkpoint, distributed
-from cvae_dist.config import JobConfig
+from cvae_dist.checkpoint import TrainerState
+from cvae_dist.config import JobConfig, to_dict
 from cvae_dist.data import RankStream, load_split, to_model_input
+from cvae_dist.faults import NonFiniteLoss, Preempted, StopSignal, run_status
 from cvae_dist.images import save_grid, seed_grid
 from cvae_dist.metrics import RankRecord, RunLogger, parameter_digest
 from cvae_dist.model import CVAE, count_parameters, vae_loss
 
+log = logging.getLogger(__name__)
 GRID_IMAGES = 128
 EVAL_BATCH = 128
 
@@ -34,8 +39,9 @@ def train(cfg: JobConfig) -> TrainResult:
     """Train `cfg` on however many processes `accelerate launch` started; returns the run directory."""
     accelerator = distributed.make_accelerator(cfg)
     threads = distributed.set_threads()
+    stop = StopSignal()
     world, rank = accelerator.num_processes, accelerator.process_index
-    run_dir = _agree_on_run_dir(accelerator, cfg)
+    run_dir, resume_from = _prepare_run_dir(accelerator, cfg)
     set_seed(cfg.train.seed)  # same initial weights on every rank
 
     model = CVAE(cfg.model)
@@ -59,10 +65,17 @@ def train(cfg: JobConfig) -> TrainResult:
     steps_per_epoch = _agree_on_steps(accelerator, stream)
     distributed.configure_deepspeed(accelerator, batch)
     model, optimizer = accelerator.prepare(model, optimizer)
+
+    state = TrainerState(world_size=world, per_rank_batch_size=batch, model=to_dict(cfg)["model"])
+    if resume_from is not None:
+        path, state = resume_from
+        checkpoint.check_compatible(state, path, cfg, world, batch)
+        accelerator.load_state(str(path))
+        accelerator.print(f"resumed from {path}: epoch {state.epoch}, step {state.step}")
+
     input_dtype = distributed.input_dtype(accelerator)
     eval_pixels, _ = load_split(cfg.data.source, cfg.data.eval_split)
     prior = torch.randn(GRID_IMAGES, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
-
     identity = distributed.rank_identity(accelerator)
     record = RankRecord(run_dir, identity, cfg.log.sample_ids)
     run_facts = {
@@ -73,7 +86,8 @@ def train(cfg: JobConfig) -> TrainResult:
         "threads_per_rank": threads,
         **identity,
     }
-    logger = RunLogger(run_dir, cfg, run_facts, enabled=accelerator.is_main_process)
+    logger = RunLogger(run_dir, cfg, run_facts, enabled=accelerator.is_main_process, resume_id=state.wandb_run_id)
+    state.wandb_run_id = logger.run_id
     accelerator.print(
         f"run {run_dir}: {world} process(es), {batch} images per rank per step, "
         f"{steps_per_epoch} steps per epoch ({steps_per_epoch * batch * world} images)"
@@ -85,83 +99,121 @@ def train(cfg: JobConfig) -> TrainResult:
         )
         return x.to(input_dtype)
 
-    step, epoch_losses = 0, []
-    for epoch in range(1, cfg.train.epochs + 1):
-        model.train()
-        loss_sum = torch.zeros((), device=accelerator.device)  # stays on the device: no sync per step
-        interval_sum, interval_start = torch.zeros_like(loss_sum), time.perf_counter()
-        start = time.perf_counter()
-        progress = tqdm(
-            stream.epoch(epoch),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}",
-            leave=False,
-            disable=None if accelerator.is_local_main_process else True,
-        )  # None: off when not a TTY
-        for batch_data in progress:
-            x = model_input(batch_data.pixels)
-            with accelerator.autocast():
-                out = model(x)
-            loss = vae_loss(out, x).total
-            # Each rank's loss sums its share of the global batch; DDP/DeepSpeed average gradients over
-            # ranks, so scale by the world size to keep the recipe's "summed over the batch" gradient.
-            accelerator.backward(loss * world)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            interval_sum += loss.detach()
-            record.batch(batch_data.ids)
-            step += 1
-            if step % cfg.log.every_steps == 0:
-                now = time.perf_counter()
-                interval_loss = accelerator.reduce(interval_sum, "sum").item() / cfg.log.every_steps
-                logger.log(
-                    {
-                        "step": step,
-                        "epoch": epoch,
-                        "train/step_loss": interval_loss,
-                        "train/step_img_per_s": cfg.log.every_steps * batch * world / (now - interval_start),
-                    }
-                )
-                progress.set_postfix(loss=f"{interval_loss:,.0f}")
-                interval_sum.zero_()
-                interval_start = now
-        seconds = time.perf_counter() - start
-        record.end_epoch(epoch, steps_per_epoch)
-        epoch_loss = accelerator.reduce(loss_sum, "sum").item() / steps_per_epoch
-        if not math.isfinite(epoch_loss):
-            raise FloatingPointError(f"epoch {epoch}: loss is {epoch_loss} (rank {rank} or a peer)")
-        epoch_losses.append(epoch_loss)
-        global_batch = batch * world
-        summary = {
-            "step": step,
-            "epoch": epoch,
-            "train/loss": epoch_loss,
-            "train/loss_per_image": epoch_loss / global_batch,
-            "train/img_per_s": steps_per_epoch * global_batch / seconds,
-            "train/epoch_time_s": seconds,
-            **evaluate(model, accelerator, eval_pixels, model_input, cfg.train.seed),
-        }
-        images = None
-        if epoch % cfg.log.images_every_epochs == 0 or epoch == cfg.train.epochs:
-            grid = make_seed_grid(model, eval_pixels[:GRID_IMAGES], prior, model_input, cfg.train.seed)
-            if accelerator.is_main_process:
-                save_grid(grid, run_dir / "images" / f"epoch_{epoch:03d}.png")
-            images = {"images/grid": grid}
-        logger.log(summary, images)
-        accelerator.print(
-            f"epoch {epoch}: loss {epoch_loss:,.1f} ({epoch_loss / global_batch:.2f} per image), "
-            f"held-out {summary['eval/loss_per_image']:.2f} per image, "
-            f"{summary['train/img_per_s']:,.0f} img/s, {seconds:.1f} s"
-        )
+    def save(tag: str) -> Path:
+        path = checkpoint.save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep)
+        logger.log({"step": state.step, "epoch": state.epoch, "event": f"checkpoint:{tag}", "path": str(path)})
+        return path
 
-    export_dir = checkpoint.save_final(accelerator, model, run_dir, cfg)
-    zero3 = distributed.zero_stage(accelerator) == 3  # ZeRO-3 ranks hold only their parameter partition
-    record.finish(param_sha256=None if zero3 else parameter_digest(accelerator.unwrap_model(model)))
-    logger.summary({"final/train_loss": epoch_losses[-1], "final/export": str(export_dir)})
+    with run_status(run_dir, accelerator.is_main_process):
+        epoch_losses = []
+        global_batch = batch * world
+        every = cfg.log.every_steps
+        for epoch in range(state.epoch, cfg.train.epochs + 1):
+            model.train()
+            # Sums stay on the device (no sync per step); a resumed epoch starts from the saved partial sums.
+            loss_sum = torch.tensor(state.epoch_loss_sum, device=accelerator.device)
+            interval_sum = torch.tensor(state.interval_loss_sum, device=accelerator.device)
+            skip = state.batches_done
+            start, interval_start = time.perf_counter() - state.epoch_seconds, time.perf_counter()
+            progress = tqdm(
+                stream.epoch(epoch, skip=skip),
+                total=steps_per_epoch,
+                initial=skip,
+                desc=f"epoch {epoch}",
+                leave=False,
+                disable=None if accelerator.is_local_main_process else True,
+            )
+            for batch_data in progress:
+                x = model_input(batch_data.pixels)
+                with accelerator.autocast():
+                    out = model(x)
+                loss = vae_loss(out, x).total
+                # Each rank's loss sums its share of the global batch; DDP/DeepSpeed average gradients over
+                # ranks, so scale by the world size to keep the recipe's "summed over the batch" gradient.
+                accelerator.backward(loss * world)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                interval_sum += loss.detach()
+                record.batch(batch_data.ids)
+                state.step += 1
+                state.batches_done += 1
+                if state.step % every == 0:
+                    # One small collective per interval: every rank's loss sum and whether it was asked to stop.
+                    flags = torch.stack([interval_sum, torch.tensor(float(stop.requested), device=interval_sum.device)])
+                    per_rank = accelerator.gather(flags[None]).cpu()
+                    _check_finite(per_rank[:, 0], state.step - every + 1, state.step)
+                    interval_loss = per_rank[:, 0].sum().item() / every
+                    now = time.perf_counter()
+                    logger.log(
+                        {
+                            "step": state.step,
+                            "epoch": epoch,
+                            "train/step_loss": interval_loss,
+                            "train/step_img_per_s": every * global_batch / (now - interval_start),
+                        }
+                    )
+                    progress.set_postfix(loss=f"{interval_loss:,.0f}")
+                    interval_sum.zero_()
+                    interval_start = now
+                    state.epoch_loss_sum, state.interval_loss_sum = loss_sum.item(), 0.0
+                    state.epoch_seconds = now - start
+                    if per_rank[:, 1].any():
+                        raise Preempted(state.step, str(save("signal")))
+                    if _due(cfg.checkpoint.every_steps, state.step) and state.batches_done < steps_per_epoch:
+                        save("steps")  # (at an epoch's last batch the epoch-end checkpoint below takes its place)
+            seconds = time.perf_counter() - start
+            record.end_epoch(epoch, steps_per_epoch)
+            epoch_loss = accelerator.reduce(loss_sum, "sum").item() / steps_per_epoch
+            _check_finite(torch.tensor([epoch_loss]), state.step - steps_per_epoch + 1, state.step)
+            epoch_losses.append(epoch_loss)
+            summary = {
+                "step": state.step,
+                "epoch": epoch,
+                "train/loss": epoch_loss,
+                "train/loss_per_image": epoch_loss / global_batch,
+                "train/img_per_s": steps_per_epoch * global_batch / seconds,
+                "train/epoch_time_s": seconds,
+                **evaluate(model, accelerator, eval_pixels, model_input, cfg.train.seed),
+            }
+            images = None
+            if epoch % cfg.log.images_every_epochs == 0 or epoch == cfg.train.epochs:
+                grid = make_seed_grid(model, accelerator, eval_pixels[:GRID_IMAGES], prior, model_input, cfg.train.seed)
+                if accelerator.is_main_process:
+                    save_grid(grid, run_dir / "images" / f"epoch_{epoch:03d}.png")
+                images = {"images/grid": grid}
+            logger.log(summary, images)
+            accelerator.print(
+                f"epoch {epoch}: loss {epoch_loss:,.1f} ({epoch_loss / global_batch:.2f} per image), "
+                f"held-out {summary['eval/loss_per_image']:.2f} per image, "
+                f"{summary['train/img_per_s']:,.0f} img/s, {seconds:.1f} s"
+            )
+            state.epoch, state.batches_done = epoch + 1, 0
+            state.epoch_loss_sum = state.epoch_seconds = 0.0
+            state.interval_loss_sum = interval_sum.item()  # steps since the last step line carry into the next epoch
+            if cfg.checkpoint.every_epoch or epoch == cfg.train.epochs or _due(cfg.checkpoint.every_steps, state.step):
+                save("epoch")
+
+        export_dir = checkpoint.export_final(accelerator, model, run_dir, cfg)
+        zero3 = distributed.zero_stage(accelerator) == 3  # ZeRO-3 ranks hold only their parameter partition
+        record.finish(param_sha256=None if zero3 else parameter_digest(accelerator.unwrap_model(model)))
+    logger.summary({"final/train_loss": epoch_losses[-1] if epoch_losses else None, "final/export": str(export_dir)})
     logger.close()
+    stop.restore()
     accelerator.end_training()
-    return TrainResult(run_dir, epoch_losses, step)
+    return TrainResult(run_dir, epoch_losses, state.step)
+
+
+def _due(every: int, step: int) -> bool:
+    return every > 0 and step % every == 0
+
+
+def _check_finite(per_rank_sums: torch.Tensor, first_step: int, last_step: int) -> None:
+    bad = [r for r, v in enumerate(per_rank_sums.tolist()) if not math.isfinite(v)]
+    if bad:
+        raise NonFiniteLoss(
+            f"non-finite loss in steps {first_step}-{last_step} on rank(s) {bad}; the last checkpoint is kept as it was"
+        )
 
 
 @torch.no_grad()
@@ -172,21 +224,18 @@ def evaluate(model, accelerator: Accelerator, pixels: torch.Tensor, model_input,
     mine = pixels[rank::world]
     n_batches = math.ceil(math.ceil(len(pixels) / world) / EVAL_BATCH)  # same on every rank
     totals = torch.zeros(3, device=accelerator.device)  # reconstruction, KL, images
-    with torch.random.fork_rng(devices=[]):  # fixed eval noise, training RNG untouched
-        torch.manual_seed(seed)
+    with _fixed_noise(accelerator, seed):
         for i in range(n_batches):
             chunk = mine[i * EVAL_BATCH : (i + 1) * EVAL_BATCH]
+            weight = 1.0
             if len(chunk) == 0:  # keep collective-driven wrappers (ZeRO-3) in step with the other ranks
                 chunk, weight = pixels[:1], 0.0
-            else:
-                weight = 1.0
             x = model_input(chunk)
             with accelerator.autocast():
                 out = model(x)
             parts = vae_loss(out, x)
-            totals += weight * torch.stack(
-                [parts.reconstruction, parts.kl, torch.tensor(float(len(chunk)), device=totals.device)]
-            )
+            n = torch.tensor(float(len(chunk)), device=totals.device)
+            totals += weight * torch.stack([parts.reconstruction, parts.kl, n])
     recon, kl, n = accelerator.reduce(totals, "sum").tolist()
     model.train()
     per_image = (recon + kl) / n
@@ -199,11 +248,10 @@ def evaluate(model, accelerator: Accelerator, pixels: torch.Tensor, model_input,
 
 
 @torch.no_grad()
-def make_seed_grid(model, pixels: torch.Tensor, prior: torch.Tensor, model_input, seed: int) -> torch.Tensor:
+def make_seed_grid(model, accelerator: Accelerator, pixels, prior, model_input, seed: int) -> torch.Tensor:
     """The seed's figure: reconstructions of a fixed held-out batch, a blank row, decoded prior draws."""
     model.eval()
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with _fixed_noise(accelerator, seed):
         x = model_input(pixels)
         reconstructions = model(x).reconstruction
         samples = model(z=prior.to(x.device, x.dtype))
@@ -211,7 +259,16 @@ def make_seed_grid(model, pixels: torch.Tensor, prior: torch.Tensor, model_input
     return seed_grid(reconstructions, samples)
 
 
-def _agree_on_run_dir(accelerator: Accelerator, cfg: JobConfig) -> Path:
+@contextlib.contextmanager
+def _fixed_noise(accelerator: Accelerator, seed: int):
+    """Seeded noise for evaluation that leaves the training RNG streams exactly where they were."""
+    with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
+
+
+def _prepare_run_dir(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, tuple[Path, TrainerState] | None]:
+    """Agree on the run directory; a new run gets a fresh one, `resume` finds the checkpoint to continue."""
     if cfg.run_name is None:
         cfg.run_name = time.strftime("run-%Y%m%d-%H%M%S")
     elif cfg.run_name.endswith("{time}"):
@@ -220,12 +277,14 @@ def _agree_on_run_dir(accelerator: Accelerator, cfg: JobConfig) -> Path:
     broadcast_object_list(name, from_process=0)  # ranks may have started in different seconds
     cfg.run_name = name[0]
     run_dir = checkpoint.run_dir_for(cfg)
-    checkpoint.check_new_run_dir(run_dir)  # every rank checks before anyone creates it
+    resume_from = checkpoint.resolve_resume(run_dir, cfg.resume, accelerator.print)  # every rank, same answer
+    if resume_from is None and cfg.resume is None:
+        checkpoint.check_new_run_dir(run_dir)  # every rank checks before anyone creates it
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         checkpoint.create_run_dir(run_dir, cfg)
     accelerator.wait_for_everyone()
-    return run_dir
+    return run_dir, resume_from
 
 
 def _agree_on_steps(accelerator: Accelerator, stream: RankStream) -> int:

@@ -1,0 +1,100 @@
+"""Checkpoints: atomic, verified, exact to resume (single process here; multi-process in test_faults.py)."""
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file
+
+from cvae_dist.checkpoint import CheckpointError, checkpoint_dirs, find_resumable, verify_checkpoint
+from cvae_dist.config import ConfigError, load_config
+from cvae_dist.trainer import train
+
+COMMON = ["train.epochs=2", "log.every_steps=5", "checkpoint.every_steps=10", "checkpoint.keep=20", "log.wandb=offline"]
+
+
+def step_losses(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/step_loss"] for r in lines if "train/step_loss" in r}
+
+
+def epoch_losses(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["epoch"]: r["train/loss"] for r in lines if "train/loss" in r}
+
+
+@pytest.fixture(scope="module")
+def full(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs")
+    return train(load_config("configs/debug.yaml", [*COMMON, f"output_dir={out}", "run_name=full"]))
+
+
+def resume_copy(full, tmp_path, stop_step):
+    """A copy of the run as it was right after `stop_step` (later checkpoints and lines removed)."""
+    run = tmp_path / "resumed"
+    shutil.copytree(full.run_dir, run)
+    for ckpt in checkpoint_dirs(run):
+        if int(ckpt.name.split("-")[1]) > stop_step:
+            shutil.rmtree(ckpt)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("".join(x + "\n" for x in lines if json.loads(x)["step"] <= stop_step))
+    shutil.rmtree(run / "model")
+    return run
+
+
+@pytest.mark.parametrize("stop_step", [20, 35])  # mid-epoch, and exactly at the epoch's end
+def test_resume_is_bit_exact(full, tmp_path, stop_step):
+    run = resume_copy(full, tmp_path, stop_step)
+    resumed = train(
+        load_config("configs/debug.yaml", [*COMMON, f"output_dir={tmp_path}", "run_name=resumed", "resume=auto"])
+    )
+    assert resumed.steps == full.steps == 70
+    a, b = load_file(full.run_dir / "model/model.safetensors"), load_file(run / "model/model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)  # bit-identical parameters
+    assert step_losses(run) == step_losses(full.run_dir)  # the same loss sequence, every logged step
+    assert epoch_losses(run) == epoch_losses(full.run_dir)
+
+
+def test_checkpoints_are_complete_and_verified(full):
+    dirs = checkpoint_dirs(full.run_dir)
+    assert [d.name for d in dirs][:3] == ["step-000000010", "step-000000020", "step-000000030"]
+    state = verify_checkpoint(dirs[-1])
+    assert state.step == 70 and state.epoch == 3 and state.batches_done == 0
+    assert not list((full.run_dir / "checkpoints").glob(".partial-*"))
+
+
+def test_truncated_newest_checkpoint_falls_back_to_previous(full, tmp_path):
+    run = resume_copy(full, tmp_path, 40)
+    newest = checkpoint_dirs(run)[-1]
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    warnings = []
+    path, state = find_resumable(run, warnings.append)
+    assert path.name == "step-000000035" and state.step == 35
+    assert "does not match its checksum" in warnings[0]
+    with pytest.raises(CheckpointError, match="does not match its checksum"):
+        verify_checkpoint(newest)
+
+
+def test_foreign_checkpoint_is_refused(full, tmp_path):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "pytorch_model.bin").write_bytes(b"not ours")
+    with pytest.raises(CheckpointError, match="no manifest.json"):
+        verify_checkpoint(foreign)
+
+
+def test_resume_with_another_model_shape_is_refused(full, tmp_path):
+    run = resume_copy(full, tmp_path, 20)
+    with pytest.raises(CheckpointError, match="written for model"):
+        train(
+            load_config(
+                "configs/debug.yaml",
+                [*COMMON, f"output_dir={run.parent}", f"run_name={run.name}", "resume=auto", "model.filters=32"],
+            )
+        )
+
+
+def test_checkpoint_interval_must_align_with_loss_checks():
+    with pytest.raises(ConfigError, match="multiple of log.every_steps=5"):
+        load_config("configs/debug.yaml", ["log.every_steps=5", "checkpoint.every_steps=12"])
