@@ -89,13 +89,18 @@ class TrainerState:
     step: int = 0
     epoch: int = 1  # the epoch in progress
     batches_done: int = 0  # batches of that epoch already trained on (the data stream's position)
-    epoch_loss_sum: float = 0.0  # partial sums, so a resumed epoch logs what an uninterrupted one would
-    interval_loss_sum: float = 0.0
+    # Each rank's partial loss sums (index = rank), so a resumed epoch logs what an uninterrupted one would.
+    epoch_loss_sums: list[float] = field(default_factory=list)
+    interval_loss_sums: list[float] = field(default_factory=list)
     epoch_seconds: float = 0.0
     world_size: int = 1
     per_rank_batch_size: int = 0
     wandb_run_id: str | None = None
     model: dict = field(default_factory=dict)
+
+    def rank_sum(self, name: str, rank: int) -> float:
+        sums = getattr(self, name)
+        return sums[rank] if sums else 0.0
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:

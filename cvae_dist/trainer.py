@@ -111,8 +111,8 @@ def train(cfg: JobConfig) -> TrainResult:
         for epoch in range(state.epoch, cfg.train.epochs + 1):
             model.train()
             # Sums stay on the device (no sync per step); a resumed epoch starts from the saved partial sums.
-            loss_sum = torch.tensor(state.epoch_loss_sum, device=accelerator.device)
-            interval_sum = torch.tensor(state.interval_loss_sum, device=accelerator.device)
+            loss_sum = torch.tensor(state.rank_sum("epoch_loss_sums", rank), device=accelerator.device)
+            interval_sum = torch.tensor(state.rank_sum("interval_loss_sums", rank), device=accelerator.device)
             skip = state.batches_done
             start, interval_start = time.perf_counter() - state.epoch_seconds, time.perf_counter()
             progress = tqdm(
@@ -140,8 +140,8 @@ def train(cfg: JobConfig) -> TrainResult:
                 state.batches_done += 1
                 if state.step % every == 0:
                     # One small collective per interval: every rank's loss sum and whether it was asked to stop.
-                    flags = torch.stack([interval_sum, torch.tensor(float(stop.requested), device=interval_sum.device)])
-                    per_rank = accelerator.gather(flags[None]).cpu()
+                    stop_flag = torch.tensor(float(stop.requested), device=loss_sum.device)
+                    per_rank = accelerator.gather(torch.stack([interval_sum, stop_flag, loss_sum])[None]).cpu()
                     _check_finite(per_rank[:, 0], state.step - every + 1, state.step)
                     interval_loss = per_rank[:, 0].sum().item() / every
                     now = time.perf_counter()
@@ -156,15 +156,16 @@ def train(cfg: JobConfig) -> TrainResult:
                     progress.set_postfix(loss=f"{interval_loss:,.0f}")
                     interval_sum.zero_()
                     interval_start = now
-                    state.epoch_loss_sum, state.interval_loss_sum = loss_sum.item(), 0.0
+                    state.epoch_loss_sums, state.interval_loss_sums = per_rank[:, 2].tolist(), []
                     state.epoch_seconds = now - start
-                    if per_rank[:, 1].any():
+                    if per_rank[:, 1].any():  # any rank signalled: all save together, then stop
                         raise Preempted(state.step, str(save("signal")))
                     if _due(cfg.checkpoint.every_steps, state.step) and state.batches_done < steps_per_epoch:
                         save("steps")  # (at an epoch's last batch the epoch-end checkpoint below takes its place)
             seconds = time.perf_counter() - start
             record.end_epoch(epoch, steps_per_epoch)
-            epoch_loss = accelerator.reduce(loss_sum, "sum").item() / steps_per_epoch
+            sums = accelerator.gather(torch.stack([loss_sum, interval_sum])[None]).cpu()
+            epoch_loss = sums[:, 0].sum().item() / steps_per_epoch
             _check_finite(torch.tensor([epoch_loss]), state.step - steps_per_epoch + 1, state.step)
             epoch_losses.append(epoch_loss)
             summary = {
@@ -189,8 +190,8 @@ def train(cfg: JobConfig) -> TrainResult:
                 f"{summary['train/img_per_s']:,.0f} img/s, {seconds:.1f} s"
             )
             state.epoch, state.batches_done = epoch + 1, 0
-            state.epoch_loss_sum = state.epoch_seconds = 0.0
-            state.interval_loss_sum = interval_sum.item()  # steps since the last step line carry into the next epoch
+            state.epoch_loss_sums, state.epoch_seconds = [], 0.0
+            state.interval_loss_sums = sums[:, 1].tolist()  # steps since the last step line carry into the next epoch
             if cfg.checkpoint.every_epoch or epoch == cfg.train.epochs or _due(cfg.checkpoint.every_steps, state.step):
                 save("epoch")
 

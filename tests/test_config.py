@@ -20,8 +20,8 @@ def test_overrides_are_typed(repo):
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ("train.epocs=2", "unknown config key 'train.epocs'; accepted keys in train: channels_last, epochs"),
-        ("nope=1", "unknown config key 'nope'; accepted keys: data, log, model"),
+        ("train.epocs=2", "unknown config key 'train.epocs'; accepted keys in train: channels_last, collective_timeout_s, epochs"),
+        ("nope=1", "unknown config key 'nope'; accepted keys: checkpoint, data, log, model"),
         ("train.epochs=abc", "config key 'train.epochs': Value 'abc' of type 'str' could not be converted to Integer"),
         ("train.precision=fp8", "config key 'train.precision': Invalid value 'fp8', expected one of [no, bf16, fp16]"),
         ("model.image_size=30", "model.image_size=30: must be a positive multiple of 8"),

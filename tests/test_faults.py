@@ -1,0 +1,128 @@
+"""Faults under real `accelerate launch` jobs: preemption signals, a dead rank, resuming exactly."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from cvae_dist.faults import REQUEUE_EXIT_CODE
+from launch import ACCELERATE, REPO, launch
+
+pytestmark = pytest.mark.multiprocess
+
+DDP = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"]
+RUN = ["train.epochs=2", "log.every_steps=5", "checkpoint.every_steps=20"]
+
+
+def start(tmp_path, name, overrides):
+    cmd = [
+        ACCELERATE,
+        "launch",
+        *DDP,
+        "-m",
+        "cvae_dist.cli",
+        "train",
+        "--config",
+        "configs/debug.yaml",
+        f"output_dir={tmp_path}",
+        f"run_name={name}",
+        "log.wandb=offline",
+        *overrides,
+    ]
+    log = (tmp_path / f"{name}.log").open("w")
+    return subprocess.Popen(
+        cmd,
+        cwd=REPO,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+
+
+def wait_for_step(run_dir, step, proc, timeout=180):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()):
+            return
+        assert proc.poll() is None, f"training ended early with {proc.returncode}"
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def workers(proc):
+    return sorted(
+        (p for p in psutil.Process(proc.pid).children(recursive=True) if "cvae_dist.cli" in " ".join(p.cmdline())),
+        key=lambda p: p.pid,
+    )
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("runs"), "straight", DDP, RUN)
+
+
+def test_sigterm_checkpoints_exits_for_requeue_and_resumes_exactly(tmp_path, uninterrupted):
+    proc = start(tmp_path, "preempted", RUN)
+    run_dir = tmp_path / "preempted"
+    wait_for_step(run_dir, 10, proc)  # mid-epoch 1 (35 steps per epoch)
+    os.kill(proc.pid, signal.SIGTERM)  # what Slurm sends before preemption; torchrun forwards it to the ranks
+    proc.wait(timeout=120)
+    output = (tmp_path / "preempted.log").read_text()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and status["exit_code"] == REQUEUE_EXIT_CODE
+    # torchrun reports its own failure (1) when signalled, whatever its workers said: status.json carries the
+    # requeue code for wrappers (slurm/*.sbatch read it).
+    assert proc.returncode != 0 and "got signal: 15" in output
+    stopped_at = status["step"]
+    assert 10 <= stopped_at < 70 and (run_dir / "checkpoints" / f"step-{stopped_at:09d}").is_dir()
+
+    resumed = launch(tmp_path, "preempted", DDP, [*RUN, "resume=auto"])
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped_at:09d}'}" in resumed.output
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+    assert [r["steps"] for r in resumed.ranks()] == [70 - stopped_at] * 2  # this launch's own steps
+    straight = {r["rank"]: r["param_sha256"] for r in uninterrupted.ranks()}
+    assert {r["rank"]: r["param_sha256"] for r in resumed.ranks()} == straight  # bit-identical parameters
+    assert resumed.step_losses() == uninterrupted.step_losses()
+    assert [e["train/loss"] for e in resumed.epochs()] == [e["train/loss"] for e in uninterrupted.epochs()]
+
+
+def test_single_process_exits_with_the_requeue_code(tmp_path):
+    cmd = [
+        str(REPO / ".venv/bin/cvae-dist") if (REPO / ".venv/bin/cvae-dist").exists() else "cvae-dist",
+        "train",
+        "--config",
+        "configs/debug.yaml",
+        f"output_dir={tmp_path}",
+        "run_name=solo",
+        "log.wandb=disabled",
+        *RUN,
+    ]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_for_step(tmp_path / "solo", 10, proc)
+    proc.send_signal(signal.SIGUSR1)  # Slurm's --signal=B:USR1@<seconds> before the time limit
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == REQUEUE_EXIT_CODE, out[-3000:]
+    assert "rerun with resume=auto" in out
+
+
+def test_dead_rank_fails_the_job_within_the_timeout(tmp_path):
+    timeout_s = 20
+    proc = start(tmp_path, "dead", [*RUN, "train.epochs=5", f"train.collective_timeout_s={timeout_s}"])
+    wait_for_step(tmp_path / "dead", 5, proc)
+    victim = workers(proc)[1]
+    killed = time.monotonic()
+    victim.kill()  # kill -9 of rank 1
+    proc.wait(timeout=timeout_s + 60)
+    elapsed = time.monotonic() - killed
+    output = (tmp_path / "dead.log").read_text()
+    assert proc.returncode != 0
+    assert elapsed < timeout_s + 30, f"took {elapsed:.0f} s"
+    assert "Signal 9 (SIGKILL)" in output and "rank      : 1" in output  # the lost rank is named
+    assert not list((tmp_path / "dead" / "checkpoints").glob(".partial-*"))
+    print(f"kill -9 to launch exit: {elapsed:.1f} s")
