@@ -1,4 +1,4 @@
-"""`cvae-dist` command line: train, prepare-data."""
+"""`cvae-dist` command line: train, prepare-data, eval, sample, reconstruct, interpolate, export."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from cvae_dist.config import ModelConfig
@@ -58,12 +59,26 @@ class VAEOutput(NamedTuple):
     log_var: torch.Tensor
 
 
-class CVAE(nn.Module):
-    """Encoder + reparameterisation + decoder. `forward` returns reconstruction, mu and log sigma^2."""
+class CVAE(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="cvae-dist",
+    tags=["vae", "mnist", "image-generation"],
+    license="mit",
+):
+    """Encoder + reparameterisation + decoder. `forward` returns reconstruction, mu and log sigma^2.
 
-    def __init__(self, cfg: ModelConfig):
+    `CVAE(ModelConfig(...))` builds a fresh model. `CVAE.from_pretrained(dir_or_repo_id)` loads an export
+    (`model.safetensors` + `config.json` holding the ModelConfig fields, as the trainer writes `runs/<run>/model/`
+    and `save_pretrained` writes); `push_to_hub(repo_id)` uploads one.
+    """
+
+    def __init__(self, cfg: ModelConfig | None = None, **fields: int):
+        # `fields` (latent_dim=..., filters=..., image_size=...) is how `from_pretrained` passes config.json.
         super().__init__()
+        cfg = cfg if cfg is not None else ModelConfig(**fields)
         self.config = cfg
+        self._hub_mixin_config = cfg  # saved as the flat ModelConfig fields, the trainer's config.json layout
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
@@ -77,6 +92,27 @@ class CVAE(nn.Module):
         mu, log_var = self.encoder(x)
         z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
         return VAEOutput(self.decoder(z), mu, log_var)
+
+    def _save_pretrained(self, save_directory) -> None:
+        """float32, contiguous tensors (as the trainer's export); works on channels_last models too."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(save_directory / "model.safetensors"), metadata={"format": "pt"})
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
+        """Strict by default: a checkpoint that misses or renames a weight is an error, not a half-loaded model."""
+        from pathlib import Path
+
+        if not Path(model_id).is_dir():  # a hub repo id: the mixin downloads it
+            return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
+        from safetensors.torch import load_file
+
+        hub_args = ("revision", "cache_dir", "force_download", "local_files_only", "token")
+        model = cls(**{k: v for k, v in kwargs.items() if k not in hub_args})
+        model.load_state_dict(load_file(str(Path(model_id) / "model.safetensors"), device=map_location), strict=strict)
+        return model.to(map_location).eval()
 
 
 class LossParts(NamedTuple):

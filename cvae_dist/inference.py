@@ -1,0 +1,529 @@
+"""Using a trained model: `cvae-dist eval | sample | reconstruct | interpolate | export`.
+
+Every command takes the model from a run directory (`--run runs/<name>`: its `model/` export, else its newest
+`checkpoints/*/model.safetensors`, shaped and configured by its `config.yaml`) or from weights given directly
+(`--checkpoint DIR`: an export directory or an accelerate checkpoint directory holding `model.safetensors`;
+`--config` gives the model shape and data settings when nothing next to the weights does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torchvision.utils import make_grid
+
+from cvae_dist.config import ConfigError, JobConfig, ModelConfig, Precision, load_config
+from cvae_dist.data import load_split, to_model_input
+from cvae_dist.images import save_grid
+from cvae_dist.model import CVAE, vae_loss
+
+WEIGHTS = "model.safetensors"
+EVAL_BATCH = 128  # the seed reports its loss summed over a batch of 128
+ACCEPTED = (
+    "accepted: --run <run directory with config.yaml>, or --checkpoint <export directory (model.safetensors + "
+    "config.json) | accelerate checkpoint directory holding model.safetensors | a .safetensors file>"
+)
+
+
+@dataclass
+class Loaded:
+    model: CVAE  # on the CPU, eval mode, float32
+    cfg: JobConfig  # the run's (or --config's) settings; `cfg.model` is the shape of the loaded weights
+    weights: Path  # the file the weights came from
+    name: str  # how to call it in messages: the run directory or the weights' directory
+
+
+# --------------------------------------------------------------------------------------------- loading
+
+
+def load_model(run: Path | None = None, checkpoint: Path | None = None, config: Path | None = None) -> Loaded:
+    """Resolve `--run` / `--checkpoint` (+ `--config`) to a loaded model; a one-line ConfigError otherwise."""
+    if (run is None) == (checkpoint is None):
+        raise ConfigError(f"give exactly one of --run and --checkpoint ({ACCEPTED})")
+    if run is not None:
+        run = Path(run)
+        if not run.is_dir():
+            raise ConfigError(f"run directory {run} not found ({ACCEPTED})")
+        if not (run / "config.yaml").is_file() and config is None:
+            raise ConfigError(f"{run} has no config.yaml, so it is not a cvae-dist run directory ({ACCEPTED})")
+        weights, run_cfg, name = _run_weights(run), run / "config.yaml", str(run)
+    else:
+        weights, run_cfg = _checkpoint_weights(Path(checkpoint))
+        name = str(Path(checkpoint))
+
+    # The model shape: --config if given, else the config.json beside the weights (an export), else the run's
+    # config.yaml, else read off the weights themselves. The weights are checked against it either way.
+    cfg_file = Path(config) if config is not None else run_cfg
+    cfg = load_config(cfg_file) if cfg_file is not None else JobConfig().validate()
+    state = _read_weights(weights)
+    actual = shape_of(state, weights)
+    shape_source = f"--config {config}" if config is not None else None
+    export_json = weights.parent / "config.json"
+    if shape_source is None and export_json.is_file():
+        cfg.model, shape_source = _read_export_config(export_json), str(export_json)
+    elif shape_source is None and cfg_file is not None:
+        shape_source = str(cfg_file)
+    elif shape_source is None:
+        cfg.model, shape_source = actual, "the weights"
+    _check_shape(weights, actual, cfg.model, shape_source)
+
+    model = CVAE(cfg.model)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        raise ConfigError(f"{weights}: not the weights of a cvae-dist CVAE ({_first_line(e)})") from None
+    return Loaded(model.eval(), cfg, weights, name)
+
+
+def _run_weights(run: Path) -> Path:
+    export = run / "model" / WEIGHTS
+    if export.is_file():
+        return export
+    final = run / "checkpoints" / "final" / WEIGHTS
+    if final.is_file():
+        return final
+    saved = [p for p in (run / "checkpoints").glob(f"*/{WEIGHTS}") if not p.parent.name.startswith(".")]
+    saved.sort(key=lambda p: (p.stat().st_mtime, p.parent.name))  # newest last (step-* names sort by step)
+    if saved:
+        return saved[-1]
+    raise ConfigError(
+        f"run {run} has no weights: no model/{WEIGHTS} export and no checkpoints/*/{WEIGHTS} "
+        "(did it finish? a DeepSpeed ZeRO checkpoint holds no model.safetensors; its run writes model/ at the end)"
+    )
+
+
+def _checkpoint_weights(path: Path) -> tuple[Path, Path | None]:
+    """The weights file under --checkpoint and the config.yaml of the run it sits in (if it is inside one)."""
+    if not path.exists():
+        raise ConfigError(f"checkpoint {path} not found ({ACCEPTED})")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ConfigError(f"checkpoint {path} is not a .safetensors file ({ACCEPTED})")
+        weights = path
+    else:
+        weights = path / WEIGHTS
+        if not weights.is_file():
+            if (path / "config.yaml").is_file():
+                hint = f"; {path} looks like a run directory: use --run {path}"
+            elif (path / "pytorch_model").is_dir():
+                hint = "; it is a DeepSpeed ZeRO checkpoint: use the run's model/ export instead"
+            else:
+                hint = ""
+            raise ConfigError(f"{path} holds no {WEIGHTS}{hint} ({ACCEPTED})")
+    d = weights.parent.resolve()
+    if d.name == "model" and (d.parent / "config.yaml").is_file():  # runs/<run>/model
+        return weights, d.parent / "config.yaml"
+    if d.parent.name == "checkpoints" and (d.parent.parent / "config.yaml").is_file():  # runs/<run>/checkpoints/x
+        return weights, d.parent.parent / "config.yaml"
+    return weights, None
+
+
+def _read_weights(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+    prefixes = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers, should a state dict still carry them
+    for prefix in prefixes:
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix) :]: v for k, v in state.items()}
+    return state
+
+
+def _read_export_config(path: Path) -> ModelConfig:
+    try:
+        fields = json.loads(path.read_text())
+        return ModelConfig(**{f.name: int(fields[f.name]) for f in dataclasses.fields(ModelConfig)})
+    except (ValueError, KeyError, TypeError) as e:
+        names = ", ".join(f.name for f in dataclasses.fields(ModelConfig))
+        raise ConfigError(f"{path}: expected a JSON object with {names} ({type(e).__name__}: {e})") from None
+
+
+def shape_of(state: dict[str, torch.Tensor], where: Path | str = "weights") -> ModelConfig:
+    """The ModelConfig that a CVAE state dict was built with, read off its tensor shapes."""
+    try:
+        mu = state["encoder.mu.weight"]  # (latent_dim, filters * (image_size / 8)^2)
+        filters = state["encoder.features.6.weight"].shape[0]  # the third conv: F output channels
+    except KeyError as e:
+        raise ConfigError(f"{where}: not the weights of a cvae-dist CVAE (no tensor {e})") from None
+    side = math.isqrt(mu.shape[1] // filters)
+    return ModelConfig(latent_dim=mu.shape[0], filters=filters, image_size=8 * side)
+
+
+def _check_shape(weights: Path, actual: ModelConfig, expected: ModelConfig, source: str) -> None:
+    if actual == expected:
+        return
+    diff = " ".join(
+        f"model.{f.name}={getattr(expected, f.name)}"
+        for f in dataclasses.fields(ModelConfig)
+        if getattr(expected, f.name) != getattr(actual, f.name)
+    )
+    fits = " ".join(f"model.{f.name}={getattr(actual, f.name)}" for f in dataclasses.fields(ModelConfig))
+    raise ConfigError(
+        f"{weights} holds a model with {fits}, but {source} says {diff}; "
+        "accepted: a config with the weights' model shape, or --checkpoint without --config to read it off the weights"
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return " ".join(lines[:2])[:300]
+
+
+def _device_model(loaded: Loaded, device: torch.device | str) -> CVAE:
+    """The model on `device` in the memory format the trainer used, so its numbers come out the same."""
+    model = loaded.model.to(device)
+    if loaded.cfg.train.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.eval()
+
+
+def _model_input(loaded: Loaded, pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    return to_model_input(pixels.to(device), loaded.cfg.model.image_size, loaded.cfg.train.channels_last)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+@torch.no_grad()
+def evaluate(
+    loaded: Loaded,
+    source: str | None = None,
+    split: str | None = None,
+    seed: int | None = None,
+    precision: str = "no",
+) -> dict:
+    """Held-out loss as the trainer reports it: batches of 128, seeded noise, sums reduced over the ranks.
+
+    Under `accelerate launch` each rank evaluates a strided share (rank, rank + world, ...).
+    """
+    from cvae_dist.distributed import make_accelerator, set_threads
+
+    cfg = copy.deepcopy(loaded.cfg)
+    cfg.train.precision = Precision(precision)
+    accelerator = make_accelerator(cfg)
+    set_threads()
+    source = source or cfg.data.source
+    split = split or cfg.data.eval_split
+    seed = cfg.train.seed if seed is None else seed
+    world, rank = accelerator.num_processes, accelerator.process_index
+    pixels, _ = load_split(source, split)
+    mine = pixels[rank::world]
+    model = _device_model(loaded, accelerator.device)
+    totals = torch.zeros(3, device=accelerator.device)  # reconstruction, KL, images
+    with torch.random.fork_rng(devices=[]):  # fixed noise, the caller's RNG untouched
+        torch.manual_seed(seed)
+        for start in range(0, len(mine), EVAL_BATCH):
+            chunk = mine[start : start + EVAL_BATCH]
+            x = _model_input(loaded, chunk, accelerator.device)
+            with accelerator.autocast():
+                out = model(x)
+            parts = vae_loss(out, x)
+            totals += torch.stack([parts.reconstruction, parts.kl, torch.tensor(float(len(chunk)), device=x.device)])
+    recon, kl, n = accelerator.reduce(totals, "sum").tolist()
+    if n == 0:
+        raise ConfigError(f"{source}:{split} has no images to evaluate")
+    loss = (recon + kl) / n
+    return {
+        "model": loaded.name,
+        "weights": str(loaded.weights),
+        "source": source,
+        "split": split,
+        "images": int(n),
+        "processes": world,
+        "seed": seed,
+        "precision": precision,
+        "batch_size": EVAL_BATCH,
+        "loss_per_image": loss,
+        "recon_per_image": recon / n,
+        "kl_per_image": kl / n,
+        "loss_per_batch": loss * EVAL_BATCH,
+        "recon_per_batch": recon / n * EVAL_BATCH,
+        "kl_per_batch": kl / n * EVAL_BATCH,
+    }
+
+
+def summary_line(r: dict) -> str:
+    return (
+        f"{r['model']}: held-out loss {r['loss_per_batch']:,.1f} per batch of {r['batch_size']} "
+        f"({r['loss_per_image']:.3f} per image = reconstruction {r['recon_per_image']:.3f} "
+        f"+ KL {r['kl_per_image']:.3f}) on {r['source']}:{r['split']}, "
+        f"{r['images']:,} images, {r['processes']} process(es), seed {r['seed']}"
+    )
+
+
+# -------------------------------------------------------------------------------------------- pictures
+
+
+def grid(images: torch.Tensor, columns: int) -> torch.Tensor:
+    """(1, H, W) grayscale grid, no padding (as the trainer's figure)."""
+    return make_grid(images.float().cpu(), nrow=columns, padding=0)[:1]
+
+
+@torch.no_grad()
+def sample(loaded: Loaded, n: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
+    """`n` decoded draws from the N(0, I) prior; the draws come from a CPU generator seeded with `seed`.
+
+    `sample(run, 128, seed=train.seed)` decodes the same draws as the lower half of the trainer's figure.
+    """
+    z = torch.randn(n, loaded.cfg.model.latent_dim, generator=torch.Generator().manual_seed(seed))
+    return _device_model(loaded, device)(z=z.to(device)).cpu()
+
+
+@torch.no_grad()
+def latent_grid(loaded: Loaded, side: int = 16, limit: float = 3.0, device: str = "cpu") -> torch.Tensor:
+    """Decode a side x side grid over [-limit, limit]^2 (x left to right, y top to bottom from +limit)."""
+    if loaded.cfg.model.latent_dim != 2:
+        raise ConfigError(
+            f"--latent-grid needs a 2-D latent space; {loaded.name} has model.latent_dim="
+            f"{loaded.cfg.model.latent_dim} (train one with model.latent_dim=2)"
+        )
+    xs = torch.linspace(-limit, limit, side)
+    ys = torch.linspace(limit, -limit, side)
+    z = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1).reshape(-1, 2)
+    return _device_model(loaded, device)(z=z.to(device)).cpu()
+
+
+@torch.no_grad()
+def reconstruct(
+    loaded: Loaded, pixels: torch.Tensor, seed: int | None = None, mean: bool = False, device: str = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(model inputs, reconstructions) of `pixels`; noise seeded as the trainer's figure, or z = mu if `mean`."""
+    model = _device_model(loaded, device)
+    seed = loaded.cfg.train.seed if seed is None else seed
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        x = _model_input(loaded, pixels, device)
+        recon = model(z=model.encoder(x)[0]) if mean else model(x).reconstruction
+    return x.cpu(), recon.cpu()
+
+
+@torch.no_grad()
+def interpolate(
+    loaded: Loaded, pixels: torch.Tensor, labels: torch.Tensor, pairs: int, steps: int, device: str = "cpu"
+) -> torch.Tensor:
+    """One row per pair: the first digit, `steps` decodes along mu_a -> mu_b, the second digit.
+
+    Pair i joins held-out digits of classes 2i and 2i+1 (mod 10), a different example each round of 5 pairs.
+    """
+    a_idx, b_idx = pair_indices(labels, pairs)
+    model = _device_model(loaded, device)
+    x = _model_input(loaded, pixels[a_idx + b_idx], device)
+    mu = model.encoder(x)[0]
+    mu_a, mu_b = mu[:pairs], mu[pairs:]
+    t = torch.linspace(0, 1, steps, device=mu.device).view(1, steps, 1)
+    z = (mu_a.unsqueeze(1) * (1 - t) + mu_b.unsqueeze(1) * t).reshape(pairs * steps, -1)
+    walk = model(z=z).reshape(pairs, steps, *x.shape[1:])
+    rows = torch.cat([x[:pairs].unsqueeze(1), walk, x[pairs:].unsqueeze(1)], dim=1)
+    return rows.reshape(pairs * (steps + 2), *x.shape[1:]).cpu()
+
+
+def pair_indices(labels: torch.Tensor, pairs: int) -> tuple[list[int], list[int]]:
+    by_class = {c: (labels == c).nonzero().flatten().tolist() for c in range(10)}
+    a_idx, b_idx = [], []
+    for i in range(pairs):
+        ca, cb, k = (2 * i) % 10, (2 * i + 1) % 10, i // 5
+        if len(by_class[ca]) > k and len(by_class[cb]) > k:
+            a_idx.append(by_class[ca][k])
+            b_idx.append(by_class[cb][k])
+        else:  # a split without those classes: consecutive digits
+            a_idx.append((2 * i) % len(labels))
+            b_idx.append((2 * i + 1) % len(labels))
+    return a_idx, b_idx
+
+
+def side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor, columns: int) -> torch.Tensor:
+    """Originals grid | one blank image-wide column | reconstructions grid, in the same places."""
+    left, right = grid(originals, columns), grid(reconstructions, columns)
+    blank = torch.zeros(1, left.shape[1], originals.shape[-1])
+    return torch.cat([left, blank, right], dim=2)
+
+
+# ---------------------------------------------------------------------------------------------- export
+
+
+def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: bool = False) -> Path:
+    """`save_pretrained`: model.safetensors + config.json (+ a model card); optionally pushed to the hub."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ConfigError(f"export directory {out} already exists and is not empty; pick a new or empty directory")
+    model = loaded.model.cpu().eval()
+    model.save_pretrained(out)
+    reloaded = CVAE.from_pretrained(out)  # the promise of the format: one call gives the same model back
+    same = reloaded.state_dict()
+    if reloaded.config != model.config or any(
+        not torch.equal(v.float(), same[k].float()) for k, v in model.state_dict().items()
+    ):
+        raise RuntimeError(f"{out}: the export does not load back to the same weights")
+    if push_to_hub:
+        try:
+            model.push_to_hub(push_to_hub, private=private or None)
+        except Exception as e:  # network, auth, repo name: one line, the local export stays
+            raise ConfigError(
+                f"wrote {out}, but pushing it to the hub as {push_to_hub!r} failed ({type(e).__name__}: "
+                f"{_first_line(e)}); log in (`hf auth login` or HF_TOKEN) and run: hf upload {push_to_hub} {out}"
+            ) from None
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+COMMANDS = ("eval", "sample", "reconstruct", "interpolate", "export")
+
+
+def add_commands(sub: argparse._SubParsersAction) -> None:
+    """Register eval / sample / reconstruct / interpolate / export on the `cvae-dist` parser."""
+    source = argparse.ArgumentParser(add_help=False)
+    which = source.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", type=Path, help="a run directory, runs/<name>: its model/ export and config.yaml")
+    which.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="an export directory (model.safetensors + config.json), an accelerate checkpoint directory "
+        "holding model.safetensors, or a .safetensors file",
+    )
+    source.add_argument(
+        "--config", type=Path, help="config YAML (a run's config.yaml or a recipe) for --checkpoint: shape and data"
+    )
+    device = argparse.ArgumentParser(add_help=False)
+    device.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
+    heldout = argparse.ArgumentParser(add_help=False)
+    heldout.add_argument("--source", help="data source (default: the run's data.source)")
+    heldout.add_argument("--split", help="split (default: the run's data.eval_split)")
+
+    p = sub.add_parser("eval", parents=[source, heldout], help="held-out loss (reconstruction, KL) of a trained model")
+    p.add_argument("--seed", type=int, help="noise seed (default: the run's train.seed)")
+    p.add_argument("--precision", choices=[p.value for p in Precision], default="no", help="autocast (default fp32)")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    p.set_defaults(inference=_cmd_eval)
+
+    p = sub.add_parser("sample", parents=[source, device], help="a PNG grid of digits decoded from the N(0, I) prior")
+    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
+    p.add_argument("--seed", type=int, default=0, help="prior draws seed (default 0)")
+    p.add_argument("--columns", type=int, help="grid columns (default: a square grid)")
+    p.add_argument(
+        "--latent-grid",
+        type=int,
+        nargs="?",
+        const=16,
+        metavar="SIDE",
+        help="2-D latents only: decode a SIDE x SIDE grid over [-3, 3]^2 instead (default 16)",
+    )
+    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG path (default samples.png)")
+    p.set_defaults(inference=_cmd_sample)
+
+    p = sub.add_parser(
+        "reconstruct", parents=[source, heldout, device], help="held-out digits and their reconstructions side by side"
+    )
+    p.add_argument("--n", type=int, default=32, help="number of held-out digits (default 32, the first ones)")
+    p.add_argument("--columns", type=int, default=8, help="digits per row in each half (default 8)")
+    p.add_argument("--seed", type=int, help="noise seed (default: the run's train.seed, as the trainer's figure)")
+    p.add_argument("--mean", action="store_true", help="decode mu instead of a noisy z")
+    p.add_argument("--out", type=Path, default=Path("recon.png"), help="PNG path (default recon.png)")
+    p.set_defaults(inference=_cmd_reconstruct)
+
+    p = sub.add_parser(
+        "interpolate",
+        parents=[source, heldout, device],
+        help="latent walks (along mu) between pairs of held-out digits",
+    )
+    p.add_argument("--pairs", type=int, default=4, help="rows: pairs of digits (default 4: 0-1, 2-3, 4-5, 6-7)")
+    p.add_argument("--steps", type=int, default=10, help="decoded points per walk, ends included (default 10)")
+    p.add_argument("--out", type=Path, default=Path("interp.png"), help="PNG path (default interp.png)")
+    p.set_defaults(inference=_cmd_interpolate)
+
+    p = sub.add_parser(
+        "export", parents=[source], help="weights + config.json, loadable with CVAE.from_pretrained(DIR)"
+    )
+    p.add_argument("--out", type=Path, required=True, help="a new or empty directory")
+    p.add_argument(
+        "--push-to-hub", metavar="REPO_ID", help="also upload to the Hugging Face hub (needs network, login)"
+    )
+    p.add_argument("--private", action="store_true", help="create the hub repository as private")
+    p.set_defaults(inference=_cmd_export)
+
+
+def _positive(**values: int | None) -> None:
+    for name, value in values.items():
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')}={value}: must be a positive integer")
+
+
+def _load(args: argparse.Namespace) -> Loaded:
+    return load_model(args.run, args.checkpoint, args.config)
+
+
+def _heldout(args: argparse.Namespace, loaded: Loaded, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    source, split = args.source or loaded.cfg.data.source, args.split or loaded.cfg.data.eval_split
+    pixels, labels = load_split(source, split)
+    if len(pixels) < n:
+        raise ConfigError(f"{source}:{split} has {len(pixels)} digits; asked for {n}")
+    return pixels, labels
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from accelerate import PartialState
+
+    result = evaluate(_load(args), args.source, args.split, args.seed, args.precision)
+    if PartialState().is_main_process:  # every rank has the reduced figures; one reports them
+        print(summary_line(result))
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    _positive(n=args.n, columns=args.columns, latent_grid=args.latent_grid)
+    loaded = _load(args)
+    if args.latent_grid is not None:
+        images, columns = latent_grid(loaded, args.latent_grid, device=args.device), args.latent_grid
+        what = f"{args.latent_grid} x {args.latent_grid} latent grid over [-3, 3]^2"
+    else:
+        images = sample(loaded, args.n, args.seed, args.device)
+        columns = args.columns or math.ceil(math.sqrt(args.n))
+        what = f"{args.n} prior samples (seed {args.seed})"
+    save_grid(grid(images, columns), args.out)
+    print(f"wrote {args.out}: {what} from {loaded.name}")
+    return 0
+
+
+def _cmd_reconstruct(args: argparse.Namespace) -> int:
+    _positive(n=args.n, columns=args.columns)
+    loaded = _load(args)
+    pixels, _ = _heldout(args, loaded, args.n)
+    x, recon = reconstruct(loaded, pixels[: args.n], args.seed, args.mean, args.device)
+    save_grid(side_by_side(x, recon, min(args.columns, args.n)), args.out)
+    print(f"wrote {args.out}: {args.n} held-out digits (left) and their reconstructions (right) from {loaded.name}")
+    return 0
+
+
+def _cmd_interpolate(args: argparse.Namespace) -> int:
+    _positive(pairs=args.pairs)
+    if args.steps < 2:
+        raise ConfigError(f"--steps={args.steps}: a walk needs at least 2 points (its two ends)")
+    loaded = _load(args)
+    pixels, labels = _heldout(args, loaded, 2)
+    images = interpolate(loaded, pixels, labels, args.pairs, args.steps, args.device)
+    save_grid(grid(images, args.steps + 2), args.out)
+    print(
+        f"wrote {args.out}: {args.pairs} latent walks of {args.steps} steps between held-out digits from {loaded.name}"
+    )
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    loaded = _load(args)
+    out = export(loaded, args.out, args.push_to_hub, args.private)
+    pushed = f", pushed to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else ""
+    print(f"exported {loaded.weights} to {out}{pushed}; load it with CVAE.from_pretrained({str(out)!r})")
+    return 0

@@ -1,0 +1,263 @@
+"""eval / sample / reconstruct / interpolate / export on a tiny real training run (CPU, a few seconds)."""
+
+import json
+import math
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file, save_file
+
+from cvae_dist import inference
+from cvae_dist.checkpoint import load_exported
+from cvae_dist.cli import main
+from cvae_dist.config import ConfigError, ModelConfig, load_config
+from cvae_dist.data import load_split
+from cvae_dist.images import seed_grid
+from cvae_dist.model import CVAE
+
+REPO = Path(__file__).resolve().parents[1]
+SIDE = 64  # the debug recipe's image size
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    from cvae_dist.trainer import train
+
+    out = tmp_path_factory.mktemp("runs")
+    overrides = ["train.epochs=1", "data.train_split=test", f"output_dir={out}", "run_name=tiny", "log.wandb=disabled"]
+    return train(load_config(REPO / "configs" / "debug.yaml", overrides)).run_dir
+
+
+def png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L"))
+
+
+def trainer_weights(run: Path) -> Path:
+    """The weights as accelerate saved the trained model (not the export)."""
+    return sorted((run / "checkpoints").glob("*/model.safetensors"))[-1]
+
+
+def test_eval_cli_reproduces_the_trainers_held_out_figures(run, tmp_path, capsys):
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--run", str(run), "--json", str(out)]) == 0
+    line = capsys.readouterr().out.strip()
+    assert len(line.splitlines()) == 1 and "per batch of 128" in line and "500 images" in line
+    r = json.loads(out.read_text())
+    assert r["images"] == 500 and r["processes"] == 1 and r["split"] == "test"
+    for key in ("loss_per_image", "recon_per_image", "kl_per_image", "loss_per_batch"):
+        assert math.isfinite(r[key]) and r[key] > 0
+    assert r["loss_per_image"] == pytest.approx(r["recon_per_image"] + r["kl_per_image"])
+    assert r["loss_per_batch"] == pytest.approx(128 * r["loss_per_image"])
+    # the same weights, noise and batches as the trainer's end-of-epoch evaluation
+    last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x][-1]
+    assert r["loss_per_image"] == pytest.approx(last["eval/loss_per_image"], rel=1e-5)
+    assert r["kl_per_image"] == pytest.approx(last["eval/kl_per_image"], rel=1e-4)
+
+
+def test_eval_is_deterministic_and_seeded(run):
+    loaded = inference.load_model(run=run)
+    a, b = inference.evaluate(loaded), inference.evaluate(loaded)
+    other = inference.evaluate(loaded, seed=1)
+    assert a == b
+    assert other["recon_per_image"] != a["recon_per_image"] and other["kl_per_image"] == a["kl_per_image"]
+
+
+def test_sample_png_size_and_byte_identical_for_a_seed(run, tmp_path):
+    paths = [tmp_path / f"s{i}.png" for i in range(3)]
+    for path, seed in zip(paths, [0, 0, 1], strict=True):
+        assert main(["sample", "--run", str(run), "--n", "64", "--seed", str(seed), "--out", str(path)]) == 0
+    assert Image.open(paths[0]).size == (8 * SIDE, 8 * SIDE)
+    assert paths[0].read_bytes() == paths[1].read_bytes()
+    assert paths[0].read_bytes() != paths[2].read_bytes()
+    assert main(["sample", "--run", str(run), "--n", "10", "--columns", "5", "--out", str(paths[2])]) == 0
+    assert Image.open(paths[2]).size == (5 * SIDE, 2 * SIDE)
+
+
+def test_reconstruct_png(run, tmp_path):
+    out = tmp_path / "recon.png"
+    assert main(["reconstruct", "--run", str(run), "--n", "32", "--out", str(out)]) == 0
+    img = png(out)
+    assert img.shape == (4 * SIDE, (8 + 1 + 8) * SIDE)  # originals | blank column | reconstructions
+    assert img[:, 8 * SIDE : 9 * SIDE].max() == 0
+    # the left half is the first 32 held-out digits as the model sees them
+    x, _ = inference.reconstruct(inference.load_model(run=run), load_split("shipped", "test")[0][:32])
+    left = inference.grid(x, 8).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)[0].numpy()
+    assert np.array_equal(img[:, : 8 * SIDE], left)
+
+
+def test_interpolate_png(run, tmp_path):
+    out = tmp_path / "interp.png"
+    assert main(["interpolate", "--run", str(run), "--pairs", "3", "--steps", "5", "--out", str(out)]) == 0
+    assert png(out).shape == (3 * SIDE, (5 + 2) * SIDE)  # one row per pair: digit, 5 decodes, digit
+    _, labels = load_split("shipped", "test")
+    a, b = inference.pair_indices(labels, 3)
+    assert labels[a].tolist() == [0, 2, 4] and labels[b].tolist() == [1, 3, 5]
+
+
+def test_latent_grid_needs_two_latent_dims(run, tmp_path, capsys):
+    assert main(["sample", "--run", str(run), "--latent-grid", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.latent_dim=8" in err and "2-D" in err
+    # a 2-D model decodes the [-3, 3]^2 grid
+    small = tmp_path / "small"
+    CVAE(ModelConfig(latent_dim=2, filters=8, image_size=16)).save_pretrained(small)
+    out = tmp_path / "grid.png"
+    assert main(["sample", "--checkpoint", str(small), "--latent-grid", "5", "--out", str(out)]) == 0
+    assert png(out).shape == (5 * 16, 5 * 16)
+
+
+def test_export_round_trip_is_bit_exact(run, tmp_path, capsys):
+    out = tmp_path / "export"
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    assert "from_pretrained" in capsys.readouterr().out
+    assert {"model.safetensors", "config.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads(out.joinpath("config.json").read_text()) == json.loads((run / "model/config.json").read_text())
+
+    cfg = load_config(run / "config.yaml")
+    trained = CVAE(cfg.model)
+    trained.load_state_dict(load_file(str(trainer_weights(run))))
+    models = [trained.eval(), CVAE.from_pretrained(out), CVAE.from_pretrained(run / "model"), load_exported(out)]
+    x = torch.rand(16, 1, SIDE, SIDE)
+    outputs = []
+    for model in models:
+        torch.manual_seed(0)
+        outputs.append(model(x))
+    for o in outputs[1:]:
+        for got, want in zip(o, outputs[0], strict=True):
+            assert torch.equal(got, want)
+    # ... in the trainer's memory format too
+    cl = torch.channels_last
+    xc = x.contiguous(memory_format=cl)
+    recon = []
+    for model in models[:2]:
+        torch.manual_seed(0)
+        recon.append(model.to(memory_format=cl)(xc).reconstruction)
+    assert torch.equal(*recon)
+
+
+def test_export_redraws_the_trainers_figure(run):
+    """Reconstructions and prior samples from the loaded export give the trainer's PNG, pixel for pixel."""
+    cfg = load_config(run / "config.yaml")
+    loaded = inference.load_model(run=run)
+    pixels, _ = load_split(cfg.data.source, cfg.data.eval_split)
+    _, recon = inference.reconstruct(loaded, pixels[:128])
+    samples = inference.sample(loaded, 128, seed=cfg.train.seed)
+    figure = seed_grid(recon, samples).mul(255).add_(0.5).clamp_(0, 255).to(torch.uint8)[0].numpy()
+    trainer_png = png(sorted((run / "images").glob("epoch_*.png"))[-1])
+    assert figure.shape == trainer_png.shape
+    assert np.array_equal(figure, trainer_png)  # same weights, memory format, noise and draws: same pixels
+
+
+def test_checkpoint_sources_agree(run, tmp_path):
+    """--run, --checkpoint <export dir>, <checkpoint dir> and <.safetensors file> load the same model."""
+    loaded = [
+        inference.load_model(run=run),
+        inference.load_model(checkpoint=run / "model"),
+        inference.load_model(checkpoint=trainer_weights(run).parent),
+        inference.load_model(checkpoint=trainer_weights(run)),
+    ]
+    bare = tmp_path / "bare"  # weights alone: the shape is read off them
+    bare.mkdir()
+    (bare / "model.safetensors").write_bytes((run / "model" / "model.safetensors").read_bytes())
+    loaded.append(inference.load_model(checkpoint=bare))
+    reference = loaded[0].model.state_dict()
+    for item in loaded[1:]:
+        assert item.cfg.model == loaded[0].cfg.model
+        for k, v in item.model.state_dict().items():
+            assert torch.equal(v.float(), reference[k].float()), k
+
+
+def test_shape_mismatch_is_one_clear_line(run, tmp_path, capsys):
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("model:\n  filters: 32\n")
+    ckpt = str(trainer_weights(run).parent)
+    assert main(["eval", "--checkpoint", ckpt, "--config", str(wrong)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1
+    assert "model.filters=64" in err and "says model.filters=32" in err and "accepted" in err
+
+    edited = tmp_path / "edited"  # an export whose config.json lies about the weights
+    edited.mkdir()
+    (edited / "model.safetensors").write_bytes((run / "model" / "model.safetensors").read_bytes())
+    (edited / "config.json").write_text(json.dumps({"latent_dim": 4, "filters": 64, "image_size": 64}))
+    with pytest.raises(ConfigError, match=r"holds a model with model.latent_dim=8 .* says model.latent_dim=4"):
+        inference.load_model(checkpoint=edited)
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--run", "{tmp}/nope"], "run directory .*nope not found"),
+        (["--checkpoint", "{tmp}/nope"], "checkpoint .*nope not found"),
+        (["--checkpoint", "{tmp}/empty"], "empty holds no model.safetensors .*accepted"),
+        (["--run", "{tmp}/empty"], "has no config.yaml"),
+        (["--checkpoint", "{tmp}/junk.safetensors"], "not the weights of a cvae-dist CVAE"),
+    ],
+)
+def test_missing_or_wrong_weights_are_one_line(tmp_path, capsys, args, expected):
+    (tmp_path / "empty").mkdir()
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "junk.safetensors"))
+    argv = ["eval", *(a.format(tmp=tmp_path) for a in args)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("cvae-dist eval: error:")
+    assert re.search(expected, err), err
+
+
+def test_run_without_weights(tmp_path, run):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.yaml").write_text((run / "config.yaml").read_text())
+    with pytest.raises(ConfigError, match="has no weights"):
+        inference.load_model(run=broken)
+
+
+def test_export_refuses_a_non_empty_directory(run, tmp_path):
+    (tmp_path / "x").write_text("keep me")
+    with pytest.raises(ConfigError, match="not empty"):
+        inference.export(inference.load_model(run=run), tmp_path)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+def test_eval_under_accelerate_launch_two_ranks(run, tmp_path):
+    out = tmp_path / "eval2.json"
+    accelerate = str(Path(sys.executable).parent / "accelerate")
+    cmd = [
+        accelerate,
+        "launch",
+        "--config_file",
+        "launch/ddp_cpu.yaml",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "cvae_dist.cli",
+        "eval",
+        "--run",
+        str(run),
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("held-out loss") == 1  # the main process reports
+    two = json.loads(out.read_text())
+    one = inference.evaluate(inference.load_model(run=run))
+    assert two["processes"] == 2 and two["images"] == 500
+    assert two["kl_per_image"] == pytest.approx(one["kl_per_image"], rel=1e-5)  # KL needs no noise
+    assert two["recon_per_image"] == pytest.approx(one["recon_per_image"], rel=0.01)  # other noise draws
