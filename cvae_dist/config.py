@@ -57,6 +57,8 @@ class TrainConfig:
     precision: Precision = Precision.no
     channels_last: bool = True
     collective_timeout_s: int = 600  # a rank that stops answering fails the others after this long
+    debug_delay_rank: int = -1  # test-only: this rank sleeps debug_delay_s after every step (a straggler)
+    debug_delay_s: float = 0.0
 
 
 @dataclass
@@ -67,6 +69,10 @@ class LogConfig:
     every_steps: int = 10  # console / metrics.jsonl step-line interval
     images_every_epochs: int = 1
     sample_ids: bool = False  # record each rank's example ids per epoch in ranks/rank<r>.json (data audits)
+    peak_tflops: float | None = None  # device peak for MFU; default: GPU table, or measured on CPU
+    straggler_fraction: float = 0.8  # a rank below this fraction of the median img/s ...
+    straggler_intervals: int = 3  # ... for this many intervals in a row is flagged
+    straggler_alert_every_s: float = 300.0  # at most one W&B alert per this many seconds
 
 
 @dataclass

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import socket
 from datetime import timedelta
@@ -108,3 +109,25 @@ def rank_identity(accelerator: Accelerator) -> dict:
 def zero_stage(accelerator: Accelerator) -> int:
     """The DeepSpeed ZeRO stage, 0 when not under DeepSpeed."""
     return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else 0
+
+
+def environment_facts(accelerator: Accelerator) -> dict:
+    """Versions, precision, ZeRO stage and scheduler ids, for the W&B run config."""
+    import accelerate
+
+    facts = {
+        "precision": accelerator.mixed_precision,
+        "zero_stage": zero_stage(accelerator),
+        "torch_version": torch.__version__,
+        "accelerate_version": accelerate.__version__,
+        "device": str(accelerator.device),
+    }
+    try:
+        facts["deepspeed_version"] = importlib.metadata.version("deepspeed")
+    except importlib.metadata.PackageNotFoundError:
+        facts["deepspeed_version"] = None
+    facts |= {k.lower(): v for k, v in os.environ.items() if k in SLURM_FACTS}
+    return facts
+
+
+SLURM_FACTS = ("SLURM_JOB_ID", "SLURM_JOB_NAME", "SLURM_NNODES", "SLURM_RESTART_COUNT", "SLURM_ARRAY_JOB_ID")

@@ -84,6 +84,16 @@ class RunLogger:
                 log.warning("W&B log failed (%s); continuing with metrics.jsonl only", e)
                 self.wandb_run = None
 
+    def alert(self, title: str, text: str) -> None:
+        """A W&B alert (recorded in offline runs too); the console line is the caller's."""
+        if self.enabled and self.wandb_run is not None:
+            try:
+                import wandb
+
+                self.wandb_run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
+            except Exception as e:  # noqa: BLE001
+                log.warning("W&B alert failed: %s", e)
+
     def summary(self, values: dict[str, Any]) -> None:
         if self.enabled and self.wandb_run is not None:
             self.wandb_run.summary.update({k: _plain(v) for k, v in values.items()})
@@ -107,7 +117,7 @@ def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str, resume_i
         return None
     kwargs = dict(
         project=cfg.log.project,
-        group=cfg.log.group,
+        group=cfg.log.group or os.environ.get("SLURM_JOB_ID") or run_dir.name,
         name=run_dir.name,
         dir=str(run_dir),
         config=config,
@@ -128,7 +138,8 @@ def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str, resume_i
             log.warning("W&B offline init failed too (%s); logging to metrics.jsonl only", e2)
             return None
     run.define_metric("step")
-    run.define_metric("*", step_metric="step")
+    run.define_metric("images_seen", step_metric="step")
+    run.define_metric("*", step_metric="step")  # rank/<r>/*, throughput/*, train/*, eval/* against the global step
     return run
 
 

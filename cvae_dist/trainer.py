@@ -22,6 +22,7 @@ from cvae_dist.faults import NonFiniteLoss, Preempted, StopSignal, run_status
 from cvae_dist.images import save_grid, seed_grid
 from cvae_dist.metrics import RankRecord, RunLogger, parameter_digest
 from cvae_dist.model import CVAE, count_parameters, vae_loss
+from cvae_dist.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 GRID_IMAGES = 128
@@ -78,6 +79,8 @@ def train(cfg: JobConfig) -> TrainResult:
     prior = torch.randn(GRID_IMAGES, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
     identity = distributed.rank_identity(accelerator)
     record = RankRecord(run_dir, identity, cfg.log.sample_ids)
+    telemetry = Telemetry(accelerator, cfg, model, batch, identity)
+    telemetry.instrument(model)
     run_facts = {
         "per_rank_batch_size": batch,
         "global_batch_size": batch * world,
@@ -85,6 +88,8 @@ def train(cfg: JobConfig) -> TrainResult:
         "steps_per_epoch": steps_per_epoch,
         "threads_per_rank": threads,
         **identity,
+        **telemetry.run_facts(),
+        **distributed.environment_facts(accelerator),
     }
     logger = RunLogger(run_dir, cfg, run_facts, enabled=accelerator.is_main_process, resume_id=state.wandb_run_id)
     state.wandb_run_id = logger.run_id
@@ -114,7 +119,7 @@ def train(cfg: JobConfig) -> TrainResult:
             loss_sum = torch.tensor(state.rank_sum("epoch_loss_sums", rank), device=accelerator.device)
             interval_sum = torch.tensor(state.rank_sum("interval_loss_sums", rank), device=accelerator.device)
             skip = state.batches_done
-            start, interval_start = time.perf_counter() - state.epoch_seconds, time.perf_counter()
+            start = time.perf_counter() - state.epoch_seconds
             progress = tqdm(
                 stream.epoch(epoch, skip=skip),
                 total=steps_per_epoch,
@@ -123,39 +128,40 @@ def train(cfg: JobConfig) -> TrainResult:
                 leave=False,
                 disable=None if accelerator.is_local_main_process else True,
             )
-            for batch_data in progress:
+            for batch_data in telemetry.timed(progress):
                 x = model_input(batch_data.pixels)
+                telemetry.forward_starts()
                 with accelerator.autocast():
                     out = model(x)
                 loss = vae_loss(out, x).total
                 # Each rank's loss sums its share of the global batch; DDP/DeepSpeed average gradients over
                 # ranks, so scale by the world size to keep the recipe's "summed over the batch" gradient.
                 accelerator.backward(loss * world)
+                telemetry.backward_done()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                telemetry.step_done()
                 loss_sum += loss.detach()
                 interval_sum += loss.detach()
                 record.batch(batch_data.ids)
                 state.step += 1
                 state.batches_done += 1
                 if state.step % every == 0:
-                    # One small collective per interval: every rank's loss sum and whether it was asked to stop.
+                    # One small collective per interval: each rank's loss sums, stop request and throughput figures.
                     stop_flag = torch.tensor(float(stop.requested), device=loss_sum.device)
-                    per_rank = accelerator.gather(torch.stack([interval_sum, stop_flag, loss_sum])[None]).cpu()
+                    interval = telemetry.interval([interval_sum, stop_flag, loss_sum], state.step)
+                    per_rank = interval.per_rank
                     _check_finite(per_rank[:, 0], state.step - every + 1, state.step)
                     interval_loss = per_rank[:, 0].sum().item() / every
-                    now = time.perf_counter()
+                    stragglers = interval.record.pop("stragglers")
                     logger.log(
-                        {
-                            "step": state.step,
-                            "epoch": epoch,
-                            "train/step_loss": interval_loss,
-                            "train/step_img_per_s": every * global_batch / (now - interval_start),
-                        }
+                        {"step": state.step, "epoch": epoch, "train/step_loss": interval_loss, **interval.record}
                     )
+                    if stragglers:
+                        _report_stragglers(stragglers, telemetry, logger, state.step)
                     progress.set_postfix(loss=f"{interval_loss:,.0f}")
                     interval_sum.zero_()
-                    interval_start = now
+                    now = time.perf_counter()
                     state.epoch_loss_sums, state.interval_loss_sums = per_rank[:, 2].tolist(), []
                     state.epoch_seconds = now - start
                     if per_rank[:, 1].any():  # any rank signalled: all save together, then stop
@@ -195,6 +201,7 @@ def train(cfg: JobConfig) -> TrainResult:
             if cfg.checkpoint.every_epoch or epoch == cfg.train.epochs or _due(cfg.checkpoint.every_steps, state.step):
                 save("epoch")
 
+        accelerator.print(f"per-rank throughput (means over log intervals):\n{telemetry.summary_table()}")
         export_dir = checkpoint.export_final(accelerator, model, run_dir, cfg)
         zero3 = distributed.zero_stage(accelerator) == 3  # ZeRO-3 ranks hold only their parameter partition
         record.finish(param_sha256=None if zero3 else parameter_digest(accelerator.unwrap_model(model)))
@@ -203,6 +210,18 @@ def train(cfg: JobConfig) -> TrainResult:
     stop.restore()
     accelerator.end_training()
     return TrainResult(run_dir, epoch_losses, state.step)
+
+
+def _report_stragglers(ranks: list[int], telemetry: Telemetry, logger: RunLogger, step: int) -> None:
+    names = ", ".join(telemetry.describe(r) for r in ranks)
+    text = (
+        f"step {step}: {names} below {telemetry.cfg.straggler_fraction:.0%} of the median img/s for "
+        f"{telemetry.cfg.straggler_intervals} intervals"
+    )
+    telemetry.accelerator.print(f"straggler: {text}")
+    logger.log({"step": step, "event": "straggler", "ranks": ranks})
+    if telemetry.alert_due():
+        logger.alert("cvae-dist straggler", text)
 
 
 def _due(every: int, step: int) -> bool:

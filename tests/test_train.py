@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from wandb_offline import read_run
 
-from cvae_dist.checkpoint import load_exported
+from cvae_dist.checkpoint import checkpoint_dirs, load_exported, verify_checkpoint
 from cvae_dist.config import ConfigError, load_config
 from cvae_dist.trainer import train
 
@@ -55,8 +55,10 @@ def test_offline_wandb_run_holds_logged_keys(debug_run):
 def test_export_and_checkpoint(debug_run):
     model = load_exported(debug_run.run_dir / "model")
     assert sum(p.numel() for p in model.parameters()) == 149_265
-    assert (debug_run.run_dir / "checkpoints" / "final" / "model.safetensors").is_file()
-    assert (debug_run.run_dir / "checkpoints" / "final" / "optimizer.bin").is_file()
+    last = checkpoint_dirs(debug_run.run_dir)[-1]
+    assert last.name == "step-000000105" and verify_checkpoint(last).epoch == 4  # epochs 1-3 done
+    assert (last / "model.safetensors").is_file() and (last / "optimizer.bin").is_file()
+    assert json.loads((debug_run.run_dir / "status.json").read_text())["state"] == "completed"
 
 
 def test_existing_run_is_not_overwritten(debug_run):
