@@ -27,9 +27,11 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 ask for a checkpoint and a clean exit at the next agreement point; a second one exits now."""
+    """SIGTERM / SIGUSR1 ask for a checkpoint and a clean exit at the next agreement point; a second one (more than
+    REPEAT_GRACE_S later) exits at once."""
 
     SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    REPEAT_GRACE_S = 3.0
 
     def __init__(self) -> None:
         self.received: int | None = None
@@ -38,8 +40,12 @@ class StopSignal:
 
     def _handle(self, signum: int, _frame) -> None:
         if self.received is not None:
-            os._exit(128 + signum)  # the user insists: no checkpoint, exit at once
-        self.received = signum
+            # Slurm signals every process and torchrun forwards the same signal a moment later: only a repeat
+            # that comes later than that means "stop now, no checkpoint".
+            if time.monotonic() - self.received_at > self.REPEAT_GRACE_S:
+                os._exit(128 + signum)
+            return
+        self.received, self.received_at = signum, time.monotonic()
 
     @property
     def requested(self) -> bool:

@@ -51,9 +51,10 @@ def count_flops_per_image(model: torch.nn.Module, image_size: int, batch: int = 
     from cvae_dist.model import vae_loss
 
     probe = copy.deepcopy(model).float().cpu().train()
-    x = torch.rand(batch, 1, image_size, image_size)
-    with FlopCounterMode(display=False) as counter:
-        vae_loss(probe(x), x).total.backward()
+    with torch.random.fork_rng(devices=[]):  # leave the training RNG stream untouched (exact resume)
+        x = torch.rand(batch, 1, image_size, image_size)
+        with FlopCounterMode(display=False) as counter:
+            vae_loss(probe(x), x).total.backward()
     return counter.get_total_flops() / batch
 
 
@@ -66,7 +67,7 @@ def peak_flops(device: torch.device, configured_tflops: float | None) -> tuple[f
         for key, flops in GPU_PEAK_FLOPS.items():
             if key in name:
                 return flops, f"table:{key}"
-    a = torch.randn(512, 512, device=device)
+    a = torch.ones(512, 512, device=device)
     torch.mm(a, a)
     n, start = 0, time.perf_counter()
     while time.perf_counter() - start < 0.2:

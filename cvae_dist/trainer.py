@@ -36,15 +36,31 @@ class TrainResult:
     steps: int
 
 
-def train(cfg: JobConfig) -> TrainResult:
-    """Train `cfg` on however many processes `accelerate launch` started; returns the run directory."""
-    accelerator = distributed.make_accelerator(cfg)
-    threads = distributed.set_threads()
-    stop = StopSignal()
-    world, rank = accelerator.num_processes, accelerator.process_index
-    run_dir, resume_from = _prepare_run_dir(accelerator, cfg)
-    set_seed(cfg.train.seed)  # same initial weights on every rank
+@dataclass
+class Parts:
+    """The prepared pieces of a training job on this rank."""
 
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    stream: RankStream
+    batch: int  # per rank
+    steps_per_epoch: int
+    lr: float
+    image_size: int
+    channels_last: bool
+    input_dtype: torch.dtype
+
+    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A decoded uint8 batch -> the model's input on this rank's device (resized there)."""
+        x = to_model_input(pixels.to(self.accelerator.device, non_blocking=True), self.image_size, self.channels_last)
+        return x.to(self.input_dtype)
+
+
+def build(cfg: JobConfig, accelerator: Accelerator) -> Parts:
+    """Model, AdamW and this rank's data stream, prepared by accelerate (DDP / DeepSpeed) for the launch."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    set_seed(cfg.train.seed)  # same initial weights on every rank
     model = CVAE(cfg.model)
     accelerator.print(f"trainable parameters: {count_parameters(model):,}")
     if cfg.train.channels_last and not distributed.is_deepspeed(accelerator):
@@ -53,19 +69,50 @@ def train(cfg: JobConfig) -> TrainResult:
     lr = cfg.train.lr * (world if cfg.train.scale_lr else 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay, foreach=True)
     batch = distributed.per_rank_batch_size(cfg, world)
-    stream = RankStream(
-        cfg.data.source,
-        cfg.data.train_split,
-        rank,
-        world,
-        batch,
-        cfg.data.shuffle_buffer,
-        cfg.train.seed,
-        cfg.data.num_workers,
-    )
+    d = cfg.data
+    stream = RankStream(d.source, d.train_split, rank, world, batch, d.shuffle_buffer, cfg.train.seed, d.num_workers)
     steps_per_epoch = _agree_on_steps(accelerator, stream)
     distributed.configure_deepspeed(accelerator, batch)
     model, optimizer = accelerator.prepare(model, optimizer)
+    return Parts(
+        accelerator,
+        model,
+        optimizer,
+        stream,
+        batch,
+        steps_per_epoch,
+        lr,
+        cfg.model.image_size,
+        cfg.train.channels_last,
+        distributed.input_dtype(accelerator),
+    )
+
+
+def train_step(parts: Parts, x: torch.Tensor, telemetry: Telemetry) -> torch.Tensor:
+    """One optimisation step on a model-ready batch; returns the batch's summed loss (detached, on the device)."""
+    telemetry.forward_starts()
+    with parts.accelerator.autocast():
+        out = parts.model(x)
+    loss = vae_loss(out, x).total
+    # Each rank's loss sums its share of the global batch; DDP/DeepSpeed average gradients over ranks,
+    # so scale by the world size to keep the recipe's "summed over the batch" gradient.
+    parts.accelerator.backward(loss * parts.accelerator.num_processes)
+    telemetry.backward_done()
+    parts.optimizer.step()
+    parts.optimizer.zero_grad(set_to_none=True)
+    telemetry.step_done()
+    return loss.detach()
+
+
+def train(cfg: JobConfig) -> TrainResult:
+    """Train `cfg` on however many processes `accelerate launch` started; returns the run directory."""
+    accelerator = distributed.make_accelerator(cfg)
+    threads = distributed.set_threads()
+    stop = StopSignal()
+    world, rank = accelerator.num_processes, accelerator.process_index
+    run_dir, resume_from = _prepare_run_dir(accelerator, cfg)
+    parts = build(cfg, accelerator)
+    model, batch, steps_per_epoch, model_input = parts.model, parts.batch, parts.steps_per_epoch, parts.model_input
 
     state = TrainerState(world_size=world, per_rank_batch_size=batch, model=to_dict(cfg)["model"])
     if resume_from is not None:
@@ -74,7 +121,6 @@ def train(cfg: JobConfig) -> TrainResult:
         accelerator.load_state(str(path))
         accelerator.print(f"resumed from {path}: epoch {state.epoch}, step {state.step}")
 
-    input_dtype = distributed.input_dtype(accelerator)
     eval_pixels, _ = load_split(cfg.data.source, cfg.data.eval_split)
     prior = torch.randn(GRID_IMAGES, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
     identity = distributed.rank_identity(accelerator)
@@ -84,7 +130,7 @@ def train(cfg: JobConfig) -> TrainResult:
     run_facts = {
         "per_rank_batch_size": batch,
         "global_batch_size": batch * world,
-        "lr_effective": lr,
+        "lr_effective": parts.lr,
         "steps_per_epoch": steps_per_epoch,
         "threads_per_rank": threads,
         **identity,
@@ -97,12 +143,6 @@ def train(cfg: JobConfig) -> TrainResult:
         f"run {run_dir}: {world} process(es), {batch} images per rank per step, "
         f"{steps_per_epoch} steps per epoch ({steps_per_epoch * batch * world} images)"
     )
-
-    def model_input(pixels: torch.Tensor) -> torch.Tensor:
-        x = to_model_input(
-            pixels.to(accelerator.device, non_blocking=True), cfg.model.image_size, cfg.train.channels_last
-        )
-        return x.to(input_dtype)
 
     def save(tag: str) -> Path:
         path = checkpoint.save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep)
@@ -121,7 +161,7 @@ def train(cfg: JobConfig) -> TrainResult:
             skip = state.batches_done
             start = time.perf_counter() - state.epoch_seconds
             progress = tqdm(
-                stream.epoch(epoch, skip=skip),
+                parts.stream.epoch(epoch, skip=skip),
                 total=steps_per_epoch,
                 initial=skip,
                 desc=f"epoch {epoch}",
@@ -129,20 +169,9 @@ def train(cfg: JobConfig) -> TrainResult:
                 disable=None if accelerator.is_local_main_process else True,
             )
             for batch_data in telemetry.timed(progress):
-                x = model_input(batch_data.pixels)
-                telemetry.forward_starts()
-                with accelerator.autocast():
-                    out = model(x)
-                loss = vae_loss(out, x).total
-                # Each rank's loss sums its share of the global batch; DDP/DeepSpeed average gradients over
-                # ranks, so scale by the world size to keep the recipe's "summed over the batch" gradient.
-                accelerator.backward(loss * world)
-                telemetry.backward_done()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                telemetry.step_done()
-                loss_sum += loss.detach()
-                interval_sum += loss.detach()
+                loss = train_step(parts, model_input(batch_data.pixels), telemetry)
+                loss_sum += loss
+                interval_sum += loss
                 record.batch(batch_data.ids)
                 state.step += 1
                 state.batches_done += 1
