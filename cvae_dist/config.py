@@ -20,6 +20,11 @@ class Precision(enum.Enum):
     fp16 = "fp16"
 
 
+class BadRecord(enum.Enum):
+    error = "error"  # stop, naming the file and row
+    skip = "skip"  # drop it, count it (ranks still run equal step counts)
+
+
 class WandbMode(enum.Enum):
     auto = "auto"  # online when an API key is configured, offline otherwise
     online = "online"
@@ -45,6 +50,7 @@ class DataConfig:
     per_rank_batch_size: int | None = None  # pin the per-rank batch instead (global = this x world size)
     shuffle_buffer: int = 10_000
     num_workers: int = 0  # DataLoader worker processes per rank decoding PNGs (0: in the training process)
+    on_bad_record: BadRecord = BadRecord.error  # undecodable / wrong-size image, missing or out-of-range label
 
 
 @dataclass

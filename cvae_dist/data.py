@@ -22,6 +22,7 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 
 SHIPPED_DIR = Path(__file__).parent / "assets" / "mnist5k"
+DIGIT_SIZE = 28
 FEATURES = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)]), "id": Value("int64")})
 
 
@@ -77,12 +78,69 @@ def count_rows(ds: datasets.IterableDataset) -> int:
     return sum(len(t) for t in ds.select_columns(["label"]).with_format("arrow").iter(batch_size=8192))
 
 
-def decode_batch(rows: dict) -> Batch:
-    """PNG bytes -> uint8 (B, 1, 28, 28) tensor, labels and ids."""
-    images = np.stack([np.asarray(PILImage.open(io.BytesIO(img["bytes"])).convert("L")) for img in rows["image"]])
-    labels = torch.as_tensor(rows["label"], dtype=torch.int64)
-    ids = torch.as_tensor(rows["id"], dtype=torch.int64) if "id" in rows else torch.full_like(labels, -1)
-    return Batch(torch.from_numpy(images).unsqueeze(1), labels, ids)
+def decode_row(image: dict | None, label) -> np.ndarray | str:
+    """One record -> uint8 (28, 28) pixels, or a description of what is wrong with it."""
+    data = (image or {}).get("bytes")
+    if not data:
+        return "no image bytes"
+    try:
+        pixels = np.asarray(PILImage.open(io.BytesIO(data)).convert("L"))
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
+        return f"undecodable image ({type(e).__name__})"
+    if pixels.shape != (DIGIT_SIZE, DIGIT_SIZE):
+        return f"image is {pixels.shape[1]}x{pixels.shape[0]}, expected {DIGIT_SIZE}x{DIGIT_SIZE}"
+    if label is None:
+        return "missing label"
+    if not 0 <= int(label) <= 9:
+        return f"label {label} outside 0..9"
+    return pixels
+
+
+def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = None) -> Batch:
+    """PNG bytes -> uint8 (B, 1, 28, 28) tensor, labels and ids. A bad record raises DataError naming its file
+    and row (`on_bad="error"`) or is left out of the batch (`"skip"`)."""
+    images, keep = [], []
+    for i, (image, label) in enumerate(zip(rows["image"], rows["label"], strict=True)):
+        pixels = decode_row(image, label)
+        if isinstance(pixels, str):
+            if on_bad == "error":
+                raise DataError(f"{locate(files, rows, i)}: {pixels} (data.on_bad_record=skip drops such records)")
+            continue
+        images.append(pixels)
+        keep.append(i)
+    labels = torch.as_tensor([rows["label"][i] for i in keep], dtype=torch.int64)
+    ids = torch.as_tensor([rows["id"][i] for i in keep], dtype=torch.int64) if "id" in rows else labels * 0 - 1
+    pixels = torch.from_numpy(np.stack(images)).unsqueeze(1) if images else torch.empty(0, 1, 28, 28, dtype=torch.uint8)
+    return Batch(pixels, labels, ids)
+
+
+def locate(files: list[str] | None, rows: dict, i: int) -> str:
+    """'file: row N' of record i of a batch (searched for on this error path only), or its id."""
+    import pyarrow.parquet as pq
+
+    record_id = rows["id"][i] if "id" in rows else None
+    image_bytes = (rows["image"][i] or {}).get("bytes")
+    for file in files or []:
+        table = pq.read_table(file, columns=[c for c in ("id", "image") if c in pq.read_schema(file).names])
+        if record_id is not None and "id" in table.column_names:
+            matches = [n for n, v in enumerate(table.column("id").to_pylist()) if v == record_id]
+        else:
+            matches = [
+                n for n, v in enumerate(table.column("image").to_pylist()) if (v or {}).get("bytes") == image_bytes
+            ]
+        if matches:
+            return f"{file}: row {matches[0]}"
+    return f"record id {record_id}" if record_id is not None else "a record (source file unknown)"
+
+
+def count_valid_rows(ds: datasets.IterableDataset) -> tuple[int, int]:
+    """(valid, bad) records of a stream: decodes every image once (only with data.on_bad_record=skip)."""
+    valid = bad = 0
+    for rows in ds.iter(batch_size=1024):
+        for image, label in zip(rows["image"], rows["label"], strict=True):
+            ok = not isinstance(decode_row(image, label), str)
+            valid, bad = valid + ok, bad + (not ok)
+    return valid, bad
 
 
 def to_model_input(pixels: torch.Tensor, image_size: int, channels_last: bool) -> torch.Tensor:
@@ -111,15 +169,21 @@ class RankStream:
         shuffle_buffer: int = 0,
         seed: int = 0,
         num_workers: int = 0,
+        on_bad_record: str = "error",
     ):
         ds = open_stream(source, split)
+        self.files = parquet_files(source, split)
+        self.on_bad_record = on_bad_record
         self.dataset = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-        self.local_rows = count_rows(self.dataset)
+        if on_bad_record == "skip":  # equal steps must be agreed on the records that will really be used
+            self.local_rows, self.bad_rows = count_valid_rows(self.dataset)
+        else:
+            self.local_rows, self.bad_rows = count_rows(self.dataset), 0
         if shuffle_buffer > 0:
             # One input shard at a time: interleaving several parquet shards makes datasets sleep 5 s at the
             # end of every pass (its workaround for apache/arrow#45214). Shard order is still shuffled.
             self.dataset = self.dataset.shuffle(seed=seed, buffer_size=shuffle_buffer, max_buffer_input_shards=1)
-        self.batches = self.dataset.batch(batch_size, drop_last_batch=True)
+        self.batches = self.dataset.batch(batch_size)  # a last partial batch is dropped after decoding
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.steps_per_epoch = self.local_rows // batch_size
@@ -129,7 +193,7 @@ class RankStream:
 
         `skip` batches are passed over first (a resumed epoch continues where its checkpoint was taken)."""
         self.batches.set_epoch(epoch)  # on the batched view: `batch()` does not carry the epoch along
-        decoded = _DecodedBatches(self.batches)
+        decoded = _DecodedBatches(self.batches, self.batch_size, self.on_bad_record, self.files)
         if self.num_workers > 0:  # decode in worker processes; datasets splits the shards among them
             decoded = torch.utils.data.DataLoader(
                 decoded,
@@ -142,11 +206,24 @@ class RankStream:
 
 
 class _DecodedBatches(torch.utils.data.IterableDataset):
-    def __init__(self, batches: datasets.IterableDataset):
-        self.batches = batches
+    """Decoded, full-size batches; records dropped as bad are made up from the following rows."""
+
+    def __init__(self, batches: datasets.IterableDataset, size: int, on_bad: str, files: list[str] | None):
+        self.batches, self.size, self.on_bad, self.files = batches, size, on_bad, files
 
     def __iter__(self) -> Iterator[Batch]:
-        return (decode_batch(rows) for rows in self.batches)
+        pending: list[Batch] = []
+        for rows in self.batches:
+            batch = decode_batch(rows, self.on_bad, self.files)
+            if len(batch.labels) == self.size and not pending:
+                yield batch
+                continue
+            pending.append(batch)
+            merged = Batch(*(torch.cat(parts) for parts in zip(*pending, strict=True)))
+            while len(merged.labels) >= self.size:
+                yield Batch(*(t[: self.size] for t in merged))
+                merged = Batch(*(t[self.size :] for t in merged))
+            pending = [merged] if len(merged.labels) else []
 
 
 def load_split(source: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:

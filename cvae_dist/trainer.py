@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 from cvae_dist import checkpoint, distributed
 from cvae_dist.checkpoint import TrainerState
 from cvae_dist.config import JobConfig, to_dict
-from cvae_dist.data import RankStream, load_split, to_model_input
+from cvae_dist.data import DataError, RankStream, load_split, to_model_input
 from cvae_dist.faults import NonFiniteLoss, Preempted, StopSignal, run_status
 from cvae_dist.images import save_grid, seed_grid
 from cvae_dist.metrics import RankRecord, RunLogger, parameter_digest
@@ -46,6 +46,7 @@ class Parts:
     stream: RankStream
     batch: int  # per rank
     steps_per_epoch: int
+    bad_records: int  # skipped in each epoch (data.on_bad_record=skip), all ranks together
     lr: float
     image_size: int
     channels_last: bool
@@ -70,22 +71,24 @@ def build(cfg: JobConfig, accelerator: Accelerator) -> Parts:
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay, foreach=True)
     batch = distributed.per_rank_batch_size(cfg, world)
     d = cfg.data
-    stream = RankStream(d.source, d.train_split, rank, world, batch, d.shuffle_buffer, cfg.train.seed, d.num_workers)
-    steps_per_epoch = _agree_on_steps(accelerator, stream)
+    stream = RankStream(
+        d.source,
+        d.train_split,
+        rank,
+        world,
+        batch,
+        d.shuffle_buffer,
+        cfg.train.seed,
+        d.num_workers,
+        d.on_bad_record.value,
+    )
+    steps_per_epoch, bad_records = _agree_on_steps(accelerator, stream)
     distributed.configure_deepspeed(accelerator, batch)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Parts(
-        accelerator,
-        model,
-        optimizer,
-        stream,
-        batch,
-        steps_per_epoch,
-        lr,
-        cfg.model.image_size,
-        cfg.train.channels_last,
-        distributed.input_dtype(accelerator),
-    )
+        accelerator, model, optimizer, stream, batch, steps_per_epoch, bad_records, lr, cfg.model.image_size,
+        cfg.train.channels_last, distributed.input_dtype(accelerator),
+    )  # fmt: skip
 
 
 def train_step(parts: Parts, x: torch.Tensor, telemetry: Telemetry) -> torch.Tensor:
@@ -210,6 +213,7 @@ def train(cfg: JobConfig) -> TrainResult:
                 "train/loss_per_image": epoch_loss / global_batch,
                 "train/img_per_s": steps_per_epoch * global_batch / seconds,
                 "train/epoch_time_s": seconds,
+                "data/bad_records_skipped": parts.bad_records,
                 **evaluate(model, accelerator, eval_pixels, model_input, cfg.train.seed),
             }
             images = None
@@ -336,11 +340,15 @@ def _prepare_run_dir(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, tu
     return run_dir, resume_from
 
 
-def _agree_on_steps(accelerator: Accelerator, stream: RankStream) -> int:
-    """Every rank runs the smallest rank's step count, so no rank waits alone in a collective."""
-    local = torch.tensor([stream.steps_per_epoch], device=accelerator.device)
-    steps = int(accelerator.gather(local).min())
+def _agree_on_steps(accelerator: Accelerator, stream: RankStream) -> tuple[int, int]:
+    """Every rank runs the smallest rank's step count, so no rank waits alone in a collective.
+    Returns that count and the number of bad records skipped per epoch over all ranks."""
+    local = torch.tensor([stream.steps_per_epoch, stream.bad_rows], device=accelerator.device)
+    counts = accelerator.gather(local[None]).cpu()
+    steps, bad = int(counts[:, 0].min()), int(counts[:, 1].sum())
     if steps == 0:
-        raise ValueError(f"a rank has fewer rows ({stream.local_rows}) than one batch ({stream.batch_size})")
+        raise DataError(f"a rank has fewer usable rows ({stream.local_rows}) than one batch ({stream.batch_size})")
+    if bad:
+        accelerator.print(f"data: {bad} bad record(s) in {stream.files or 'the training split'}, skipped every epoch")
     stream.steps_per_epoch = steps
-    return steps
+    return steps, bad
