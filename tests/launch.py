@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -37,6 +38,17 @@ class LaunchResult:
         return read_run(self.run_dir).config
 
 
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_args(launcher_args) -> list[str]:
+    """A free rendezvous port, so concurrent launches (other tests, a benchmark) never collide."""
+    return [] if "--main_process_port" in launcher_args else ["--main_process_port", str(free_port())]
+
+
 def launch(
     tmp_path: Path,
     name: str,
@@ -51,6 +63,7 @@ def launch(
         ACCELERATE,
         "launch",
         *launcher_args,
+        *port_args(launcher_args),
         "-m",
         "cvae_dist.cli",
         "train",

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from cvae_dist.faults import REQUEUE_EXIT_CODE
-from launch import ACCELERATE, REPO, launch
+from launch import ACCELERATE, REPO, launch, port_args
 
 pytestmark = pytest.mark.multiprocess
 
@@ -23,6 +23,7 @@ def start(tmp_path, name, overrides):
         ACCELERATE,
         "launch",
         *DDP,
+        *port_args(DDP),
         "-m",
         "cvae_dist.cli",
         "train",
