@@ -84,6 +84,20 @@ class RunLogger:
                 log.warning("W&B log failed (%s); continuing with metrics.jsonl only", e)
                 self.wandb_run = None
 
+    def reconstruction_table(self, originals, reconstructions, labels, step: int) -> None:
+        """A W&B table `eval/reconstructions`: label, held-out digit, its reconstruction."""
+        if not self.enabled or self.wandb_run is None:
+            return
+        try:
+            import wandb
+
+            table = wandb.Table(columns=["label", "original", "reconstruction"])
+            for label, original, rec in zip(labels.tolist(), originals, reconstructions.float().cpu(), strict=True):
+                table.add_data(label, wandb.Image(original.squeeze(0).numpy()), wandb.Image(rec.squeeze(0).numpy()))
+            self.wandb_run.log({"step": step, "eval/reconstructions": table})
+        except Exception as e:  # noqa: BLE001
+            log.warning("W&B table failed: %s", e)
+
     def alert(self, title: str, text: str) -> None:
         """A W&B alert (recorded in offline runs too); the console line is the caller's."""
         if self.enabled and self.wandb_run is not None:

@@ -124,7 +124,7 @@ def train(cfg: JobConfig) -> TrainResult:
         accelerator.load_state(str(path))
         accelerator.print(f"resumed from {path}: epoch {state.epoch}, step {state.step}")
 
-    eval_pixels, _ = load_split(cfg.data.source, cfg.data.eval_split)
+    eval_pixels, eval_labels = load_split(cfg.data.source, cfg.data.eval_split)
     prior = torch.randn(GRID_IMAGES, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
     identity = distributed.rank_identity(accelerator)
     record = RankRecord(run_dir, identity, cfg.log.sample_ids)
@@ -218,10 +218,16 @@ def train(cfg: JobConfig) -> TrainResult:
             }
             images = None
             if epoch % cfg.log.images_every_epochs == 0 or epoch == cfg.train.epochs:
-                grid = make_seed_grid(model, accelerator, eval_pixels[:GRID_IMAGES], prior, model_input, cfg.train.seed)
+                grid, reconstructions = make_seed_grid(
+                    model, accelerator, eval_pixels[:GRID_IMAGES], prior, model_input, cfg.train.seed
+                )
                 if accelerator.is_main_process:
                     save_grid(grid, run_dir / "images" / f"epoch_{epoch:03d}.png")
                 images = {"images/grid": grid}
+                if epoch == cfg.train.epochs:  # a browsable table once, at the end
+                    logger.reconstruction_table(
+                        eval_pixels[:GRID_IMAGES], reconstructions, eval_labels[:GRID_IMAGES], state.step
+                    )
             logger.log(summary, images)
             accelerator.print(
                 f"epoch {epoch}: loss {epoch_loss:,.1f} ({epoch_loss / global_batch:.2f} per image), "
@@ -301,15 +307,16 @@ def evaluate(model, accelerator: Accelerator, pixels: torch.Tensor, model_input,
 
 
 @torch.no_grad()
-def make_seed_grid(model, accelerator: Accelerator, pixels, prior, model_input, seed: int) -> torch.Tensor:
-    """The seed's figure: reconstructions of a fixed held-out batch, a blank row, decoded prior draws."""
+def make_seed_grid(model, accelerator: Accelerator, pixels, prior, model_input, seed: int):
+    """The seed's figure (reconstructions of a fixed held-out batch, a blank row, decoded prior draws) and the
+    reconstructions themselves."""
     model.eval()
     with _fixed_noise(accelerator, seed):
         x = model_input(pixels)
         reconstructions = model(x).reconstruction
         samples = model(z=prior.to(x.device, x.dtype))
     model.train()
-    return seed_grid(reconstructions, samples)
+    return seed_grid(reconstructions, samples), reconstructions
 
 
 @contextlib.contextmanager

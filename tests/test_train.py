@@ -50,6 +50,8 @@ def test_offline_wandb_run_holds_logged_keys(debug_run):
     assert {"train/loss", "train/img_per_s", "eval/loss", "images/grid/path", "step", "epoch"} <= logged
     assert run.config["world_size"] == 1 and run.config["train"]["precision"] == "no"
     assert [r["train/loss"] for r in run.history if "train/loss" in r] == pytest.approx(debug_run.epoch_losses)
+    tables = [r for r in run.history if r.get("eval/reconstructions/_type") == "table-file"]
+    assert len(tables) == 1 and tables[0]["eval/reconstructions/nrows"] == 128  # label, original, reconstruction
 
 
 def test_export_and_checkpoint(debug_run):
