@@ -44,9 +44,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def port_args(launcher_args) -> list[str]:
-    """A free rendezvous port, so concurrent launches (other tests, a benchmark) never collide."""
-    return [] if "--main_process_port" in launcher_args else ["--main_process_port", str(free_port())]
+def launch_command(tmp_path: Path, name: str, launcher_args, overrides=(), config="configs/debug.yaml") -> list[str]:
+    """`accelerate launch <launcher_args> -m cvae_dist.cli train ...` with a free rendezvous port, so concurrent
+    launches (other tests, a benchmark) never collide."""
+    port = [] if "--main_process_port" in launcher_args else ["--main_process_port", str(free_port())]
+    return [ACCELERATE, "launch", *launcher_args, *port, "-m", "cvae_dist.cli", "train", "--config", config,
+            f"output_dir={tmp_path}", f"run_name={name}", "log.wandb=offline", *overrides]  # fmt: skip
+
+
+ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
 
 
 def launch(
@@ -58,25 +64,10 @@ def launch(
     config: str = "configs/debug.yaml",
     check: bool = True,
 ) -> LaunchResult:
-    """`accelerate launch <launcher_args> -m cvae_dist.cli train --config <config> <overrides>`."""
-    cmd = [
-        ACCELERATE,
-        "launch",
-        *launcher_args,
-        *port_args(launcher_args),
-        "-m",
-        "cvae_dist.cli",
-        "train",
-        "--config",
-        config,
-        f"output_dir={tmp_path}",
-        f"run_name={name}",
-        "log.wandb=offline",
-        *overrides,
-    ]
-    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    """Run a launch to the end and collect what it printed and wrote."""
+    cmd = launch_command(tmp_path, name, launcher_args, overrides, config)
     try:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:
         raise AssertionError(f"{name}: no result within {timeout} s (hang?)\n{e.output}\n{e.stderr}") from None
     result = LaunchResult(proc.returncode, proc.stdout + proc.stderr, tmp_path / name)

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from cvae_dist.faults import REQUEUE_EXIT_CODE
-from launch import ACCELERATE, REPO, launch, port_args
+from launch import ENV, REPO, launch, launch_command
 
 pytestmark = pytest.mark.multiprocess
 
@@ -19,30 +19,9 @@ RUN = ["train.epochs=2", "log.every_steps=5", "checkpoint.every_steps=20"]
 
 
 def start(tmp_path, name, overrides):
-    cmd = [
-        ACCELERATE,
-        "launch",
-        *DDP,
-        *port_args(DDP),
-        "-m",
-        "cvae_dist.cli",
-        "train",
-        "--config",
-        "configs/debug.yaml",
-        f"output_dir={tmp_path}",
-        f"run_name={name}",
-        "log.wandb=offline",
-        *overrides,
-    ]
     log = (tmp_path / f"{name}.log").open("w")
-    return subprocess.Popen(
-        cmd,
-        cwd=REPO,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,
-    )
+    cmd = launch_command(tmp_path, name, DDP, overrides)
+    return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
 
 
 def wait_for_step(run_dir, step, proc, timeout=180):
