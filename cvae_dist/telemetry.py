@@ -42,17 +42,16 @@ RANK_FIELDS = (
 )
 
 
-def count_flops_per_image(model: torch.nn.Module, image_size: int, batch: int = 8) -> float:
-    """Forward + backward FLOPs of one image, counted by torch.utils.flop_counter on a copy of the model."""
-    import copy
-
+def count_flops_per_image(model_cfg, batch: int = 8) -> float:
+    """Forward + backward FLOPs of one image of the architecture `model_cfg`, counted by torch.utils.flop_counter
+    on a fresh model (the prepared one may be sharded or hooked)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cvae_dist.model import vae_loss
+    from cvae_dist.model import CVAE, vae_loss
 
-    probe = copy.deepcopy(model).float().cpu().train()
     with torch.random.fork_rng(devices=[]):  # leave the training RNG stream untouched (exact resume)
-        x = torch.rand(batch, 1, image_size, image_size)
+        probe = CVAE(model_cfg).train()
+        x = torch.rand(batch, 1, model_cfg.image_size, model_cfg.image_size)
         with FlopCounterMode(display=False) as counter:
             vae_loss(probe(x), x).total.backward()
     return counter.get_total_flops() / batch
@@ -104,11 +103,11 @@ class Interval:
 
 
 class Telemetry:
-    def __init__(self, accelerator: Accelerator, cfg, model: torch.nn.Module, per_rank_batch: int, identity: dict):
+    def __init__(self, accelerator: Accelerator, cfg, per_rank_batch: int, identity: dict):
         self.accelerator = accelerator
         self.cfg = cfg.log
         self.batch = per_rank_batch
-        self.flops_per_image = count_flops_per_image(accelerator.unwrap_model(model), cfg.model.image_size)
+        self.flops_per_image = count_flops_per_image(cfg.model)
         self.peak, self.peak_source = peak_flops(accelerator.device, cfg.log.peak_tflops)
         self.identities = gather_object([identity])  # once, at start: host and machine of every rank
         self.clock = _Clock(accelerator.device)

@@ -128,7 +128,7 @@ def train(cfg: JobConfig) -> TrainResult:
     prior = torch.randn(GRID_IMAGES, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
     identity = distributed.rank_identity(accelerator)
     record = RankRecord(run_dir, identity, cfg.log.sample_ids)
-    telemetry = Telemetry(accelerator, cfg, model, batch, identity)
+    telemetry = Telemetry(accelerator, cfg, batch, identity)
     telemetry.instrument(model)
     run_facts = {
         "per_rank_batch_size": batch,
