@@ -1,4 +1,4 @@
-"""`cvae-dist` command line: train, prepare-data, eval, sample, reconstruct, interpolate, export."""
+"""`cvae-dist` command line: train, prepare-data, eval, sample, reconstruct, interpolate, export, bench."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cvae_dist.bench import add_arguments as add_bench_arguments
 from cvae_dist.checkpoint import CheckpointError
 from cvae_dist.config import ConfigError
 from cvae_dist.data import DataError
@@ -45,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
 
     add_commands(sub)  # eval, sample, reconstruct, interpolate, export
+
+    p = sub.add_parser("bench", help="img/s of the framework against a plain PyTorch loop; data pipeline; scaling")
+    add_bench_arguments(p)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -62,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
         elif args.command == "prepare-data":
             return _prepare_data(args)
+        elif args.command == "bench":
+            from cvae_dist.bench import run as run_bench
+
+            return run_bench(args)
         elif hasattr(args, "inference"):
             return args.inference(args)
     except USER_ERRORS as e:
