@@ -43,7 +43,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": "no", "no": "no", "bf16": "bf16"}
 LAYOUTS = ("nchw", "channels_last")
-SECTIONS = ("compare", "data", "scaling")
+SECTIONS = ("compare", "data", "telemetry", "scaling")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +55,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--layouts", default="nchw,channels_last", help="comma list of nchw|channels_last (default both)")
     p.add_argument("--batch", type=int, help="batch size of both loops (the framework's global data.batch_size)")
     p.add_argument("--compile", action="store_true", help="torch.compile the hand model and the framework model")
-    p.add_argument("--sections", default="compare,data", help="comma list of compare|data|scaling")
+    p.add_argument("--sections", default="compare,data,telemetry", help="comma list of compare|data|telemetry|scaling")
     p.add_argument("--scaling", action="store_true", help="add the scaling section (real accelerate launches)")
     p.add_argument("--data-seconds", type=float, help="seconds per data-stream trial (default: --seconds)")
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
@@ -122,6 +122,13 @@ def run(args: argparse.Namespace) -> int:
     if "data" in sections:
         result["data"] = data_section(args, cfg, device, result.get("configs"))
         print(data_table(result["data"]))
+    if "telemetry" in sections:
+        result["telemetry_overhead"] = telemetry_section(args, overrides, precisions[-1], layouts[-1])
+        t = result["telemetry_overhead"]
+        print(
+            f"telemetry ({t['config']}): on {t['on_img_per_s']:,.0f} img/s, off {t['off_img_per_s']:,.0f} img/s, "
+            f"on/off {t['ratio']:.3f} (medians of {args.trials} interleaved trials)"
+        )
     if "scaling" in sections:
         result["scaling"] = scaling_section(args, overrides)
         print(scaling_table(result["scaling"]))
@@ -282,15 +289,19 @@ class FrameworkLoop:
     """The framework's path: `trainer.build` (prepared model + AdamW + RankStream), `trainer.train_step`, telemetry
     with one gather every `log.every_steps` steps (which also carries the agreed stop flag, as the trainer's does)."""
 
-    def __init__(self, cfg, compile_: bool = False, quiet: bool = True):
+    def __init__(self, cfg, compile_: bool = False, quiet: bool = True, telemetry: bool = True):
         from cvae_dist import distributed, trainer
-        from cvae_dist.telemetry import Telemetry
+        from cvae_dist.telemetry import NoTelemetry, Telemetry
 
         self.accelerator = distributed.make_accelerator(cfg)
         with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
             self.parts = trainer.build(cfg, self.accelerator)
-        self.telemetry = Telemetry(self.accelerator, cfg, self.parts.batch, distributed.rank_identity(self.accelerator))
-        self.telemetry.instrument(self.parts.model)
+        if telemetry:
+            identity = distributed.rank_identity(self.accelerator)
+            self.telemetry = Telemetry(self.accelerator, cfg, self.parts.batch, identity)
+            self.telemetry.instrument(self.parts.model)
+        else:
+            self.telemetry = NoTelemetry(self.accelerator)
         self.precision = self.accelerator.mixed_precision
         self.dtype_seen = self._probe_dtype()
         if compile_:
@@ -347,10 +358,9 @@ class FrameworkLoop:
         _sync(self.device)
         elapsed = time.perf_counter() - start
         rank = self.accelerator.process_index
-        tele = {
-            name: _median([r[f"rank/{rank}/{name}"] for r in records])
-            for name in ("data_wait_frac", "sync_wait_frac", "mfu", "step_time_s", "fwd_bwd_s", "optimizer_s")
-        }
+        names = ("data_wait_frac", "sync_wait_frac", "mfu", "step_time_s", "fwd_bwd_s", "optimizer_s")
+        measured = records and records[0]  # empty with telemetry off
+        tele = {name: _median([r[f"rank/{rank}/{name}"] for r in records]) for name in names} if measured else {}
         return {
             "img_per_s": steps * self.parts.batch * self.world / elapsed,
             "steps": steps,
@@ -414,6 +424,31 @@ def compare(args, overrides, precisions, layouts, device, flops, peak) -> list[d
             del fw, hand
     _reset_accelerate()
     return configs
+
+
+def telemetry_section(args, overrides, precision: str, layout: str) -> dict:
+    """The framework path with telemetry on and off, trials interleaved in this one process."""
+    from cvae_dist.config import Precision, load_config
+
+    _reset_accelerate()
+    cfg = load_config(args.config, overrides)
+    cfg.train.precision, cfg.train.channels_last = Precision(precision), layout == "channels_last"
+    loops = {"on": FrameworkLoop(cfg, args.compile), "off": FrameworkLoop(cfg, args.compile, telemetry=False)}
+    rates: dict[str, list[float]] = {"on": [], "off": []}
+    for loop in loops.values():
+        loop.trial(args.warmup)
+    for t in range(args.trials):
+        for side in ("on", "off") if t % 2 == 0 else ("off", "on"):
+            rates[side].append(loops[side].trial(args.seconds)["img_per_s"])
+    _reset_accelerate()
+    on, off = _median(rates["on"]), _median(rates["off"])
+    return {
+        "config": _label(precision, layout),
+        "on_img_per_s": on,
+        "off_img_per_s": off,
+        "ratio": on / off,
+        "trials": rates,
+    }
 
 
 def _summarise(precision, layout, rows, dtypes, flops, peak, batch) -> dict:

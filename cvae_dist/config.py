@@ -74,6 +74,7 @@ class LogConfig:
     group: str | None = None
     every_steps: int = 10  # console / metrics.jsonl step-line interval
     images_every_epochs: int = 1
+    wandb_per_rank: bool = False  # also one W&B run per rank (same group), for W&B's per-process system charts
     sample_ids: bool = False  # record each rank's example ids per epoch in ranks/rank<r>.json (data audits)
     peak_tflops: float | None = None  # device peak for MFU; default: GPU table, or measured on CPU
     straggler_fraction: float = 0.8  # a rank below this fraction of the median img/s ...

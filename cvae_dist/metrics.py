@@ -6,6 +6,7 @@ loop calls it unconditionally. W&B trouble is logged and never stops training.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import netrc
@@ -43,27 +44,37 @@ def resolve_wandb_mode(mode: WandbMode) -> str:
 
 
 class RunLogger:
-    """Appends one JSON object per event to metrics.jsonl and mirrors scalars and images to W&B."""
+    """Appends one JSON object per event to metrics.jsonl and mirrors scalars and images to W&B.
+
+    The main process writes metrics.jsonl and the job's W&B run. With `log.wandb_per_rank`, every rank also
+    has a W&B run of its own in the job's group (W&B's per-process system charts), logging its `rank/<r>/*`.
+    """
 
     def __init__(
         self,
         run_dir: Path,
         cfg: JobConfig,
         run_config: dict[str, Any],
-        enabled: bool = True,
+        rank: int = 0,
         resume_id: str | None = None,
     ):
-        self.enabled = enabled
+        self.is_main = rank == 0
+        self.enabled = self.is_main or cfg.log.wandb_per_rank
         self.wandb_run = None
         self.run_id = resume_id
-        if not enabled:
+        self.own_prefix = f"rank/{rank}/" if not self.is_main else None  # what a per-rank run logs
+        if not self.enabled:
             return
-        self.path = run_dir / "metrics.jsonl"
-        self.file = self.path.open("a", buffering=1)
+        self.file = (run_dir / "metrics.jsonl").open("a", buffering=1) if self.is_main else None
         mode = resolve_wandb_mode(cfg.log.wandb)
         if mode != "disabled":
-            self.wandb_run = _init_wandb(run_dir, cfg, {**to_dict(cfg), **run_config}, mode, resume_id)
-            if self.wandb_run is not None:
+            name, run_id = run_dir.name, resume_id
+            if cfg.log.wandb_per_rank:  # ids derived from the run directory: a resumed job continues each run
+                name = f"{run_dir.name}-rank{rank}"
+                run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12] + f"-rank{rank}"
+            config = {**to_dict(cfg), **run_config, "rank": rank}
+            self.wandb_run = _init_wandb(run_dir, cfg, config, mode, run_id, name)
+            if self.wandb_run is not None and self.is_main:
                 self.run_id = self.wandb_run.id
 
     def log(self, record: dict[str, Any], images: dict[str, torch.Tensor] | None = None) -> None:
@@ -71,7 +82,13 @@ class RunLogger:
         if not self.enabled:
             return
         record = {k: _plain(v) for k, v in record.items()}
-        self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+        if self.own_prefix is not None:  # a per-rank run: this rank's series only
+            record = {k: v for k, v in record.items() if k.startswith(self.own_prefix) or k in ("step", "images_seen")}
+            if len(record) <= 2:
+                return
+            images = None
+        if self.file is not None:
+            self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
         if self.wandb_run is not None:
             try:
                 import wandb
@@ -86,7 +103,7 @@ class RunLogger:
 
     def reconstruction_table(self, originals, reconstructions, labels, step: int) -> None:
         """A W&B table `eval/reconstructions`: label, held-out digit, its reconstruction."""
-        if not self.enabled or self.wandb_run is None:
+        if not self.is_main or self.wandb_run is None:
             return
         try:
             import wandb
@@ -100,7 +117,7 @@ class RunLogger:
 
     def alert(self, title: str, text: str) -> None:
         """A W&B alert (recorded in offline runs too); the console line is the caller's."""
-        if self.enabled and self.wandb_run is not None:
+        if self.is_main and self.wandb_run is not None:
             try:
                 import wandb
 
@@ -109,13 +126,14 @@ class RunLogger:
                 log.warning("W&B alert failed: %s", e)
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.enabled and self.wandb_run is not None:
+        if self.is_main and self.wandb_run is not None:
             self.wandb_run.summary.update({k: _plain(v) for k, v in values.items()})
 
     def close(self) -> None:
         if not self.enabled:
             return
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
         if self.wandb_run is not None:
             try:
                 self.wandb_run.finish()
@@ -123,7 +141,7 @@ class RunLogger:
                 log.warning("W&B finish failed: %s", e)
 
 
-def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str, resume_id: str | None):
+def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str, resume_id: str | None, name: str):
     try:
         import wandb
     except ImportError:
@@ -132,7 +150,7 @@ def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str, resume_i
     kwargs = dict(
         project=cfg.log.project,
         group=cfg.log.group or os.environ.get("SLURM_JOB_ID") or run_dir.name,
-        name=run_dir.name,
+        name=name,
         dir=str(run_dir),
         config=config,
         id=resume_id,

@@ -275,3 +275,23 @@ def _timed_allreduce(telemetry: Telemetry, bucket):  # no return annotation: DDP
         return fut.value()[0]
 
     return future.then(done)
+
+
+class NoTelemetry:
+    """Telemetry switched off (the bench's baseline for its cost): no timers, and the interval is the bare
+    gather of the trainer's own figures."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+
+    def timed(self, batches: Iterable) -> Iterator:
+        return iter(batches)
+
+    def forward_starts(self) -> None: ...
+
+    def backward_done(self) -> None: ...
+
+    def step_done(self) -> None: ...
+
+    def interval(self, leading: list[torch.Tensor], step: int) -> Interval:
+        return Interval(self.accelerator.gather(torch.stack(leading).float()[None]).cpu(), {"stragglers": []})

@@ -140,7 +140,7 @@ def train(cfg: JobConfig) -> TrainResult:
         **telemetry.run_facts(),
         **distributed.environment_facts(accelerator),
     }
-    logger = RunLogger(run_dir, cfg, run_facts, enabled=accelerator.is_main_process, resume_id=state.wandb_run_id)
+    logger = RunLogger(run_dir, cfg, run_facts, rank=rank, resume_id=state.wandb_run_id)
     state.wandb_run_id = logger.run_id
     accelerator.print(
         f"run {run_dir}: {world} process(es), {batch} images per rank per step, "

@@ -75,6 +75,11 @@ def test_compare_and_data_sections(repo, tmp_path):
     assert all(map(fraction, data["data_wait_frac"].values())) and fraction(data["max_data_wait_frac"])
     assert "framework img/s" in stdout and "data pipeline" in stdout
 
+    overhead = result["telemetry_overhead"]  # the framework path with telemetry on and off, same run
+    assert overhead["config"] == "bf16/channels_last"
+    assert positive(overhead["on_img_per_s"]) and positive(overhead["off_img_per_s"]) and positive(overhead["ratio"])
+    assert len(overhead["trials"]["on"]) == len(overhead["trials"]["off"]) == 1
+
 
 def test_bad_arguments_are_one_line(repo, tmp_path):
     proc = subprocess.run(

@@ -4,7 +4,7 @@ import json
 import re
 
 import pytest
-from wandb_offline import read_run
+from wandb_offline import read_run, read_runs
 
 from cvae_dist.config import ModelConfig
 from cvae_dist.telemetry import RANK_FIELDS, count_flops_per_image
@@ -53,6 +53,24 @@ def test_slow_rank_is_flagged_and_only_it(tmp_path):
     assert "straggler: step" in run.output and "rank 0 (" not in run.output.split("straggler:")[1].split("\n")[0]
     alerts = read_run(run.run_dir).alerts
     assert len(alerts) == 1 and "rank 1" in alerts[0]["text"]  # rate-limited: one alert per 300 s
+
+
+@pytest.mark.multiprocess
+def test_one_wandb_run_per_rank_in_one_group(tmp_path):
+    run = launch(
+        tmp_path,
+        "per-rank",
+        DDP,
+        ["train.epochs=1", "data.train_split=test", "log.every_steps=1", "log.wandb_per_rank=true"],
+    )
+    runs = {r.name: r for r in read_runs(run.run_dir)}
+    assert set(runs) == {"per-rank-rank0", "per-rank-rank1"}
+    assert runs["per-rank-rank0"].group == runs["per-rank-rank1"].group == "per-rank"
+    rank1_keys = set().union(*(row.keys() for row in runs["per-rank-rank1"].history))
+    assert "rank/1/img_per_s" in rank1_keys and not any(k.startswith(("rank/0/", "train/")) for k in rank1_keys)
+    rank0_keys = set().union(*(row.keys() for row in runs["per-rank-rank0"].history))
+    assert {"rank/0/img_per_s", "rank/1/img_per_s", "train/loss"} <= rank0_keys
+    assert runs["per-rank-rank1"].config["rank"] == 1
 
 
 def test_unreachable_wandb_never_stops_training(tmp_path, monkeypatch):

@@ -59,11 +59,20 @@ class OfflineRun:
 
 
 def read_run(run_dir: Path) -> OfflineRun:
-    """Parse the single `run-*.wandb` file under a run directory's `wandb/offline-run-*`."""
+    """The newest offline W&B run under a run directory's `wandb/offline-run-*`."""
     files = sorted(Path(run_dir).glob("**/offline-run-*/run-*.wandb"))
     assert files, f"no offline W&B run under {run_dir}"
+    return read_file(files[-1])
+
+
+def read_runs(run_dir: Path) -> list[OfflineRun]:
+    """Every offline W&B run under a run directory (one per rank with log.wandb_per_rank)."""
+    return [read_file(f) for f in sorted(Path(run_dir).glob("**/offline-run-*/run-*.wandb"))]
+
+
+def read_file(path: Path) -> OfflineRun:
     run = OfflineRun()
-    for rec in records(files[-1]):
+    for rec in records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             run.history.append(
