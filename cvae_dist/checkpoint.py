@@ -93,6 +93,7 @@ class TrainerState:
     epoch_loss_sums: list[float] = field(default_factory=list)
     interval_loss_sums: list[float] = field(default_factory=list)
     epoch_seconds: float = 0.0
+    epoch_skipped: int = 0  # steps of this epoch dropped for non-finite gradients (train.on_nonfinite=skip)
     world_size: int = 1
     per_rank_batch_size: int = 0
     wandb_run_id: str | None = None

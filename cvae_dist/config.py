@@ -25,6 +25,11 @@ class BadRecord(enum.Enum):
     skip = "skip"  # drop it, count it (ranks still run equal step counts)
 
 
+class NonFinite(enum.Enum):
+    error = "error"  # stop, naming the steps and ranks (checked at each log interval, no per-step sync)
+    skip = "skip"  # drop a step whose gradients are not finite (one host-device sync per step)
+
+
 class WandbMode(enum.Enum):
     auto = "auto"  # online when an API key is configured, offline otherwise
     online = "online"
@@ -63,6 +68,9 @@ class TrainConfig:
     precision: Precision = Precision.no
     channels_last: bool = True
     collective_timeout_s: int = 600  # a rank that stops answering fails the others after this long
+    on_nonfinite: NonFinite = NonFinite.error
+    debug_nan_step: int = -1  # test-only: this step's loss is made NaN on rank debug_nan_rank
+    debug_nan_rank: int = 0
     debug_delay_rank: int = -1  # test-only: this rank sleeps debug_delay_s after every step (a straggler)
     debug_delay_s: float = 0.0
 

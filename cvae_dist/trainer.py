@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from cvae_dist import checkpoint, distributed
 from cvae_dist.checkpoint import TrainerState
-from cvae_dist.config import JobConfig, to_dict
+from cvae_dist.config import ConfigError, JobConfig, NonFinite, to_dict
 from cvae_dist.data import DataError, RankStream, load_split, to_model_input
 from cvae_dist.faults import NonFiniteLoss, Preempted, StopSignal, run_status
 from cvae_dist.images import save_grid, seed_grid
@@ -47,6 +47,7 @@ class Parts:
     batch: int  # per rank
     steps_per_epoch: int
     bad_records: int  # skipped in each epoch (data.on_bad_record=skip), all ranks together
+    skip_nonfinite: bool  # train.on_nonfinite=skip
     lr: float
     image_size: int
     channels_last: bool
@@ -67,6 +68,12 @@ def build(cfg: JobConfig, accelerator: Accelerator) -> Parts:
     if cfg.train.channels_last and not distributed.is_deepspeed(accelerator):
         # DeepSpeed broadcasts parameters as flat bytes and needs them contiguous; inputs stay channels_last.
         model = model.to(memory_format=torch.channels_last)
+    skip_nonfinite = cfg.train.on_nonfinite is NonFinite.skip
+    if skip_nonfinite and distributed.is_deepspeed(accelerator):
+        raise ConfigError(
+            "train.on_nonfinite=skip is not available under DeepSpeed (its engine steps inside "
+            "backward); accepted there: error"
+        )
     lr = cfg.train.lr * (world if cfg.train.scale_lr else 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay, foreach=True)
     batch = distributed.per_rank_batch_size(cfg, world)
@@ -86,25 +93,38 @@ def build(cfg: JobConfig, accelerator: Accelerator) -> Parts:
     distributed.configure_deepspeed(accelerator, batch)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Parts(
-        accelerator, model, optimizer, stream, batch, steps_per_epoch, bad_records, lr, cfg.model.image_size,
+        accelerator, model, optimizer, stream, batch, steps_per_epoch, bad_records, skip_nonfinite, lr,
+        cfg.model.image_size,
         cfg.train.channels_last, distributed.input_dtype(accelerator),
     )  # fmt: skip
 
 
-def train_step(parts: Parts, x: torch.Tensor, telemetry: Telemetry) -> torch.Tensor:
-    """One optimisation step on a model-ready batch; returns the batch's summed loss (detached, on the device)."""
+def train_step(parts: Parts, x: torch.Tensor, telemetry: Telemetry, poison: bool = False) -> torch.Tensor | None:
+    """One optimisation step on a model-ready batch; returns the batch's summed loss (detached, on the device),
+    or None when `train.on_nonfinite=skip` dropped the step for non-finite gradients."""
     telemetry.forward_starts()
     with parts.accelerator.autocast():
         out = parts.model(x)
     loss = vae_loss(out, x).total
+    if poison:  # test-only (train.debug_nan_step): a non-finite loss on purpose
+        loss = loss * float("nan")
     # Each rank's loss sums its share of the global batch; DDP/DeepSpeed average gradients over ranks,
     # so scale by the world size to keep the recipe's "summed over the batch" gradient.
     parts.accelerator.backward(loss * parts.accelerator.num_processes)
     telemetry.backward_done()
-    parts.optimizer.step()
+    # The gradients are already averaged over ranks, so every rank reaches the same verdict (one sync per step,
+    # paid only in skip mode).
+    skip = parts.skip_nonfinite and not _finite_gradients(parts.optimizer)
+    if not skip:
+        parts.optimizer.step()
     parts.optimizer.zero_grad(set_to_none=True)
     telemetry.step_done()
-    return loss.detach()
+    return None if skip else loss.detach()
+
+
+def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad.detach().abs().sum() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return bool(torch.stack(grads).isfinite().all()) if grads else True
 
 
 def train(cfg: JobConfig) -> TrainResult:
@@ -161,6 +181,8 @@ def train(cfg: JobConfig) -> TrainResult:
             # Sums stay on the device (no sync per step); a resumed epoch starts from the saved partial sums.
             loss_sum = torch.tensor(state.rank_sum("epoch_loss_sums", rank), device=accelerator.device)
             interval_sum = torch.tensor(state.rank_sum("interval_loss_sums", rank), device=accelerator.device)
+            # the first step whose loss was not finite on this rank (-1: none), tracked on the device
+            first_bad, step_counter = torch.full_like(loss_sum, -1.0), torch.full_like(loss_sum, float(state.step))
             skip = state.batches_done
             start = time.perf_counter() - state.epoch_seconds
             progress = tqdm(
@@ -172,18 +194,26 @@ def train(cfg: JobConfig) -> TrainResult:
                 disable=None if accelerator.is_local_main_process else True,
             )
             for batch_data in telemetry.timed(progress):
-                loss = train_step(parts, model_input(batch_data.pixels), telemetry)
-                loss_sum += loss
-                interval_sum += loss
+                poison = state.step + 1 == cfg.train.debug_nan_step and rank == cfg.train.debug_nan_rank
+                loss = train_step(parts, model_input(batch_data.pixels), telemetry, poison)
+                step_counter += 1
+                if loss is not None:
+                    first_bad = torch.where((first_bad < 0) & ~loss.isfinite(), step_counter, first_bad)
+                if loss is None:
+                    state.epoch_skipped += 1
+                    accelerator.print(f"step {state.step + 1}: non-finite gradients, step skipped (train.on_nonfinite)")
+                else:
+                    loss_sum += loss
+                    interval_sum += loss
                 record.batch(batch_data.ids)
                 state.step += 1
                 state.batches_done += 1
                 if state.step % every == 0:
                     # One small collective per interval: each rank's loss sums, stop request and throughput figures.
                     stop_flag = torch.tensor(float(stop.requested), device=loss_sum.device)
-                    interval = telemetry.interval([interval_sum, stop_flag, loss_sum], state.step)
+                    interval = telemetry.interval([interval_sum, stop_flag, loss_sum, first_bad], state.step)
                     per_rank = interval.per_rank
-                    _check_finite(per_rank[:, 0], state.step - every + 1, state.step)
+                    _check_finite(per_rank[:, 0], per_rank[:, 3], state.step - every + 1, state.step)
                     interval_loss = per_rank[:, 0].sum().item() / every
                     stragglers = interval.record.pop("stragglers")
                     logger.log(
@@ -203,8 +233,10 @@ def train(cfg: JobConfig) -> TrainResult:
             seconds = time.perf_counter() - start
             record.end_epoch(epoch, steps_per_epoch)
             sums = accelerator.gather(torch.stack([loss_sum, interval_sum])[None]).cpu()
-            epoch_loss = sums[:, 0].sum().item() / steps_per_epoch
-            _check_finite(torch.tensor([epoch_loss]), state.step - steps_per_epoch + 1, state.step)
+            epoch_loss = sums[:, 0].sum().item() / max(steps_per_epoch - state.epoch_skipped, 1)
+            _check_finite(
+                torch.tensor([epoch_loss]), torch.tensor([-1.0]), state.step - steps_per_epoch + 1, state.step
+            )
             epoch_losses.append(epoch_loss)
             summary = {
                 "step": state.step,
@@ -213,6 +245,7 @@ def train(cfg: JobConfig) -> TrainResult:
                 "train/loss_per_image": epoch_loss / global_batch,
                 "train/img_per_s": steps_per_epoch * global_batch / seconds,
                 "train/epoch_time_s": seconds,
+                "train/skipped_steps": state.epoch_skipped,
                 "data/bad_records_skipped": parts.bad_records,
                 **evaluate(model, accelerator, eval_pixels, model_input, cfg.train.seed),
             }
@@ -235,7 +268,7 @@ def train(cfg: JobConfig) -> TrainResult:
                 f"{summary['train/img_per_s']:,.0f} img/s, {seconds:.1f} s"
             )
             state.epoch, state.batches_done = epoch + 1, 0
-            state.epoch_loss_sums, state.epoch_seconds = [], 0.0
+            state.epoch_loss_sums, state.epoch_seconds, state.epoch_skipped = [], 0.0, 0
             state.interval_loss_sums = sums[:, 1].tolist()  # steps since the last step line carry into the next epoch
             if cfg.checkpoint.every_epoch or epoch == cfg.train.epochs or _due(cfg.checkpoint.every_steps, state.step):
                 save("epoch")
@@ -267,12 +300,20 @@ def _due(every: int, step: int) -> bool:
     return every > 0 and step % every == 0
 
 
-def _check_finite(per_rank_sums: torch.Tensor, first_step: int, last_step: int) -> None:
+def _check_finite(per_rank_sums: torch.Tensor, first_bad: torch.Tensor, first_step: int, last_step: int) -> None:
+    """Stop on a non-finite loss, naming where it started (it spreads to every rank through the gradients)."""
     bad = [r for r, v in enumerate(per_rank_sums.tolist()) if not math.isfinite(v)]
-    if bad:
-        raise NonFiniteLoss(
-            f"non-finite loss in steps {first_step}-{last_step} on rank(s) {bad}; the last checkpoint is kept as it was"
-        )
+    if not bad:
+        return
+    starts = {r: int(s) for r, s in enumerate(first_bad.tolist()) if s >= 0}
+    origin = ""
+    if starts:
+        step = min(starts.values())
+        origin = f"first at step {step} on rank(s) {[r for r, s in starts.items() if s == step]}; "
+    raise NonFiniteLoss(
+        f"non-finite loss in steps {first_step}-{last_step} ({origin}then on rank(s) {bad}); "
+        "the last checkpoint is kept as it was"
+    )
 
 
 @torch.no_grad()

@@ -98,3 +98,14 @@ def test_resume_with_another_model_shape_is_refused(full, tmp_path):
 def test_checkpoint_interval_must_align_with_loss_checks():
     with pytest.raises(ConfigError, match="multiple of log.every_steps=5"):
         load_config("configs/debug.yaml", ["log.every_steps=5", "checkpoint.every_steps=12"])
+
+
+def test_nonfinite_step_can_be_skipped(tmp_path):
+    import torch
+
+    result = train(load_config("configs/debug.yaml", ["train.epochs=1", "log.every_steps=5", "log.wandb=disabled",
+                                                      "train.on_nonfinite=skip", "train.debug_nan_step=7",
+                                                      f"output_dir={tmp_path}", "run_name=skip"]))  # fmt: skip
+    epoch = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
+    assert epoch[0]["train/skipped_steps"] == 1 and result.steps == 35
+    assert all(torch.isfinite(v).all() for v in load_file(result.run_dir / "model/model.safetensors").values())

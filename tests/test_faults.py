@@ -106,3 +106,15 @@ def test_dead_rank_fails_the_job_within_the_timeout(tmp_path):
     assert "Signal 9 (SIGKILL)" in output and "rank      : 1" in output  # the lost rank is named
     assert not list((tmp_path / "dead" / "checkpoints").glob(".partial-*"))
     print(f"kill -9 to launch exit: {elapsed:.1f} s")
+
+
+def test_nan_loss_stops_naming_steps_and_rank_and_keeps_the_last_checkpoint(tmp_path):
+    run = launch(tmp_path, "nan", DDP, [*RUN, "checkpoint.every_steps=10", "train.debug_nan_step=12",
+                                        "train.debug_nan_rank=1"], check=False)  # fmt: skip
+    assert run.returncode != 0
+    assert "non-finite loss in steps 11-15 (first at step 12 on rank(s) [1]; then on rank(s) [0, 1])" in run.output
+    assert json.loads((run.run_dir / "status.json").read_text())["state"] == "failed"
+    from cvae_dist.checkpoint import checkpoint_dirs, verify_checkpoint
+
+    assert [d.name for d in checkpoint_dirs(run.run_dir)] == ["step-000000010"]  # nothing saved after the NaN
+    assert verify_checkpoint(checkpoint_dirs(run.run_dir)[0]).step == 10
