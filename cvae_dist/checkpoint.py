@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from cvae_dist.config import ConfigError, JobConfig, ModelConfig, to_dict, to_yaml
-from cvae_dist.model import CVAE
+from cvae_dist.model import CVAE, portable
 
 
 def run_dir_for(cfg: JobConfig) -> Path:
@@ -51,7 +51,7 @@ def export_final(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path
 def export(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out: Path) -> None:
     """`model.safetensors` + `config.json`, loadable with `load_exported`."""
     out.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}, str(out / "model.safetensors"))
+    save_file(portable(state_dict), str(out / "model.safetensors"))
     (out / "config.json").write_text(json.dumps(to_dict(JobConfig(model=model_cfg))["model"], indent=2) + "\n")
 
 
@@ -61,9 +61,8 @@ def load_exported(path: Path) -> CVAE:
     cfg_file, weights = path / "config.json", path / "model.safetensors"
     if not cfg_file.is_file() or not weights.is_file():
         raise ConfigError(f"{path}: expected config.json and model.safetensors (a `cvae-dist` export)")
-    model = CVAE(ModelConfig(**json.loads(cfg_file.read_text())))
     try:
-        model.load_state_dict(load_file(str(weights)))
+        model = CVAE.from_pretrained(path)
     except RuntimeError as e:
         raise ConfigError(
             f"{weights}: weights do not fit the model in config.json ({str(e).splitlines()[0]})"

@@ -109,8 +109,13 @@ def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = No
         images.append(pixels)
         keep.append(i)
     labels = torch.as_tensor([rows["label"][i] for i in keep], dtype=torch.int64)
-    ids = torch.as_tensor([rows["id"][i] for i in keep], dtype=torch.int64) if "id" in rows else labels * 0 - 1
-    pixels = torch.from_numpy(np.stack(images)).unsqueeze(1) if images else torch.empty(0, 1, 28, 28, dtype=torch.uint8)
+    ids = (
+        torch.as_tensor([rows["id"][i] for i in keep], dtype=torch.int64)
+        if "id" in rows
+        else torch.full_like(labels, -1)
+    )
+    empty = torch.empty(0, 1, DIGIT_SIZE, DIGIT_SIZE, dtype=torch.uint8)
+    pixels = torch.from_numpy(np.stack(images)).unsqueeze(1) if images else empty
     return Batch(pixels, labels, ids)
 
 
@@ -229,8 +234,9 @@ class _DecodedBatches(torch.utils.data.IterableDataset):
 def load_split(source: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole (small) split as uint8 pixels and labels, in file order: for evaluation and image grids."""
     pixels, labels = [], []
+    files = parquet_files(source, split)
     for rows in open_stream(source, split).iter(batch_size=1024):
-        b = decode_batch(rows)
+        b = decode_batch(rows, files=files)
         pixels.append(b.pixels)
         labels.append(b.labels)
     if not pixels:

@@ -230,6 +230,7 @@ def evaluate(
             parts = vae_loss(out, x)
             totals += torch.stack([parts.reconstruction, parts.kl, torch.tensor(float(len(chunk)), device=x.device)])
     recon, kl, n = accelerator.reduce(totals, "sum").tolist()
+    accelerator.end_training()  # destroy the process group: left to exit, gloo can abort (terminate, -6)
     if n == 0:
         raise ConfigError(f"{source}:{split} has no images to evaluate")
     loss = (recon + kl) / n

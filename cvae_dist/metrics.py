@@ -214,10 +214,10 @@ class RankRecord:
 
 def parameter_digest(model: torch.nn.Module) -> str:
     """sha256 over the parameters' bytes in a fixed order: equal digests mean bit-identical weights."""
-    import hashlib
+    from cvae_dist.model import portable
 
     h = hashlib.sha256()
-    for name, p in sorted(model.state_dict().items()):
+    for name, p in sorted(portable(model.state_dict()).items()):
         h.update(name.encode())
-        h.update(p.detach().float().contiguous().cpu().numpy().tobytes())
+        h.update(p.numpy().tobytes())
     return h.hexdigest()

@@ -97,8 +97,7 @@ class CVAE(
         """float32, contiguous tensors (as the trainer's export); works on channels_last models too."""
         from safetensors.torch import save_file
 
-        state = {k: v.detach().float().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(save_directory / "model.safetensors"), metadata={"format": "pt"})
+        save_file(portable(self.state_dict()), str(save_directory / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
@@ -127,6 +126,11 @@ def vae_loss(out: VAEOutput, x: torch.Tensor) -> LossParts:
     mu, log_var = out.mu.float(), out.log_var.float()
     kl = -0.5 * torch.sum(1 + log_var - mu.square() - log_var.exp())
     return LossParts(recon + kl, recon, kl)
+
+
+def portable(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The export format: float32, contiguous (channels_last undone), CPU copies of a state dict."""
+    return {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -197,12 +197,11 @@ def train(cfg: JobConfig) -> TrainResult:
                 poison = state.step + 1 == cfg.train.debug_nan_step and rank == cfg.train.debug_nan_rank
                 loss = train_step(parts, model_input(batch_data.pixels), telemetry, poison)
                 step_counter += 1
-                if loss is not None:
-                    first_bad = torch.where((first_bad < 0) & ~loss.isfinite(), step_counter, first_bad)
                 if loss is None:
                     state.epoch_skipped += 1
                     accelerator.print(f"step {state.step + 1}: non-finite gradients, step skipped (train.on_nonfinite)")
                 else:
+                    first_bad = torch.where((first_bad < 0) & ~loss.isfinite(), step_counter, first_bad)
                     loss_sum += loss
                     interval_sum += loss
                 record.batch(batch_data.ids)
@@ -232,11 +231,9 @@ def train(cfg: JobConfig) -> TrainResult:
                         save("steps")  # (at an epoch's last batch the epoch-end checkpoint below takes its place)
             seconds = time.perf_counter() - start
             record.end_epoch(epoch, steps_per_epoch)
-            sums = accelerator.gather(torch.stack([loss_sum, interval_sum])[None]).cpu()
+            sums = accelerator.gather(torch.stack([loss_sum, interval_sum, first_bad])[None]).cpu()
+            _check_finite(sums[:, 0], sums[:, 2], state.step - steps_per_epoch + 1, state.step)
             epoch_loss = sums[:, 0].sum().item() / max(steps_per_epoch - state.epoch_skipped, 1)
-            _check_finite(
-                torch.tensor([epoch_loss]), torch.tensor([-1.0]), state.step - steps_per_epoch + 1, state.step
-            )
             epoch_losses.append(epoch_loss)
             summary = {
                 "step": state.step,
