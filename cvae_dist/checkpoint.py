@@ -95,6 +95,7 @@ class TrainerState:
     epoch_skipped: int = 0  # steps of this epoch dropped for non-finite gradients (train.on_nonfinite=skip)
     world_size: int = 1
     per_rank_batch_size: int = 0
+    data_workers: int = 0  # datasets deals the shards to the workers, so their number shapes the data order
     wandb_run_id: str | None = None
     model: dict = field(default_factory=dict)
 
@@ -183,16 +184,20 @@ def resolve_resume(run_dir: Path, resume: str | None, warn) -> tuple[Path, Train
     return found
 
 
-def check_compatible(state: TrainerState, path: Path, cfg: JobConfig, world_size: int, per_rank_batch: int) -> None:
-    """Refuse resumes that would silently change the model or the data order."""
-    current = to_dict(cfg)["model"]
-    if state.model and state.model != current:
-        raise CheckpointError(f"{path}: written for model {state.model}, but this run configures {current}")
-    if state.world_size != world_size or state.per_rank_batch_size != per_rank_batch:
+def check_compatible(saved: TrainerState, path: Path, current: TrainerState) -> None:
+    """Refuse resumes that would silently change the model or the data order (`current`: this launch's state)."""
+    if saved.model and saved.model != current.model:
+        raise CheckpointError(f"{path}: written for model {saved.model}, but this run configures {current.model}")
+    if (saved.world_size, saved.per_rank_batch_size) != (current.world_size, current.per_rank_batch_size):
         raise CheckpointError(
-            f"{path}: written by {state.world_size} rank(s) x {state.per_rank_batch_size} images; resuming with "
-            f"{world_size} x {per_rank_batch} would change which examples each step sees. Relaunch with "
-            f"{state.world_size} processes (the data order is exact only for the same world size)"
+            f"{path}: written by {saved.world_size} rank(s) x {saved.per_rank_batch_size} images; resuming with "
+            f"{current.world_size} x {current.per_rank_batch_size} would change which examples each step sees. "
+            f"Relaunch with {saved.world_size} processes (the data order is exact only for the same world size)"
+        )
+    if saved.data_workers != current.data_workers:
+        raise CheckpointError(
+            f"{path}: written with {saved.data_workers} data worker(s) per rank, this launch has "
+            f"{current.data_workers}; the data order depends on it: resume with data.num_workers={saved.data_workers}"
         )
 
 

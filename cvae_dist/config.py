@@ -54,7 +54,9 @@ class DataConfig:
     batch_size: int = 128  # global batch: split evenly over the ranks
     per_rank_batch_size: int | None = None  # pin the per-rank batch instead (global = this x world size)
     shuffle_buffer: int = 10_000
-    num_workers: int = 0  # DataLoader worker processes per rank decoding PNGs (0: in the training process)
+    # DataLoader worker processes per rank that decode (0: the training process decodes). None: 0 on CPU, where a
+    # worker only takes cores from the model; on GPU up to 4, from this rank's share of the cores.
+    num_workers: int | None = None
     on_bad_record: BadRecord = BadRecord.error  # undecodable / wrong-size image, missing or out-of-range label
 
 
@@ -122,6 +124,8 @@ class JobConfig:
             raise ConfigError(f"data.batch_size={self.data.batch_size}: must be positive")
         if self.data.per_rank_batch_size is not None and self.data.per_rank_batch_size <= 0:
             raise ConfigError(f"data.per_rank_batch_size={self.data.per_rank_batch_size}: must be positive")
+        if self.data.num_workers is not None and self.data.num_workers < 0:
+            raise ConfigError(f"data.num_workers={self.data.num_workers}: must be 0 or more (or null: automatic)")
         if self.train.epochs <= 0:
             raise ConfigError(f"train.epochs={self.train.epochs}: must be positive")
         if self.log.every_steps <= 0:

@@ -28,6 +28,17 @@ def set_threads() -> int:
     return threads
 
 
+def data_workers(requested: int | None, device: torch.device) -> int:
+    """DataLoader workers for this rank: as configured, or 0 on CPU (`cvae-dist bench` measured one worker slower
+    there: it takes a core from the model) and on GPU up to 4 from this rank's share of the cores, one kept back."""
+    if requested is not None:
+        return requested
+    if device.type == "cpu":
+        return 0
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(0, min(4, len(os.sched_getaffinity(0)) // local_world - 1))
+
+
 def make_accelerator(cfg: JobConfig) -> Accelerator:
     """An Accelerator for whatever `accelerate launch` set up; refuses launches that silently lost their peers."""
     if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ:

@@ -86,7 +86,7 @@ def build(cfg: JobConfig, accelerator: Accelerator) -> Parts:
         batch,
         d.shuffle_buffer,
         cfg.train.seed,
-        d.num_workers,
+        distributed.data_workers(d.num_workers, accelerator.device),
         d.on_bad_record.value,
     )
     steps_per_epoch, bad_records = _agree_on_steps(accelerator, stream)
@@ -137,10 +137,13 @@ def train(cfg: JobConfig) -> TrainResult:
     parts = build(cfg, accelerator)
     model, batch, steps_per_epoch, model_input = parts.model, parts.batch, parts.steps_per_epoch, parts.model_input
 
-    state = TrainerState(world_size=world, per_rank_batch_size=batch, model=to_dict(cfg)["model"])
+    state = TrainerState(
+        world_size=world, per_rank_batch_size=batch, data_workers=parts.stream.num_workers, model=to_dict(cfg)["model"]
+    )
     if resume_from is not None:
-        path, state = resume_from
-        checkpoint.check_compatible(state, path, cfg, world, batch)
+        path, saved = resume_from
+        checkpoint.check_compatible(saved, path, state)
+        state = saved
         accelerator.load_state(str(path))
         accelerator.print(f"resumed from {path}: epoch {state.epoch}, step {state.step}")
 

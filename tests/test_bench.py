@@ -62,16 +62,21 @@ def test_compare_and_data_sections(repo, tmp_path):
         assert c["batch"] == 128
 
     data = result["data"]
-    assert [(s["world"], s["rank"], s["with_resize"]) for s in data["streams"]] == [
-        (1, 0, False),
-        (1, 0, True),
-        (2, 0, False),
-        (2, 1, False),
+    assert [(s["world"], s["rank"], s["decode_cache"], s["with_resize"]) for s in data["streams"]] == [
+        (1, 0, "cold", False),
+        (1, 0, "warm", False),
+        (1, 0, "warm", True),
+        (2, 0, "cold", False),
+        (2, 0, "warm", False),
+        (2, 1, "cold", False),
+        (2, 1, "warm", False),
     ]
     for s in data["streams"]:
         assert all(map(positive, s["img_per_s"])) and positive(s["median_img_per_s"])
-    assert set(data["data_to_train_ratio"]) == {f"{c['precision']}/{c['layout']}" for c in configs}
-    assert all(map(positive, data["data_to_train_ratio"].values())) and positive(data["min_data_to_train_ratio"])
+    for cache in ("cold", "warm"):
+        ratios = data[f"data_to_train_ratio_{cache}"]
+        assert set(ratios) == {f"{c['precision']}/{c['layout']}" for c in configs}
+        assert all(map(positive, ratios.values())) and positive(data[f"min_data_to_train_ratio_{cache}"])
     assert all(map(fraction, data["data_wait_frac"].values())) and fraction(data["max_data_wait_frac"])
     assert "framework img/s" in stdout and "data pipeline" in stdout
 

@@ -95,6 +95,17 @@ def test_resume_with_another_model_shape_is_refused(full, tmp_path):
         )
 
 
+def test_resume_with_another_data_worker_count_is_refused(full, tmp_path):
+    run = resume_copy(full, tmp_path, 20)
+    with pytest.raises(CheckpointError, match="written with 0 data worker.*resume with data.num_workers=0$"):
+        train(
+            load_config(
+                "configs/debug.yaml",
+                [*COMMON, f"output_dir={run.parent}", f"run_name={run.name}", "resume=auto", "data.num_workers=1"],
+            )
+        )
+
+
 def test_checkpoint_interval_must_align_with_loss_checks():
     with pytest.raises(ConfigError, match="multiple of log.every_steps=5"):
         load_config("configs/debug.yaml", ["log.every_steps=5", "checkpoint.every_steps=12"])

@@ -25,6 +25,7 @@ def test_overrides_are_typed(repo):
         ("train.epochs=abc", "config key 'train.epochs': Value 'abc' of type 'str' could not be converted to Integer"),
         ("train.precision=fp8", "config key 'train.precision': Invalid value 'fp8', expected one of [no, bf16, fp16]"),
         ("model.image_size=30", "model.image_size=30: must be a positive multiple of 8"),
+        ("data.num_workers=-2", "data.num_workers=-2: must be 0 or more (or null: automatic)"),
         ("train.epochs", "override 'train.epochs': expected section.key=value"),
     ],
 )

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from cvae_dist.data import DataError, RankStream, load_split, open_stream
+from cvae_dist.data import DataError, RankStream, decode_image, load_split, open_stream
 from cvae_dist.prepare_data import DataFormatError, read_csv, read_idx, write_shards
 
 
@@ -31,6 +31,50 @@ def test_stream_count_dtype_range_and_reshuffle():
     ids2 = torch.cat([b.ids for b in stream.epoch(2)])
     assert not torch.equal(ids1, ids2)  # a new order each epoch
     assert torch.equal(ids1, torch.cat([b.ids for b in stream.epoch(1)]))  # and a reproducible one
+
+
+def test_second_epoch_decodes_nothing_and_matches_a_fresh_decode():
+    decode_image.cache_clear()
+    stream = RankStream("shipped", "train", rank=0, world_size=1, batch_size=128, shuffle_buffer=10_000, seed=0)
+    first = list(stream.epoch(1))
+    assert decode_image.cache_info().misses == 35 * 128
+    second = list(stream.epoch(2))
+    seen = {i for b in first + second for i in b.ids.tolist()}
+    assert decode_image.cache_info().misses == len(seen)  # each digit decoded once, in whichever epoch first used it
+    cached = {i: p.clone() for b in second for i, p in zip(b.ids.tolist(), b.pixels, strict=True)}
+    decode_image.cache_clear()
+    fresh = {i: p for b in stream.epoch(1) for i, p in zip(b.ids.tolist(), b.pixels, strict=True)}
+    assert [b.ids.tolist() for b in stream.epoch(1)] == [b.ids.tolist() for b in first]
+    shared = cached.keys() & fresh.keys()
+    assert len(shared) > 3000 and all(torch.equal(cached[i], fresh[i]) for i in shared)
+    second[0].pixels.zero_()  # batches are the caller's own: writing to one leaves the cached digits alone
+    assert torch.equal(list(stream.epoch(2))[0].pixels, torch.stack([cached[i] for i in second[0].ids.tolist()]))
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_worker_processes_give_the_same_full_batches_every_epoch(workers):
+    # Workers each get some shards, and each shard set ends in a partial batch: joined, they still make 35.
+    stream = RankStream("shipped", "train", 0, 1, 128, shuffle_buffer=10_000, seed=0, num_workers=workers)
+    epochs = {e: [b.ids for b in stream.epoch(e)] for e in (1, 2)}
+    for batches in epochs.values():
+        assert [len(ids) for ids in batches] == [128] * 35
+        assert len(set(torch.cat(batches).tolist())) == 35 * 128
+    assert not torch.equal(torch.cat(epochs[1]), torch.cat(epochs[2]))  # the epoch reaches the persistent workers
+    assert torch.equal(torch.cat(epochs[1]), torch.cat([b.ids for b in stream.epoch(1)]))
+    resumed = [b.ids for b in stream.epoch(2, skip=30)]
+    assert len(resumed) == 5 and all(torch.equal(a, b) for a, b in zip(resumed, epochs[2][30:], strict=True))
+
+
+def test_data_workers_are_sized_to_the_device_and_cores(monkeypatch):
+    from cvae_dist.distributed import data_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(16)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert data_workers(3, torch.device("cpu")) == 3  # as configured
+    assert data_workers(None, torch.device("cpu")) == 0
+    assert data_workers(None, torch.device("cuda")) == 4  # 8 cores per rank, capped at 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert data_workers(None, torch.device("cuda")) == 1  # 2 cores per rank, one kept for the training process
 
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
