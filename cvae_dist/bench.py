@@ -3,7 +3,7 @@
 Sections (`--sections`, default `compare,data`; `--scaling` adds `scaling`):
 
 - `compare`: for each precision (fp32, bf16) x layout (NCHW, channels_last), trials that alternate (a) a minimal
-  hand-written loop (CVAE, AdamW lr 1e-3 wd 1e-5 foreach like the trainer's, the batch from in-memory, already
+  hand-written loop (CVAE, AdamW lr 1e-3 wd 1e-5 fused like the trainer's, the batch from in-memory, already
   resized 64x64 images, `vae_loss(...).total`, zero_grad / backward / step) and (b) the framework's real path
   (`trainer.build`: the Accelerator-prepared model and optimizer, this rank's streaming `RankStream` over the
   configured data, decode (cached after a digit's first use) and resize per batch, `trainer.train_step`, telemetry
@@ -255,7 +255,7 @@ class HandLoop:
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         self.model = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5, foreach=True)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
         reps = -(-2 * batch // len(images))  # at least two distinct batches
         images = images.repeat(reps, 1, 1, 1) if reps > 1 else images
         self.batches = [
