@@ -129,6 +129,7 @@ def environment_facts(accelerator: Accelerator) -> dict:
     facts = {
         "precision": accelerator.mixed_precision,
         "zero_stage": zero_stage(accelerator),
+        "dynamo_backend": accelerator.state.dynamo_plugin.backend.value,  # "NO", or the torch.compile backend
         "torch_version": torch.__version__,
         "accelerate_version": accelerate.__version__,
         "device": str(accelerator.device),

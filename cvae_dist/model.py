@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
+from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
 from cvae_dist.config import ModelConfig
 
@@ -129,7 +131,10 @@ def vae_loss(out: VAEOutput, x: torch.Tensor) -> LossParts:
 
 
 def portable(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The export format: float32, contiguous (channels_last undone), CPU copies of a state dict."""
+    """The export format: float32, contiguous (channels_last undone), CPU copies of a state dict, named as in `CVAE`
+    (the `_orig_mod.` prefix of a model compiled by `accelerate launch --dynamo_backend ...` dropped)."""
+    state_dict = OrderedDict(state_dict)
+    consume_prefix_in_state_dict_if_present(state_dict, "_orig_mod.")
     return {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
 
 

@@ -1,9 +1,11 @@
 """Real multi-process training on CPU (gloo): DDP, DeepSpeed ZeRO 1/2/3, uneven world sizes, bf16."""
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
-from cvae_dist.checkpoint import checkpoint_dirs
-from launch import launch
+from cvae_dist.checkpoint import checkpoint_dirs, load_exported
+from launch import REPO, launch
 
 pytestmark = pytest.mark.multiprocess
 
@@ -97,3 +99,25 @@ def test_cpu_launcher_that_would_start_one_process_is_refused(runs):
     assert run.returncode != 0
     assert "asked for several processes but started one" in run.output
     assert not run.run_dir.exists()
+
+
+def test_launch_configs_parse_with_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {p.name: load_config_from_file(str(p)) for p in sorted((REPO / "launch").glob("*.yaml"))}
+    assert len(configs) >= 8
+    assert configs["gpu_compile.yaml"].dynamo_config == {"dynamo_backend": "INDUCTOR"}
+    assert {configs[f"deepspeed_zero{s}.yaml"].deepspeed_config["zero_stage"] for s in (1, 2, 3)} == {1, 2, 3}
+
+
+def test_compiled_model_trains_and_exports_plain_weights(runs):
+    # accelerate compiles the model in prepare() under --dynamo_backend; the export must still load into a CVAE.
+    launcher = ["--config_file", "launch/cpu_debug.yaml", "--dynamo_backend", "inductor"]
+    run = launch(runs, "compiled", launcher, ["train.epochs=1", "log.every_steps=5"], timeout=600)
+    assert run.wandb_config()["dynamo_backend"] == "INDUCTOR"
+    losses = run.step_losses()
+    assert losses[-1] < losses[0] / 2
+    exported = load_exported(run.run_dir / "model").state_dict()
+    final = load_file(checkpoint_dirs(run.run_dir)[-1] / "model.safetensors")
+    assert exported.keys() == final.keys()
+    assert all(torch.equal(exported[k].float(), final[k].float()) for k in final)
