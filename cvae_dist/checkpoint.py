@@ -93,6 +93,7 @@ class TrainerState:
     interval_loss_sums: list[float] = field(default_factory=list)
     epoch_seconds: float = 0.0
     epoch_skipped: int = 0  # steps of this epoch dropped for non-finite gradients (train.on_nonfinite=skip)
+    interval_skipped: int = 0  # ... and since the last step line
     world_size: int = 1
     per_rank_batch_size: int = 0
     data_workers: int = 0  # datasets deals the shards to the workers, so their number shapes the data order

@@ -35,8 +35,7 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        for sig in self.SIGNALS:
-            signal.signal(sig, self._handle)
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
     def _handle(self, signum: int, _frame) -> None:
         if self.received is not None:
@@ -52,8 +51,18 @@ class StopSignal:
         return self.received is not None
 
     def restore(self) -> None:
-        for sig in self.SIGNALS:
-            signal.signal(sig, signal.SIG_DFL)
+        """Put back the handlers that were there before (the default where Python did not set one)."""
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def __enter__(self) -> StopSignal:
+        return self
+
+    def __exit__(self, exc_type, *_exc) -> None:
+        # After a preemption the process is on its way out with REQUEUE_EXIT_CODE: keep absorbing the launcher's
+        # repeat of the signal so it cannot cut that exit short. Any other ending gives the handlers back.
+        if exc_type is not Preempted:
+            self.restore()
 
 
 @contextlib.contextmanager

@@ -130,14 +130,56 @@ def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
 
 def train(cfg: JobConfig) -> TrainResult:
     """Train `cfg` on however many processes `accelerate launch` started; returns the run directory."""
+    with StopSignal() as stop:
+        run = start_run(cfg)
+        epoch_losses = []
+        with run_status(run.dir, run.accelerator.is_main_process):
+            for epoch in range(run.state.epoch, cfg.train.epochs + 1):
+                sums, seconds = train_epoch(run, epoch, stop)
+                epoch_losses.append(end_epoch(run, epoch, sums, seconds))
+            export_dir = finish_run(run)
+        run.logger.summary(
+            {"final/train_loss": epoch_losses[-1] if epoch_losses else None, "final/export": str(export_dir)}
+        )
+        run.logger.close()
+    run.accelerator.end_training()
+    return TrainResult(run.dir, epoch_losses, run.state.step)
+
+
+@dataclass
+class Run:
+    """One training job on this rank: its prepared parts, resumable state and outputs."""
+
+    cfg: JobConfig
+    dir: Path
+    parts: Parts
+    state: TrainerState
+    telemetry: Telemetry
+    logger: RunLogger
+    record: RankRecord
+    eval_pixels: torch.Tensor
+    eval_labels: torch.Tensor
+    prior: torch.Tensor  # fixed latent draws for the sample half of the seed's figure
+
+    @property
+    def accelerator(self) -> Accelerator:
+        return self.parts.accelerator
+
+    def save(self, tag: str) -> Path:
+        path = checkpoint.save_checkpoint(self.accelerator, self.dir, self.state, self.cfg.checkpoint.keep)
+        self.logger.log(
+            {"step": self.state.step, "epoch": self.state.epoch, "event": f"checkpoint:{tag}", "path": str(path)}
+        )
+        return path
+
+
+def start_run(cfg: JobConfig) -> Run:
+    """Process group, run directory, model / optimizer / data, the state to start (or resume) from, and logging."""
     accelerator = distributed.make_accelerator(cfg)
     threads = distributed.set_threads()
-    stop = StopSignal()
-    world, rank = accelerator.num_processes, accelerator.process_index
     run_dir, resume_from = _prepare_run_dir(accelerator, cfg)
     parts = build(cfg, accelerator)
-    model, batch, steps_per_epoch, model_input = parts.model, parts.batch, parts.steps_per_epoch, parts.model_input
-
+    world, batch = accelerator.num_processes, parts.batch
     state = TrainerState(
         world_size=world, per_rank_batch_size=batch, data_workers=parts.stream.num_workers, model=to_dict(cfg)["model"]
     )
@@ -151,138 +193,152 @@ def train(cfg: JobConfig) -> TrainResult:
     eval_pixels, eval_labels = load_split(cfg.data.source, cfg.data.eval_split)
     prior = torch.randn(GRID_IMAGES, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
     identity = distributed.rank_identity(accelerator)
-    record = RankRecord(run_dir, identity, cfg.log.sample_ids)
     telemetry = Telemetry(accelerator, cfg, batch, identity)
-    telemetry.instrument(model)
+    telemetry.instrument(parts.model)
     run_facts = {
         "per_rank_batch_size": batch,
         "global_batch_size": batch * world,
         "lr_effective": parts.lr,
-        "steps_per_epoch": steps_per_epoch,
+        "steps_per_epoch": parts.steps_per_epoch,
         "threads_per_rank": threads,
         **identity,
         **telemetry.run_facts(),
         **distributed.environment_facts(accelerator),
     }
-    logger = RunLogger(run_dir, cfg, run_facts, rank=rank, resume_id=state.wandb_run_id)
+    logger = RunLogger(run_dir, cfg, run_facts, rank=accelerator.process_index, resume_id=state.wandb_run_id)
     state.wandb_run_id = logger.run_id
     accelerator.print(
         f"run {run_dir}: {world} process(es), {batch} images per rank per step, "
-        f"{steps_per_epoch} steps per epoch ({steps_per_epoch * batch * world} images)"
+        f"{parts.steps_per_epoch} steps per epoch ({parts.steps_per_epoch * batch * world} images)"
     )
+    record = RankRecord(run_dir, identity, cfg.log.sample_ids)
+    return Run(cfg, run_dir, parts, state, telemetry, logger, record, eval_pixels, eval_labels, prior)
 
-    def save(tag: str) -> Path:
-        path = checkpoint.save_checkpoint(accelerator, run_dir, state, cfg.checkpoint.keep)
-        logger.log({"step": state.step, "epoch": state.epoch, "event": f"checkpoint:{tag}", "path": str(path)})
-        return path
 
-    with run_status(run_dir, accelerator.is_main_process):
-        epoch_losses = []
-        global_batch = batch * world
-        every = cfg.log.every_steps
-        for epoch in range(state.epoch, cfg.train.epochs + 1):
-            model.train()
-            # Sums stay on the device (no sync per step); a resumed epoch starts from the saved partial sums.
-            loss_sum = torch.tensor(state.rank_sum("epoch_loss_sums", rank), device=accelerator.device)
-            interval_sum = torch.tensor(state.rank_sum("interval_loss_sums", rank), device=accelerator.device)
-            # the first step whose loss was not finite on this rank (-1: none), tracked on the device
-            first_bad, step_counter = torch.full_like(loss_sum, -1.0), torch.full_like(loss_sum, float(state.step))
-            skip = state.batches_done
-            start = time.perf_counter() - state.epoch_seconds
-            progress = tqdm(
-                parts.stream.epoch(epoch, skip=skip),
-                total=steps_per_epoch,
-                initial=skip,
-                desc=f"epoch {epoch}",
-                leave=False,
-                disable=None if accelerator.is_local_main_process else True,
-            )
-            for batch_data in telemetry.timed(progress):
-                poison = state.step + 1 == cfg.train.debug_nan_step and rank == cfg.train.debug_nan_rank
-                loss = train_step(parts, model_input(batch_data.pixels), telemetry, poison)
-                step_counter += 1
-                if loss is None:
-                    state.epoch_skipped += 1
-                    accelerator.print(f"step {state.step + 1}: non-finite gradients, step skipped (train.on_nonfinite)")
-                else:
-                    first_bad = torch.where((first_bad < 0) & ~loss.isfinite(), step_counter, first_bad)
-                    loss_sum += loss
-                    interval_sum += loss
-                record.batch(batch_data.ids)
-                state.step += 1
-                state.batches_done += 1
-                if state.step % every == 0:
-                    # One small collective per interval: each rank's loss sums, stop request and throughput figures.
-                    stop_flag = torch.tensor(float(stop.requested), device=loss_sum.device)
-                    interval = telemetry.interval([interval_sum, stop_flag, loss_sum, first_bad], state.step)
-                    per_rank = interval.per_rank
-                    _check_finite(per_rank[:, 0], per_rank[:, 3], state.step - every + 1, state.step)
-                    interval_loss = per_rank[:, 0].sum().item() / every
-                    stragglers = interval.record.pop("stragglers")
-                    logger.log(
-                        {"step": state.step, "epoch": epoch, "train/step_loss": interval_loss, **interval.record}
-                    )
-                    if stragglers:
-                        _report_stragglers(stragglers, telemetry, logger, state.step)
-                    progress.set_postfix(loss=f"{interval_loss:,.0f}")
-                    interval_sum.zero_()
-                    now = time.perf_counter()
-                    state.epoch_loss_sums, state.interval_loss_sums = per_rank[:, 2].tolist(), []
-                    state.epoch_seconds = now - start
-                    if per_rank[:, 1].any():  # any rank signalled: all save together, then stop
-                        raise Preempted(state.step, str(save("signal")))
-                    if _due(cfg.checkpoint.every_steps, state.step) and state.batches_done < steps_per_epoch:
-                        save("steps")  # (at an epoch's last batch the epoch-end checkpoint below takes its place)
-            seconds = time.perf_counter() - start
-            record.end_epoch(epoch, steps_per_epoch)
-            sums = accelerator.gather(torch.stack([loss_sum, interval_sum, first_bad])[None]).cpu()
-            _check_finite(sums[:, 0], sums[:, 2], state.step - steps_per_epoch + 1, state.step)
-            epoch_loss = sums[:, 0].sum().item() / max(steps_per_epoch - state.epoch_skipped, 1)
-            epoch_losses.append(epoch_loss)
-            summary = {
-                "step": state.step,
-                "epoch": epoch,
-                "train/loss": epoch_loss,
-                "train/loss_per_image": epoch_loss / global_batch,
-                "train/img_per_s": steps_per_epoch * global_batch / seconds,
-                "train/epoch_time_s": seconds,
-                "train/skipped_steps": state.epoch_skipped,
-                "data/bad_records_skipped": parts.bad_records,
-                **evaluate(model, accelerator, eval_pixels, model_input, cfg.train.seed),
-            }
-            images = None
-            if epoch % cfg.log.images_every_epochs == 0 or epoch == cfg.train.epochs:
-                grid, reconstructions = make_seed_grid(
-                    model, accelerator, eval_pixels[:GRID_IMAGES], prior, model_input, cfg.train.seed
-                )
-                if accelerator.is_main_process:
-                    save_grid(grid, run_dir / "images" / f"epoch_{epoch:03d}.png")
-                images = {"images/grid": grid}
-                if epoch == cfg.train.epochs:  # a browsable table once, at the end
-                    logger.reconstruction_table(
-                        eval_pixels[:GRID_IMAGES], reconstructions, eval_labels[:GRID_IMAGES], state.step
-                    )
-            logger.log(summary, images)
-            accelerator.print(
-                f"epoch {epoch}: loss {epoch_loss:,.1f} ({epoch_loss / global_batch:.2f} per image), "
-                f"held-out {summary['eval/loss_per_image']:.2f} per image, "
-                f"{summary['train/img_per_s']:,.0f} img/s, {seconds:.1f} s"
-            )
-            state.epoch, state.batches_done = epoch + 1, 0
-            state.epoch_loss_sums, state.epoch_seconds, state.epoch_skipped = [], 0.0, 0
-            state.interval_loss_sums = sums[:, 1].tolist()  # steps since the last step line carry into the next epoch
-            if cfg.checkpoint.every_epoch or epoch == cfg.train.epochs or _due(cfg.checkpoint.every_steps, state.step):
-                save("epoch")
+def train_epoch(run: Run, epoch: int, stop: StopSignal) -> tuple[torch.Tensor, float]:
+    """One epoch of steps (a resumed one continues where its checkpoint was taken), with a step line every
+    `log.every_steps`. Returns each rank's [epoch loss sum, loss since the last step line, first bad step] and the
+    epoch's seconds."""
+    parts, state, cfg = run.parts, run.state, run.cfg
+    accelerator, rank = parts.accelerator, parts.accelerator.process_index
+    parts.model.train()
+    # Sums stay on the device (no sync per step); a resumed epoch starts from the saved partial sums.
+    loss_sum = torch.tensor(state.rank_sum("epoch_loss_sums", rank), device=accelerator.device)
+    interval_sum = torch.tensor(state.rank_sum("interval_loss_sums", rank), device=accelerator.device)
+    # the first step whose loss was not finite on this rank (-1: none), tracked on the device
+    first_bad, step_counter = torch.full_like(loss_sum, -1.0), torch.full_like(loss_sum, float(state.step))
+    start = time.perf_counter() - state.epoch_seconds
+    batches = tqdm(
+        parts.stream.epoch(epoch, skip=state.batches_done),
+        total=parts.steps_per_epoch,
+        initial=state.batches_done,
+        desc=f"epoch {epoch}",
+        leave=False,
+        disable=None if accelerator.is_local_main_process else True,
+    )
+    for batch in run.telemetry.timed(batches):
+        poison = state.step + 1 == cfg.train.debug_nan_step and rank == cfg.train.debug_nan_rank
+        loss = train_step(parts, parts.model_input(batch.pixels), run.telemetry, poison)
+        step_counter += 1
+        if loss is None:
+            state.epoch_skipped += 1
+            state.interval_skipped += 1
+            accelerator.print(f"step {state.step + 1}: non-finite gradients, step skipped (train.on_nonfinite)")
+        else:
+            first_bad = torch.where((first_bad < 0) & ~loss.isfinite(), step_counter, first_bad)
+            loss_sum += loss
+            interval_sum += loss
+        run.record.batch(batch.ids)
+        state.step += 1
+        state.batches_done += 1
+        if state.step % cfg.log.every_steps == 0:
+            step_loss = step_line(run, epoch, start, stop, [interval_sum, loss_sum, first_bad])
+            batches.set_postfix(loss=f"{step_loss:,.0f}")
+            interval_sum.zero_()
+    seconds = time.perf_counter() - start
+    return accelerator.gather(torch.stack([loss_sum, interval_sum, first_bad])[None]).cpu(), seconds
 
-        accelerator.print(f"per-rank throughput (means over log intervals):\n{telemetry.summary_table()}")
-        export_dir = checkpoint.export_final(accelerator, model, run_dir, cfg)
-        zero3 = distributed.zero_stage(accelerator) == 3  # ZeRO-3 ranks hold only their parameter partition
-        record.finish(param_sha256=None if zero3 else parameter_digest(accelerator.unwrap_model(model)))
-    logger.summary({"final/train_loss": epoch_losses[-1] if epoch_losses else None, "final/export": str(export_dir)})
-    logger.close()
-    stop.restore()
-    accelerator.end_training()
-    return TrainResult(run_dir, epoch_losses, state.step)
+
+def step_line(run: Run, epoch: int, start: float, stop: StopSignal, sums: list[torch.Tensor]) -> float:
+    """Every `log.every_steps`: one small collective (each rank's [interval, epoch] loss sums, first bad step, stop
+    request and throughput figures), the step line, straggler reports, then a checkpoint or a stop if one is due.
+    Returns the step line's loss: the mean summed loss of the interval's trained steps."""
+    state, every = run.state, run.cfg.log.every_steps
+    interval_sum, loss_sum, first_bad = sums
+    stop_flag = torch.tensor(float(stop.requested), device=loss_sum.device)
+    interval = run.telemetry.interval([interval_sum, stop_flag, loss_sum, first_bad], state.step)
+    per_rank = interval.per_rank
+    _check_finite(per_rank[:, 0], per_rank[:, 3], state.step - every + 1, state.step)
+    step_loss = per_rank[:, 0].sum().item() / max(every - state.interval_skipped, 1)
+    stragglers = interval.record.pop("stragglers")
+    run.logger.log({"step": state.step, "epoch": epoch, "train/step_loss": step_loss, **interval.record})
+    if stragglers:
+        _report_stragglers(stragglers, run.telemetry, run.logger, state.step)
+    state.epoch_loss_sums, state.interval_loss_sums, state.interval_skipped = per_rank[:, 2].tolist(), [], 0
+    state.epoch_seconds = time.perf_counter() - start
+    if per_rank[:, 1].any():  # any rank signalled: all save together, then stop
+        raise Preempted(state.step, str(run.save("signal")))
+    if _due(run.cfg.checkpoint.every_steps, state.step) and state.batches_done < run.parts.steps_per_epoch:
+        run.save("steps")  # (at an epoch's last batch the epoch-end checkpoint takes its place)
+    return step_loss
+
+
+def end_epoch(run: Run, epoch: int, sums: torch.Tensor, seconds: float) -> float:
+    """The epoch's line (train and held-out loss, throughput), the seed's figure when due, and the epoch-end
+    checkpoint; returns the epoch's loss (mean per-batch summed loss, the seed's figure)."""
+    cfg, state, parts, accelerator = run.cfg, run.state, run.parts, run.accelerator
+    steps, global_batch = parts.steps_per_epoch, parts.batch * accelerator.num_processes
+    run.record.end_epoch(epoch, steps)
+    _check_finite(sums[:, 0], sums[:, 2], state.step - steps + 1, state.step)
+    epoch_loss = sums[:, 0].sum().item() / max(steps - state.epoch_skipped, 1)
+    summary = {
+        "step": state.step,
+        "epoch": epoch,
+        "train/loss": epoch_loss,
+        "train/loss_per_image": epoch_loss / global_batch,
+        "train/img_per_s": steps * global_batch / seconds,
+        "train/epoch_time_s": seconds,
+        "train/skipped_steps": state.epoch_skipped,
+        "data/bad_records_skipped": parts.bad_records,
+        **evaluate(parts.model, accelerator, run.eval_pixels, parts.model_input, cfg.train.seed),
+    }
+    last = epoch == cfg.train.epochs
+    images = seed_figure(run, epoch) if epoch % cfg.log.images_every_epochs == 0 or last else None
+    run.logger.log(summary, images)
+    accelerator.print(
+        f"epoch {epoch}: loss {epoch_loss:,.1f} ({epoch_loss / global_batch:.2f} per image), "
+        f"held-out {summary['eval/loss_per_image']:.2f} per image, "
+        f"{summary['train/img_per_s']:,.0f} img/s, {seconds:.1f} s"
+    )
+    state.epoch, state.batches_done = epoch + 1, 0
+    state.epoch_loss_sums, state.epoch_seconds, state.epoch_skipped = [], 0.0, 0
+    state.interval_loss_sums = sums[:, 1].tolist()  # steps since the last step line carry into the next epoch
+    if cfg.checkpoint.every_epoch or last or _due(cfg.checkpoint.every_steps, state.step):
+        run.save("epoch")
+    return epoch_loss
+
+
+def seed_figure(run: Run, epoch: int) -> dict[str, torch.Tensor]:
+    """Save the seed's figure as `images/epoch_NNN.png` (and, at the last epoch, log a reconstruction table)."""
+    parts, pixels = run.parts, run.eval_pixels[:GRID_IMAGES]
+    grid, reconstructions = make_seed_grid(
+        parts.model, parts.accelerator, pixels, run.prior, parts.model_input, run.cfg.train.seed
+    )
+    if parts.accelerator.is_main_process:
+        save_grid(grid, run.dir / "images" / f"epoch_{epoch:03d}.png")
+    if epoch == run.cfg.train.epochs:  # a browsable table once, at the end
+        run.logger.reconstruction_table(pixels, reconstructions, run.eval_labels[:GRID_IMAGES], run.state.step)
+    return {"images/grid": grid}
+
+
+def finish_run(run: Run) -> Path:
+    """The per-rank throughput table, the exported model and this rank's record; returns the export directory."""
+    accelerator, model = run.accelerator, run.parts.model
+    accelerator.print(f"per-rank throughput (means over log intervals):\n{run.telemetry.summary_table()}")
+    export_dir = checkpoint.export_final(accelerator, model, run.dir, run.cfg)
+    zero3 = distributed.zero_stage(accelerator) == 3  # ZeRO-3 ranks hold only their parameter partition
+    run.record.finish(param_sha256=None if zero3 else parameter_digest(accelerator.unwrap_model(model)))
+    return export_dir
 
 
 def _report_stragglers(ranks: list[int], telemetry: Telemetry, logger: RunLogger, step: int) -> None:

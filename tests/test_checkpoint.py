@@ -120,3 +120,20 @@ def test_nonfinite_step_can_be_skipped(tmp_path):
     epoch = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     assert epoch[0]["train/skipped_steps"] == 1 and result.steps == 35
     assert all(torch.isfinite(v).all() for v in load_file(result.run_dir / "model/model.safetensors").values())
+    # Step lines average the steps that trained: 4 in the interval of steps 6-10, 5 in the others.
+    lines = step_losses(result.run_dir)
+    trained = {step: 4 if step == 10 else 5 for step in lines}
+    assert sorted(lines) == [5, 10, 15, 20, 25, 30, 35]
+    total = sum(lines[s] * trained[s] for s in lines)
+    assert total == pytest.approx(epoch[0]["train/loss"] * 34, rel=1e-6)
+
+
+def test_signal_handlers_are_given_back_however_the_run_ends(tmp_path):
+    import signal
+
+    from cvae_dist.data import DataError
+
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(DataError, match="no such directory"):  # fails inside train(), with its handlers installed
+        train(load_config("configs/debug.yaml", [f"output_dir={tmp_path}", "run_name=x", f"data.source={tmp_path}/no"]))
+    assert signal.getsignal(signal.SIGTERM) is before
