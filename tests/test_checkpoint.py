@@ -84,26 +84,18 @@ def test_foreign_checkpoint_is_refused(full, tmp_path):
         verify_checkpoint(foreign)
 
 
-def test_resume_with_another_model_shape_is_refused(full, tmp_path):
+@pytest.mark.parametrize(
+    ("override", "refusal"),
+    [
+        ("model.filters=32", "written for model"),
+        ("data.num_workers=1", "written with 0 data worker.*resume with data.num_workers=0$"),
+    ],
+)
+def test_resume_that_would_change_the_model_or_data_order_is_refused(full, tmp_path, override, refusal):
     run = resume_copy(full, tmp_path, 20)
-    with pytest.raises(CheckpointError, match="written for model"):
-        train(
-            load_config(
-                "configs/debug.yaml",
-                [*COMMON, f"output_dir={run.parent}", f"run_name={run.name}", "resume=auto", "model.filters=32"],
-            )
-        )
-
-
-def test_resume_with_another_data_worker_count_is_refused(full, tmp_path):
-    run = resume_copy(full, tmp_path, 20)
-    with pytest.raises(CheckpointError, match="written with 0 data worker.*resume with data.num_workers=0$"):
-        train(
-            load_config(
-                "configs/debug.yaml",
-                [*COMMON, f"output_dir={run.parent}", f"run_name={run.name}", "resume=auto", "data.num_workers=1"],
-            )
-        )
+    overrides = [*COMMON, f"output_dir={run.parent}", f"run_name={run.name}", "resume=auto", override]
+    with pytest.raises(CheckpointError, match=refusal):
+        train(load_config("configs/debug.yaml", overrides))
 
 
 def test_checkpoint_interval_must_align_with_loss_checks():
