@@ -18,12 +18,17 @@ class LaunchError(RuntimeError):
     """The processes were started in a way the trainer cannot run correctly."""
 
 
+def cores_per_rank() -> int:
+    """This process's share of the machine's cores (its local peers get the same); at least 1."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, len(os.sched_getaffinity(0)) // local_world)
+
+
 def set_threads() -> int:
     """Give each process its share of the cores (2 processes on 2 cores -> 1 thread), unless OMP_NUM_THREADS is set."""
     if "OMP_NUM_THREADS" in os.environ:
         return torch.get_num_threads()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    threads = max(1, len(os.sched_getaffinity(0)) // local_world)
+    threads = cores_per_rank()
     torch.set_num_threads(threads)
     return threads
 
@@ -35,8 +40,7 @@ def data_workers(requested: int | None, device: torch.device) -> int:
         return requested
     if device.type == "cpu":
         return 0
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(0, min(4, len(os.sched_getaffinity(0)) // local_world - 1))
+    return min(4, cores_per_rank() - 1)
 
 
 def make_accelerator(cfg: JobConfig) -> Accelerator:
