@@ -45,13 +45,17 @@ class Parts:
     optimizer: torch.optim.Optimizer
     stream: RankStream
     batch: int  # per rank
-    steps_per_epoch: int
     bad_records: int  # skipped in each epoch (data.on_bad_record=skip), all ranks together
     skip_nonfinite: bool  # train.on_nonfinite=skip
     lr: float
     image_size: int
     channels_last: bool
     input_dtype: torch.dtype
+
+    @property
+    def steps_per_epoch(self) -> int:
+        """The same on every rank (agreed in `build`)."""
+        return self.stream.steps_per_epoch
 
     def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """A decoded uint8 batch -> the model's input on this rank's device (resized there)."""
@@ -90,11 +94,11 @@ def build(cfg: JobConfig, accelerator: Accelerator) -> Parts:
         distributed.data_workers(d.num_workers, accelerator.device),
         d.on_bad_record.value,
     )
-    steps_per_epoch, bad_records = _agree_on_steps(accelerator, stream)
+    bad_records = _agree_on_steps(accelerator, stream)
     distributed.configure_deepspeed(accelerator, batch)
     model, optimizer = accelerator.prepare(model, optimizer)
     return Parts(
-        accelerator, model, optimizer, stream, batch, steps_per_epoch, bad_records, skip_nonfinite, lr,
+        accelerator, model, optimizer, stream, batch, bad_records, skip_nonfinite, lr,
         cfg.model.image_size,
         cfg.train.channels_last, distributed.input_dtype(accelerator),
     )  # fmt: skip
@@ -445,9 +449,9 @@ def _prepare_run_dir(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, tu
     return run_dir, resume_from
 
 
-def _agree_on_steps(accelerator: Accelerator, stream: RankStream) -> tuple[int, int]:
-    """Every rank runs the smallest rank's step count, so no rank waits alone in a collective.
-    Returns that count and the number of bad records skipped per epoch over all ranks."""
+def _agree_on_steps(accelerator: Accelerator, stream: RankStream) -> int:
+    """Every rank runs the smallest rank's step count (set on `stream`), so no rank waits alone in a collective.
+    Returns the number of bad records skipped per epoch over all ranks."""
     local = torch.tensor([stream.steps_per_epoch, stream.bad_rows], device=accelerator.device)
     counts = accelerator.gather(local[None]).cpu()
     steps, bad = int(counts[:, 0].min()), int(counts[:, 1].sum())
@@ -456,4 +460,4 @@ def _agree_on_steps(accelerator: Accelerator, stream: RankStream) -> tuple[int, 
     if bad:
         accelerator.print(f"data: {bad} bad record(s) in {stream.files or 'the training split'}, skipped every epoch")
     stream.steps_per_epoch = steps
-    return steps, bad
+    return bad
