@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import json
 import os
 import platform
@@ -224,6 +225,12 @@ def _timed_run(step: Callable[[], None], seconds: float, device: torch.device, m
     return steps, time.perf_counter() - start
 
 
+def _endless(stream) -> Iterator:
+    """A `RankStream`'s batches, epoch after epoch (1, 2, ...), for trials that outlast an epoch."""
+    for epoch in itertools.count(1):
+        yield from stream.epoch(epoch)
+
+
 def _autocast_dtype(module: torch.nn.Module, run_forward: Callable[[], object]) -> str:
     """The dtype the encoder's mu head (a Linear) produces in one forward of `run_forward`: shows autocast is on."""
     inner = module
@@ -311,16 +318,10 @@ class FrameworkLoop:
         self.device = self.accelerator.device
         self.world = self.accelerator.num_processes
         self.every = cfg.log.every_steps
-        self.batches = self.telemetry.timed(self._epochs())
+        self.batches = self.telemetry.timed(_endless(self.parts.stream))
         self.loss_sum = torch.zeros((), device=self.device)
         self.interval_sum = torch.zeros((), device=self.device)
         self.steps = 0
-
-    def _epochs(self) -> Iterator:
-        epoch = 1
-        while True:
-            yield from self.parts.stream.epoch(epoch)
-            epoch += 1
 
     def _probe_dtype(self) -> str:
         x = self.parts.model_input(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
@@ -510,13 +511,7 @@ def _stream_rates(cfg, rank, world, batch, seconds, warmup, trials, resize, cold
     workers = data_workers(d.num_workers, device)
     stream = RankStream(d.source, d.train_split, rank, world, batch, d.shuffle_buffer, cfg.train.seed, workers)
 
-    def forever():
-        epoch = 1
-        while True:
-            yield from stream.epoch(epoch)
-            epoch += 1
-
-    batches = forever()
+    batches = _endless(stream)
 
     def step():
         if cold:
