@@ -24,10 +24,9 @@ from torchvision.utils import make_grid
 from cvae_dist.config import ConfigError, JobConfig, ModelConfig, Precision, load_config
 from cvae_dist.data import load_split, to_model_input
 from cvae_dist.images import save_grid
-from cvae_dist.model import CVAE, vae_loss
+from cvae_dist.model import CVAE
 
 WEIGHTS = "model.safetensors"
-EVAL_BATCH = 128  # the seed reports its loss summed over a batch of 128
 ACCEPTED = (
     "accepted: --run <run directory with config.yaml>, or --checkpoint <export directory (model.safetensors + "
     "config.json) | accelerate checkpoint directory holding model.safetensors | a .safetensors file>"
@@ -88,9 +87,6 @@ def _run_weights(run: Path) -> Path:
     export = run / "model" / WEIGHTS
     if export.is_file():
         return export
-    final = run / "checkpoints" / "final" / WEIGHTS
-    if final.is_file():
-        return final
     saved = [p for p in (run / "checkpoints").glob(f"*/{WEIGHTS}") if not p.parent.name.startswith(".")]
     saved.sort(key=lambda p: (p.stat().st_mtime, p.parent.name))  # newest last (step-* names sort by step)
     if saved:
@@ -207,6 +203,8 @@ def evaluate(
     Under `accelerate launch` each rank evaluates a strided share (rank, rank + world, ...).
     """
     from cvae_dist.distributed import make_accelerator, set_threads
+    from cvae_dist.trainer import EVAL_BATCH
+    from cvae_dist.trainer import evaluate as evaluate_model
 
     cfg = copy.deepcopy(loaded.cfg)
     cfg.train.precision = Precision(precision)
@@ -215,41 +213,28 @@ def evaluate(
     source = source or cfg.data.source
     split = split or cfg.data.eval_split
     seed = cfg.train.seed if seed is None else seed
-    world, rank = accelerator.num_processes, accelerator.process_index
     pixels, _ = load_split(source, split)
-    mine = pixels[rank::world]
     model = _device_model(loaded, accelerator.device)
-    totals = torch.zeros(3, device=accelerator.device)  # reconstruction, KL, images
-    with torch.random.fork_rng(devices=[]):  # fixed noise, the caller's RNG untouched
-        torch.manual_seed(seed)
-        for start in range(0, len(mine), EVAL_BATCH):
-            chunk = mine[start : start + EVAL_BATCH]
-            x = _model_input(loaded, chunk, accelerator.device)
-            with accelerator.autocast():
-                out = model(x)
-            parts = vae_loss(out, x)
-            totals += torch.stack([parts.reconstruction, parts.kl, torch.tensor(float(len(chunk)), device=x.device)])
-    recon, kl, n = accelerator.reduce(totals, "sum").tolist()
+    figures = evaluate_model(model, accelerator, pixels, lambda p: _model_input(loaded, p, accelerator.device), seed)
+    world = accelerator.num_processes
     accelerator.end_training()  # destroy the process group: left to exit, gloo can abort (terminate, -6)
-    if n == 0:
-        raise ConfigError(f"{source}:{split} has no images to evaluate")
-    loss = (recon + kl) / n
+    loss, recon, kl = (figures[f"eval/{k}_per_image"] for k in ("loss", "recon", "kl"))
     return {
         "model": loaded.name,
         "weights": str(loaded.weights),
         "source": source,
         "split": split,
-        "images": int(n),
+        "images": len(pixels),
         "processes": world,
         "seed": seed,
         "precision": precision,
         "batch_size": EVAL_BATCH,
         "loss_per_image": loss,
-        "recon_per_image": recon / n,
-        "kl_per_image": kl / n,
+        "recon_per_image": recon,
+        "kl_per_image": kl,
         "loss_per_batch": loss * EVAL_BATCH,
-        "recon_per_batch": recon / n * EVAL_BATCH,
-        "kl_per_batch": kl / n * EVAL_BATCH,
+        "recon_per_batch": recon * EVAL_BATCH,
+        "kl_per_batch": kl * EVAL_BATCH,
     }
 
 

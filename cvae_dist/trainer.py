@@ -379,7 +379,9 @@ def _check_finite(per_rank_sums: torch.Tensor, first_bad: torch.Tensor, first_st
 
 @torch.no_grad()
 def evaluate(model, accelerator: Accelerator, pixels: torch.Tensor, model_input, seed: int) -> dict[str, float]:
-    """Held-out loss: each rank a strided share, equal batch counts everywhere, sums reduced over ranks."""
+    """Held-out loss: each rank a strided share, equal batch counts everywhere, sums reduced over ranks.
+    (Also `cvae-dist eval`'s, so that its figures are the trainer's.)"""
+    was_training = model.training
     model.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
     mine = pixels[rank::world]
@@ -398,7 +400,7 @@ def evaluate(model, accelerator: Accelerator, pixels: torch.Tensor, model_input,
             n = torch.tensor(float(len(chunk)), device=totals.device)
             totals += weight * torch.stack([parts.reconstruction, parts.kl, n])
     recon, kl, n = accelerator.reduce(totals, "sum").tolist()
-    model.train()
+    model.train(was_training)
     per_image = (recon + kl) / n
     return {
         "eval/loss_per_image": per_image,
