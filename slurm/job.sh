@@ -1,0 +1,80 @@
+# What slurm/train.sbatch and slurm/train_multinode.sbatch share, sourced from the repo root they run in:
+# the job's settings (job_settings), the signal traps (trap_signals) and the end of the job, with the
+# requeue after a USR1 (finish_job). Each script defines `forward_usr1`: how its USR1 reaches the trainers.
+
+# job_settings DEFAULT_JOB_NAME: the venv's tools and the job's names, port and trainer overrides.
+job_settings() {
+    ACCELERATE=accelerate
+    PYTHON=python3
+    [[ -x .venv/bin/accelerate ]] && ACCELERATE=$PWD/.venv/bin/accelerate && PYTHON=$PWD/.venv/bin/python
+    JOB_ID=${SLURM_JOB_ID:?not running under Slurm (submit with sbatch)}
+    JOB_NAME=${SLURM_JOB_NAME:-$1}
+    RESTARTS=${SLURM_RESTART_COUNT:-0}
+    MAX_REQUEUES=${MAX_REQUEUES:-3}
+    RUN=${RUN_NAME:-$JOB_NAME-$JOB_ID}
+    GROUP=${LOG_GROUP:-$RUN}
+    PORT=$((20000 + JOB_ID % 20000))
+    OVERRIDES=("run_name=$RUN" "log.group=$GROUP")
+    # the first run starts fresh; a requeued one continues from the newest checkpoint in the run directory
+    ((RESTARTS > 0)) && OVERRIDES+=("resume=auto")
+}
+
+# trap_signals: USR1 (the timed signal, or scancel --signal=USR1 --batch) reaches only the batch script, which
+# passes it on (`forward_usr1`); the trainers checkpoint and exit 75. SIGTERM (scancel, the time limit,
+# Slurm's preemption) reaches every process of the job from Slurm itself: it is only noted here.
+SIGNAL=
+on_signal() {
+    SIGNAL=$1
+    if [[ $1 == USR1 ]]; then
+        echo "$(date -Is) got SIGUSR1: asking the training processes to checkpoint and stop"
+        forward_usr1
+    else
+        echo "$(date -Is) got SIG$1 (Slurm signals every process of the job): waiting for the training processes"
+    fi
+}
+trap_signals() {
+    trap 'on_signal USR1' USR1
+    trap 'on_signal TERM' TERM
+}
+
+# finish_job PID TRAINER_ARGS...: wait for the training (PID), then requeue the job if the trainers stopped on a
+# USR1, else exit with their status.
+finish_job() {
+    local pid=$1 rc arg out_dir=runs trainer_state
+    shift
+    # `wait` returns early when a trapped signal arrives: wait again until the process has really exited
+    while :; do
+        wait "$pid"
+        rc=$?
+        kill -0 "$pid" 2>/dev/null || break
+    done
+    trap - USR1 TERM
+
+    # The trainer exits 75 after checkpointing on a signal ("requeue me"); accelerate's torchrun launcher
+    # reports any worker failure as 1, so the trainer's own word counts: status.json says "preempted" once
+    # every rank has checkpointed. Only USR1 leads to a requeue from here: SIGTERM means scancel, the time
+    # limit or Slurm's own preemption, where Slurm decides (it requeues preempted --requeue jobs itself) and
+    # a cancelled job must stay cancelled.
+    for arg in "$@"; do [[ $arg == output_dir=* ]] && out_dir=${arg#output_dir=}; done
+    trainer_state=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["state"])' \
+        "$out_dir/$RUN/status.json" 2>/dev/null)
+    if [[ $SIGNAL != TERM && ($trainer_state == preempted || $rc == 75) ]]; then
+        if ((RESTARTS >= MAX_REQUEUES)); then
+            echo "$(date -Is) stopped for requeue (exit $rc), but restart $RESTARTS reached MAX_REQUEUES=$MAX_REQUEUES: failing"
+            exit 75
+        fi
+        local state
+        state=$(scontrol show job "$JOB_ID" -o 2>/dev/null | grep -o 'JobState=[A-Z_]*' | cut -d= -f2)
+        if [[ $state != RUNNING ]]; then
+            echo "$(date -Is) stopped for requeue (exit $rc), but the job is $state: not requeueing"
+            exit 75
+        fi
+        echo "$(date -Is) stopped for requeue (exit $rc): scontrol requeue $JOB_ID (restart $((RESTARTS + 1)) of at most $MAX_REQUEUES)"
+        scontrol requeue "$JOB_ID" && exit 0
+        echo "$(date -Is) scontrol requeue $JOB_ID failed" >&2
+        exit 75
+    fi
+    [[ -n $SIGNAL ]] && echo "$(date -Is) stopped by SIG$SIGNAL (exit $rc): not requeueing (cancelled, out of time or preempted by Slurm)"
+    echo "$(date -Is) training exited with $rc"
+    exit "$rc"
+}
