@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import enum
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
@@ -15,9 +17,11 @@ class ConfigError(ValueError):
 
 
 class Precision(enum.Enum):
-    no = "no"
+    auto = "auto"  # the launcher's mixed_precision if it names one, else the device's fastest (see distributed.py)
+    fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
+    no = "fp32"  # accelerate's name for fp32, kept as an alias
 
 
 class BadRecord(enum.Enum):
@@ -51,11 +55,14 @@ class DataConfig:
     source: str = "shipped"
     train_split: str = "train"  # splits may be joined with "+", e.g. "train+test"
     eval_split: str = "test"
-    batch_size: int = 128  # global batch: split evenly over the ranks
+    batch_size: int = 128  # global batch: shared out over the ranks (shares differ by at most one image)
     per_rank_batch_size: int | None = None  # pin the per-rank batch instead (global = this x world size)
     shuffle_buffer: int = 10_000
-    # DataLoader worker processes per rank that decode (0: the training process decodes). None: 0 on CPU, where a
-    # worker only takes cores from the model; on GPU up to 4, from this rank's share of the cores.
+    # A rank whose decoded shard fits in this many MB keeps it on its device: decoded once, at start, then each
+    # epoch only the order comes from the stream. Larger shards are decoded from the stream every epoch. 0: never.
+    resident_mb: int = 1024
+    # DataLoader worker processes per rank (0: the training process does the work). They decode a streamed shard,
+    # or compute a resident shard's epoch orders ahead. None: 0 on CPU, up to 4 on GPU.
     num_workers: int | None = None
     on_bad_record: BadRecord = BadRecord.error  # undecodable / wrong-size image, missing or out-of-range label
 
@@ -63,18 +70,18 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 50
+    max_steps: int | None = None  # stop after this many steps in all (a bounded run, e.g. a smoke test)
     lr: float = 1e-3
     weight_decay: float = 1e-5
     scale_lr: bool = False  # multiply lr by world size (linear scaling rule); off keeps the recipe's lr
     seed: int = 0
-    precision: Precision = Precision.no
+    precision: Precision = Precision.auto
     channels_last: bool = True
+    # On CUDA, capture the whole step (resize, forward, loss, backward, AdamW) as one CUDA graph and replay it.
+    # Used where it is supported: DDP or one process, fp32 or bf16, on_nonfinite=error, no torch.compile.
+    cuda_graph: bool = True
     collective_timeout_s: int = 600  # a rank that stops answering fails the others after this long
     on_nonfinite: NonFinite = NonFinite.error
-    debug_nan_step: int = -1  # test-only: this step's loss is made NaN on rank debug_nan_rank
-    debug_nan_rank: int = 0
-    debug_delay_rank: int = -1  # test-only: this rank sleeps debug_delay_s after every step (a straggler)
-    debug_delay_s: float = 0.0
 
 
 @dataclass
@@ -86,6 +93,7 @@ class LogConfig:
     images_every_epochs: int = 1
     wandb_per_rank: bool = False  # also one W&B run per rank (same group), for W&B's per-process system charts
     sample_ids: bool = False  # record each rank's example ids per epoch in ranks/rank<r>.json (data audits)
+    telemetry: bool = True  # per-step phase timers and DDP wait hooks; off: step lines keep loss and img/s only
     peak_tflops: float | None = None  # device peak for MFU; default: GPU table, or measured on CPU
     straggler_fraction: float = 0.8  # a rank below this fraction of the median img/s ...
     straggler_intervals: int = 3  # ... for this many intervals in a row is flagged
@@ -113,47 +121,88 @@ class JobConfig:
     resume: str | None = None
 
     def validate(self) -> JobConfig:
-        m = self.model
-        if m.image_size <= 0 or m.image_size % 8:
+        m, d, t = self.model, self.data, self.train
+        positive = {
+            "model.image_size": m.image_size, "model.filters": m.filters, "model.latent_dim": m.latent_dim,
+            "data.batch_size": d.batch_size, "data.per_rank_batch_size": d.per_rank_batch_size,
+            "train.epochs": t.epochs, "train.max_steps": t.max_steps, "log.every_steps": self.log.every_steps,
+            "checkpoint.keep": self.checkpoint.keep,
+        }  # fmt: skip
+        for key, value in positive.items():
+            if value is not None and value <= 0:
+                raise ConfigError(f"{key}={value}: must be positive")
+        if m.image_size % 8:
             raise ConfigError(f"model.image_size={m.image_size}: must be a positive multiple of 8")
-        if m.filters <= 0 or m.filters % 4:
+        if m.filters % 4:
             raise ConfigError(f"model.filters={m.filters}: must be a positive multiple of 4")
-        if m.latent_dim <= 0:
-            raise ConfigError(f"model.latent_dim={m.latent_dim}: must be positive")
-        if self.data.batch_size <= 0:
-            raise ConfigError(f"data.batch_size={self.data.batch_size}: must be positive")
-        if self.data.per_rank_batch_size is not None and self.data.per_rank_batch_size <= 0:
-            raise ConfigError(f"data.per_rank_batch_size={self.data.per_rank_batch_size}: must be positive")
-        if self.data.num_workers is not None and self.data.num_workers < 0:
-            raise ConfigError(f"data.num_workers={self.data.num_workers}: must be 0 or more (or null: automatic)")
-        if self.train.epochs <= 0:
-            raise ConfigError(f"train.epochs={self.train.epochs}: must be positive")
-        if self.log.every_steps <= 0:
-            raise ConfigError(f"log.every_steps={self.log.every_steps}: must be positive")
+        if d.num_workers is not None and d.num_workers < 0:
+            raise ConfigError(f"data.num_workers={d.num_workers}: must be 0 or more (or null: automatic)")
+        if d.resident_mb < 0:
+            raise ConfigError(f"data.resident_mb={d.resident_mb}: must be 0 or more (0: always stream)")
         every = self.checkpoint.every_steps
         if every < 0 or every % self.log.every_steps:
             raise ConfigError(
                 f"checkpoint.every_steps={every}: must be 0 or a multiple of "
                 f"log.every_steps={self.log.every_steps} (losses are checked at those steps)"
             )
-        if self.checkpoint.keep < 1:
-            raise ConfigError(f"checkpoint.keep={self.checkpoint.keep}: must be at least 1")
         return self
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2 booleans: only true/false are booleans, so `no`, `off`, `yes`, `on` stay words (precision
+    `no`, an enum value, survives; boolean keys still accept them, OmegaConf converts the words)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
+)
+
+
+def _parse(text: str, where: str):
+    try:
+        return yaml.load(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
+        raise ConfigError(f"{at}: YAML syntax error: {e.problem or e.context}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{where}: YAML syntax error: {str(e).splitlines()[0]}") from None
+
+
+def _from_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
+    tree: dict = {}
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=2")
+        *parents, leaf = key.split(".")
+        node = tree
+        for part in parents:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {part} is given both as a value and as a section")
+        node[leaf] = _parse(value, f"override {item!r}")
+    return tree
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a YAML recipe onto the typed defaults, then apply `section.key=value` overrides."""
+    layers = []
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        recipe = _parse(path.read_text(), str(path))
+        if recipe is not None and not isinstance(recipe, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, ...), not {recipe!r:.40}")
+        layers.append(recipe or {})
+    layers.append(_from_overrides(overrides))
     try:
-        merged = OmegaConf.structured(JobConfig)
-        if path is not None:
-            path = Path(path)
-            if not path.is_file():
-                raise ConfigError(f"config file not found: {path}")
-            merged = OmegaConf.merge(merged, OmegaConf.load(path))
-        bad = [o for o in overrides if "=" not in o or o.startswith("=")]
-        if bad:
-            raise ConfigError(f"override {bad[0]!r}: expected section.key=value, e.g. train.epochs=2")
-        merged = OmegaConf.merge(merged, OmegaConf.from_dotlist(list(overrides)))
+        merged = OmegaConf.merge(OmegaConf.structured(JobConfig), *layers)
         cfg: JobConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as e:
         raise ConfigError(_one_line(e)) from None
@@ -163,20 +212,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 
 
 def to_dict(cfg: JobConfig) -> dict:
-    """The config as plain YAML-able data (enums as their values)."""
+    """The config as plain YAML-able data (enums as their names)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
 
 
 def to_yaml(cfg: JobConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
-
-
-def from_dict(data: dict) -> JobConfig:
-    """Rebuild a JobConfig from `to_dict` output (e.g. a checkpoint's config)."""
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(JobConfig), data))  # type: ignore
-    except OmegaConfBaseException as e:
-        raise ConfigError(_one_line(e)) from None
 
 
 def _one_line(e: OmegaConfBaseException) -> str:

@@ -1,17 +1,20 @@
-"""Process-group set-up: the Accelerator, per-rank threads, and launch sanity checks."""
+"""Process-group set-up: the Accelerator, precision, per-rank threads and batch shares, launch checks, and the one
+collective each log interval uses (`exchange`)."""
 
 from __future__ import annotations
 
 import importlib.metadata
 import os
 import socket
+import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, InitProcessGroupKwargs
+from accelerate.utils import AutocastKwargs, DistributedType, InitProcessGroupKwargs
 
-from cvae_dist.config import ConfigError, JobConfig
+from cvae_dist.config import ConfigError, JobConfig, Precision
 
 
 class LaunchError(RuntimeError):
@@ -43,54 +46,151 @@ def data_workers(requested: int | None, device: torch.device) -> int:
     return min(4, cores_per_rank() - 1)
 
 
-def make_accelerator(cfg: JobConfig) -> Accelerator:
-    """An Accelerator for whatever `accelerate launch` set up; refuses launches that silently lost their peers."""
-    if "WORLD_SIZE" not in os.environ and "MASTER_ADDR" in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ:
-        # `accelerate launch --cpu --num_processes N` sets a rendezvous address for N > 1, then starts one process.
+# ---------------------------------------------------------------------------------------------- devices, precision
+
+
+def cuda_problem() -> str | None:
+    """Why CUDA cannot be used here (a CPU build of torch, no GPU, a driver too old for the build), or None."""
+    if torch.version.cuda is None:
+        return f"torch {torch.__version__} is a CPU-only build"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        available = torch.cuda.is_available()
+    if available:
+        return None
+    said = next((str(w.message).strip().splitlines()[0] for w in caught), "no NVIDIA GPU or driver found")
+    return f"no usable GPU for torch {torch.__version__} (built for CUDA {torch.version.cuda}): {said}"
+
+
+def check_launch() -> None:
+    """Refuse launches that would run, but not as asked: a GPU launch config without a usable GPU (accelerate would
+    start N CPU processes that train over gloo), and the --cpu launcher asked for several processes (it starts one)."""
+    env = os.environ
+    if "WORLD_SIZE" not in env and "MASTER_ADDR" in env and "ACCELERATE_DYNAMO_BACKEND" in env:
         raise LaunchError(
             "accelerate launch asked for several processes but started one (the --cpu launcher does that); "
             "use --config_file launch/ddp_cpu.yaml --num_processes N"
         )
+    multi_gpu_launcher = "LOCAL_WORLD_SIZE" in env and env.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true"
+    gpus_hidden = env.get("CUDA_VISIBLE_DEVICES", "unset").split(",")[0] in ("", "-1")  # launch/ddp_cpu.yaml
+    problem = cuda_problem() if multi_gpu_launcher and not gpus_hidden else None
+    if problem:
+        raise LaunchError(
+            f"this launch asks for GPUs (accelerate's multi-GPU launcher), but CUDA is unusable here: {problem}; "
+            "for CPU processes use --config_file launch/ddp_cpu.yaml (or --gpu_ids -1,-1)"
+        )
+
+
+def device_type() -> str:
+    """'cuda' where this process will train on a GPU, else 'cpu' (decided before the Accelerator exists)."""
+    if os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def fast_bf16(device: str) -> bool:
+    """bf16 runs at hardware speed here: a GPU with bf16 tensor cores, or a CPU with AVX-512 BF16 or AMX."""
+    if device == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return False
+    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+
+
+def resolve_precision(requested: Precision, device: str) -> tuple[str, str]:
+    """The precision to train in (fp32 | bf16 | fp16) and why. An explicit train.precision wins; `auto` takes the
+    launcher's mixed_precision when it names bf16 or fp16 (accelerate launch always passes one, 'no' when its
+    config names none, so 'no' is read as no preference), else bf16 where it is fast, else fp32."""
+    if requested is not Precision.auto:
+        chosen, why = requested.value, "train.precision"
+    else:
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").lower()
+        if launcher in ("bf16", "fp16"):
+            chosen, why = launcher, "auto: the launcher's mixed_precision"
+        elif launcher != "no":
+            raise ConfigError(f"the launcher's mixed_precision={launcher} is not supported; accepted: no, bf16, fp16")
+        elif fast_bf16(device):
+            chosen, why = "bf16", f"auto: this {'GPU' if device == 'cuda' else 'CPU'} has fast bf16"
+        else:
+            chosen, why = "fp32", f"auto: no fast bf16 on this {'GPU' if device == 'cuda' else 'CPU'}"
+    if chosen == "fp16" and device != "cuda":
+        raise ConfigError("train.precision=fp16 needs a GPU (it uses loss scaling); on a CPU use bf16 or fp32")
+    return chosen, why
+
+
+def make_accelerator(cfg: JobConfig) -> Accelerator:
+    """An Accelerator for whatever `accelerate launch` set up, in the precision `resolve_precision` picks."""
+    check_launch()
     requested = int(os.environ.get("WORLD_SIZE", "1"))
+    device = device_type()
+    precision, why = resolve_precision(cfg.train.precision, device)
+    # Autocast's weight-cast cache must be off for CUDA-graph capture (see step.py); one cast per weight per step
+    # is all this model does anyway.
+    handlers: list = [AutocastKwargs(cache_enabled=False)]
     kwargs: dict = {}
     if requested > 1:
-        cuda = torch.cuda.is_available()
         timeout = timedelta(seconds=cfg.train.collective_timeout_s)  # a dead peer fails us instead of hanging
-        kwargs["kwargs_handlers"] = [InitProcessGroupKwargs(backend="nccl" if cuda else "gloo", timeout=timeout)]
+        handlers.append(InitProcessGroupKwargs(backend="nccl" if device == "cuda" else "gloo", timeout=timeout))
         # Without CUDA, accelerate would let every rank train alone. DeepSpeed only needs the gloo backend
         # named; plain DDP also needs cpu=True (MULTI_CPU), which would switch DeepSpeed off.
-        if not cuda and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
+        if device == "cpu" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
             kwargs["cpu"] = True
-    accelerator = Accelerator(mixed_precision=cfg.train.precision.value, **kwargs)
+    accelerate_name = "no" if precision == "fp32" else precision
+    accelerator = Accelerator(mixed_precision=accelerate_name, kwargs_handlers=handlers, **kwargs)
     alone = requested > 1 and accelerator.distributed_type == DistributedType.NO
     if requested != accelerator.num_processes or alone:
         raise LaunchError(
             f"launched as {requested} processes but this one runs alone (world size {accelerator.num_processes}, "
             f"{accelerator.distributed_type.value}); on a CPU-only machine use launch/ddp_cpu.yaml"
         )
+    accelerator.precision_reason = why  # printed in the run's first lines
     return accelerator
 
 
-def per_rank_batch_size(cfg: JobConfig, world_size: int) -> int:
-    """The recipe's batch is global; each rank takes an equal share (or the pinned per-rank batch)."""
+def precision(accelerator: Accelerator) -> str:
+    """fp32, bf16 or fp16: what this run computes in (under DeepSpeed, also once `configure_deepspeed` has moved it
+    to the `torch_autocast` section, where accelerate no longer sees it)."""
+    if is_deepspeed(accelerator):
+        autocast = accelerator.state.deepspeed_plugin.deepspeed_config.get("torch_autocast", {})
+        if autocast.get("enabled"):
+            return {"bfloat16": "bf16", "float16": "fp16"}[autocast["dtype"]]
+    return "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+
+
+# ---------------------------------------------------------------------------------------------- batches, DeepSpeed
+
+
+def per_rank_batch_size(cfg: JobConfig, world_size: int, rank: int) -> int:
+    """The recipe's batch is global: each rank takes its share, the first `batch % world` ranks one image more
+    (128 over 3 ranks: 43, 43, 42). The loss is a sum and each rank's is scaled by the world size before DDP
+    averages, so the gradient is still exactly the sum over the global batch. Or the pinned per-rank batch."""
     if cfg.data.per_rank_batch_size is not None:
         return cfg.data.per_rank_batch_size
-    if cfg.data.batch_size % world_size:
-        raise ConfigError(
-            f"data.batch_size={cfg.data.batch_size} is not divisible by the world size {world_size}; "
-            f"pick a multiple of {world_size} or pin data.per_rank_batch_size"
-        )
-    return cfg.data.batch_size // world_size
+    share, extra = divmod(cfg.data.batch_size, world_size)
+    if share == 0:
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is smaller than the world size {world_size}")
+    return share + (rank < extra)
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def configure_deepspeed(accelerator: Accelerator, per_rank_batch: int) -> None:
-    """Keep DeepSpeed's train_batch_size = micro batch x accumulation x world size consistent with ours."""
+def configure_deepspeed(accelerator: Accelerator, cfg: JobConfig, per_rank_batch: int) -> None:
+    """DeepSpeed's batch fields from ours, no gradient clipping, and mixed precision as torch autocast.
+
+    DeepSpeed's own bf16/fp16 modes cast the parameters but keep buffers in fp32, which BatchNorm's running
+    statistics cannot take (the kernel wants them in the input's dtype); its `torch_autocast` mode keeps fp32 master
+    weights and autocasts the forward, exactly as DDP's mixed precision does (and scales fp16 losses)."""
     if not is_deepspeed(accelerator):
         return
+    if cfg.data.per_rank_batch_size is None and cfg.data.batch_size % accelerator.num_processes:
+        raise ConfigError(
+            f"DeepSpeed needs an equal micro-batch on every rank: data.batch_size={cfg.data.batch_size} does not "
+            f"divide by the world size {accelerator.num_processes}; pick a multiple or pin data.per_rank_batch_size"
+        )
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     accumulation = ds.get("gradient_accumulation_steps", 1)
     accumulation = 1 if accumulation == "auto" else int(accumulation)
@@ -99,13 +199,35 @@ def configure_deepspeed(accelerator: Accelerator, per_rank_batch: int) -> None:
     ds["train_batch_size"] = per_rank_batch * accumulation * accelerator.num_processes
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = 0.0  # accelerate would fill in 1.0; the recipe does not clip
+    mixed = precision(accelerator)
+    ds["bf16"], ds["fp16"] = {"enabled": False}, {"enabled": False}
+    if mixed != "fp32":
+        # lower_precision_safe_modules=[]: gradients are reduced in fp32, as DDP reduces them
+        ds["torch_autocast"] = {
+            "enabled": True,
+            "dtype": "bfloat16" if mixed == "bf16" else "float16",
+            "lower_precision_safe_modules": [],
+        }
 
 
-def input_dtype(accelerator: Accelerator) -> torch.dtype:
-    """DeepSpeed bf16/fp16 casts the weights and does not autocast: the inputs must match them."""
-    if is_deepspeed(accelerator) and accelerator.mixed_precision in ("bf16", "fp16"):
-        return torch.bfloat16 if accelerator.mixed_precision == "bf16" else torch.float16
-    return torch.float32
+def zero_stage(accelerator: Accelerator) -> int:
+    """The DeepSpeed ZeRO stage, 0 when not under DeepSpeed."""
+    return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else 0
+
+
+# ---------------------------------------------------------------------------------------------- the interval gather
+
+
+def exchange(accelerator: Accelerator, values: dict[str, torch.Tensor | float]) -> dict[str, torch.Tensor]:
+    """All-gather named scalars in one collective: {name: this rank's value} -> {name: (world,) float64 CPU tensor,
+    indexed by rank}. Every rank must pass the same names in the same order."""
+    device = accelerator.device
+    vector = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values.values()])
+    gathered = accelerator.gather(vector[None]).double().cpu()
+    return {name: gathered[:, i] for i, name in enumerate(values)}
+
+
+# ---------------------------------------------------------------------------------------------- who and where
 
 
 def rank_identity(accelerator: Accelerator) -> dict:
@@ -121,9 +243,22 @@ def rank_identity(accelerator: Accelerator) -> dict:
     }
 
 
-def zero_stage(accelerator: Accelerator) -> int:
-    """The DeepSpeed ZeRO stage, 0 when not under DeepSpeed."""
-    return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else 0
+def describe_device(accelerator: Accelerator) -> str:
+    """'cuda:0 (NVIDIA H200)' or 'cpu (<model name>, N threads)'."""
+    device = accelerator.device
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    model = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")), "CPU"
+    )
+    return f"cpu ({model}, {torch.get_num_threads()} thread(s))"
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
 
 
 def environment_facts(accelerator: Accelerator) -> dict:
@@ -131,12 +266,14 @@ def environment_facts(accelerator: Accelerator) -> dict:
     import accelerate
 
     facts = {
-        "precision": accelerator.mixed_precision,
+        "precision": precision(accelerator),
+        "precision_reason": accelerator.precision_reason,
         "zero_stage": zero_stage(accelerator),
         "dynamo_backend": accelerator.state.dynamo_plugin.backend.value,  # "NO", or the torch.compile backend
         "torch_version": torch.__version__,
         "accelerate_version": accelerate.__version__,
         "device": str(accelerator.device),
+        "device_name": describe_device(accelerator),
     }
     try:
         facts["deepspeed_version"] = importlib.metadata.version("deepspeed")
