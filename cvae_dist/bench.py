@@ -1,31 +1,35 @@
 """`cvae-dist bench`: how fast the framework trains, against a plain hand-written PyTorch loop of the same model.
 
-Sections (`--sections`, default `compare,data`; `--scaling` adds `scaling`):
+Sections (`--sections`, default `compare,data,telemetry`; `--scaling` adds `scaling`):
 
-- `compare`: for each precision (fp32, bf16) x layout (NCHW, channels_last), trials that alternate (a) a minimal
-  hand-written loop (CVAE, AdamW lr 1e-3 wd 1e-5 fused like the trainer's, the batch from in-memory, already
-  resized 64x64 images, `vae_loss(...).total`, zero_grad / backward / step) and (b) the framework's real path
-  (`trainer.build`: the Accelerator-prepared model and optimizer, this rank's streaming `RankStream` over the
-  configured data, decode (cached after a digit's first use) and resize per batch, `trainer.train_step`, telemetry
-  on, one telemetry gather every `log.every_steps`). The order of (a) and (b) alternates per trial so drifting
-  machine load hits both alike; img/s, (b)/(a), MFU and data wait per trial, medians over trials; warm-up excluded.
-- `data`: the batching rate of `RankStream` alone (1 rank of 1, and each rank of 2), decoding every digit (a first
-  epoch) and from the decode cache (later epochs), with and without the on-device resize, against the framework's
-  training rate, and the data-wait share of framework steps.
+- `compare`: for each precision (fp32, bf16) x layout (NCHW, channels_last), one process that alternates trials of
+  (a) a minimal hand-written loop (CVAE, AdamW lr 1e-3 wd 1e-5 fused like the trainer's, batches from in-memory,
+  already resized 64x64 images, `vae_loss(...).total`, zero_grad / backward / step) and (b) the trainer itself: a
+  real run (`trainer.prepare_run` + `start_run`, in a temporary directory, W&B off) driven by `trainer.run_steps`,
+  the loop `train` uses, with its data stream, resize, telemetry and step lines. On CUDA each config also gets a
+  `graph` row: (a) captured as one CUDA graph (the ceiling of the step itself, its own column) against the trainer
+  with `train.cuda_graph=true`. The order of the sides rotates per trial, so drifting machine load hits all alike;
+  img/s, ratios, MFU and data wait per trial, medians over trials (the ratio column: the median of per-trial
+  ratios); warm-up excluded.
+- `data`: the batching rate of `RankStream` alone (1 rank of 1, and each rank of 2): decoding every digit (a
+  streamed shard, or a first epoch), building the resident table, and batches from it (later epochs, their
+  orders included), with and without the on-device resize, against the training rate; and the data-wait share of
+  the trainer's steps.
+- `telemetry`: the trainer with `log.telemetry` on and off, trials interleaved in one process.
 - `scaling`: 1 process x 2 threads, 2 processes x 1 thread (DDP over gloo on CPU) and 1 process x 1 thread, each
-  a real `accelerate launch` of this module's worker (`python -m cvae_dist.bench --worker`), which runs the
-  framework path and writes its img/s; efficiency = 2x1 / 1x2 and per-core efficiency = 2x1 / (2 x 1x1).
+  a real `accelerate launch` of this module's worker; efficiency = 2x1 / 1x2 and per-core efficiency = 2x1 / (2 x
+  1x1).
 
-On CUDA the trials are timed with a synchronize at their start and end only (the framework's telemetry adds its
-own one per log interval). `--compile` wraps the hand model and the framework model in `torch.compile`;
-`--batch N` sets the batch of both (the framework's global `data.batch_size`).
+Each section that trains runs in processes of its own (one precision per process: accelerate keeps one state per
+process). On CUDA the trials are timed with a synchronize at their start and end only (the trainer's telemetry adds
+its own one per log interval). `--compile` wraps the hand model and the trainer's model in `torch.compile`;
+`--batch N` sets the batch of both (the trainer's global `data.batch_size`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import itertools
 import json
 import os
@@ -42,14 +46,17 @@ from pathlib import Path
 
 import torch
 
+from cvae_dist.telemetry import compute_dtype
+
 REPO = Path(__file__).resolve().parents[1]
-PRECISIONS = {"fp32": "no", "no": "no", "bf16": "bf16"}
+PRECISIONS = {"fp32": "fp32", "no": "fp32", "bf16": "bf16"}
 LAYOUTS = ("nchw", "channels_last")
 SECTIONS = ("compare", "data", "telemetry", "scaling")
+WORKERS = ("compare", "telemetry", "scaling")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML recipe (default: the built-in defaults, the seed's recipe)")
+    p.add_argument("--config", type=Path, help="YAML recipe (default: the built-in defaults: the Lux.jl / MLX recipe)")
     p.add_argument("--trials", type=int, default=5, help="measured trials per configuration (default 5)")
     p.add_argument("--seconds", type=float, default=3.0, help="seconds per trial and side (default 3)")
     p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per side before the trials (default 1)")
@@ -61,7 +68,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scaling", action="store_true", help="add the scaling section (real accelerate launches)")
     p.add_argument("--data-seconds", type=float, help="seconds per data-stream trial (default: --seconds)")
     p.add_argument("--json", type=Path, help="write every figure to this JSON file")
-    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # scaling: one launched measurement
+    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)  # one measuring process of a section
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)  # the worker's result file
     p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_workers=1")
 
@@ -73,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from cvae_dist.config import ConfigError
+    from cvae_dist.config import ConfigError, load_config
 
     if args.trials < 1 or args.seconds <= 0 or args.warmup < 0:
         raise ConfigError("--trials must be >= 1, --seconds > 0 and --warmup >= 0")
@@ -85,17 +92,15 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sections: unknown {unknown}; accepted: {', '.join(SECTIONS)}")
     precisions = _choices(args.precisions, PRECISIONS, "--precisions")
     layouts = _choices(args.layouts, {k: k for k in LAYOUTS}, "--layouts")
-    overrides = _overrides(args)
 
     from cvae_dist import distributed
-    from cvae_dist.config import load_config
     from cvae_dist.telemetry import count_flops_per_image, peak_flops
 
-    cfg = load_config(args.config, overrides)
+    cfg = load_config(args.config, _overrides(args))
     threads = distributed.set_threads()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     flops = count_flops_per_image(cfg.model)
-    peak, peak_source = peak_flops(device, cfg.log.peak_tflops)
+    peaks = {p: peak_flops(device, p, cfg.log.peak_tflops) for p in precisions}
     result: dict = {
         "command": list(sys.argv),
         "environment": environment(device, threads),
@@ -106,33 +111,43 @@ def run(args: argparse.Namespace) -> int:
             "batch": cfg.data.per_rank_batch_size or cfg.data.batch_size,
             "compile": args.compile,
             "device": str(device),
-            "overrides": overrides,
+            "overrides": _overrides(args),
             "config": str(args.config) if args.config else None,
             "log_every_steps": cfg.log.every_steps,
             "num_workers": distributed.data_workers(cfg.data.num_workers, device),
             "sections": sections,
         },
         "flops_per_image": flops,
-        "peak_flops": peak,
-        "peak_flops_source": peak_source,
+        "peak_flops": {p: peak for p, (peak, _) in peaks.items()},
+        "peak_flops_source": {p: source for p, (_, source) in peaks.items()},
     }
     print(f"cvae-dist bench: {_env_line(result['environment'])}")
-    print(f"FLOPs per image (fwd+bwd) {flops:,.0f}; peak {peak / 1e12:.3f} TFLOP/s ({peak_source})")
+    print(f"FLOPs per image (fwd+bwd) {flops:,.0f}; peak " + ", ".join(
+        f"{p} {peak / 1e12:.3f} TFLOP/s ({source})" for p, (peak, source) in peaks.items()))  # fmt: skip
     if "compare" in sections:
-        result["configs"] = compare(args, overrides, precisions, layouts, device, flops, peak)
+        result["configs"] = [
+            row
+            for precision, layout in itertools.product(precisions, layouts)
+            for row in _run_worker(args, "compare", [f"train.precision={precision}", _layout(layout)])["rows"]
+        ]
+        for row in result["configs"]:
+            peak = result["peak_flops"][row["precision"]]
+            for side in ("hand", "hand_graph", "framework"):
+                if row.get(side):
+                    row[side]["mfu"] = row[side]["median_img_per_s"] * flops / peak
         print(compare_table(result["configs"]))
     if "data" in sections:
         result["data"] = data_section(args, cfg, device, result.get("configs"))
         print(data_table(result["data"]))
     if "telemetry" in sections:
-        result["telemetry_overhead"] = telemetry_section(args, overrides, precisions[-1], layouts[-1])
-        t = result["telemetry_overhead"]
+        t = _run_worker(args, "telemetry", [f"train.precision={precisions[-1]}", _layout(layouts[-1])])
+        result["telemetry_overhead"] = t
         print(
             f"telemetry ({t['config']}): on {t['on_img_per_s']:,.0f} img/s, off {t['off_img_per_s']:,.0f} img/s, "
             f"on/off {t['ratio']:.3f} (medians of {args.trials} interleaved trials)"
         )
     if "scaling" in sections:
-        result["scaling"] = scaling_section(args, overrides)
+        result["scaling"] = scaling_section(args)
         print(scaling_table(result["scaling"]))
     result["environment"]["loadavg_end"] = list(os.getloadavg())
     if args.json:
@@ -159,8 +174,12 @@ def _choices(text: str, accepted: dict[str, str], flag: str) -> list[str]:
     return out
 
 
+def _layout(layout: str) -> str:
+    return f"train.channels_last={layout == 'channels_last'}"
+
+
 def _overrides(args: argparse.Namespace) -> list[str]:
-    extra = ["log.wandb=disabled"]
+    extra = ["log.wandb=disabled", "checkpoint.every_epoch=false", "checkpoint.every_steps=0"]
     if args.batch is not None:
         extra.append(f"data.batch_size={args.batch}")
     return [*args.overrides, *extra]
@@ -175,19 +194,15 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def _label(precision: str, layout: str) -> str:
-    return f"{'fp32' if precision == 'no' else precision}/{layout}"
-
-
 def environment(device: torch.device, threads: int) -> dict:
     import accelerate
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
+    from cvae_dist.distributed import fast_bf16
+
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
     return {
         "torch": torch.__version__,
         "accelerate": accelerate.__version__,
@@ -200,12 +215,18 @@ def environment(device: torch.device, threads: int) -> dict:
         "threads_set": threads,
         "interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "mkldnn_bf16": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+        "fast_bf16": fast_bf16(device.type),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
         "loadavg_start": list(os.getloadavg()),
     }
+
+
+def _cpuinfo() -> str:
+    with contextlib.suppress(OSError):
+        return Path("/proc/cpuinfo").read_text()
+    return ""
 
 
 def _env_line(env: dict) -> str:
@@ -225,44 +246,23 @@ def _timed_run(step: Callable[[], None], seconds: float, device: torch.device, m
     return steps, time.perf_counter() - start
 
 
-def _endless(stream) -> Iterator:
-    """A `RankStream`'s batches, epoch after epoch (1, 2, ...), for trials that outlast an epoch."""
-    for epoch in itertools.count(1):
-        yield from stream.epoch(epoch)
-
-
-def _autocast_dtype(module: torch.nn.Module, run_forward: Callable[[], object]) -> str:
-    """The dtype the encoder's mu head (a Linear) produces in one forward of `run_forward`: shows autocast is on."""
-    inner = module
-    while hasattr(inner, "module") or hasattr(inner, "_orig_mod"):
-        inner = getattr(inner, "module", None) or inner._orig_mod
-    seen: list[torch.dtype] = []
-    handle = inner.encoder.mu.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            run_forward()
-    finally:
-        handle.remove()
-    return str(seen[0]).removeprefix("torch.") if seen else "unknown"
-
-
-# ---------------------------------------------------------------------------------------------- the two loops
+# ---------------------------------------------------------------------------------------------- the loops
 
 
 class HandLoop:
-    """The plain PyTorch loop: the same model and recipe, batches from memory, nothing else."""
+    """The plain PyTorch loop: the same model and recipe, batches from memory, nothing else. With `graph` (CUDA), the
+    step is captured once as a CUDA graph and replayed, each batch copied into its static input."""
 
-    def __init__(self, model_cfg, images: torch.Tensor, batch: int, precision: str, channels_last: bool, compile_):
+    def __init__(self, model_cfg, images: torch.Tensor, batch: int, precision: str, channels_last: bool, compile_,
+                 graph: bool = False):  # fmt: skip
         from cvae_dist.model import CVAE, vae_loss
 
         self.device = images.device
         torch.manual_seed(0)
         model = CVAE(model_cfg).to(self.device)
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        if channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True)
+        self.model = model.to(memory_format=fmt)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True, capturable=graph)
         reps = -(-2 * batch // len(images))  # at least two distinct batches
         images = images.repeat(reps, 1, 1, 1) if reps > 1 else images
         self.batches = [
@@ -273,314 +273,367 @@ class HandLoop:
         self.vae_loss = vae_loss
         self.forward = torch.compile(model) if compile_ else model
         self.i = 0
+        self.step = self._eager_step
+        if graph:
+            self.static_x = self.batches[0].clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self._train(self.static_x)
+            torch.cuda.current_stream().wait_stream(side)
+            self.optimizer.zero_grad(set_to_none=True)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                self._train(self.static_x, zero_grad=False)
+            self.step = self._graph_step
 
-    def step(self) -> None:
+    def _next(self) -> torch.Tensor:
         x = self.batches[self.i]
         self.i = (self.i + 1) % len(self.batches)
+        return x
+
+    def _train(self, x: torch.Tensor, zero_grad: bool = True) -> None:
         with self._autocast():
             out = self.forward(x)
         loss = self.vae_loss(out, x).total
-        self.optimizer.zero_grad(set_to_none=True)
+        if zero_grad:
+            self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+
+    def _eager_step(self) -> None:
+        self._train(self._next())
+
+    def _graph_step(self) -> None:
+        self.static_x.copy_(self._next(), non_blocking=True)
+        self.graph.replay()
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
 
     def autocast_dtype(self) -> str:
         x = self.batches[0][:2]
-        with torch.no_grad(), self._autocast():
-            return _autocast_dtype(self.model, lambda: self.model(x))
+        with self._autocast():
+            return compute_dtype(self.model, lambda: self.model(x))
 
 
-class FrameworkLoop:
-    """The framework's path: `trainer.build` (prepared model + AdamW + RankStream), `trainer.train_step`, telemetry
-    with one gather every `log.every_steps` steps (which also carries the agreed stop flag, as the trainer's does)."""
+def _trainer_run(cfg, accelerator, name: str):
+    """A real training run of `cfg` in a temporary directory, ready for `trainer.run_steps`."""
+    from cvae_dist import checkpoint, trainer
 
-    def __init__(self, cfg, compile_: bool = False, quiet: bool = True, telemetry: bool = True):
-        from cvae_dist import distributed, trainer
-        from cvae_dist.telemetry import NoTelemetry, Telemetry
+    cfg.output_dir, cfg.run_name = tempfile.mkdtemp(prefix="cvae-bench-"), name
+    run = trainer.prepare_run(cfg, accelerator)
+    checkpoint.write_run_dir(run.dir, cfg, accelerator)
+    trainer.start_run(run)
+    return run
 
-        self.accelerator = distributed.make_accelerator(cfg)
-        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            self.parts = trainer.build(cfg, self.accelerator)
-        if telemetry:
-            identity = distributed.rank_identity(self.accelerator)
-            self.telemetry = Telemetry(self.accelerator, cfg, self.parts.batch, identity)
-            self.telemetry.instrument(self.parts.model)
-        else:
-            self.telemetry = NoTelemetry(self.accelerator)
-        self.precision = self.accelerator.mixed_precision
-        self.dtype_seen = self._probe_dtype()
+
+def _endless(run) -> Iterator:
+    """A run's batches, epoch after epoch, for trials that outlast an epoch."""
+    for epoch in itertools.count(1):
+        yield from run.stream.epoch(epoch, run.steps_per_epoch)
+
+
+def _logged(run, after_step: int) -> list[dict]:
+    """The step lines the trainer logged (metrics.jsonl) after `after_step`."""
+    lines = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if r["step"] > after_step and "train/step_loss" in r]
+
+
+class TrainerLoop:
+    """The trainer's steps as `train` takes them: `trainer.run_steps` on the run's stream, step lines every
+    `log.every_steps` (where the ranks also agree that a trial's time is up)."""
+
+    def __init__(self, run, compile_: bool = False):
+        self.run = run
         if compile_:
-            self.parts.model = torch.compile(self.parts.model)
-        self.train_step = trainer.train_step
-        self.device = self.accelerator.device
-        self.world = self.accelerator.num_processes
-        self.every = cfg.log.every_steps
-        self.batches = self.telemetry.timed(_endless(self.parts.stream))
-        self.loss_sum = torch.zeros((), device=self.device)
-        self.interval_sum = torch.zeros((), device=self.device)
-        self.steps = 0
+            run.model = torch.compile(run.model)
+        self.batches = _endless(run)
+        self.device = run.accelerator.device
+        self.batch = run.global_batch
 
-    def _probe_dtype(self) -> str:
-        x = self.parts.model_input(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
-        model = self.parts.model
-        model.eval()
-        try:
-            with torch.no_grad(), self.accelerator.autocast():
-                return _autocast_dtype(model, lambda: model(x))
-        finally:
-            model.train()
+    def autocast_dtype(self) -> str:
+        from cvae_dist.trainer import run_compute_dtype
+
+        return run_compute_dtype(self.run)
 
     def trial(self, seconds: float) -> dict:
-        """Steps until `seconds` have passed on some rank, checked (and agreed) at the log intervals."""
-        zero = torch.zeros((), device=self.device)
-        self.telemetry.interval([zero, zero, zero], self.steps)  # restart the meters (and line the ranks up)
+        from cvae_dist.trainer import run_steps
+
+        run, first = self.run, self.run.state.step
+        run.telemetry.restart()
         _sync(self.device)
         start = time.perf_counter()
-        steps, wait, records = 0, 0.0, []
-        while True:
-            t0 = time.perf_counter()
-            batch = next(self.batches)
-            wait += time.perf_counter() - t0
-            loss = self.train_step(self.parts, self.parts.model_input(batch.pixels), self.telemetry)
-            self.loss_sum += loss
-            self.interval_sum += loss
-            steps += 1
-            self.steps += 1
-            if self.steps % self.every == 0:
-                stop = torch.tensor(float(time.perf_counter() - start >= seconds), device=self.device)
-                interval = self.telemetry.interval([self.interval_sum, stop, self.loss_sum], self.steps)
-                interval.record.pop("stragglers", None)
-                records.append(interval.record)
-                self.interval_sum.zero_()
-                if interval.per_rank[:, 1].any():
-                    break
+        run_steps(run, self.batches, lambda: time.perf_counter() - start >= seconds)
         _sync(self.device)
         elapsed = time.perf_counter() - start
-        rank = self.accelerator.process_index
+        steps, rank = run.state.step - first, run.accelerator.process_index
         names = ("data_wait_frac", "sync_wait_frac", "mfu", "step_time_s", "fwd_bwd_s", "optimizer_s")
-        measured = records and records[0]  # empty with telemetry off
-        tele = {name: _median([r[f"rank/{rank}/{name}"] for r in records]) for name in names} if measured else {}
+        records = _logged(run, first) if run.telemetry.enabled else []
         return {
-            "img_per_s": steps * self.parts.batch * self.world / elapsed,
+            "img_per_s": steps * self.batch / elapsed,
             "steps": steps,
             "seconds": elapsed,
-            "data_wait_frac": wait / elapsed,
-            "telemetry": tele,
+            "telemetry": {name: _median([r[f"rank/{rank}/{name}"] for r in records]) for name in names},
         }
 
 
-# ---------------------------------------------------------------------------------------------- sections
+# ---------------------------------------------------------------------------------------------- workers
 
 
-def _reset_accelerate() -> None:
-    """accelerate keeps one AcceleratorState per process; a new precision needs a fresh one."""
-    from accelerate.state import AcceleratorState
+def _worker(args: argparse.Namespace) -> int:
+    """One measuring process (see SECTIONS); the main rank writes its figures to --out."""
+    from cvae_dist import distributed
+    from cvae_dist.config import load_config
 
-    AcceleratorState._reset_state()
+    cfg = load_config(args.config, _overrides(args))
+    accelerator = distributed.make_accelerator(cfg)
+    distributed.set_threads()
+    figures = {"compare": compare_worker, "telemetry": telemetry_worker, "scaling": scaling_worker}[args.worker](
+        args, cfg, accelerator
+    )
+    if accelerator.is_main_process and args.out:
+        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return 0
 
 
-def compare(args, overrides, precisions, layouts, device, flops, peak) -> list[dict]:
-    from cvae_dist.config import Precision, load_config
+def _run_worker(args, kind: str, extra: list[str], launcher: list[str] | None = None, env: dict | None = None) -> dict:
+    """Run one worker process (or an `accelerate launch` of several) and read its figures."""
+    with tempfile.TemporaryDirectory(prefix="cvae-bench-") as tmp:
+        out = Path(tmp) / "figures.json"
+        module = ["-m", "cvae_dist.bench"]
+        cmd = [*(launcher or [sys.executable]), *module, "--worker", kind, "--out", str(out),
+               "--trials", str(args.trials), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
+               *(["--config", str(args.config)] if args.config else []), *(["--compile"] if args.compile else []),
+               *(["--batch", str(args.batch)] if args.batch is not None else []), *args.overrides, *extra]  # fmt: skip
+        timeout = 300 + (args.trials + 1) * (args.seconds + args.warmup) * 6
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
+        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        if proc.returncode != 0 or not out.is_file():
+            raise RuntimeError(f"bench worker {kind} {extra} exited {proc.returncode}:\n"
+                               f"{(proc.stdout + proc.stderr)[-4000:]}")  # fmt: skip
+        print(proc.stdout, end="", flush=True)
+        return {"command": cmd, **json.loads(out.read_text())}
+
+
+def compare_worker(args, cfg, accelerator) -> dict:
+    """One precision and layout: the hand loop against the trainer, eager, and on CUDA both as CUDA graphs."""
+    import copy
+
     from cvae_dist.data import load_split, to_model_input
+    from cvae_dist.distributed import precision
 
-    configs = []
-    base = load_config(args.config, overrides)
-    pixels, _ = load_split(base.data.source, base.data.train_split)  # the hand loop's data, resized once, in memory
-    images = to_model_input(pixels.to(device), base.model.image_size, channels_last=False)
-    for precision in precisions:
-        _reset_accelerate()
-        for layout in layouts:
-            label = _label(precision, layout)
-            channels_last = layout == "channels_last"
-            cfg = load_config(args.config, overrides)
-            cfg.train.precision, cfg.train.channels_last = Precision(precision), channels_last
-            fw = FrameworkLoop(cfg, args.compile)
-            hand = HandLoop(cfg.model, images, fw.parts.batch, precision, channels_last, args.compile)
-            dtypes = {"hand": hand.autocast_dtype(), "framework": fw.dtype_seen}
-            want = "bfloat16" if precision == "bf16" else "float32"
-            if set(dtypes.values()) != {want}:
-                raise RuntimeError(f"{label}: autocast check failed, mu head produced {dtypes} (expected {want})")
-            _timed_run(hand.step, args.warmup, device, min_steps=3)  # warm-up (compilation, allocator, caches)
-            fw.trial(args.warmup)
-            rows = {"hand": [], "framework": []}
-            for t in range(args.trials):
-                order = ("hand", "framework") if t % 2 == 0 else ("framework", "hand")
-                for side in order:
-                    if side == "hand":
-                        steps, seconds = _timed_run(hand.step, args.seconds, device)
-                        rows["hand"].append(
-                            {"img_per_s": steps * hand.batch / seconds, "steps": steps, "seconds": seconds}
-                        )
-                    else:
-                        rows["framework"].append(fw.trial(args.seconds))
-                h, f = rows["hand"][-1]["img_per_s"], rows["framework"][-1]["img_per_s"]
-                print(
-                    f"  {label:<20} trial {t + 1}/{args.trials}: hand {h:8,.0f} img/s, framework {f:8,.0f} "
-                    f"img/s, ratio {f / h:.3f}",
-                    flush=True,
-                )
-            configs.append(_summarise(precision, layout, rows, dtypes, flops, peak, fw.parts.batch))
-            del fw, hand
-    _reset_accelerate()
-    return configs
+    device, mode_cfgs = accelerator.device, {"eager": copy.deepcopy(cfg)}
+    mode_cfgs["eager"].train.cuda_graph = False
+    if device.type == "cuda":
+        mode_cfgs["graph"] = copy.deepcopy(cfg)
+        mode_cfgs["graph"].train.cuda_graph = True
+    label = f"{precision(accelerator)}/{'channels_last' if cfg.train.channels_last else 'nchw'}"
+    pixels, _ = load_split(cfg.data.source, cfg.data.train_split)  # the hand loop's data, resized once, in memory
+    images = to_model_input(pixels.to(device), cfg.model.image_size, channels_last=False)
+    trainers = {mode: TrainerLoop(_trainer_run(c, accelerator, f"compare-{mode}"), args.compile)
+                for mode, c in mode_cfgs.items()}  # fmt: skip
+    batch = trainers["eager"].batch
+    hands = {mode: HandLoop(cfg.model, images, batch, precision(accelerator), cfg.train.channels_last, args.compile,
+                            graph=mode == "graph") for mode in mode_cfgs}  # fmt: skip
+    want = "bfloat16" if precision(accelerator) == "bf16" else "float32"
+    dtypes = {"hand": hands["eager"].autocast_dtype(), "framework": trainers["eager"].autocast_dtype()}
+    if set(dtypes.values()) != {want}:
+        raise RuntimeError(f"{label}: autocast check failed, the mu head produced {dtypes} (expected {want})")
+    sides: dict[str, Callable[[float], dict]] = {}
+    for mode in mode_cfgs:
+        sides[f"hand/{mode}"] = lambda s, h=hands[mode]: _hand_trial(h, s, device)
+        sides[f"framework/{mode}"] = trainers[mode].trial
+    for side in sides.values():  # warm-up (allocator, caches, graph capture)
+        side(args.warmup)
+    trials: dict[str, list[dict]] = {side: [] for side in sides}
+    names = list(sides)
+    for t in range(args.trials):
+        for side in names[t % len(names) :] + names[: t % len(names)]:  # rotate the order every trial
+            trials[side].append(sides[side](args.seconds))
+        accelerator.print(f"  {label:<20} trial {t + 1}/{args.trials}: " + ", ".join(
+            f"{side} {trials[side][-1]['img_per_s']:,.0f}" for side in names) + " img/s", flush=True)  # fmt: skip
+    ceiling = trials.get("hand/graph")  # the eager row shows it too, in its own column
+    rows = [
+        _summarise(label, mode, trials[f"hand/{mode}"], trials[f"framework/{mode}"], dtypes, batch, ceiling)
+        for mode in mode_cfgs
+    ]
+    return {"rows": rows}
 
 
-def telemetry_section(args, overrides, precision: str, layout: str) -> dict:
-    """The framework path with telemetry on and off, trials interleaved in this one process."""
-    from cvae_dist.config import Precision, load_config
+def _hand_trial(hand: HandLoop, seconds: float, device: torch.device) -> dict:
+    steps, elapsed = _timed_run(hand.step, seconds, device)
+    return {"img_per_s": steps * hand.batch / elapsed, "steps": steps, "seconds": elapsed}
 
-    _reset_accelerate()
-    cfg = load_config(args.config, overrides)
-    cfg.train.precision, cfg.train.channels_last = Precision(precision), layout == "channels_last"
-    loops = {"on": FrameworkLoop(cfg, args.compile), "off": FrameworkLoop(cfg, args.compile, telemetry=False)}
+
+def _summarise(label: str, mode: str, hand: list[dict], framework: list[dict], dtypes: dict, batch: int,
+               hand_graph: list[dict] | None) -> dict:  # fmt: skip
+    """One row: the trainer in `mode` against the hand loop in the same mode (a graph row: the graph ceiling)."""
+    precision, layout = label.split("/")
+    h, f = [r["img_per_s"] for r in hand], [r["img_per_s"] for r in framework]
+    ratios = [b / a for a, b in zip(h, f, strict=True)]
+    waits = [r["telemetry"]["data_wait_frac"] for r in framework]
+    side = lambda trials, rates: {"trials": trials, "img_per_s": rates, "median_img_per_s": _median(rates)}  # noqa: E731
+    row = {
+        "precision": precision,
+        "layout": layout,
+        "mode": mode,
+        "batch": batch,
+        "autocast_dtype": dtypes,
+        "hand": side(hand, h),
+        "framework": side(framework, f) | {
+            "data_wait_frac": waits,
+            "median_data_wait_frac": _median(waits),
+            "telemetry": {k: _median([r["telemetry"][k] for r in framework]) for k in framework[0]["telemetry"]},
+        },
+        "ratio": ratios,  # per trial: framework / hand (a graph row: / the hand loop's graph)
+        "median_ratio": _median(ratios),
+        "ratio_of_medians": _median(f) / _median(h),
+    }  # fmt: skip
+    if mode == "graph":
+        row["hand_graph"], row["hand"] = row["hand"], None
+    elif hand_graph:
+        row["hand_graph"] = side(hand_graph, [r["img_per_s"] for r in hand_graph])
+    return row
+
+
+def compare_table(configs: list[dict]) -> str:
+    lines = [
+        "",
+        f"{'config':<26} {'hand img/s':>11} {'hand graph':>11} {'framework img/s':>16} {'ratio':>6} {'fw MFU':>7} "
+        f"{'data wait':>9}  {'autocast':>8}",
+    ]
+    for c in configs:
+        hand, graph = (f"{c[s]['median_img_per_s']:,.0f}" if c.get(s) else "-" for s in ("hand", "hand_graph"))
+        lines.append(
+            f"{_row_label(c):<26} {hand:>11} {graph:>11} "
+            f"{c['framework']['median_img_per_s']:>16,.0f} {c['median_ratio']:>6.3f} "
+            f"{100 * c['framework']['mfu']:>6.2f}% "
+            f"{100 * c['framework']['median_data_wait_frac']:>8.1f}%  {c['autocast_dtype']['framework']:>8}"
+        )
+    lines.append("(medians over trials; ratio = the median of per-trial framework / hand ratios, against the hand "
+                 "loop in the same mode: a graph row against the hand graph; MFU against the peak above)")  # fmt: skip
+    return "\n".join(lines)
+
+
+def telemetry_worker(args, cfg, accelerator) -> dict:
+    """The trainer with telemetry on and off, trials interleaved in this one process."""
+    import copy
+
+    from cvae_dist.distributed import precision
+
+    loops = {}
+    for side, on in (("on", True), ("off", False)):
+        c = copy.deepcopy(cfg)
+        c.log.telemetry = on
+        loops[side] = TrainerLoop(_trainer_run(c, accelerator, f"telemetry-{side}"), args.compile)
     rates: dict[str, list[float]] = {"on": [], "off": []}
     for loop in loops.values():
         loop.trial(args.warmup)
     for t in range(args.trials):
         for side in ("on", "off") if t % 2 == 0 else ("off", "on"):
             rates[side].append(loops[side].trial(args.seconds)["img_per_s"])
-    _reset_accelerate()
     on, off = _median(rates["on"]), _median(rates["off"])
-    return {
-        "config": _label(precision, layout),
-        "on_img_per_s": on,
-        "off_img_per_s": off,
-        "ratio": on / off,
-        "trials": rates,
-    }
+    layout = "channels_last" if cfg.train.channels_last else "nchw"
+    return {"config": f"{precision(accelerator)}/{layout}", "on_img_per_s": on, "off_img_per_s": off,
+            "ratio": on / off, "trials": rates}  # fmt: skip
 
 
-def _summarise(precision, layout, rows, dtypes, flops, peak, batch) -> dict:
-    hand = [r["img_per_s"] for r in rows["hand"]]
-    fw = [r["img_per_s"] for r in rows["framework"]]
-    ratios = [f / h for f, h in zip(fw, hand, strict=True)]
-    waits = [r["data_wait_frac"] for r in rows["framework"]]
-    tele_keys = rows["framework"][0]["telemetry"].keys()
-    return {
-        "precision": "fp32" if precision == "no" else precision,
-        "layout": layout,
-        "batch": batch,
-        "autocast_dtype": dtypes,
-        "hand": {
-            "trials": rows["hand"],
-            "img_per_s": hand,
-            "median_img_per_s": _median(hand),
-            "mfu": _median(hand) * flops / peak,
-        },
-        "framework": {
-            "trials": rows["framework"],
-            "img_per_s": fw,
-            "median_img_per_s": _median(fw),
-            "mfu": _median(fw) * flops / peak,
-            "data_wait_frac": waits,
-            "median_data_wait_frac": _median(waits),
-            "telemetry": {k: _median([r["telemetry"][k] for r in rows["framework"]]) for k in tele_keys},
-        },
-        "ratio": ratios,
-        "median_ratio": _median(ratios),
-        "ratio_of_medians": _median(fw) / _median(hand),
-    }
+# ---------------------------------------------------------------------------------------------- data
 
 
-def compare_table(configs: list[dict]) -> str:
-    lines = [
-        "",
-        f"{'config':<20} {'hand img/s':>11} {'framework img/s':>16} {'ratio':>6} {'hand MFU':>9} {'fw MFU':>7} "
-        f"{'data wait':>9}  {'autocast':>8}",
-    ]
-    for c in configs:
-        lines.append(
-            f"{c['precision'] + '/' + c['layout']:<20} {c['hand']['median_img_per_s']:>11,.0f} "
-            f"{c['framework']['median_img_per_s']:>16,.0f} {c['median_ratio']:>6.3f} "
-            f"{100 * c['hand']['mfu']:>8.2f}% {100 * c['framework']['mfu']:>6.2f}% "
-            f"{100 * c['framework']['median_data_wait_frac']:>8.1f}%  {c['autocast_dtype']['framework']:>8}"
-        )
-    lines.append("(medians over trials; ratio = median of per-trial framework/hand; MFU against the peak above)")
-    return "\n".join(lines)
+def _stream_rates(cfg, rank, world, batch, seconds, warmup, trials, resident, device) -> dict[str, list[float]]:
+    """img/s of this rank's `RankStream` alone. Streamed (`resident` False): batches with every digit decoded, as
+    every epoch of a shard too large to keep. Resident: the table's build (a first epoch's decoding), batches from
+    the table with the epoch's order at hand, with and without the on-device resize, and the rate at which epoch
+    orders come from the stream (rows/s, `data.num_workers` processes ahead of training)."""
+    import copy
 
-
-def _stream_rates(cfg, rank, world, batch, seconds, warmup, trials, resize, cold, device) -> list[float]:
-    """img/s of this rank's `RankStream` alone; `cold` empties the decode cache before every batch (a first epoch)."""
-    from cvae_dist.data import RankStream, decode_image, to_model_input
+    from cvae_dist.data import RankStream, to_model_input
     from cvae_dist.distributed import data_workers
 
-    d = cfg.data
-    workers = data_workers(d.num_workers, device)
-    stream = RankStream(d.source, d.train_split, rank, world, batch, d.shuffle_buffer, cfg.train.seed, workers)
+    data = copy.deepcopy(cfg.data)
+    data.resident_mb = data.resident_mb if resident else 0
+    start = time.perf_counter()
+    stream = RankStream(data, rank, world, batch, cfg.train.seed, data_workers(data.num_workers, device), device)
+    built = time.perf_counter() - start
+    steps = stream.local_steps
 
-    batches = _endless(stream)
+    def rates(step: Callable[[], object], per_step: int) -> list[float]:
+        _timed_run(step, warmup, device, min_steps=2)
+        return [n * per_step / s for n, s in (_timed_run(step, seconds, device) for _ in range(trials))]
 
-    def step():
-        if cold:
-            decode_image.cache_clear()
-        b = next(batches)
-        if resize:
-            to_model_input(b.pixels.to(device), cfg.model.image_size, cfg.train.channels_last)
-
-    _timed_run(step, warmup, device, min_steps=stream.steps_per_epoch + 1)  # warm: every digit decoded once
-    rates = []
-    for _ in range(trials):
-        steps, s = _timed_run(step, seconds, device)
-        rates.append(steps * batch / s)
-    return rates
+    if not resident:
+        batches = (b for epoch in itertools.count(1) for b in stream.epoch(epoch, steps))
+        return {"stream": rates(lambda: next(batches), batch)}
+    order = stream.order(1)
+    slices = itertools.cycle([order[i * batch : (i + 1) * batch] for i in range(steps)])
+    resize = cfg.model.image_size, cfg.train.channels_last
+    epochs = itertools.count(2)
+    return {
+        "resident-build": [stream.local_rows / built],
+        "resident": rates(lambda: stream.table.batch(next(slices)), batch),
+        "resident+resize": rates(lambda: to_model_input(stream.table.batch(next(slices)).pixels, *resize), batch),
+        "resident-order": rates(lambda: stream.order(next(epochs)), len(order)),
+    }
 
 
 def data_section(args, cfg, device, configs: list[dict] | None) -> dict:
-    seconds = args.data_seconds or args.seconds
-    global_batch = cfg.data.batch_size
-    streams = []
-    for world, ranks in ((1, [0]), (2, [0, 1])):
-        batch = cfg.data.per_rank_batch_size or global_batch // world
-        for rank in ranks:
-            variants = ((True, False), (False, False), (False, True)) if world == 1 else ((True, False), (False, False))
-            for cold, resize in variants:
-                rates = _stream_rates(cfg, rank, world, batch, seconds, args.warmup, args.trials, resize, cold, device)
-                streams.append(
-                    {
-                        "world": world,
-                        "rank": rank,
-                        "batch": batch,
-                        "decode_cache": "cold" if cold else "warm",
-                        "with_resize": resize,
-                        "img_per_s": rates,
-                        "median_img_per_s": _median(rates),
-                    }
-                )
     from cvae_dist.distributed import data_workers
 
+    seconds = args.data_seconds or args.seconds
+    streams = []
+    for world, ranks in ((1, [0]), (2, [0, 1])):
+        batch = cfg.data.per_rank_batch_size or cfg.data.batch_size // world
+        for rank, resident in itertools.product(ranks, (False, True)):
+            measured = _stream_rates(cfg, rank, world, batch, seconds, args.warmup, args.trials, resident, device)
+            for path, rates in measured.items():
+                streams.append({"world": world, "rank": rank, "batch": batch, "path": path, "img_per_s": rates,
+                                "median_img_per_s": _median(rates)})  # fmt: skip
     out: dict = {"num_workers": data_workers(cfg.data.num_workers, device), "streams": streams}
+    single = {s["path"]: s["median_img_per_s"] for s in streams if s["world"] == 1}
+    # after the first epoch a batch needs its epoch's order and a lookup in the table: the slower of the two
+    single["after"] = min(single["resident"], single["resident-order"])
+    out["rank_img_per_s"] = single
     if configs:
-        train = {f"{c['precision']}/{c['layout']}": c["framework"]["median_img_per_s"] for c in configs}
+        train = {_row_label(c): c["framework"]["median_img_per_s"] for c in configs}
         out["train_img_per_s"] = train
-        for cache in ("cold", "warm"):
-            single = next(s for s in streams if s["world"] == 1 and not s["with_resize"] and s["decode_cache"] == cache)
-            out[f"data_to_train_ratio_{cache}"] = {k: single["median_img_per_s"] / v for k, v in train.items()}
-            out[f"min_data_to_train_ratio_{cache}"] = min(out[f"data_to_train_ratio_{cache}"].values())
-        waits = {f"{c['precision']}/{c['layout']}": c["framework"]["median_data_wait_frac"] for c in configs}
+        for when, path in (("first_epoch", "resident-build"), ("streamed", "stream"), ("after", "after")):
+            out[f"data_to_train_ratio_{when}"] = {k: single[path] / v for k, v in train.items()}
+            out[f"min_data_to_train_ratio_{when}"] = min(out[f"data_to_train_ratio_{when}"].values())
+        waits = {_row_label(c): c["framework"]["median_data_wait_frac"] for c in configs}
         out["data_wait_frac"] = waits
         out["max_data_wait_frac"] = max(waits.values())
     return out
 
 
+def _row_label(c: dict) -> str:
+    return f"{c['precision']}/{c['layout']}" + (" graph" if c["mode"] == "graph" else "")
+
+
+DATA_PATHS = {
+    "stream": "stream: decode + batch",
+    "resident-build": "resident: decode into the table",
+    "resident": "resident: batch from the table",
+    "resident+resize": "resident: batch + resize",
+    "resident-order": "resident: epoch order from the stream",
+}
+
+
 def data_table(data: dict) -> str:
     lines = ["", f"data pipeline (RankStream, data.num_workers={data['num_workers']}):"]
     for s in data["streams"]:
-        what = ("decode" if s["decode_cache"] == "cold" else "cached") + "+batch"
-        what += "+resize" if s["with_resize"] else ""
-        lines.append(
-            f"  rank {s['rank']} of {s['world']} (batch {s['batch']:>3}) {what:<20} "
-            f"{s['median_img_per_s']:>9,.0f} img/s"
-        )
+        lines.append(f"  rank {s['rank']} of {s['world']} (batch {s['batch']:>4}) {DATA_PATHS[s['path']]:<38} "
+                     f"{s['median_img_per_s']:>12,.0f} img/s")  # fmt: skip
     for k, wait in data.get("data_wait_frac", {}).items():
-        cold, warm = data["data_to_train_ratio_cold"][k], data["data_to_train_ratio_warm"][k]
-        lines.append(
-            f"  {k:<20} data/train {cold:5.1f}x first epoch, {warm:6.1f}x after   "
-            f"data wait {100 * wait:4.1f}% of step time"
-        )
-    lines.append("  (first epoch: every digit decoded; after: decoded digits come from the per-process cache)")
+        first, after = data["data_to_train_ratio_first_epoch"][k], data["data_to_train_ratio_after"][k]
+        lines.append(f"  {k:<26} data/train {first:6.1f}x first epoch, {after:8.1f}x after   "
+                     f"data wait {100 * wait:4.1f}% of step time")  # fmt: skip
+    lines.append("  (resident: the split decoded once into a table on the rank's device; after the first epoch a "
+                 "batch needs the epoch's order and a table lookup, so its rate is the slower of the two)")  # fmt: skip
     return "\n".join(lines)
 
 
@@ -590,17 +643,18 @@ def data_table(data: dict) -> str:
 SCALING_RUNS = ((1, 2), (2, 1), (1, 1))  # (processes, threads per process)
 
 
-def scaling_section(args, overrides: list[str]) -> dict:
+def scaling_section(args) -> dict:
     runs = []
-    with tempfile.TemporaryDirectory(prefix="cvae-bench-") as tmp:
-        for processes, threads in SCALING_RUNS:
-            out = Path(tmp) / f"p{processes}t{threads}.json"
-            runs.append(_launch_worker(args, overrides, processes, threads, out))
-            r = runs[-1]
-            print(
-                f"  scaling {processes} process(es) x {threads} thread(s): {r['median_img_per_s']:,.0f} img/s",
-                flush=True,
-            )
+    for processes, threads in SCALING_RUNS:
+        launcher = [_accelerate(), "launch", "--config_file", str(REPO / "launch" / "cpu_debug.yaml")]
+        if processes > 1:
+            launcher = [_accelerate(), "launch", "--config_file", str(REPO / "launch" / "ddp_cpu.yaml"),
+                        "--num_processes", str(processes), "--main_process_port", str(_free_port())]  # fmt: skip
+        r = _run_worker(args, "scaling", [], launcher, {"OMP_NUM_THREADS": str(threads)})
+        runs.append(r)
+        print(
+            f"  scaling {processes} process(es) x {threads} thread(s): {r['median_img_per_s']:,.0f} img/s", flush=True
+        )
     rate = {(r["processes"], r["threads"]): r["median_img_per_s"] for r in runs}
     return {
         "runs": runs,
@@ -609,78 +663,37 @@ def scaling_section(args, overrides: list[str]) -> dict:
     }
 
 
+def _accelerate() -> str:
+    local = Path(sys.executable).parent / "accelerate"
+    return str(local) if local.exists() else (shutil.which("accelerate") or "accelerate")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _launch_worker(args, overrides: list[str], processes: int, threads: int, out: Path) -> dict:
-    accelerate = Path(sys.executable).parent / "accelerate"
-    launcher = [str(accelerate) if accelerate.exists() else (shutil.which("accelerate") or "accelerate"), "launch"]
-    if processes == 1:
-        launcher += ["--config_file", str(REPO / "launch" / "cpu_debug.yaml")]
-    else:
-        launcher += ["--config_file", str(REPO / "launch" / "ddp_cpu.yaml"), "--num_processes", str(processes)]
-        launcher += ["--main_process_port", str(_free_port())]
-    cmd = [
-        *launcher,
-        "-m",
-        "cvae_dist.bench",
-        "--worker",
-        "--out",
-        str(out),
-        "--trials",
-        str(args.trials),
-        "--seconds",
-        str(args.seconds),
-        "--warmup",
-        str(args.warmup),
-        *(["--config", str(args.config)] if args.config else []),
-        *(["--compile"] if args.compile else []),
-        *overrides,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    timeout = 180 + (args.trials + 1) * (args.seconds + args.warmup) * 3
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 or not out.is_file():
-        raise RuntimeError(
-            f"scaling worker ({processes} x {threads}) exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}"
-        )
-    return {"command": cmd, **json.loads(out.read_text())}
+def scaling_worker(args, cfg, accelerator) -> dict:
+    """One launched measurement: the trainer for `--trials` x `--seconds`."""
+    from cvae_dist.distributed import precision
 
-
-def _worker(args: argparse.Namespace) -> int:
-    """One launched measurement: the framework path for `--trials` x `--seconds`; rank 0 writes the figures."""
-    from cvae_dist import distributed
-    from cvae_dist.config import load_config
-
-    cfg = load_config(args.config, _overrides(args))
-    distributed.set_threads()
-    fw = FrameworkLoop(cfg, args.compile)
-    threads = torch.get_num_threads()
-    fw.trial(args.warmup)
-    trials = [fw.trial(args.seconds) for _ in range(args.trials)]
+    loop = TrainerLoop(_trainer_run(cfg, accelerator, "scaling"), args.compile)
+    loop.trial(args.warmup)
+    trials = [loop.trial(args.seconds) for _ in range(args.trials)]
     rates = [t["img_per_s"] for t in trials]
-    if fw.accelerator.is_main_process:
-        figures = {
-            "processes": fw.world,
-            "threads": threads,
-            "per_rank_batch": fw.parts.batch,
-            "precision": fw.precision,
-            "backend": fw.accelerator.distributed_type.value,
-            "trials": trials,
-            "img_per_s": rates,
-            "median_img_per_s": _median(rates),
-            "median_sync_wait_frac": _median([t["telemetry"]["sync_wait_frac"] for t in trials]),
-            "median_data_wait_frac": _median([t["data_wait_frac"] for t in trials]),
-        }
-        if args.out:
-            args.out.write_text(json.dumps(figures, indent=2) + "\n")
-        print(f"bench worker: {json.dumps({k: v for k, v in figures.items() if k != 'trials'})}")
-    fw.accelerator.wait_for_everyone()
-    fw.accelerator.end_training()
-    return 0
+    return {
+        "processes": accelerator.num_processes,
+        "threads": torch.get_num_threads(),
+        "per_rank_batch": loop.run.batch,
+        "precision": precision(accelerator),
+        "backend": accelerator.distributed_type.value,
+        "trials": trials,
+        "img_per_s": rates,
+        "median_img_per_s": _median(rates),
+        "median_sync_wait_frac": _median([t["telemetry"]["sync_wait_frac"] for t in trials]),
+        "median_data_wait_frac": _median([t["telemetry"]["data_wait_frac"] for t in trials]),
+    }
 
 
 def scaling_table(s: dict) -> str:

@@ -1,4 +1,4 @@
-"""Image grids as the seed draws them: reconstructions, a blank row, then samples from the prior."""
+"""Image grids: the run's figure (reconstructions, a blank row, samples from the prior) and the inference layouts."""
 
 from __future__ import annotations
 
@@ -10,12 +10,25 @@ from torchvision.utils import make_grid, save_image
 GRID_COLUMNS = 16
 
 
-def seed_grid(reconstructions: torch.Tensor, samples: torch.Tensor, columns: int = GRID_COLUMNS) -> torch.Tensor:
+def grid(images: torch.Tensor, columns: int) -> torch.Tensor:
+    """(1, H, W) grayscale grid, no padding."""
+    return make_grid(images.float().cpu(), nrow=columns, padding=0)[:1]
+
+
+def recon_sample_grid(
+    reconstructions: torch.Tensor, samples: torch.Tensor, columns: int = GRID_COLUMNS
+) -> torch.Tensor:
     """(1, H, W) image: the reconstruction grid, one blank image-high row, the prior-sample grid."""
-    top = make_grid(reconstructions.float().cpu(), nrow=columns, padding=0)
-    bottom = make_grid(samples.float().cpu(), nrow=columns, padding=0)
-    blank = torch.zeros(top.shape[0], reconstructions.shape[-2], top.shape[-1])
-    return torch.cat([top, blank, bottom], dim=1)[:1]
+    top, bottom = grid(reconstructions, columns), grid(samples, columns)
+    blank = torch.zeros(1, reconstructions.shape[-2], top.shape[-1])
+    return torch.cat([top, blank, bottom], dim=1)
+
+
+def side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor, columns: int) -> torch.Tensor:
+    """Originals grid | one blank image-wide column | reconstructions grid, in the same places."""
+    left, right = grid(originals, columns), grid(reconstructions, columns)
+    blank = torch.zeros(1, left.shape[1], originals.shape[-1])
+    return torch.cat([left, blank, right], dim=2)
 
 
 def save_grid(image: torch.Tensor, path: Path) -> Path:

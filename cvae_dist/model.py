@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -14,8 +16,17 @@ from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 from cvae_dist.config import ModelConfig
 
 
-def _conv_block(c_in: int, c_out: int, stride: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.01)]
+class ConvBlock(nn.Sequential):
+    """Conv 3x3 (pad 1) -> BatchNorm -> leaky ReLU 0.01."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__(
+            OrderedDict(
+                conv=nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1),
+                norm=nn.BatchNorm2d(c_out),
+                act=nn.LeakyReLU(0.01),
+            )
+        )
 
 
 class Encoder(nn.Module):
@@ -24,8 +35,10 @@ class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         f = cfg.filters
-        self.features = nn.Sequential(
-            *_conv_block(1, f // 4, 2), *_conv_block(f // 4, f // 2, 2), *_conv_block(f // 2, f, 2), nn.Flatten()
+        self.down1, self.down2, self.down3 = (
+            ConvBlock(1, f // 4, 2),
+            ConvBlock(f // 4, f // 2, 2),
+            ConvBlock(f // 2, f, 2),
         )
         flat = f * (cfg.image_size // 8) ** 2
         self.mu = nn.Linear(flat, cfg.latent_dim)
@@ -34,7 +47,7 @@ class Encoder(nn.Module):
         nn.init.zeros_(self.log_var.bias)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        h = self.features(x)
+        h = self.down3(self.down2(self.down1(x))).flatten(1)
         return self.mu(h), self.log_var(h).clamp(-20.0, 10.0)
 
 
@@ -46,13 +59,17 @@ class Decoder(nn.Module):
         f, side = cfg.filters, cfg.image_size // 8
         self.shape = (f, side, side)
         self.linear = nn.Linear(cfg.latent_dim, f * side * side)
-        up = nn.Upsample(scale_factor=2, mode="nearest")
-        self.features = nn.Sequential(
-            up, *_conv_block(f, f // 2, 1), up, *_conv_block(f // 2, f // 4, 1), up, nn.Conv2d(f // 4, 1, 3, padding=1)
-        )
+        self.up1, self.up2 = ConvBlock(f, f // 2, 1), ConvBlock(f // 2, f // 4, 1)
+        self.out = nn.Conv2d(f // 4, 1, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        return torch.sigmoid(self.features(self.linear(z).view(-1, *self.shape)))
+        h = self.linear(z).view(-1, *self.shape)
+        h = self.up2(_upsample(self.up1(_upsample(h))))
+        return torch.sigmoid(self.out(_upsample(h)))
+
+
+def _upsample(x: torch.Tensor) -> torch.Tensor:
+    return F.interpolate(x, scale_factor=2, mode="nearest")
 
 
 class VAEOutput(NamedTuple):
@@ -96,24 +113,30 @@ class CVAE(
         return VAEOutput(self.decoder(z), mu, log_var)
 
     def _save_pretrained(self, save_directory) -> None:
-        """float32, contiguous tensors (as the trainer's export); works on channels_last models too."""
+        """float32, contiguous tensors (see `portable`); works on channels_last models too."""
         from safetensors.torch import save_file
 
         save_file(portable(self.state_dict()), str(save_directory / "model.safetensors"), metadata={"format": "pt"})
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
-        """Strict by default: a checkpoint that misses or renames a weight is an error, not a half-loaded model."""
-        from pathlib import Path
-
+        """Strict by default: a checkpoint that misses or renames a weight is an error, not a half-loaded model.
+        (A local directory is read here: the mixin's own path prints a line on stdout.)"""
         if not Path(model_id).is_dir():  # a hub repo id: the mixin downloads it
-            return super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs)
-        from safetensors.torch import load_file
-
+            return (
+                super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs).eval()
+            )
         hub_args = ("revision", "cache_dir", "force_download", "local_files_only", "token")
         model = cls(**{k: v for k, v in kwargs.items() if k not in hub_args})
-        model.load_state_dict(load_file(str(Path(model_id) / "model.safetensors"), device=map_location), strict=strict)
-        return model.to(map_location).eval()
+        return cls._load_as_safetensor(model, str(Path(model_id) / "model.safetensors"), map_location, strict).eval()
+
+    @staticmethod
+    def shape_of(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
+        """The ModelConfig a CVAE state dict was built with, read off its tensors' shapes (KeyError if it is not
+        one)."""
+        mu = state_dict["encoder.mu.weight"]  # (latent_dim, filters * (image_size / 8)^2)
+        filters = state_dict["encoder.down3.conv.weight"].shape[0]  # the widest conv: F output channels
+        return ModelConfig(latent_dim=mu.shape[0], filters=filters, image_size=8 * math.isqrt(mu.shape[1] // filters))
 
 
 class LossParts(NamedTuple):
@@ -132,9 +155,10 @@ def vae_loss(out: VAEOutput, x: torch.Tensor) -> LossParts:
 
 def portable(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The export format: float32, contiguous (channels_last undone), CPU copies of a state dict, named as in `CVAE`
-    (the `_orig_mod.` prefix of a model compiled by `accelerate launch --dynamo_backend ...` dropped)."""
+    (the prefixes of wrappers dropped: DDP's `module.`, a compiled model's `_orig_mod.`)."""
     state_dict = OrderedDict(state_dict)
-    consume_prefix_in_state_dict_if_present(state_dict, "_orig_mod.")
+    for prefix in ("module.", "_orig_mod."):
+        consume_prefix_in_state_dict_if_present(state_dict, prefix)
     return {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
 
 

@@ -1,5 +1,6 @@
-"""Per-rank throughput telemetry: every rank measures, one small all-gather per log interval, the main process
-writes `rank/<r>/...` and `throughput/...` series, flags stragglers and prints a per-rank table at the end.
+"""Per-rank throughput telemetry: every rank measures; the trainer's one gather per log interval (`exchange`) carries
+the figures to the main process, which writes `rank/<r>/...` and `throughput/...` series, flags stragglers and
+prints a per-rank table at the end.
 
 Timing is honest without syncing every step: on CPU the step is synchronous, so wall clocks are exact; on CUDA
 the phases are CUDA events, read (one synchronize) only at the log point.
@@ -11,32 +12,32 @@ import resource
 import statistics
 import time
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 
-# Dense bf16/fp16 tensor-core peaks (FLOP/s) of common GPUs, by a substring of torch.cuda.get_device_name().
-GPU_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-    "V100": 125e12,
-    "T4": 65e12,
+# Dense tensor-core peaks in TFLOP/s by a substring of torch.cuda.get_device_name(): (bf16 = fp16, tf32, fp32).
+# An fp32 run is measured against TF32 when cuDNN may use it for convolutions (PyTorch's default), else plain fp32.
+GPU_PEAK_TFLOPS = {
+    "H200": (989, 494, 67),
+    "H100": (989, 494, 67),
+    "A100": (312, 156, 19.5),
+    "L40S": (362, 183, 91.6),
+    "A10G": (125, 62.5, 31.2),
+    "L4": (121, 60, 30.3),
+    "V100": (125, 15.7, 15.7),  # no bf16 or tf32: fp16 tensor cores only
+    "T4": (65, 8.1, 8.1),
 }
-# Order of the per-rank vector gathered each interval (after the trainer's own leading entries).
+# This rank's figures, as gathered each interval (`rank/<r>/<name>` in the logs).
 RANK_FIELDS = (
     "img_per_s",  # images / wall time: what this rank delivered (ranks in one DDP job move in lockstep)
     "busy_img_per_s",  # images / (wall - time waiting for peers): what this rank could do alone; names stragglers
     "step_time_s",
     "data_wait_frac",
     "sync_wait_frac",  # time blocked on peers (DDP buffer broadcast + gradient all-reduce)
-    "fwd_bwd_s",
-    "optimizer_s",
+    "fwd_bwd_s",  # forward + backward (under a CUDA graph: the whole replayed step)
+    "optimizer_s",  # (under a CUDA graph: 0, it is part of the replay)
     "peak_mem_mb",
     "mfu",
 )
@@ -57,24 +58,54 @@ def count_flops_per_image(model_cfg, batch: int = 8) -> float:
     return counter.get_total_flops() / batch
 
 
-def peak_flops(device: torch.device, configured_tflops: float | None) -> tuple[float, str]:
-    """The device's peak FLOP/s: configured, from the GPU table, or measured (CPU: an fp32 matmul loop)."""
+def peak_flops(device: torch.device, precision: str, configured_tflops: float | None) -> tuple[float, str]:
+    """The device's peak FLOP/s in `precision` (fp32 | bf16 | fp16): configured, from the GPU table, or measured on
+    a CPU (the best of several large matmuls in that dtype on this process's threads)."""
     if configured_tflops:
         return configured_tflops * 1e12, "configured"
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
+        for key, (half, tf32, fp32) in GPU_PEAK_TFLOPS.items():
             if key in name:
-                return flops, f"table:{key}"
-    a = torch.ones(512, 512, device=device)
+                if precision != "fp32":
+                    return half * 1e12, f"table:{key}:{precision}"
+                tf32_used = torch.backends.cudnn.allow_tf32
+                return (tf32 if tf32_used else fp32) * 1e12, f"table:{key}:{'tf32' if tf32_used else 'fp32'}"
+    # A CPU without native bf16 emulates it (slower than fp32): the faster of the dtypes the run may use is its peak.
+    dtypes = [torch.float32] + ([torch.bfloat16] if precision == "bf16" else [])
+    return max(_measured_matmul_peak(device, dtype) for dtype in dtypes)
+
+
+def _measured_matmul_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    n, best = 1024, 0.0
+    with torch.random.fork_rng(devices=[]):  # leave the training RNG stream untouched (exact resume)
+        a = torch.randn(n, n).to(device=device, dtype=dtype)
     torch.mm(a, a)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < 0.2:
-        torch.mm(a, a)
-        n += 1
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return 2 * 512**3 * n / (time.perf_counter() - start), "measured:fp32-matmul"
+    for _ in range(5):
+        k, start = 0, time.perf_counter()
+        while time.perf_counter() - start < 0.04:
+            torch.mm(a, a)
+            k += 1
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        best = max(best, 2 * n**3 * k / (time.perf_counter() - start))
+    return best, f"measured:{str(dtype).removeprefix('torch.')}-matmul"
+
+
+def compute_dtype(model: torch.nn.Module, run_forward) -> str:
+    """The dtype the encoder's mu head (a Linear) produces in one forward of `run_forward` (no gradients, the RNG
+    left as it was): shows what precision a model really computes in."""
+    inner = model
+    while hasattr(inner, "module") or hasattr(inner, "_orig_mod"):  # DDP / DeepSpeed / torch.compile wrappers
+        inner = getattr(inner, "module", None) or inner._orig_mod
+    seen: list[torch.dtype] = []
+    handle = inner.encoder.mu.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype))
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            run_forward()
+    finally:
+        handle.remove()
+    return str(seen[0]).removeprefix("torch.") if seen else "unknown"
 
 
 class _Clock:
@@ -94,50 +125,52 @@ class _Clock:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
 
-@dataclass
-class Interval:
-    """What the trainer gets back from one interval's gather."""
-
-    per_rank: torch.Tensor  # (world, len(leading) + len(RANK_FIELDS))
-    record: dict = field(default_factory=dict)
-
-
 class Telemetry:
-    def __init__(self, accelerator: Accelerator, cfg, per_rank_batch: int, identity: dict):
+    """This rank's meters (data wait, phases, time blocked on peers, memory) and the main process's view of all
+    ranks (series, stragglers, the end-of-run table). With `log.telemetry=false` only img/s is measured."""
+
+    def __init__(self, accelerator: Accelerator, cfg, per_rank_batch: int, global_batch: int, identity: dict):
+        from cvae_dist.distributed import precision
+
         self.accelerator = accelerator
         self.cfg = cfg.log
-        self.batch = per_rank_batch
+        self.enabled = cfg.log.telemetry
+        self.batch, self.global_batch = per_rank_batch, global_batch
         self.flops_per_image = count_flops_per_image(cfg.model)
-        self.peak, self.peak_source = peak_flops(accelerator.device, cfg.log.peak_tflops)
+        self.peak, self.peak_source = peak_flops(accelerator.device, precision(accelerator), cfg.log.peak_tflops)
         self.identities = gather_object([identity])  # once, at start: host and machine of every rank
         self.clock = _Clock(accelerator.device)
-        self.delay = cfg.train.debug_delay_s if accelerator.process_index == cfg.train.debug_delay_rank else 0.0
         self.slow_streak = [0] * accelerator.num_processes
         self.last_alert = -1e9
         self.totals = [dict.fromkeys(RANK_FIELDS, 0.0) | {"intervals": 0} for _ in self.identities]
-        self._reset()
+        self.restart()
+
+    # ---- this rank's meters
 
     def instrument(self, model: torch.nn.Module) -> None:
         """Measure time blocked on peers in DDP: the buffer broadcast that opens each forward, and the gradient
-        all-reduce (a communication hook). Other wrappers (DeepSpeed) report no sync wait."""
-        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        all-reduce (a communication hook). Not under DeepSpeed (no such hook) or a CUDA graph (hooks do not run in
+        a replay)."""
+        if not self.enabled or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return
+        model.register_forward_pre_hook(self._forward_called)
         model.module.register_forward_pre_hook(self._inner_forward_started)
         model.register_comm_hook(self, _timed_allreduce)
 
-    def forward_starts(self) -> None:
-        self._forward_called = time.perf_counter()
+    def _forward_called(self, _module, _args) -> None:
+        self._forward_at = time.perf_counter()
 
     def _inner_forward_started(self, _module, _args) -> None:
-        if self._forward_called is not None:
-            self.sync_wait += time.perf_counter() - self._forward_called
-            self._forward_called = None
+        if self._forward_at is not None:
+            self.sync_wait += time.perf_counter() - self._forward_at
+            self._forward_at = None
 
-    def _reset(self) -> None:
+    def restart(self) -> None:
+        """Start a new measuring interval now."""
         self.sync_wait = 0.0
-        self._forward_called = None
+        self._forward_at = None
         self.data_wait = 0.0
-        self.phases: list[tuple] = []  # (batch ready, backward done, optimizer done) per step
+        self.phases: list[tuple] = []  # (batch ready, backward done or None, step done) per step
         self.steps = 0
         self.start = time.perf_counter()
         if self.clock.cuda:
@@ -152,68 +185,81 @@ class Telemetry:
                 batch = next(it)
             except StopIteration:
                 return
-            self.data_wait += time.perf_counter() - t0
-            self._ready = self.clock.now()
+            if self.enabled:
+                self.data_wait += time.perf_counter() - t0
+                self._ready, self._backward = self.clock.now(), None
             yield batch
 
     def backward_done(self) -> None:
-        self._backward = self.clock.now()
+        if self.enabled:
+            self._backward = self.clock.now()
 
     def step_done(self) -> None:
-        if self.delay:
-            time.sleep(self.delay)  # test-only: make this rank a straggler
-        self.phases.append((self._ready, self._backward, self.clock.now()))
         self.steps += 1
+        if self.enabled:
+            self.phases.append((self._ready, self._backward, self.clock.now()))
 
-    def interval(self, leading: list[torch.Tensor], step: int) -> Interval:
-        """Gather `leading` (the trainer's loss sums and stop flag) with this rank's figures: one collective."""
-        if self.clock.cuda:
+    def local(self) -> dict[str, float]:
+        """This rank's figures since the last `local()` (or `restart()`), named as RANK_FIELDS; restarts the meters."""
+        if self.clock.cuda and self.enabled:
             torch.cuda.synchronize(self.accelerator.device)
         wall = max(time.perf_counter() - self.start, 1e-9)
-        fwd_bwd = sum(self.clock.seconds(r, b) for r, b, _ in self.phases)
-        opt = sum(self.clock.seconds(b, d) for _, b, d in self.phases)
-        images, steps = self.steps * self.batch, max(self.steps, 1)
+        images = self.steps * self.batch
+        if not self.enabled:
+            self.restart()
+            return {"img_per_s": images / wall}
+        steps = max(self.steps, 1)
+        fwd_bwd = opt = 0.0
+        for ready, backward, done in self.phases:
+            fwd_bwd += self.clock.seconds(ready, backward or done)
+            opt += self.clock.seconds(backward, done) if backward is not None else 0.0
         busy = max(wall - self.sync_wait, 1e-9)
-        mine = [
-            images / wall,
-            images / busy,
-            wall / steps,
-            self.data_wait / wall,
-            self.sync_wait / wall,
-            fwd_bwd / steps,
-            opt / steps,
-            _peak_memory_mb(self.accelerator.device),
-            images / busy * self.flops_per_image / self.peak,
-        ]
-        device = leading[0].device
-        vector = torch.cat([torch.stack(leading).float(), torch.tensor(mine, device=device)])
-        per_rank = self.accelerator.gather(vector[None]).cpu()
-        self._reset()
-        return Interval(per_rank, self._record(per_rank[:, len(leading) :], step))
+        figures = {
+            "img_per_s": images / wall,
+            "busy_img_per_s": images / busy,
+            "step_time_s": wall / steps,
+            "data_wait_frac": self.data_wait / wall,
+            "sync_wait_frac": self.sync_wait / wall,
+            "fwd_bwd_s": fwd_bwd / steps,
+            "optimizer_s": opt / steps,
+            "peak_mem_mb": _peak_memory_mb(self.accelerator.device),
+            "mfu": _at_most_one(images / busy * self.flops_per_image / self.peak),
+        }
+        self.restart()
+        return figures
 
-    def _record(self, figures: torch.Tensor, step: int) -> dict:
-        record: dict = {"images_seen": step * self.batch * len(figures)}
-        for r, row in enumerate(figures.tolist()):
-            for name, value in zip(RANK_FIELDS, row, strict=True):
+    # ---- all ranks (the main process logs what these return)
+
+    def record(self, gathered: dict[str, torch.Tensor], step: int) -> dict:
+        """The interval's series from every rank's gathered figures: `rank/<r>/<name>`, `throughput/*`."""
+        names = [n for n in RANK_FIELDS if n in gathered]
+        record: dict = {"images_seen": step * self.global_batch}
+        for name in names:
+            for r, value in enumerate(gathered[name].tolist()):
                 record[f"rank/{r}/{name}"] = value
                 self.totals[r][name] += value
-            self.totals[r]["intervals"] += 1
-        col = {name: figures[:, i].tolist() for i, name in enumerate(RANK_FIELDS)}
-        busy = col["busy_img_per_s"]
-        median = statistics.median(busy)
-        record |= {
-            "throughput/global_img_per_s": sum(col["img_per_s"]),
-            "throughput/min_rank_img_per_s": min(busy),
-            "throughput/straggler_ratio": min(busy) / median if median else 1.0,
-            "throughput/mfu": sum(col["mfu"]) / len(busy),
-            "throughput/data_wait_frac": max(col["data_wait_frac"]),
-        }
-        record["stragglers"] = self._stragglers(busy, median)
+        for t in self.totals:
+            t["intervals"] += 1
+        record["throughput/global_img_per_s"] = gathered["img_per_s"].sum().item()
+        if self.enabled:
+            busy = gathered["busy_img_per_s"].tolist()
+            median = statistics.median(busy)
+            record |= {
+                "throughput/min_rank_busy_img_per_s": min(busy),
+                "throughput/straggler_ratio": min(busy) / median if median else 1.0,
+                "throughput/mfu": gathered["mfu"].mean().item(),
+                "throughput/data_wait_frac": gathered["data_wait_frac"].max().item(),
+            }
         return record
 
-    def _stragglers(self, rates: list[float], median: float) -> list[int]:
-        """Ranks slower than `straggler_fraction` x median for `straggler_intervals` intervals in a row."""
-        flagged = []  # ranks that just crossed the threshold (the console names each once per episode)
+    def stragglers(self, gathered: dict[str, torch.Tensor]) -> list[int]:
+        """Ranks whose busy rate just completed `straggler_intervals` intervals in a row below `straggler_fraction`
+        of the median (each named once per slow spell)."""
+        if not self.enabled:
+            return []
+        rates = gathered["busy_img_per_s"].tolist()
+        median = statistics.median(rates)
+        flagged = []
         for r, rate in enumerate(rates):
             self.slow_streak[r] = self.slow_streak[r] + 1 if rate < self.cfg.straggler_fraction * median else 0
             if self.slow_streak[r] == self.cfg.straggler_intervals:
@@ -255,6 +301,12 @@ class Telemetry:
         }
 
 
+def _at_most_one(mfu: float) -> float:
+    """An MFU above 1 means the peak it was measured against is wrong (a CPU's matmul rate is a lower bound of what
+    its convolutions can reach): no figure (NaN) rather than one that cannot be true."""
+    return mfu if mfu <= 1 else float("nan")
+
+
 def _peak_memory_mb(device: torch.device) -> float:
     """CUDA: max allocated since the last interval. CPU: the process's peak resident set size."""
     if device.type == "cuda":
@@ -275,23 +327,3 @@ def _timed_allreduce(telemetry: Telemetry, bucket):  # no return annotation: DDP
         return fut.value()[0]
 
     return future.then(done)
-
-
-class NoTelemetry:
-    """Telemetry switched off (the bench's baseline for its cost): no timers, and the interval is the bare
-    gather of the trainer's own figures."""
-
-    def __init__(self, accelerator: Accelerator):
-        self.accelerator = accelerator
-
-    def timed(self, batches: Iterable) -> Iterator:
-        return iter(batches)
-
-    def forward_starts(self) -> None: ...
-
-    def backward_done(self) -> None: ...
-
-    def step_done(self) -> None: ...
-
-    def interval(self, leading: list[torch.Tensor], step: int) -> Interval:
-        return Interval(self.accelerator.gather(torch.stack(leading).float()[None]).cpu(), {"stragglers": []})

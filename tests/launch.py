@@ -13,6 +13,7 @@ from pathlib import Path
 from wandb_offline import read_run
 
 REPO = Path(__file__).resolve().parents[1]
+DEBUG = REPO / "configs" / "debug.yaml"  # the debug recipe by absolute path: tests pass from any directory
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 
 
@@ -44,15 +45,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_command(tmp_path: Path, name: str, launcher_args, overrides=(), config="configs/debug.yaml") -> list[str]:
+FAULT_ENTRY = str(Path(__file__).with_name("fault_entry.py"))
+
+
+def launch_command(tmp_path: Path, name: str, launcher_args, overrides=(), config="configs/debug.yaml",
+                   fault: tuple = ()) -> list[str]:  # fmt: skip
     """`accelerate launch <launcher_args> -m cvae_dist.cli train ...` with a free rendezvous port, so concurrent
-    launches (other tests, a benchmark) never collide."""
+    launches (other tests, a benchmark) never collide. `fault`: ("nan", step, rank) or ("slow", rank, seconds)
+    runs tests/fault_entry.py instead (see there)."""
     port = [] if "--main_process_port" in launcher_args else ["--main_process_port", str(free_port())]
-    return [ACCELERATE, "launch", *launcher_args, *port, "-m", "cvae_dist.cli", "train", "--config", config,
+    entry = [FAULT_ENTRY, *map(str, fault)] if fault else ["-m", "cvae_dist.cli"]
+    return [ACCELERATE, "launch", *launcher_args, *port, *entry, "train", "--config", str(REPO / config),
             f"output_dir={tmp_path}", f"run_name={name}", "log.wandb=offline", *overrides]  # fmt: skip
 
 
-ENV = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
 
 def launch(
@@ -63,9 +70,10 @@ def launch(
     timeout: float = 300,
     config: str = "configs/debug.yaml",
     check: bool = True,
+    fault: tuple = (),
 ) -> LaunchResult:
     """Run a launch to the end and collect what it printed and wrote."""
-    cmd = launch_command(tmp_path, name, launcher_args, overrides, config)
+    cmd = launch_command(tmp_path, name, launcher_args, overrides, config, fault)
     try:
         proc = subprocess.run(cmd, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as e:

@@ -12,6 +12,7 @@ from PIL import Image
 from cvae_dist.config import load_config
 from cvae_dist.data import SHIPPED_DIR, DataError
 from cvae_dist.trainer import train
+from launch import DEBUG
 
 
 def png(size):
@@ -39,7 +40,7 @@ def broken_source(tmp_path):
 def run(source, tmp_path, mode):
     return train(
         load_config(
-            "configs/debug.yaml",
+            DEBUG,
             [
                 "train.epochs=2",
                 f"data.source={source}",

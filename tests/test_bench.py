@@ -3,12 +3,15 @@
 import json
 import math
 import os
+import statistics
 import subprocess
 import sys
 
 import pytest
 
-SHORT = ["--trials", "1", "--seconds", "0.2", "--warmup", "0.1", "--data-seconds", "0.2", "log.every_steps=2"]
+# Two short trials at batch 32 on the 500 held-out digits (bf16 is ~20x slower than fp32 on CPUs without fast bf16).
+SHORT = ["--trials", "2", "--seconds", "0.2", "--warmup", "0.1", "--data-seconds", "0.2", "--batch", "32",
+         "log.every_steps=2", "data.train_split=test"]  # fmt: skip
 
 
 def bench(repo, tmp_path, *args, timeout=600):
@@ -28,62 +31,69 @@ def fraction(value) -> bool:
     return isinstance(value, int | float) and 0 <= value <= 1
 
 
-def test_compare_and_data_sections(repo, tmp_path):
+@pytest.mark.multiprocess  # (a worker process per precision and layout)
+def test_compare_data_and_telemetry_sections(repo, tmp_path):
     result, stdout = bench(repo, tmp_path, *SHORT)
     env = result["environment"]
-    for key in ("torch", "accelerate", "python", "platform", "cpu_model", "device", "mkldnn_bf16"):
+    for key in ("torch", "accelerate", "python", "platform", "cpu_model", "device", "fast_bf16"):
         assert key in env
     assert env["torch"] and env["cpu_model"] and env["device"] == "cpu"
     assert positive(env["cores"]) and positive(env["torch_threads"]) and len(env["loadavg_end"]) == 3
-    assert result["flops_per_image"] == 75_497_472 and positive(result["peak_flops"]) and result["peak_flops_source"]
-    assert result["settings"]["trials"] == 1 and result["settings"]["batch"] == 128
+    assert result["flops_per_image"] == 75_497_472
+    assert set(result["peak_flops"]) == {"fp32", "bf16"} and all(map(positive, result["peak_flops"].values()))
+    assert result["settings"]["trials"] == 2 and result["settings"]["batch"] == 32
 
     configs = result["configs"]
-    assert [(c["precision"], c["layout"]) for c in configs] == [
-        ("fp32", "nchw"),
-        ("fp32", "channels_last"),
-        ("bf16", "nchw"),
-        ("bf16", "channels_last"),
-    ]
+    assert [(c["precision"], c["layout"], c["mode"]) for c in configs] == [
+        ("fp32", "nchw", "eager"),
+        ("fp32", "channels_last", "eager"),
+        ("bf16", "nchw", "eager"),
+        ("bf16", "channels_last", "eager"),
+    ]  # (no graph rows without CUDA)
     for c in configs:
         want = "bfloat16" if c["precision"] == "bf16" else "float32"
         assert c["autocast_dtype"] == {"hand": want, "framework": want}  # autocast really on (or off) in both loops
         for side in ("hand", "framework"):
             figures = c[side]
-            assert len(figures["img_per_s"]) == 1 and all(map(positive, figures["img_per_s"]))
-            assert positive(figures["median_img_per_s"]) and positive(figures["mfu"])
+            assert len(figures["img_per_s"]) == 2 and all(map(positive, figures["img_per_s"]))
+            assert figures["median_img_per_s"] == statistics.median(figures["img_per_s"])
             assert all(positive(t["steps"]) and positive(t["seconds"]) for t in figures["trials"])
-        fw = c["framework"]
-        assert all(map(fraction, fw["data_wait_frac"])) and fraction(fw["median_data_wait_frac"])
+            assert [t["steps"] * 32 / t["seconds"] for t in figures["trials"]] == pytest.approx(figures["img_per_s"])
+            peak = result["peak_flops"][c["precision"]]
+            assert figures["mfu"] == pytest.approx(figures["median_img_per_s"] * 75_497_472 / peak)
+        # the ratio column: per trial, framework / hand, and the median of those is what is reported
+        hand, fw = c["hand"]["img_per_s"], c["framework"]["img_per_s"]
+        assert c["ratio"] == pytest.approx([f / h for f, h in zip(fw, hand, strict=True)])
+        assert c["median_ratio"] == pytest.approx(statistics.median(c["ratio"]))
+        assert c["ratio_of_medians"] == pytest.approx(statistics.median(fw) / statistics.median(hand))
+        assert f"{c['median_ratio']:.3f}" in stdout
+        telemetry = c["framework"]["telemetry"]
         for key in ("mfu", "step_time_s", "fwd_bwd_s", "optimizer_s"):
-            assert positive(fw["telemetry"][key]), key
-        assert fraction(fw["telemetry"]["data_wait_frac"]) and fw["telemetry"]["sync_wait_frac"] == 0
-        assert all(map(positive, c["ratio"])) and positive(c["median_ratio"]) and positive(c["ratio_of_medians"])
-        assert c["batch"] == 128
+            assert positive(telemetry[key]), key
+        assert fraction(telemetry["data_wait_frac"]) and telemetry["sync_wait_frac"] == 0
+        assert c["batch"] == 32 and c.get("hand_graph") is None
 
     data = result["data"]
-    assert [(s["world"], s["rank"], s["decode_cache"], s["with_resize"]) for s in data["streams"]] == [
-        (1, 0, "cold", False),
-        (1, 0, "warm", False),
-        (1, 0, "warm", True),
-        (2, 0, "cold", False),
-        (2, 0, "warm", False),
-        (2, 1, "cold", False),
-        (2, 1, "warm", False),
+    paths = ["stream", "resident-build", "resident", "resident+resize", "resident-order"]
+    assert [(s["world"], s["rank"], s["path"]) for s in data["streams"]] == [
+        (w, r, p) for w, ranks in ((1, [0]), (2, [0, 1])) for r in ranks for p in paths
     ]
     for s in data["streams"]:
         assert all(map(positive, s["img_per_s"])) and positive(s["median_img_per_s"])
-    for cache in ("cold", "warm"):
-        ratios = data[f"data_to_train_ratio_{cache}"]
+    single = data["rank_img_per_s"]
+    assert single["after"] == min(single["resident"], single["resident-order"])
+    for when in ("first_epoch", "streamed", "after"):
+        ratios = data[f"data_to_train_ratio_{when}"]
         assert set(ratios) == {f"{c['precision']}/{c['layout']}" for c in configs}
-        assert all(map(positive, ratios.values())) and positive(data[f"min_data_to_train_ratio_{cache}"])
+        assert all(map(positive, ratios.values())) and positive(data[f"min_data_to_train_ratio_{when}"])
     assert all(map(fraction, data["data_wait_frac"].values())) and fraction(data["max_data_wait_frac"])
     assert "framework img/s" in stdout and "data pipeline" in stdout
 
     overhead = result["telemetry_overhead"]  # the framework path with telemetry on and off, same run
     assert overhead["config"] == "bf16/channels_last"
-    assert positive(overhead["on_img_per_s"]) and positive(overhead["off_img_per_s"]) and positive(overhead["ratio"])
-    assert len(overhead["trials"]["on"]) == len(overhead["trials"]["off"]) == 1
+    assert positive(overhead["on_img_per_s"]) and positive(overhead["off_img_per_s"])
+    assert overhead["ratio"] == pytest.approx(overhead["on_img_per_s"] / overhead["off_img_per_s"])
+    assert len(overhead["trials"]["on"]) == len(overhead["trials"]["off"]) == 2
 
 
 def test_bad_arguments_are_one_line(repo, tmp_path):
@@ -105,9 +115,11 @@ def test_scaling_section(repo, tmp_path):
     runs = {(r["processes"], r["threads"]): r for r in scaling["runs"]}
     assert set(runs) == {(1, 2), (2, 1), (1, 1)}
     assert runs[(2, 1)]["backend"] == "MULTI_CPU" and runs[(1, 2)]["backend"] == "NO"
-    assert runs[(2, 1)]["per_rank_batch"] == 64 and runs[(1, 2)]["per_rank_batch"] == 128
+    assert runs[(2, 1)]["per_rank_batch"] == 16 and runs[(1, 2)]["per_rank_batch"] == 32
     for r in runs.values():
         assert all(map(positive, r["img_per_s"])) and positive(r["median_img_per_s"])
         assert fraction(r["median_sync_wait_frac"]) and fraction(r["median_data_wait_frac"])
-    assert positive(scaling["efficiency"]) and positive(scaling["per_core_efficiency"])
+    rate = {k: r["median_img_per_s"] for k, r in runs.items()}
+    assert scaling["efficiency"] == pytest.approx(rate[(2, 1)] / rate[(1, 2)])
+    assert scaling["per_core_efficiency"] == pytest.approx(rate[(2, 1)] / (2 * rate[(1, 1)]))
     assert "efficiency" in stdout

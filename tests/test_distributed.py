@@ -4,13 +4,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from cvae_dist.checkpoint import checkpoint_dirs, load_exported
+from cvae_dist.checkpoint import checkpoint_dirs
+from cvae_dist.distributed import fast_bf16
+from cvae_dist.model import CVAE
 from launch import REPO, launch
 
 pytestmark = pytest.mark.multiprocess
 
-# Two epochs on the 4,500 shipped training digits (35 steps of 128 per epoch), step lines every 5 steps.
-SHORT = ["train.epochs=2", "log.every_steps=5", "log.sample_ids=true", "log.images_every_epochs=2"]
+# Two epochs on the 4,500 shipped training digits (35 steps of 128 per epoch), step lines every 5 steps, in fp32
+# (what `auto` picks on a CPU without fast bf16; bf16 runs are tested on their own, on less data where bf16 is slow).
+SHORT = ["train.epochs=2", "log.every_steps=5", "log.sample_ids=true", "log.images_every_epochs=2",
+         "train.precision=fp32"]  # fmt: skip
+# bf16 on the 500 held-out digits (3 steps of 128 per epoch): CPUs without AVX-512 BF16 emulate it, ~20x slower.
+TINY_BF16 = ["train.epochs=2", "data.train_split=test", "log.every_steps=1", "train.precision=bf16"]
 # Runs that differ in world size see different batches (each rank reads its own shards) and BatchNorm
 # statistics over 64 instead of 128 images, so their losses agree statistically, not bit for bit.
 LOSS_TOLERANCE = 0.05
@@ -60,7 +66,8 @@ def test_deepspeed_zero(stage, runs, ddp):
         runs, f"zero{stage}", ["--config_file", f"launch/deepspeed_zero{stage}.yaml", "--num_processes", "2"], SHORT
     )
     config = run.wandb_config()
-    assert config["world_size"] == 2 and config["backend"] == "DEEPSPEED"
+    assert config["world_size"] == 2 and config["backend"] == "DEEPSPEED" and config["zero_stage"] == stage
+    assert config["precision"] == "fp32" and config["compute_dtype"] == "float32"
     losses = run.step_losses()
     assert losses[-1] < losses[0] / 2  # it learns
     assert (checkpoint_dirs(run.run_dir)[-1] / "pytorch_model").is_dir()  # DeepSpeed's per-rank shards
@@ -71,34 +78,72 @@ def test_deepspeed_zero(stage, runs, ddp):
     assert not ids[0] & ids[1]
 
 
-def test_three_ranks_on_5000_digits_run_equal_steps(runs):
-    # 5,000 digits over 9 shards: ranks hold 1,688 / 1,687 / 1,625 rows; 42 per rank per step.
-    run = launch(
-        runs,
-        "three",
-        ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "3"],
-        ["train.epochs=2", "data.train_split=train+test", "data.per_rank_batch_size=42", "log.every_steps=20"],
-        timeout=400,
-    )
+@pytest.fixture(scope="module")
+def ddp_bf16(runs):
+    return launch(runs, "ddp-bf16", ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"], TINY_BF16)
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_deepspeed_zero_bf16(stage, runs, ddp_bf16):
+    # DeepSpeed's own bf16 mode casts the weights but not BatchNorm's running statistics and fails; the trainer runs
+    # it as torch autocast, as DDP does: the same dtypes inside the model, the same losses.
+    launcher = ["--config_file", f"launch/deepspeed_zero{stage}.yaml", "--num_processes", "2"]
+    run = launch(runs, f"zero{stage}-bf16", launcher, TINY_BF16)
+    config = run.wandb_config()
+    assert (config["backend"], config["zero_stage"], config["precision"]) == ("DEEPSPEED", stage, "bf16")
+    assert config["compute_dtype"] == ddp_bf16.wandb_config()["compute_dtype"] == "bfloat16"
+    for z, d in zip(run.epochs(), ddp_bf16.epochs(), strict=True):
+        assert z["train/loss"] == pytest.approx(d["train/loss"], rel=LOSS_TOLERANCE)
+
+
+def test_three_ranks_share_the_global_batch_and_track_one_rank(runs):
+    # 5,000 digits over 9 shards, 3 ranks: the global batch of 128 as shares of 43 / 43 / 42; equal step counts.
+    args = ["train.epochs=2", "data.train_split=train+test", "log.every_steps=13", "train.precision=fp32"]
+    run = launch(runs, "three", ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "3"], args, timeout=400)
+    one = launch(runs, "three-vs-one", ["--config_file", "launch/cpu_debug.yaml"], args)
     ranks = run.ranks()
-    assert len(ranks) == 3
-    assert {tuple(r["steps_per_epoch"]) for r in ranks} == {(38, 38)}  # 1,625 // 42 everywhere
-    assert {r["steps"] for r in ranks} == {76}
-    assert [e["epoch"] for e in run.epochs()] == [1, 2]
+    assert [r["world_size"] for r in ranks] == [3, 3, 3]
+    assert run.wandb_config()["global_batch_size"] == 128
+    assert [run.wandb_config()["per_rank_batch_size"]] == [43]  # rank 0's share (ranks 1, 2: 43, 42)
+    steps = {tuple(r["steps_per_epoch"]) for r in ranks}
+    assert len(steps) == 1 and {r["steps"] for r in ranks} == {2 * next(iter(steps))[0]}
+    for a, b in zip(run.epochs(), one.epochs(), strict=True):
+        assert a["train/loss"] == pytest.approx(b["train/loss"], rel=LOSS_TOLERANCE)
 
 
-def test_bf16_tracks_fp32(runs, single):
-    run = launch(runs, "bf16", ["--config_file", "launch/cpu_debug.yaml"], [*SHORT, "train.precision=bf16"])
-    assert run.wandb_config()["train"]["precision"] == "bf16"
-    for b, f in zip(run.epochs(), single.epochs(), strict=True):
+def test_bf16_tracks_fp32(runs):
+    tiny = ["--config_file", "launch/cpu_debug.yaml"]
+    bf16 = launch(runs, "bf16", tiny, TINY_BF16)
+    fp32 = launch(runs, "fp32", tiny, [*TINY_BF16, "train.precision=fp32"])
+    assert (bf16.wandb_config()["precision"], bf16.wandb_config()["compute_dtype"]) == ("bf16", "bfloat16")
+    assert (fp32.wandb_config()["precision"], fp32.wandb_config()["compute_dtype"]) == ("fp32", "float32")
+    for b, f in zip(bf16.epochs(), fp32.epochs(), strict=True):
         assert b["train/loss"] == pytest.approx(f["train/loss"], rel=LOSS_TOLERANCE)
 
 
-def test_cpu_launcher_that_would_start_one_process_is_refused(runs):
-    run = launch(runs, "refused", ["--cpu", "--num_processes", "2"], ["train.epochs=1"], check=False)
-    assert run.returncode != 0
-    assert "asked for several processes but started one" in run.output
-    assert not run.run_dir.exists()
+@pytest.mark.parametrize(("launcher", "want"), [
+    (["--config_file", "launch/cpu_debug.yaml"], None),  # the launcher names no precision: the device decides
+    (["--config_file", "launch/cpu_debug.yaml", "--mixed_precision", "bf16"], "bf16"),  # the launcher's wins
+])  # fmt: skip
+def test_auto_precision_takes_the_launchers_else_the_devices(runs, launcher, want):
+    run = launch(runs, f"auto-{want}", launcher, ["train.epochs=1", "data.train_split=test"])
+    expected = want or ("bf16" if fast_bf16("cpu") else "fp32")
+    config = run.wandb_config()
+    assert config["train"]["precision"] == "auto" and config["precision"] == expected
+    assert config["compute_dtype"] == {"bf16": "bfloat16", "fp32": "float32"}[expected]
+    assert f"precision {expected} (auto" in run.output  # said in the run's first lines
+
+
+def test_gpu_launch_config_without_cuda_is_refused(runs):
+    run = launch(runs, "no-gpu", ["--config_file", "launch/ddp_gpu.yaml", "--num_processes", "2"],
+                 ["train.epochs=1"], check=False)  # fmt: skip
+    assert run.returncode != 0 and not run.run_dir.exists()
+    # each rank that got to it says it in one line (torchrun stops the other when the first exits), before the
+    # launcher's own report
+    errors = [x for x in run.output.splitlines() if x.startswith("cvae-dist train: error:")]
+    assert errors and all(x == errors[0] for x in errors)
+    assert "asks for GPUs" in errors[0] and "CUDA is unusable here" in errors[0] and "launch/ddp_cpu.yaml" in errors[0]
+    assert "Traceback" not in run.output.split(errors[-1])[0]
 
 
 def test_launch_configs_parse_with_accelerate():
@@ -114,10 +159,10 @@ def test_compiled_model_trains_and_exports_plain_weights(runs):
     # accelerate compiles the model in prepare() under --dynamo_backend; the export must still load into a CVAE.
     launcher = ["--config_file", "launch/cpu_debug.yaml", "--dynamo_backend", "inductor"]
     run = launch(runs, "compiled", launcher, ["train.epochs=1", "log.every_steps=5"], timeout=600)
-    assert run.wandb_config()["dynamo_backend"] == "INDUCTOR"
+    assert run.wandb_config()["dynamo_backend"] == "INDUCTOR" and run.wandb_config()["compiled"] is True
     losses = run.step_losses()
     assert losses[-1] < losses[0] / 2
-    exported = load_exported(run.run_dir / "model").state_dict()
+    exported = CVAE.from_pretrained(run.run_dir / "model").state_dict()
     final = load_file(checkpoint_dirs(run.run_dir)[-1] / "model.safetensors")
     assert exported.keys() == final.keys()
     assert all(torch.equal(exported[k].float(), final[k].float()) for k in final)

@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from cvae_dist.faults import REQUEUE_EXIT_CODE
-from launch import ENV, REPO, launch, launch_command
+from launch import DEBUG, ENV, REPO, launch, launch_command
 
 pytestmark = pytest.mark.multiprocess
 
@@ -77,7 +77,7 @@ def test_single_process_exits_with_the_requeue_code(tmp_path):
         str(REPO / ".venv/bin/cvae-dist") if (REPO / ".venv/bin/cvae-dist").exists() else "cvae-dist",
         "train",
         "--config",
-        "configs/debug.yaml",
+        str(DEBUG),
         f"output_dir={tmp_path}",
         "run_name=solo",
         "log.wandb=disabled",
@@ -109,8 +109,7 @@ def test_dead_rank_fails_the_job_within_the_timeout(tmp_path):
 
 
 def test_nan_loss_stops_naming_steps_and_rank_and_keeps_the_last_checkpoint(tmp_path):
-    run = launch(tmp_path, "nan", DDP, [*RUN, "checkpoint.every_steps=10", "train.debug_nan_step=12",
-                                        "train.debug_nan_rank=1"], check=False)  # fmt: skip
+    run = launch(tmp_path, "nan", DDP, [*RUN, "checkpoint.every_steps=10"], check=False, fault=("nan", 12, 1))
     assert run.returncode != 0
     assert "non-finite loss in steps 11-15 (first at step 12 on rank(s) [1]; then on rank(s) [0, 1])" in run.output
     assert json.loads((run.run_dir / "status.json").read_text())["state"] == "failed"

@@ -8,10 +8,10 @@ from wandb_offline import read_run, read_runs
 
 from cvae_dist.config import ModelConfig
 from cvae_dist.telemetry import RANK_FIELDS, count_flops_per_image
-from launch import launch
+from launch import DEBUG, launch
 
 DDP = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"]
-ONE_EPOCH = ["train.epochs=1", "log.every_steps=5"]
+ONE_EPOCH = ["train.epochs=1", "log.every_steps=5", "train.precision=fp32"]
 
 
 def lines(run_dir):
@@ -33,8 +33,8 @@ def test_every_rank_is_visible_in_wandb(tmp_path):
         total = row["rank/0/img_per_s"] + row["rank/1/img_per_s"]
         assert row["throughput/global_img_per_s"] == pytest.approx(total, rel=1e-5)
         assert row["images_seen"] == row["step"] * 128
-    assert wb.config["world_size"] == 2 and wb.config["precision"] == "no"
-    assert wb.config["train"]["precision"] == "no" and wb.config["backend"] == "MULTI_CPU"
+    assert wb.config["world_size"] == 2 and wb.config["precision"] == "fp32"
+    assert wb.config["train"]["precision"] == "fp32" and wb.config["backend"] == "MULTI_CPU"
     assert len(wb.config["hosts"]) == 2 and wb.config["torch_version"] and wb.config["accelerate_version"]
     assert wb.config["flops_per_image"] == 75_497_472
     # the same figures without W&B, and the end-of-run table
@@ -47,7 +47,7 @@ def test_every_rank_is_visible_in_wandb(tmp_path):
 
 @pytest.mark.multiprocess
 def test_slow_rank_is_flagged_and_only_it(tmp_path):
-    run = launch(tmp_path, "slow", DDP, [*ONE_EPOCH, "train.debug_delay_rank=1", "train.debug_delay_s=0.15"])
+    run = launch(tmp_path, "slow", DDP, ONE_EPOCH, fault=("slow", 1, 0.6))  # slow even on a loaded machine
     events = [r for r in lines(run.run_dir) if r.get("event") == "straggler"]
     assert events and all(e["ranks"] == [1] for e in events)
     assert "straggler: step" in run.output and "rank 0 (" not in run.output.split("straggler:")[1].split("\n")[0]
@@ -82,7 +82,7 @@ def test_unreachable_wandb_never_stops_training(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     result = train(
         load_config(
-            "configs/debug.yaml",
+            DEBUG,
             [
                 "train.epochs=1",
                 "data.train_split=test",

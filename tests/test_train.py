@@ -6,17 +6,19 @@ import pytest
 from PIL import Image
 from wandb_offline import read_run
 
-from cvae_dist.checkpoint import checkpoint_dirs, load_exported, verify_checkpoint
+from cvae_dist.checkpoint import checkpoint_dirs, verify_checkpoint
 from cvae_dist.config import ConfigError, load_config
+from cvae_dist.model import CVAE
 from cvae_dist.trainer import train
+from launch import DEBUG
 
 
 @pytest.fixture(scope="module")
 def debug_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config(
-        "configs/debug.yaml",
-        ["train.epochs=3", f"output_dir={out}", "run_name=e2e", "log.wandb=offline", "log.every_steps=5"],
+        DEBUG,
+        ["train.epochs=3", f"output_dir={out}", "run_name=e2e", "log.every_steps=5"],  # log.wandb=auto, no key
     )
     return train(cfg)
 
@@ -38,24 +40,27 @@ def test_metrics_jsonl_has_epoch_lines(debug_run):
     lines = [json.loads(line) for line in (debug_run.run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in lines if "train/loss" in r]
     assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    steps = [r for r in lines if "train/step_loss" in r]
     for r in epochs:
-        assert r["train/img_per_s"] > 0 and r["eval/loss_per_image"] > 0
-        assert r["train/loss"] == pytest.approx(r["train/loss_per_image"] * 128)
-    assert any("train/step_loss" in r for r in lines)
+        assert r["train/img_per_s"] > 0 and r["eval/loss_per_image"] > 0 and r["train/epoch_steps"] == 35
+        # independently: the epoch's 7 step lines each average 5 steps, so their mean is the epoch's mean
+        mine = [x["train/step_loss"] for x in steps if (r["epoch"] - 1) * 35 < x["step"] <= r["epoch"] * 35]
+        assert len(mine) == 7 and r["train/loss"] == pytest.approx(sum(mine) / 7, rel=1e-6)
 
 
 def test_offline_wandb_run_holds_logged_keys(debug_run):
     run = read_run(debug_run.run_dir)
     logged = set().union(*(row.keys() for row in run.history))
     assert {"train/loss", "train/img_per_s", "eval/loss", "images/grid/path", "step", "epoch"} <= logged
-    assert run.config["world_size"] == 1 and run.config["train"]["precision"] == "no"
+    assert run.config["world_size"] == 1 and run.config["train"]["precision"] == "auto"
+    assert run.config["precision"] in ("fp32", "bf16") and run.config["precision_reason"].startswith("auto")
     assert [r["train/loss"] for r in run.history if "train/loss" in r] == pytest.approx(debug_run.epoch_losses)
     tables = [r for r in run.history if r.get("eval/reconstructions/_type") == "table-file"]
     assert len(tables) == 1 and tables[0]["eval/reconstructions/nrows"] == 128  # label, original, reconstruction
 
 
 def test_export_and_checkpoint(debug_run):
-    model = load_exported(debug_run.run_dir / "model")
+    model = CVAE.from_pretrained(debug_run.run_dir / "model")
     assert sum(p.numel() for p in model.parameters()) == 149_265
     last = checkpoint_dirs(debug_run.run_dir)[-1]
     assert last.name == "step-000000105" and verify_checkpoint(last).epoch == 4  # epochs 1-3 done
@@ -66,7 +71,7 @@ def test_export_and_checkpoint(debug_run):
 def test_existing_run_is_not_overwritten(debug_run):
     before = (debug_run.run_dir / "metrics.jsonl").read_bytes()
     cfg = load_config(
-        "configs/debug.yaml", [f"output_dir={debug_run.run_dir.parent}", "run_name=e2e", "log.wandb=disabled"]
+        DEBUG, [f"output_dir={debug_run.run_dir.parent}", "run_name=e2e", "log.wandb=disabled"]
     )
     with pytest.raises(ConfigError, match="already exists"):
         train(cfg)

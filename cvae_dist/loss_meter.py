@@ -1,0 +1,91 @@
+"""The run's loss sums: added on the device every step (no host sync), read once per log interval, resumable."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from cvae_dist.faults import NonFiniteLoss
+
+
+class LossMeter:
+    """This rank's summed losses since the epoch began and since the last step line, the first step whose loss was
+    not finite, and the steps dropped by `train.on_nonfinite=skip`; plus every rank's sums as of the last
+    exchange, which is what a checkpoint saves (`to_state`) and a resumed run starts from (`from_state`)."""
+
+    NAMES = ("loss/interval", "loss/epoch", "loss/first_bad")
+
+    def __init__(self, device: torch.device, rank: int, step: int, state: dict | None = None):
+        state = state or {}
+        self.epoch_sums: list[float] = list(state.get("epoch_sums", []))  # per rank, as of the last exchange
+        self.interval_sums: list[float] = list(state.get("interval_sums", []))
+        self.epoch_skipped: int = state.get("epoch_skipped", 0)
+        self.interval_skipped: int = state.get("interval_skipped", 0)
+        self.interval = torch.tensor(self.interval_sums[rank] if self.interval_sums else 0.0, device=device)
+        self.epoch = torch.tensor(self.epoch_sums[rank] if self.epoch_sums else 0.0, device=device)
+        self.first_bad = torch.full_like(self.epoch, -1.0)  # -1: none yet
+        self.step = torch.full_like(self.epoch, float(step))  # the global step, counted on the device
+
+    @classmethod
+    def from_state(cls, state: dict, device: torch.device, rank: int, step: int) -> LossMeter:
+        return cls(device, rank, step, state)
+
+    def to_state(self) -> dict:
+        return {
+            "epoch_sums": self.epoch_sums,
+            "interval_sums": self.interval_sums,
+            "epoch_skipped": self.epoch_skipped,
+            "interval_skipped": self.interval_skipped,
+        }
+
+    def add(self, loss: torch.Tensor | None) -> None:
+        """One step's summed loss (None: the step was skipped). In-place on fixed tensors, so a CUDA graph can
+        capture it."""
+        self.step.add_(1)
+        if loss is None:
+            self.epoch_skipped += 1
+            self.interval_skipped += 1
+            return
+        self.first_bad.copy_(torch.where((self.first_bad < 0) & ~loss.isfinite(), self.step, self.first_bad))
+        self.epoch.add_(loss)
+        self.interval.add_(loss)
+
+    def local(self) -> dict[str, torch.Tensor]:
+        """This rank's figures for the interval's exchange."""
+        return dict(zip(self.NAMES, (self.interval, self.epoch, self.first_bad), strict=True))
+
+    def end_interval(self, gathered: dict[str, torch.Tensor], step: int, steps: int) -> float:
+        """At a step line (after `steps` steps ending at `step`): check every rank's sums are finite and return the
+        mean summed loss of the interval's trained steps."""
+        check_finite(gathered["loss/interval"], gathered["loss/first_bad"], step - steps + 1, step)
+        step_loss = gathered["loss/interval"].sum().item() / max(steps - self.interval_skipped, 1)
+        self.epoch_sums, self.interval_sums, self.interval_skipped = gathered["loss/epoch"].tolist(), [], 0
+        self.interval.zero_()
+        return step_loss
+
+    def end_epoch(self, gathered: dict[str, torch.Tensor], step: int, steps: int) -> float:
+        """At an epoch's end (after its `steps` steps): check, and return the epoch's loss, the mean per-batch summed
+        loss of its trained steps. Steps since the last step line carry into the next epoch's first one."""
+        check_finite(gathered["loss/epoch"], gathered["loss/first_bad"], step - steps + 1, step)
+        loss = gathered["loss/epoch"].sum().item() / max(steps - self.epoch_skipped, 1)
+        self.epoch_sums, self.interval_sums, self.epoch_skipped = [], gathered["loss/interval"].tolist(), 0
+        self.epoch.zero_()
+        self.first_bad.fill_(-1.0)
+        return loss
+
+
+def check_finite(per_rank_sums: torch.Tensor, first_bad: torch.Tensor, first_step: int, last_step: int) -> None:
+    """Stop on a non-finite loss, naming where it started (it spreads to every rank through the gradients)."""
+    bad = [r for r, v in enumerate(per_rank_sums.tolist()) if not math.isfinite(v)]
+    if not bad:
+        return
+    starts = {r: int(s) for r, s in enumerate(first_bad.tolist()) if s >= 0}
+    origin = ""
+    if starts:
+        step = min(starts.values())
+        origin = f"first at step {step} on rank(s) {[r for r, s in starts.items() if s == step]}; "
+    raise NonFiniteLoss(
+        f"non-finite loss in steps {first_step}-{last_step} ({origin}then on rank(s) {bad}); "
+        "the last checkpoint is kept as it was"
+    )

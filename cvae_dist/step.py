@@ -1,0 +1,125 @@
+"""One optimisation step on a batch of decoded digits: eager, or on CUDA the whole step captured once as a CUDA graph
+and replayed (the recipe's batch of 128 is launch-bound on a GPU: a replay removes the launch overhead).
+
+Both take the uint8 (B, 1, 28, 28) batch on the device and add the batch's summed loss to the run's `LossMeter` on
+the device (no host sync).
+"""
+
+from __future__ import annotations
+
+import torch
+from accelerate import Accelerator
+
+from cvae_dist.data import to_model_input
+from cvae_dist.model import vae_loss
+
+
+class EagerStep:
+    """resize -> forward (autocast) -> summed loss in fp32 -> backward -> AdamW."""
+
+    def __init__(
+        self, accelerator: Accelerator, model, optimizer, image_size: int, channels_last: bool, skip_nonfinite
+    ):
+        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self.image_size, self.channels_last, self.skip_nonfinite = image_size, channels_last, skip_nonfinite
+
+    def __call__(self, pixels: torch.Tensor, telemetry, meter) -> None:
+        loss = self.forward_backward(pixels)
+        telemetry.backward_done()
+        # The gradients are already averaged over ranks, so every rank reaches the same verdict (one sync per step,
+        # paid only in skip mode).
+        skip = self.skip_nonfinite and not _finite_gradients(self.optimizer)
+        if not skip:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        meter.add(None if skip else loss.detach())  # None: dropped for non-finite gradients
+
+    def forward_backward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = to_model_input(pixels, self.image_size, self.channels_last)
+        with self.accelerator.autocast():
+            out = self.model(x)
+        loss = vae_loss(out, x).total
+        # Each rank's loss sums its share of the global batch; DDP/DeepSpeed average gradients over ranks, so
+        # scale by the world size to keep the recipe's "summed over the batch" gradient.
+        self.accelerator.backward(loss * self.accelerator.num_processes)
+        return loss
+
+
+class GraphStep:
+    """The eager step captured as one CUDA graph (forward, loss, backward with DDP's all-reduce, fused capturable
+    AdamW) after `warmup` eager steps on a side stream, then replayed for every step, fed through a static input.
+
+    The warm-up steps are real training steps (capture needs a warm allocator, AdamW's state and, under DDP, its
+    rebuilt gradient buckets: PyTorch's CUDA-graph notes ask for 11). The loss meter's update is part of the
+    graph too (it works in place on fixed tensors)."""
+
+    def __init__(self, eager: EagerStep, batch: int, warmup: int, side_stream: torch.cuda.Stream):
+        self.eager, self.warmup, self.graph = eager, warmup, None
+        self.static_pixels = torch.zeros(batch, 1, 28, 28, dtype=torch.uint8, device=eager.accelerator.device)
+        self.side_stream = side_stream  # DDP was wrapped on it too (PyTorch's notes on capturing DDP's backward)
+
+    def __call__(self, pixels: torch.Tensor, telemetry, meter) -> None:
+        if self.graph is None and self.warmup > 0:
+            self.warmup -= 1
+            self.side_stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(self.side_stream):
+                self.eager(pixels, telemetry, meter)
+            torch.cuda.current_stream().wait_stream(self.side_stream)
+            return
+        self.static_pixels.copy_(pixels, non_blocking=True)
+        if self.graph is None:
+            self._capture(meter)
+        self.graph.replay()
+
+    def _capture(self, meter) -> None:
+        optimizer = self.eager.optimizer
+        optimizer.zero_grad(
+            set_to_none=True
+        )  # backward in the graph allocates the gradients: each replay rewrites them
+        self.graph = torch.cuda.CUDAGraph()
+        # the warm-up's stream (cuBLAS / cuDNN handles made there); thread_local: a data worker's pinned-memory thread
+        # may query events meanwhile
+        with torch.cuda.graph(self.graph, stream=self.side_stream, capture_error_mode="thread_local"):
+            loss = self.eager.forward_backward(self.static_pixels).detach()
+            optimizer.step()
+            meter.add(loss)
+
+
+def make_step(accelerator: Accelerator, model, optimizer, cfg, batch: int, side_stream=None) -> EagerStep | GraphStep:
+    """The step this run uses: a CUDA graph where `graph_blocker` finds nothing against it (`side_stream`: the stream
+    the model was prepared on), else eager."""
+    from cvae_dist.config import NonFinite
+
+    eager = EagerStep(
+        accelerator, model, optimizer, cfg.model.image_size, cfg.train.channels_last,
+        cfg.train.on_nonfinite is NonFinite.skip,
+    )  # fmt: skip
+    if graph_blocker(accelerator, cfg) is not None:
+        return eager
+    ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return GraphStep(eager, batch, warmup=11 if ddp else 3, side_stream=side_stream or torch.cuda.Stream())
+
+
+def graph_blocker(accelerator: Accelerator, cfg) -> str | None:
+    """Why this run takes eager steps rather than a CUDA graph (None: it uses one)."""
+    from cvae_dist.config import NonFinite
+    from cvae_dist.distributed import is_deepspeed, precision
+
+    if not cfg.train.cuda_graph:
+        return "train.cuda_graph=false"
+    if accelerator.device.type != "cuda":
+        return "not on CUDA"
+    if is_deepspeed(accelerator):
+        return "DeepSpeed steps inside its engine"
+    if precision(accelerator) == "fp16":
+        return "fp16 loss scaling syncs with the host"
+    if cfg.train.on_nonfinite is NonFinite.skip:
+        return "train.on_nonfinite=skip syncs with the host every step"
+    if accelerator.state.dynamo_plugin.backend.value != "NO":
+        return "the model is compiled (torch.compile)"
+    return None
+
+
+def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:
+    grads = [p.grad.detach().abs().sum() for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+    return bool(torch.stack(grads).isfinite().all()) if grads else True

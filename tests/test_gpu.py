@@ -1,0 +1,89 @@
+"""On a CUDA GPU only (skipped elsewhere): the whole-step CUDA graph, the resident data on the device, DeepSpeed in
+bf16 / fp16 and `auto` precision. Every path these tests cover that also runs on a CPU is tested there as well."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from wandb_offline import read_run
+
+from cvae_dist.config import DataConfig, load_config
+from cvae_dist.data import RankStream
+from cvae_dist.trainer import train
+from launch import DEBUG, launch
+
+pytestmark = pytest.mark.gpu
+
+# 20 steps of the debug recipe, a step line every 5, fp32 (cuDNN's fp32 is close enough to compare step by step).
+STEPS = ["train.max_steps=20", "log.every_steps=5", "log.wandb=disabled", "train.precision=fp32"]
+
+
+def step_losses(run_dir):
+    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/step_loss"] for r in lines if "train/step_loss" in r}
+
+
+def test_cuda_graph_is_the_default_and_matches_eager_steps(tmp_path):
+    graph = train(load_config(DEBUG, [*STEPS, f"output_dir={tmp_path}", "run_name=graph", "log.wandb=offline"]))
+    eager = train(load_config(DEBUG, [*STEPS, f"output_dir={tmp_path}", "run_name=eager", "train.cuda_graph=false"]))
+    assert read_run(graph.run_dir).config["step_mode"] == "GraphStep"
+    a, b = step_losses(graph.run_dir), step_losses(eager.run_dir)
+    assert list(a) == list(b) == [5, 10, 15, 20]
+    assert list(a.values()) == pytest.approx(list(b.values()), rel=1e-3)
+    wa, wb = load_file(graph.run_dir / "model/model.safetensors"), load_file(eager.run_dir / "model/model.safetensors")
+    assert all(torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-4) for k in wa)
+
+
+def test_resume_with_cuda_graphs_is_bit_exact(tmp_path):
+    common = ["train.max_steps=40", "log.every_steps=10", "checkpoint.every_steps=20", "checkpoint.keep=5",
+              "log.wandb=disabled", "train.precision=bf16", f"output_dir={tmp_path}"]  # fmt: skip
+    full = train(load_config(DEBUG, [*common, "run_name=full"]))
+    cut = tmp_path / "cut"
+    shutil.copytree(full.run_dir, cut)
+    for ckpt in (cut / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > 20:
+            shutil.rmtree(ckpt)
+    shutil.rmtree(cut / "model")
+    resumed = train(load_config(DEBUG, [*common, "run_name=cut", "resume=auto"]))
+    assert resumed.steps == full.steps == 40
+    a, b = load_file(full.run_dir / "model/model.safetensors"), load_file(cut / "model/model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert step_losses(cut) == step_losses(full.run_dir)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_resident_digits_on_the_device_follow_the_streams_order(world):
+    for rank in range(world):
+        on_gpu = RankStream(DataConfig(), rank, world, 128 // world, 0, 0, torch.device("cuda"))
+        streamed = RankStream(DataConfig(resident_mb=0), rank, world, 128 // world, 0, 0)
+        assert on_gpu.resident and on_gpu.table.pixels.is_cuda
+        for epoch in (1, 2):
+            a = list(on_gpu.epoch(epoch, on_gpu.local_steps))
+            b = list(streamed.epoch(epoch, on_gpu.local_steps))
+            assert [x.ids.tolist() for x in a] == [y.ids.tolist() for y in b]
+            assert all(torch.equal(x.pixels.cpu(), y.pixels) for x, y in zip(a, b, strict=True))
+
+
+def test_auto_picks_bf16_on_a_gpu_that_has_it(tmp_path):
+    run = train(load_config(DEBUG, ["train.max_steps=5", "log.every_steps=5", "log.wandb=offline",
+                                    f"output_dir={tmp_path}", "run_name=auto"]))  # fmt: skip
+    config = read_run(run.run_dir).config
+    want = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
+    assert config["precision"] == want and config["step_mode"] == "GraphStep"
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("stage", [1, 2, 3])
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_deepspeed_zero_trains_in_half_precision(tmp_path, stage, precision):
+    if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        pytest.skip("this GPU has no bf16")
+    launcher = ["--config_file", f"launch/deepspeed_zero{stage}.yaml", "--num_processes", "1"]
+    run = launch(tmp_path, f"zero{stage}-{precision}", launcher, ["train.epochs=2", f"train.precision={precision}"])
+    config = run.wandb_config()
+    assert (config["zero_stage"], config["precision"]) == (stage, precision)
+    assert config["compute_dtype"] == {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    losses = [e["train/loss"] for e in run.epochs()]
+    assert len(losses) == 2 and losses[1] < losses[0]
