@@ -1,17 +1,20 @@
 """MNIST as a Hugging Face `datasets` stream: one path for the hub, local parquet and the shipped digits.
 
 shards -> `load_dataset(..., streaming=True)` -> `split_dataset_by_node(rank, world)` -> seeded shuffle
-(`set_epoch`) -> fixed-size batches -> batched PNG decode to uint8 -> (on the device) bilinear resize.
-Every rank yields the same number of batches per epoch, so no rank waits alone in a collective.
+(`set_epoch`) -> batches -> uint8 digits -> (on the device) bilinear resize. Every rank yields the same number of
+batches per epoch (the trainer agrees on it), so no rank waits alone in a collective.
 
-Decoding is the pipeline's only real cost (~30 us a digit with PIL, ~6 % of a bf16 CPU step), so decoded digits
-are kept by content (`decode_image`): from its second epoch on a rank streams, shuffles and batches as before but
-decodes nothing. MNIST's 70,000 digits fit in ~110 MB; past `DECODE_CACHE_SIZE` digits the oldest are dropped.
+PNG decoding is the pipeline's only real cost (see the README's benchmarks), so a rank whose decoded shard fits
+`data.resident_mb` decodes it once, at start, into a uint8 table on its device (all of MNIST is 55 MB). From then
+on each epoch's order still comes from the same seeded shuffle of the same stream, read without decoding (a
+`DataLoader` worker computes the next epochs' orders ahead when `data.num_workers` > 0), and a batch is an index
+into the table. Larger shards are decoded from the stream every epoch, in worker processes if configured.
 """
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import hashlib
 import io
 import itertools
 from collections.abc import Iterator
@@ -20,6 +23,8 @@ from typing import NamedTuple
 
 import datasets
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Features, Image, Value
@@ -28,7 +33,6 @@ from PIL import Image as PILImage
 
 SHIPPED_DIR = Path(__file__).parent / "assets" / "mnist5k"
 DIGIT_SIZE = 28
-DECODE_CACHE_SIZE = 131_072  # digits per process (~1.6 kB each with the PNG key): all of MNIST, with room to spare
 FEATURES = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)]), "id": Value("int64")})
 
 
@@ -37,16 +41,15 @@ class DataError(ValueError):
 
 
 class Batch(NamedTuple):
-    pixels: torch.Tensor  # uint8, (B, 1, 28, 28): resized on the device by `to_model_input`
+    pixels: torch.Tensor  # uint8, (B, 1, 28, 28), on the device for a resident shard: resized by `to_model_input`
     labels: torch.Tensor  # int64, (B,)
     ids: torch.Tensor  # int64, (B,): source row ids (-1 where the source has no `id` column)
 
-    def to(self, device: torch.device, non_blocking: bool = False) -> Batch:
-        return Batch(*(t.to(device, non_blocking=non_blocking) for t in self))
-
 
 def parquet_files(source: str, split: str) -> list[str] | None:
-    """The parquet shards of `split` ("a+b" joins splits) under a local source; None for a hub dataset id."""
+    """The parquet shards of `split` ("a+b" joins splits) under a local source (`<split>-*.parquet`, `<split>/*.parquet`
+    or, as in a clone of a hub dataset repository, `<config>/<split>-*.parquet`); None for a hub dataset id. Each
+    shard's footer is read: a truncated or foreign file is named here, before anything is written."""
     root = SHIPPED_DIR if source == "shipped" else Path(source)
     if source != "shipped" and not root.exists():
         if "/" in source and not source.startswith((".", "/")) and len(Path(source).parts) == 2:
@@ -57,19 +60,65 @@ def parquet_files(source: str, split: str) -> list[str] | None:
         )
     files = []
     for name in split.split("+"):
-        found = sorted(str(p) for p in root.glob(f"{name}-*.parquet")) or sorted(
-            str(p) for p in root.glob(f"{name}/*.parquet")
-        )
+        patterns = (f"{name}-*.parquet", f"{name}/*.parquet", f"*/{name}-*.parquet")
+        found = next((sorted(map(str, root.glob(p))) for p in patterns if any(root.glob(p))), [])
         if not found:
-            raise DataError(f"data split {name!r}: no '{name}-*.parquet' files in {root}")
+            raise DataError(f"data split {name!r}: no '{name}-*.parquet' files in {root} (or in a folder below it)")
         files += found
+    for file in files:
+        try:
+            pq.ParquetFile(file).close()
+        except (pa.ArrowException, OSError) as e:
+            raise DataError(
+                f"{file}: not a readable parquet file ({_first_line(e)}); replace or re-create it"
+            ) from None
     return files
+
+
+def check_hub(source: str, timeout_s: float = 5.0) -> None:
+    """A hub dataset needs the hub (unless HF_HUB_OFFLINE=1 reads the local cache): fail in seconds, not after
+    minutes of retries, naming the offline options."""
+    from huggingface_hub import constants, get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout_s)
+    except Exception as e:  # noqa: BLE001 - any network failure means the same to the user
+        raise DataError(
+            f"data.source={source}: the Hugging Face hub ({constants.ENDPOINT}) is unreachable ({type(e).__name__}); "
+            "offline, convert MNIST with `cvae-dist prepare-data` and set data.source=<that directory>, or use the "
+            "hub's cache with HF_HUB_OFFLINE=1"
+        ) from None
+
+
+@contextlib.contextmanager
+def reading(files: list[str] | None):
+    """Turn a shard that breaks while being read (a corrupt page behind a good footer) into one line naming it."""
+    try:
+        yield
+    except (pa.ArrowException, OSError) as e:
+        bad = next((f for f in files or [] if not _reads(f)), "a parquet shard of the source")
+        raise DataError(f"{bad}: unreadable ({_first_line(e)}); replace or re-create it") from None
+
+
+def _reads(file: str) -> bool:
+    try:
+        pq.read_table(file)
+        return True
+    except (pa.ArrowException, OSError):
+        return False
+
+
+def _first_line(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
 
 
 def open_stream(source: str, split: str) -> datasets.IterableDataset:
     """The split as an undecoded `IterableDataset` (image bytes are decoded in batches later)."""
     files = parquet_files(source, split)
     if files is None:
+        check_hub(source)
         ds = datasets.load_dataset(source, split=split, streaming=True)
     else:
         ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
@@ -84,16 +133,14 @@ def count_rows(ds: datasets.IterableDataset) -> int:
     return sum(len(t) for t in ds.select_columns(["label"]).with_format("arrow").iter(batch_size=8192))
 
 
-@functools.lru_cache(maxsize=DECODE_CACHE_SIZE)
 def decode_image(data: bytes) -> np.ndarray | str:
-    """PNG bytes -> read-only uint8 (28, 28) pixels, or a description of what is wrong with them (cached by content)."""
+    """PNG bytes -> uint8 (28, 28) pixels, or a description of what is wrong with them."""
     try:
         pixels = np.asarray(PILImage.open(io.BytesIO(data)).convert("L"))
     except Exception as e:  # noqa: BLE001 - PIL raises many types for broken files
         return f"undecodable image ({type(e).__name__})"
     if pixels.shape != (DIGIT_SIZE, DIGIT_SIZE):
         return f"image is {pixels.shape[1]}x{pixels.shape[0]}, expected {DIGIT_SIZE}x{DIGIT_SIZE}"
-    pixels.setflags(write=False)  # shared by every later batch that holds this digit
     return pixels
 
 
@@ -112,9 +159,22 @@ def decode_row(image: dict | None, label) -> np.ndarray | str:
     return pixels
 
 
-def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = None) -> Batch:
-    """PNG bytes -> uint8 (B, 1, 28, 28) tensor, labels and ids. A bad record raises DataError naming its file
-    and row (`on_bad="error"`) or is left out of the batch (`"skip"`)."""
+class _Decoded(NamedTuple):
+    batch: Batch
+    keys: list  # what identifies each kept row across epochs (see `row_key`)
+    bad: int  # rows left out (on_bad="skip")
+
+
+def row_key(rows: dict, i: int):
+    """A row's identity in every epoch's order: its `id`, or (sources without one) a digest of its PNG bytes."""
+    if "id" in rows:
+        return rows["id"][i]
+    return hashlib.blake2b((rows["image"][i] or {}).get("bytes") or b"", digest_size=8).digest()
+
+
+def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = None) -> _Decoded:
+    """PNG bytes -> uint8 (B, 1, 28, 28) tensor, labels, ids and row keys. A bad record raises DataError naming its
+    file and row (`on_bad="error"`) or is left out (`"skip"`)."""
     images, keep = [], []
     for i, (image, label) in enumerate(zip(rows["image"], rows["label"], strict=True)):
         pixels = decode_row(image, label)
@@ -132,7 +192,7 @@ def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = No
     )
     empty = torch.empty(0, 1, DIGIT_SIZE, DIGIT_SIZE, dtype=torch.uint8)
     pixels = torch.from_numpy(np.stack(images)).unsqueeze(1) if images else empty
-    return Batch(pixels, labels, ids)
+    return _Decoded(Batch(pixels, labels, ids), [row_key(rows, i) for i in keep], len(rows["label"]) - len(keep))
 
 
 def locate(files: list[str] | None, rows: dict, i: int) -> str:
@@ -154,6 +214,169 @@ def locate(files: list[str] | None, rows: dict, i: int) -> str:
     return f"record id {record_id}" if record_id is not None else "a record (source file unknown)"
 
 
+def to_model_input(pixels: torch.Tensor, image_size: int, channels_last: bool) -> torch.Tensor:
+    """uint8 images -> float in [0, 1], bilinearly resized to image_size (runs on the batch's device)."""
+    x = pixels.float().div_(255.0)
+    if x.shape[-1] != image_size or x.shape[-2] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class RankStream:
+    """This rank's part of the training split, reshuffled each epoch, cut into batches of `batch_size`.
+
+    `local_steps` is what this rank's rows allow; the trainer agrees on the smallest over all ranks and asks each
+    epoch for that many (`epoch(e, steps)`). Rows past them are dropped for that epoch; with the shuffle a
+    different tail is dropped each epoch.
+    """
+
+    def __init__(self, cfg, rank: int, world_size: int, batch_size: int, seed: int, num_workers: int, device=None):
+        """`cfg`: the DataConfig. `device`: where a resident table lives (default CPU)."""
+        self.files = parquet_files(cfg.source, cfg.train_split)
+        self.on_bad_record = cfg.on_bad_record.value
+        self.batch_size, self.num_workers = batch_size, num_workers
+        split = open_stream(cfg.source, cfg.train_split)
+        self.dataset = split_dataset_by_node(split, rank=rank, world_size=world_size)
+        self.shuffled = self.dataset
+        if cfg.shuffle_buffer > 0:
+            # One input shard at a time: interleaving several parquet shards makes datasets sleep 5 s at the
+            # end of every pass (its workaround for apache/arrow#45214). Shard order is still shuffled.
+            self.shuffled = self.dataset.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer, max_buffer_input_shards=1)
+        with reading(self.files):
+            total = count_rows(split)
+        # datasets deals the shards out to the ranks anew each epoch: a rank's table holds the whole split.
+        self.resident = 0 < total * DIGIT_SIZE**2 <= cfg.resident_mb * 2**20
+        fewest = fewest_rows(self.files, world_size)
+        if self.resident:
+            with reading(self.files):
+                self.table = _ResidentTable(split, self.on_bad_record, self.files, device, num_workers)
+            self._orders, self._next_epoch = None, None
+            first = self.order(1)
+            self.bad_rows = self._bad
+            self.local_rows = len(first) if fewest is None else min(len(first), fewest - self.table.bad)
+        else:
+            with reading(self.files):  # equal steps must be agreed on the records that will really be used
+                rows = count_valid_rows(self.dataset) if self.on_bad_record == "skip" else (count_rows(self.dataset), 0)
+            self.local_rows, self.bad_rows = min(rows[0], fewest or rows[0]), rows[1]
+            self.batches = self.shuffled.batch(batch_size)  # a last partial batch is dropped after decoding
+            self.chunks = _DecodedChunks(self.batches, self.on_bad_record, self.files)
+            self.loader = None
+            if num_workers > 0:
+                # Worker processes decode; datasets gives each some of this rank's shards, and its shared epoch
+                # counter reaches them, so they persist across epochs.
+                self.loader = torch.utils.data.DataLoader(
+                    self.chunks, batch_size=None, num_workers=num_workers, prefetch_factor=4,
+                    persistent_workers=True, pin_memory=torch.cuda.is_available(),
+                )  # fmt: skip
+        self.local_steps = self.local_rows // batch_size
+
+    @property
+    def order_depends_on_workers(self) -> bool:
+        """Streamed shards are dealt out to the worker processes, so their number shapes the data order."""
+        return not self.resident and self.num_workers > 0
+
+    def epoch(self, epoch: int, steps: int, skip: int = 0) -> Iterator[Batch]:
+        """Batches `skip` .. `steps` - 1 of one epoch: a new, reproducible order for each epoch number (a resumed
+        epoch continues where its checkpoint was taken)."""
+        if not self.resident:
+            return self._streamed(epoch, steps, skip)
+        order, b = self.order(epoch), self.batch_size
+        if len(order) < steps * b:
+            raise DataError(
+                f"epoch {epoch} deals this rank {len(order)} usable rows, fewer than the {steps} agreed steps x {b} "
+                "(the split's shards differ too much in size for this world size: re-shard it with prepare-data)"
+            )
+        return (self.table.batch(order[i * b : (i + 1) * b]) for i in range(skip, steps))
+
+    def _streamed(self, epoch: int, steps: int, skip: int) -> Iterator[Batch]:
+        self.batches.set_epoch(epoch)  # on the batched view: `batch()` does not carry the epoch along
+        chunks = iter(self.loader if self.loader is not None else self.chunks)
+        with reading(self.files):
+            yield from itertools.islice((c.batch for c in full_batches(chunks, self.batch_size)), skip, steps)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The table's rows in epoch `epoch`'s order for this rank: the shuffled stream's, read without decoding
+        (with `num_workers` > 0, worker processes compute the next epochs' orders ahead)."""
+        if self._next_epoch == epoch + 1:  # asked again for the epoch just computed (e.g. epoch 1, counted at start)
+            return self._last
+        if self._next_epoch != epoch:  # first call, or not the epoch after the last one: start over from here
+            orders = _EpochOrders(self.shuffled, self.table.row_of, epoch)
+            self._orders = iter(
+                torch.utils.data.DataLoader(orders, batch_size=None, num_workers=self.num_workers, prefetch_factor=1)
+                if self.num_workers > 0
+                else orders
+            )
+        self._next_epoch = epoch + 1
+        with reading(self.files):
+            rows = torch.as_tensor(next(self._orders))  # (from a worker it comes as a tensor)
+        self._bad = int((rows < 0).sum())  # rows the table does not hold: bad records
+        self._last = rows[rows >= 0]
+        return self._last
+
+
+def fewest_rows(files: list[str] | None, world_size: int) -> int | None:
+    """The fewest rows any rank can be dealt in any epoch (datasets deals the shards out anew each epoch): whole
+    shards when their count divides by the world size (then the smallest ones, at worst), else every world-th row.
+    None for a hub dataset (its shard sizes are not known before reading it)."""
+    if files is None:
+        return None
+    sizes = sorted(pq.ParquetFile(f).metadata.num_rows for f in files)
+    return sum(sizes[: len(sizes) // world_size]) if len(sizes) % world_size == 0 else sum(sizes) // world_size
+
+
+class _ResidentTable:
+    """The split's decoded digits as one uint8 tensor on the device, and where each row key sits in it."""
+
+    def __init__(self, split, on_bad: str, files, device, num_workers: int):
+        chunks = _DecodedChunks(split.batch(1024), on_bad, files)
+        if num_workers > 0:  # worker processes decode, each some of the shards
+            chunks = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=num_workers)
+        pixels, labels, ids, keys, self.bad = [], [], [], [], 0  # bad: records left out (on_bad="skip")
+        for decoded in chunks:
+            self.bad += decoded.bad
+            pixels.append(decoded.batch.pixels)
+            labels.append(decoded.batch.labels)
+            ids.append(decoded.batch.ids)
+            keys += decoded.keys
+        self.pixels = torch.cat(pixels).to(device or "cpu")
+        self.labels, self.ids = torch.cat(labels), torch.cat(ids)
+        self.row_of = {key: row for row, key in enumerate(keys)}
+
+    def batch(self, rows: torch.Tensor) -> Batch:
+        return Batch(self.pixels[rows.to(self.pixels.device)], self.labels[rows], self.ids[rows])
+
+
+class _EpochOrders(torch.utils.data.IterableDataset):
+    """Table rows in the shuffled stream's order (-1 for rows the table left out: bad records), one array per
+    epoch from `start` on. Only the key column is read. In `DataLoader` workers, worker k of W computes epochs
+    start + k, start + k + W, ...: the loader hands them out in order."""
+
+    def __init__(self, shuffled, row_of: dict, start: int):
+        key = "id" if "id" in (shuffled.column_names or []) else "image"
+        self.keys, self.row_of, self.start = shuffled.select_columns([key, "label"]), row_of, start
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        info = torch.utils.data.get_worker_info()
+        first, every = (self.start + info.id, info.num_workers) if info else (self.start, 1)
+        for epoch in itertools.count(first, every):
+            self.keys.set_epoch(epoch)
+            rows = []
+            for chunk in self.keys.iter(batch_size=4096):
+                rows += [self.row_of.get(row_key(chunk, i), -1) for i in range(len(chunk["label"]))]
+            yield np.asarray(rows, dtype=np.int64)
+
+
+class _DecodedChunks(torch.utils.data.IterableDataset):
+    """Each batch of rows decoded: full-size, or short where bad records were dropped or a worker's shards ran out."""
+
+    def __init__(self, batches: datasets.IterableDataset, on_bad: str, files: list[str] | None):
+        self.batches, self.on_bad, self.files = batches, on_bad, files
+
+    def __iter__(self) -> Iterator[_Decoded]:
+        for rows in self.batches:
+            yield decode_batch(rows, self.on_bad, self.files)
+
+
 def count_valid_rows(ds: datasets.IterableDataset) -> tuple[int, int]:
     """(valid, bad) records of a stream: decodes every image once (only with data.on_bad_record=skip)."""
     valid = bad = 0
@@ -164,95 +387,17 @@ def count_valid_rows(ds: datasets.IterableDataset) -> tuple[int, int]:
     return valid, bad
 
 
-def to_model_input(pixels: torch.Tensor, image_size: int, channels_last: bool) -> torch.Tensor:
-    """uint8 images -> float in [0, 1], bilinearly resized to image_size (runs on the batch's device)."""
-    x = pixels.float().div_(255.0)
-    if x.shape[-1] != image_size or x.shape[-2] != image_size:
-        x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-class RankStream:
-    """This rank's shard of a split, reshuffled each epoch, cut into `steps_per_epoch` equal batches.
-
-    `steps_per_epoch` is the same on every rank: the smallest rank's row count // per-rank batch
-    (the caller agrees on it across ranks, see `trainer.agree_on_steps`). Rows past it are dropped
-    for that epoch; with the shuffle a different tail is dropped each epoch.
-    """
-
-    def __init__(
-        self,
-        source: str,
-        split: str,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        shuffle_buffer: int = 0,
-        seed: int = 0,
-        num_workers: int = 0,
-        on_bad_record: str = "error",
-    ):
-        ds = open_stream(source, split)
-        self.files = parquet_files(source, split)
-        self.on_bad_record = on_bad_record
-        self.dataset = split_dataset_by_node(ds, rank=rank, world_size=world_size)
-        if on_bad_record == "skip":  # equal steps must be agreed on the records that will really be used
-            self.local_rows, self.bad_rows = count_valid_rows(self.dataset)
-        else:
-            self.local_rows, self.bad_rows = count_rows(self.dataset), 0
-        if shuffle_buffer > 0:
-            # One input shard at a time: interleaving several parquet shards makes datasets sleep 5 s at the
-            # end of every pass (its workaround for apache/arrow#45214). Shard order is still shuffled.
-            self.dataset = self.dataset.shuffle(seed=seed, buffer_size=shuffle_buffer, max_buffer_input_shards=1)
-        self.batches = self.dataset.batch(batch_size)  # a last partial batch is dropped after decoding
-        self.batch_size = batch_size
-        self.steps_per_epoch = self.local_rows // batch_size
-        self.num_workers = num_workers
-        self.chunks = _DecodedChunks(self.batches, on_bad_record, self.files)
-        self.loader = None
-        if num_workers > 0:
-            # Worker processes decode; datasets gives each some of this rank's shards, and its shared epoch counter
-            # reaches them, so they persist across epochs and keep their decode caches.
-            self.loader = torch.utils.data.DataLoader(
-                self.chunks,
-                batch_size=None,
-                num_workers=num_workers,
-                prefetch_factor=4,
-                persistent_workers=True,
-                pin_memory=torch.cuda.is_available(),
-            )
-
-    def epoch(self, epoch: int, skip: int = 0) -> Iterator[Batch]:
-        """Decoded batches of one epoch: a new, reproducible order for each epoch number.
-
-        `skip` batches are passed over first (a resumed epoch continues where its checkpoint was taken)."""
-        self.batches.set_epoch(epoch)  # on the batched view: `batch()` does not carry the epoch along
-        chunks = iter(self.loader if self.loader is not None else self.chunks)
-        return itertools.islice(full_batches(chunks, self.batch_size), skip, self.steps_per_epoch)
-
-
-class _DecodedChunks(torch.utils.data.IterableDataset):
-    """Each batch of rows decoded: full-size, or short where bad records were dropped or a worker's shards ran out."""
-
-    def __init__(self, batches: datasets.IterableDataset, on_bad: str, files: list[str] | None):
-        self.batches, self.on_bad, self.files = batches, on_bad, files
-
-    def __iter__(self) -> Iterator[Batch]:
-        for rows in self.batches:
-            yield decode_batch(rows, self.on_bad, self.files)
-
-
-def full_batches(chunks: Iterator[Batch], size: int) -> Iterator[Batch]:
+def full_batches(chunks: Iterator[_Decoded], size: int) -> Iterator[_Decoded]:
     """Batches of exactly `size` from chunks of any size: short chunks are joined with the ones after them."""
     pending: list[Batch] = []
     for chunk in chunks:
-        if len(chunk.labels) == size and not pending:
+        if len(chunk.batch.labels) == size and not pending:
             yield chunk
             continue
-        pending.append(chunk)
+        pending.append(chunk.batch)
         merged = Batch(*(torch.cat(parts) for parts in zip(*pending, strict=True)))
         while len(merged.labels) >= size:
-            yield Batch(*(t[:size] for t in merged))
+            yield _Decoded(Batch(*(t[:size] for t in merged)), [], 0)
             merged = Batch(*(t[size:] for t in merged))
         pending = [merged] if len(merged.labels) else []
 
@@ -261,10 +406,11 @@ def load_split(source: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole (small) split as uint8 pixels and labels, in file order: for evaluation and image grids."""
     pixels, labels = [], []
     files = parquet_files(source, split)
-    for rows in open_stream(source, split).iter(batch_size=1024):
-        b = decode_batch(rows, files=files)
-        pixels.append(b.pixels)
-        labels.append(b.labels)
+    with reading(files):
+        for rows in open_stream(source, split).iter(batch_size=1024):
+            b = decode_batch(rows, files=files).batch
+            pixels.append(b.pixels)
+            labels.append(b.labels)
     if not pixels:
         raise DataError(f"{source}:{split} is empty")
     return torch.cat(pixels), torch.cat(labels)

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from cvae_dist.data import DataError, RankStream, decode_image, load_split, open_stream
+from cvae_dist.config import DataConfig
+from cvae_dist.data import DataError, RankStream, load_split, open_stream
 from cvae_dist.prepare_data import DataFormatError, read_csv, read_idx, write_shards
 
 
@@ -18,50 +19,66 @@ def test_shipped_splits_are_disjoint_and_stratified():
     assert test_pixels.dtype == torch.uint8 and test_pixels.shape == (500, 1, 28, 28)
 
 
-def test_stream_count_dtype_range_and_reshuffle():
-    stream = RankStream("shipped", "train", rank=0, world_size=1, batch_size=128, shuffle_buffer=10_000, seed=0)
-    assert stream.local_rows == 4500 and stream.steps_per_epoch == 35  # last partial batch dropped
-    epoch1 = list(stream.epoch(1))
+def stream(resident: bool = True, workers: int = 0, **data) -> RankStream:
+    cfg = DataConfig(resident_mb=DataConfig.resident_mb if resident else 0, **data)
+    return RankStream(cfg, rank=0, world_size=1, batch_size=128, seed=0, num_workers=workers)
+
+
+def epoch_ids(s: RankStream, epoch: int, skip: int = 0) -> list[torch.Tensor]:
+    return [b.ids for b in s.epoch(epoch, s.local_steps, skip)]
+
+
+@pytest.mark.parametrize("resident", [True, False])
+def test_stream_count_dtype_range_and_reshuffle(resident):
+    s = stream(resident)
+    assert s.resident is resident
+    assert s.local_rows == 4500 and s.local_steps == 35  # last partial batch dropped
+    epoch1 = list(s.epoch(1, s.local_steps))
     assert len(epoch1) == 35
     b = epoch1[0]
     assert b.pixels.dtype == torch.uint8 and b.pixels.shape == (128, 1, 28, 28)
     assert int(b.pixels.min()) >= 0 and int(b.pixels.max()) == 255 and b.labels.max() <= 9
     ids1 = torch.cat([b.ids for b in epoch1])
     assert len(set(ids1.tolist())) == 35 * 128
-    ids2 = torch.cat([b.ids for b in stream.epoch(2)])
+    ids2 = torch.cat(epoch_ids(s, 2))
     assert not torch.equal(ids1, ids2)  # a new order each epoch
-    assert torch.equal(ids1, torch.cat([b.ids for b in stream.epoch(1)]))  # and a reproducible one
+    assert torch.equal(ids1, torch.cat(epoch_ids(s, 1)))  # and a reproducible one
+    assert [len(b) for b in epoch_ids(s, 2, skip=30)] == [128] * 5  # a resumed epoch continues where it was
 
 
-def test_second_epoch_decodes_nothing_and_matches_a_fresh_decode():
-    decode_image.cache_clear()
-    stream = RankStream("shipped", "train", rank=0, world_size=1, batch_size=128, shuffle_buffer=10_000, seed=0)
-    first = list(stream.epoch(1))
-    assert decode_image.cache_info().misses == 35 * 128
-    second = list(stream.epoch(2))
-    seen = {i for b in first + second for i in b.ids.tolist()}
-    assert decode_image.cache_info().misses == len(seen)  # each digit decoded once, in whichever epoch first used it
-    cached = {i: p.clone() for b in second for i, p in zip(b.ids.tolist(), b.pixels, strict=True)}
-    decode_image.cache_clear()
-    fresh = {i: p for b in stream.epoch(1) for i, p in zip(b.ids.tolist(), b.pixels, strict=True)}
-    assert [b.ids.tolist() for b in stream.epoch(1)] == [b.ids.tolist() for b in first]
-    shared = cached.keys() & fresh.keys()
-    assert len(shared) > 3000 and all(torch.equal(cached[i], fresh[i]) for i in shared)
-    second[0].pixels.zero_()  # batches are the caller's own: writing to one leaves the cached digits alone
-    assert torch.equal(list(stream.epoch(2))[0].pixels, torch.stack([cached[i] for i in second[0].ids.tolist()]))
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resident_split_is_decoded_once_and_yields_the_streams_ids(monkeypatch, workers):
+    from cvae_dist import data
+
+    decoded = []
+    monkeypatch.setattr(data, "decode_image", lambda b, _real=data.decode_image: decoded.append(1) or _real(b))
+    resident = stream(workers=workers)
+    assert len(decoded) == (4500 if workers == 0 else 0)  # the whole split, once, at start (or in the workers)
+    streamed = stream(resident=False)
+    for epoch in (1, 2, 3):  # the same seeded per-epoch shuffle: the same ids, batch for batch
+        assert [t.tolist() for t in epoch_ids(resident, epoch)] == [t.tolist() for t in epoch_ids(streamed, epoch)]
+    before = len(decoded)
+    list(resident.epoch(4, resident.local_steps))
+    assert len(decoded) == before  # later epochs decode nothing
+    # the digits themselves are the stream's
+    first = next(iter(resident.epoch(5, 1)))
+    again = next(iter(streamed.epoch(5, 1)))
+    assert torch.equal(first.ids, again.ids) and torch.equal(first.pixels, again.pixels)
+    first.pixels.zero_()  # batches are the caller's own: writing to one leaves the table alone
+    assert torch.equal(next(iter(resident.epoch(5, 1))).pixels, again.pixels)
 
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_worker_processes_give_the_same_full_batches_every_epoch(workers):
     # Workers each get some shards, and each shard set ends in a partial batch: joined, they still make 35.
-    stream = RankStream("shipped", "train", 0, 1, 128, shuffle_buffer=10_000, seed=0, num_workers=workers)
-    epochs = {e: [b.ids for b in stream.epoch(e)] for e in (1, 2)}
+    s = stream(resident=False, workers=workers)
+    epochs = {e: epoch_ids(s, e) for e in (1, 2)}
     for batches in epochs.values():
         assert [len(ids) for ids in batches] == [128] * 35
         assert len(set(torch.cat(batches).tolist())) == 35 * 128
     assert not torch.equal(torch.cat(epochs[1]), torch.cat(epochs[2]))  # the epoch reaches the persistent workers
-    assert torch.equal(torch.cat(epochs[1]), torch.cat([b.ids for b in stream.epoch(1)]))
-    resumed = [b.ids for b in stream.epoch(2, skip=30)]
+    assert torch.equal(torch.cat(epochs[1]), torch.cat(epoch_ids(s, 1)))
+    resumed = epoch_ids(s, 2, skip=30)
     assert len(resumed) == 5 and all(torch.equal(a, b) for a, b in zip(resumed, epochs[2][30:], strict=True))
 
 
@@ -79,12 +96,14 @@ def test_data_workers_are_sized_to_the_device_and_cores(monkeypatch):
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 def test_ranks_get_disjoint_shards_covering_the_data(world):
-    streams = [RankStream("shipped", "train+test", r, world, 16, shuffle_buffer=0) for r in range(world)]
-    seen = [set(torch.cat([b.ids for b in s.epoch(0)]).tolist()) for s in streams]
+    cfg = DataConfig(train_split="train+test", shuffle_buffer=0)
+    streams = [RankStream(cfg, r, world, 16, seed=0, num_workers=0) for r in range(world)]
+    seen = [set(torch.cat([b.ids for b in s.epoch(0, s.local_steps)]).tolist()) for s in streams]
     full = [{i for rows in s.dataset.iter(1000) for i in rows["id"]} for s in streams]
     assert sum(len(f) for f in full) == 5000 and len(set().union(*full)) == 5000  # disjoint, complete
     for s, ids in zip(streams, seen, strict=True):
-        assert len(ids) == s.steps_per_epoch * 16
+        assert len(ids) == s.local_steps * 16
+        assert s.local_steps == (1624 if world == 3 else 5000 // world) // 16  # the fewest rows any epoch deals a rank
 
 
 def test_unknown_source_and_split_are_named():
