@@ -1,20 +1,34 @@
-"""Run directories, accelerate checkpoints and the safetensors export of the final weights."""
+"""Run directories, resumable checkpoints (accelerate's save_state, verified by a manifest) and the final export."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import save_file
+from safetensors import SafetensorError
 
-from cvae_dist.config import ConfigError, JobConfig, ModelConfig, to_dict, to_yaml
+from cvae_dist.config import ConfigError, JobConfig, to_yaml
+from cvae_dist.distributed import is_deepspeed
 from cvae_dist.model import CVAE, portable
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that is incomplete, corrupt, or not this trainer's."""
+
+
+class DiskError(OSError):
+    """Writing a run's file failed (disk full, permissions): one line naming the path and the free space."""
+
+
+# ---- run directories -------------------------------------------------------------------------------------------
 
 
 def run_dir_for(cfg: JobConfig) -> Path:
@@ -22,52 +36,108 @@ def run_dir_for(cfg: JobConfig) -> Path:
 
 
 def check_new_run_dir(path: Path) -> None:
-    """Refuse to write into a run someone already made, or into a directory we cannot write."""
+    """Refuse to write into a run someone already made."""
     if path.exists() and any(path.iterdir()):
         raise ConfigError(
-            f"run directory {path} already exists and is not empty; pick another run_name "
-            "(the trainer never overwrites a run)"
+            f"run directory {path} already exists and is not empty; pick another run_name, or continue it with "
+            "resume=auto (the trainer never overwrites a run)"
         )
-    parent = next((p for p in [path, *path.parents] if p.exists()), Path("."))
+
+
+def check_writable(run_dir: Path) -> None:
+    """The run directory (its checkpoints/ included, when resuming), or the nearest existing parent, is writable."""
+    for path in (run_dir / "checkpoints", run_dir):
+        if path.exists():
+            if not os.access(path, os.W_OK):
+                raise ConfigError(f"{path} is not writable; the run could not save its checkpoints there")
+            return
+    parent = next((p for p in run_dir.parents if p.exists()), Path("."))
     if not os.access(parent, os.W_OK):
-        raise ConfigError(f"output directory {parent} is not writable")
+        raise ConfigError(f"output directory {parent} is not writable (output_dir={run_dir.parent})")
 
 
-def create_run_dir(path: Path, cfg: JobConfig) -> None:
-    (path / "images").mkdir(parents=True, exist_ok=True)
-    (path / "config.yaml").write_text(to_yaml(cfg))
+def write_run_dir(path: Path, cfg: JobConfig, accelerator: Accelerator) -> None:
+    """Create the run directory with `config.yaml` (a resumed run's is brought up to date), on the main process."""
+    if accelerator.is_main_process:
+        new = not path.exists()
+        try:
+            (path / "images").mkdir(parents=True, exist_ok=True)
+            write_safely(lambda p: p.write_text(to_yaml(cfg)), path / "config.yaml")
+        except DiskError:
+            if new:  # nothing of the user's is in it yet: leave no half-made run behind
+                shutil.rmtree(path, ignore_errors=True)
+            raise
+    accelerator.wait_for_everyone()
+
+
+def write_safely(write: Callable[[Path], object], path: Path) -> None:
+    """`write(tmp)` then rename into `path`: a reader never sees half a file; an OSError becomes a DiskError naming
+    the path and the free space, and nothing half-written is left."""
+    tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # (the suffix kept: PIL picks the format by it)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise disk_error(path, e) from None
+
+
+# torch.save reports a failed write (a full disk, a quota) as a RuntimeError, safetensors as a SafetensorError;
+# neither is an OSError nor carries the errno.
+_WRITER_ERRORS: tuple[type[Exception], ...] = (RuntimeError, SafetensorError)
+
+
+def write_failure(where: Path, e: Exception) -> Exception:
+    """`e` as the OSError behind it, where it came from a writer that hides it: a write of our own into `where`
+    (which the failed writer left full, or over quota) tells. `e` itself where that write succeeds: not a disk
+    problem."""
+    if isinstance(e, OSError) or not where.is_dir():
+        return e
+    probe = where / ".write-probe"
+    try:
+        with probe.open("wb") as f:
+            f.write(bytes(1 << 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        return err
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+    return e
+
+
+def disk_error(path: Path, e: OSError) -> DiskError:
+    free = ""
+    with contextlib.suppress(OSError):
+        anchor = next(p for p in [path, *path.parents] if p.exists())
+        free = f"; {shutil.disk_usage(anchor).free / 2**20:,.1f} MB free there"
+    return DiskError(f"could not write {path}: {e.strerror or e}{free}")
+
+
+# ---- the final export: `CVAE.save_pretrained`, loaded with `CVAE.from_pretrained` ----------------------------------
 
 
 def export_final(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, cfg: JobConfig) -> Path:
-    """The final weights as `model/model.safetensors` + `config.json` (every rank takes part: ZeRO-3 gathers)."""
-    state_dict = accelerator.get_state_dict(model)
+    """The final weights as `model/` (model.safetensors + config.json; every rank takes part: ZeRO-3 gathers)."""
+    # ZeRO-3 needs DeepSpeed to gather the partitions; otherwise the wrapped model's own state dict is all there is
+    # (and `portable` drops the wrappers' prefixes) without importing DeepSpeed.
+    state_dict = accelerator.get_state_dict(model) if is_deepspeed(accelerator) else model.state_dict()
     export_dir = run_dir / "model"
     if accelerator.is_main_process:
-        export(state_dict, cfg.model, export_dir)
+        final = CVAE(cfg.model)
+        final.load_state_dict(portable(state_dict))
+        try:
+            final.save_pretrained(export_dir)
+        except (OSError, *_WRITER_ERRORS) as e:
+            error = write_failure(export_dir, e)
+            shutil.rmtree(export_dir, ignore_errors=True)  # no half export: the last checkpoint holds the weights
+            if not isinstance(error, OSError):
+                raise
+            raise disk_error(export_dir, error) from None
     accelerator.wait_for_everyone()
     return export_dir
-
-
-def export(state_dict: dict[str, torch.Tensor], model_cfg: ModelConfig, out: Path) -> None:
-    """`model.safetensors` + `config.json`, loadable with `load_exported`."""
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(portable(state_dict), str(out / "model.safetensors"))
-    (out / "config.json").write_text(json.dumps(to_dict(JobConfig(model=model_cfg))["model"], indent=2) + "\n")
-
-
-def load_exported(path: Path) -> CVAE:
-    """Rebuild the model from an `export` directory (safetensors only: nothing is unpickled)."""
-    path = Path(path)
-    cfg_file, weights = path / "config.json", path / "model.safetensors"
-    if not cfg_file.is_file() or not weights.is_file():
-        raise ConfigError(f"{path}: expected config.json and model.safetensors (a `cvae-dist` export)")
-    try:
-        model = CVAE.from_pretrained(path)
-    except RuntimeError as e:
-        raise ConfigError(
-            f"{weights}: weights do not fit the model in config.json ({str(e).splitlines()[0]})"
-        ) from None
-    return model.eval()
 
 
 # ---- resumable checkpoints -------------------------------------------------------------------------------------
@@ -77,10 +147,6 @@ MANIFEST_FILE = "manifest.json"
 STEP_PREFIX = "step-"
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that is incomplete, corrupt, or not this trainer's."""
-
-
 @dataclass
 class TrainerState:
     """Everything besides model / optimizer / RNG that an exact resume needs (saved as JSON, never pickled)."""
@@ -88,27 +154,21 @@ class TrainerState:
     step: int = 0
     epoch: int = 1  # the epoch in progress
     batches_done: int = 0  # batches of that epoch already trained on (the data stream's position)
-    # Each rank's partial loss sums (index = rank), so a resumed epoch logs what an uninterrupted one would.
-    epoch_loss_sums: list[float] = field(default_factory=list)
-    interval_loss_sums: list[float] = field(default_factory=list)
+    loss: dict = field(default_factory=dict)  # the LossMeter's state: every rank's partial sums
     epoch_seconds: float = 0.0
-    epoch_skipped: int = 0  # steps of this epoch dropped for non-finite gradients (train.on_nonfinite=skip)
-    interval_skipped: int = 0  # ... and since the last step line
     world_size: int = 1
     per_rank_batch_size: int = 0
-    data_workers: int = 0  # datasets deals the shards to the workers, so their number shapes the data order
+    data_workers: int = 0  # where datasets deals the shards to the workers, their number shapes the data order
     wandb_run_id: str | None = None
     model: dict = field(default_factory=dict)
 
-    def rank_sum(self, name: str, rank: int) -> float:
-        sums = getattr(self, name)
-        return sums[rank] if sums else 0.0
-
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Finished checkpoints of a run, oldest first."""
+    """Finished checkpoints of a run (`step-N`; not the `step-N.corrupt` set aside), oldest first."""
     root = run_dir / "checkpoints"
-    return sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.is_dir()) if root.is_dir() else []
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.name[len(STEP_PREFIX) :].isdigit() and p.is_dir())
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
@@ -117,7 +177,8 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     All ranks write into a hidden temporary directory (accelerate: model, optimizer, scaler, every
     rank's RNG state; DeepSpeed: per-rank shards); then the main process adds the trainer state and a
     manifest of sha256 checksums and renames the directory into place, so a kill at any point never
-    leaves a half-written checkpoint that looks complete.
+    leaves a half-written checkpoint that looks complete. A failed write (disk full) removes its partial directory
+    and raises a DiskError; earlier checkpoints are untouched.
     """
     final = run_dir / "checkpoints" / f"{STEP_PREFIX}{state.step:09d}"
     if final.exists():  # e.g. a signal right after the epoch-end checkpoint: nothing new to save
@@ -126,17 +187,31 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     if accelerator.is_main_process and partial.exists():
         shutil.rmtree(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(partial))
+    failed = torch.zeros((), device=accelerator.device)
+    error: Exception | None = None
+    try:
+        accelerator.save_state(str(partial))
+    except (OSError, *_WRITER_ERRORS) as e:
+        error, failed = write_failure(partial, e), failed + 1
+    if accelerator.reduce(failed, "sum").item() == 0 and accelerator.is_main_process:
+        try:
+            (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+            files = sorted(p for p in partial.rglob("*") if p.is_file())
+            manifest = {str(p.relative_to(partial)): _sha256(p) for p in files}
+            (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+            os.replace(partial, final)
+        except OSError as e:
+            error = e
+        else:
+            for old in checkpoint_dirs(run_dir)[:-keep]:
+                shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
-        files = sorted(p for p in partial.rglob("*") if p.is_file())
-        manifest = {str(p.relative_to(partial)): _sha256(p) for p in files}
-        (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
-        os.replace(partial, final)
-        for old in checkpoint_dirs(run_dir)[:-keep] if keep > 0 else []:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    if error is not None or not final.exists():
+        if accelerator.is_main_process:
+            shutil.rmtree(partial, ignore_errors=True)
+        if error is not None and not isinstance(error, OSError):
+            raise error  # not a failed write: keep its traceback
+        raise disk_error(final, error) if error is not None else DiskError(f"could not write checkpoint {final}")
     return final
 
 
@@ -159,13 +234,34 @@ def verify_checkpoint(path: Path) -> TrainerState:
 
 
 def find_resumable(run_dir: Path, warn) -> tuple[Path, TrainerState] | None:
-    """The newest checkpoint that verifies; older ones are tried when newer ones are corrupt (and `warn` says so)."""
+    """The newest checkpoint that verifies; older ones are tried when newer ones are corrupt (and `warn` says so).
+    Reads only: `set_aside_newer` moves the corrupt ones out of the way once the resume is accepted."""
     for path in reversed(checkpoint_dirs(run_dir)):
         try:
             return path, verify_checkpoint(path)
         except CheckpointError as e:
             warn(f"skipping checkpoint: {e}; trying the previous one")
     return None
+
+
+def set_aside_newer(run_dir: Path, resumed: Path) -> list[Path]:
+    """Rename the checkpoints newer than `resumed` to `step-N.corrupt` (they failed verification: resume=auto passed
+    them over) or `step-N.abandoned` (an explicit resume from an older one), so the resumed run writes its own at
+    those steps and a later resume=auto cannot pick up the old ones; returns the new names."""
+    moved = []
+    for path in checkpoint_dirs(run_dir):
+        if path.name > resumed.name:
+            try:
+                verify_checkpoint(path)
+                suffix = ".abandoned"
+            except CheckpointError:
+                suffix = ".corrupt"
+            target = path.with_name(path.name + suffix)
+            while target.exists():
+                target = target.with_name(target.name + "-again")
+            path.rename(target)
+            moved.append(target)
+    return moved
 
 
 def resolve_resume(run_dir: Path, resume: str | None, warn) -> tuple[Path, TrainerState] | None:

@@ -1,25 +1,41 @@
-"""Stopping cleanly: preemption signals, the requeue exit code, non-finite losses."""
+"""Stopping cleanly: signals (Ctrl-C, preemption), the exit codes that say what happened, `status.json`."""
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import signal
 import time
 from pathlib import Path
 
+log = logging.getLogger(__name__)
+
 # sysexits' EX_TEMPFAIL: "try again later". The trainer exits with it after checkpointing on SIGTERM/SIGUSR1,
 # and slurm/*.sbatch requeue the job when they see it (or `status.json` saying "preempted").
 REQUEUE_EXIT_CODE = 75
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
 
 
-class Preempted(Exception):
+class Stopped(Exception):
     """Every rank stopped on a signal after saving a checkpoint; rerun with resume=auto to continue."""
 
-    def __init__(self, step: int, checkpoint: str):
-        super().__init__(f"stopped on a signal at step {step}; checkpoint {checkpoint}; rerun with resume=auto")
+    state, exit_code = "preempted", REQUEUE_EXIT_CODE
+
+    def __init__(self, signal_name: str, step: int, checkpoint: str):
+        super().__init__(f"stopped on {signal_name} at step {step}; checkpoint {checkpoint}; rerun with resume=auto")
         self.step, self.checkpoint = step, checkpoint
+
+
+class Preempted(Stopped):
+    """SIGTERM / SIGUSR1: what Slurm sends before preemption or the time limit. Exit 75: requeue me."""
+
+
+class Interrupted(Stopped):
+    """SIGINT: Ctrl-C. Exit 130."""
+
+    state, exit_code = "interrupted", INTERRUPTED_EXIT_CODE
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -27,28 +43,50 @@ class NonFiniteLoss(FloatingPointError):
 
 
 class StopSignal:
-    """SIGTERM / SIGUSR1 ask for a checkpoint and a clean exit at the next agreement point; a second one (more than
-    REPEAT_GRACE_S later) exits at once."""
+    """Once armed (the run has a directory to checkpoint into), SIGINT (Ctrl-C), SIGTERM and SIGUSR1 ask for a
+    checkpoint and a clean exit at the next step line; a second one (more than REPEAT_GRACE_S later) exits at once.
+    Before that, they stop the process at once: there is nothing to save yet."""
 
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
     REPEAT_GRACE_S = 3.0
 
     def __init__(self) -> None:
         self.received: int | None = None
+        self.armed = False
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
+    def arm(self) -> None:
+        self.armed = True
+
     def _handle(self, signum: int, _frame) -> None:
+        if not self.armed:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise SystemExit(f"stopped by {signal.Signals(signum).name} before training started")
         if self.received is not None:
-            # Slurm signals every process and torchrun forwards the same signal a moment later: only a repeat
-            # that comes later than that means "stop now, no checkpoint".
+            # Slurm signals every process and torchrun forwards the same signal a moment later (a terminal's Ctrl-C
+            # reaches the launcher and its workers at once): only a repeat that comes later than that means
+            # "stop now, no checkpoint".
             if time.monotonic() - self.received_at > self.REPEAT_GRACE_S:
+                name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+                with contextlib.suppress(OSError):
+                    os.write(2, f"{name} again: stopped at once, without a checkpoint (resume=auto continues from the "
+                                "last one)\n".encode())  # fmt: skip
                 os._exit(128 + signum)
             return
         self.received, self.received_at = signum, time.monotonic()
+        if signum == signal.SIGINT:
+            print("\nCtrl-C: checkpointing at the next step line, then stopping (Ctrl-C again to quit at once)",
+                  flush=True)  # fmt: skip
 
     @property
     def requested(self) -> bool:
         return self.received is not None
+
+    def stopped(self, step: int, checkpoint: str) -> Stopped:
+        """The exception that ends the run after the checkpoint a signal asked for."""
+        kind = Interrupted if self.received == signal.SIGINT else Preempted
+        return kind(signal.Signals(self.received).name if self.received else "a peer's signal", step, checkpoint)
 
     def restore(self) -> None:
         """Put back the handlers that were there before (the default where Python did not set one)."""
@@ -59,28 +97,39 @@ class StopSignal:
         return self
 
     def __exit__(self, exc_type, *_exc) -> None:
-        # After a preemption the process is on its way out with REQUEUE_EXIT_CODE: keep absorbing the launcher's
-        # repeat of the signal so it cannot cut that exit short. Any other ending gives the handlers back.
-        if exc_type is not Preempted:
+        # After a signal the process is on its way out with its exit code: keep absorbing the launcher's repeat of
+        # the signal so it cannot cut that exit short. Any other ending gives the handlers back.
+        if exc_type is None or not issubclass(exc_type, Stopped):
             self.restore()
+
+
+def write_status(run_dir: Path, state: str, **extra) -> None:
+    """`status.json`, replaced atomically. Where the disk is full it keeps its previous content and says so."""
+    tmp = run_dir / ".status.json.tmp"
+    try:
+        tmp.write_text(json.dumps({"state": state, "time": time.time(), **extra}))
+        os.replace(tmp, run_dir / "status.json")
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        log.warning("could not write %s (%s); it still says what it said before", run_dir / "status.json", e)
 
 
 @contextlib.contextmanager
 def run_status(run_dir: Path, write: bool):
-    """Keep `status.json` saying running / completed / preempted / failed, for wrappers such as slurm/*.sbatch
-    (a launcher's own exit code does not carry the trainer's: torchrun reports 1 whatever its workers said)."""
+    """Keep `status.json` saying running / completed / preempted / interrupted / failed, for wrappers such as
+    slurm/*.sbatch (a launcher's own exit code does not carry the trainer's: torchrun reports 1 whatever its
+    workers said)."""
 
     def put(state: str, **extra) -> None:
         if write:
-            tmp = run_dir / ".status.json.tmp"
-            tmp.write_text(json.dumps({"state": state, "time": time.time(), **extra}))
-            os.replace(tmp, run_dir / "status.json")
+            write_status(run_dir, state, **extra)
 
     put("running")
     try:
         yield
-    except Preempted as e:
-        put("preempted", step=e.step, checkpoint=e.checkpoint, exit_code=REQUEUE_EXIT_CODE)
+    except Stopped as e:
+        put(e.state, step=e.step, checkpoint=e.checkpoint, exit_code=e.exit_code)
         raise
     except BaseException as e:
         put("failed", error=f"{type(e).__name__}: {e}"[:500])

@@ -19,14 +19,16 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
-from torchvision.utils import make_grid
 
+from cvae_dist.checkpoint import checkpoint_dirs
 from cvae_dist.config import ConfigError, JobConfig, ModelConfig, Precision, load_config
 from cvae_dist.data import load_split, to_model_input
-from cvae_dist.images import save_grid
-from cvae_dist.model import CVAE
+from cvae_dist.images import grid, save_grid, side_by_side
+from cvae_dist.model import CVAE, portable
 
 WEIGHTS = "model.safetensors"
+MAX_IMAGES = 4096  # digits in one output grid (64 x 64 digits of 64 px: a 4096 x 4096 PNG)
+DECODE_BATCH = 512  # digits decoded at a time, so memory does not grow with --n
 ACCEPTED = (
     "accepted: --run <run directory with config.yaml>, or --checkpoint <export directory (model.safetensors + "
     "config.json) | accelerate checkpoint directory holding model.safetensors | a .safetensors file>"
@@ -65,16 +67,14 @@ def load_model(run: Path | None = None, checkpoint: Path | None = None, config: 
     cfg = load_config(cfg_file) if cfg_file is not None else JobConfig().validate()
     state = _read_weights(weights)
     actual = shape_of(state, weights)
-    shape_source = f"--config {config}" if config is not None else None
     export_json = weights.parent / "config.json"
-    if shape_source is None and export_json.is_file():
-        cfg.model, shape_source = _read_export_config(export_json), str(export_json)
-    elif shape_source is None and cfg_file is not None:
-        shape_source = str(cfg_file)
-    elif shape_source is None:
-        cfg.model, shape_source = actual, "the weights"
-    _check_shape(weights, actual, cfg.model, shape_source)
-
+    if config is None and export_json.is_file():  # an export: CVAE.from_pretrained is its loader
+        cfg.model = _read_export_config(export_json)
+        _check_shape(weights, actual, cfg.model, str(export_json))
+        return Loaded(CVAE.from_pretrained(weights.parent), cfg, weights, name)
+    if cfg_file is None:
+        cfg.model = actual
+    _check_shape(weights, actual, cfg.model, f"--config {config}" if config is not None else str(cfg_file))
     model = CVAE(cfg.model)
     try:
         model.load_state_dict(state)
@@ -87,8 +87,9 @@ def _run_weights(run: Path) -> Path:
     export = run / "model" / WEIGHTS
     if export.is_file():
         return export
-    saved = [p for p in (run / "checkpoints").glob(f"*/{WEIGHTS}") if not p.parent.name.startswith(".")]
-    saved.sort(key=lambda p: (p.stat().st_mtime, p.parent.name))  # newest last (step-* names sort by step)
+    # Finished checkpoints only, newest step last: not a .partial-step-N being written, nor a step-N.corrupt that
+    # failed its checksums and was set aside by a resume.
+    saved = [d / WEIGHTS for d in checkpoint_dirs(run) if (d / WEIGHTS).is_file()]
     if saved:
         return saved[-1]
     raise ConfigError(
@@ -125,14 +126,9 @@ def _checkpoint_weights(path: Path) -> tuple[Path, Path | None]:
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
-        state = load_file(str(path))
+        return portable(load_file(str(path)))
     except (SafetensorError, OSError) as e:
         raise ConfigError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
-    prefixes = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers, should a state dict still carry them
-    for prefix in prefixes:
-        if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix) :]: v for k, v in state.items()}
-    return state
 
 
 def _read_export_config(path: Path) -> ModelConfig:
@@ -147,12 +143,9 @@ def _read_export_config(path: Path) -> ModelConfig:
 def shape_of(state: dict[str, torch.Tensor], where: Path | str = "weights") -> ModelConfig:
     """The ModelConfig that a CVAE state dict was built with, read off its tensor shapes."""
     try:
-        mu = state["encoder.mu.weight"]  # (latent_dim, filters * (image_size / 8)^2)
-        filters = state["encoder.features.6.weight"].shape[0]  # the third conv: F output channels
+        return CVAE.shape_of(state)
     except KeyError as e:
         raise ConfigError(f"{where}: not the weights of a cvae-dist CVAE (no tensor {e})") from None
-    side = math.isqrt(mu.shape[1] // filters)
-    return ModelConfig(latent_dim=mu.shape[0], filters=filters, image_size=8 * side)
 
 
 def _check_shape(weights: Path, actual: ModelConfig, expected: ModelConfig, source: str) -> None:
@@ -196,18 +189,18 @@ def evaluate(
     source: str | None = None,
     split: str | None = None,
     seed: int | None = None,
-    precision: str = "no",
+    precision: str = "fp32",
 ) -> dict:
     """Held-out loss as the trainer reports it: batches of 128, seeded noise, sums reduced over the ranks.
 
     Under `accelerate launch` each rank evaluates a strided share (rank, rank + world, ...).
     """
     from cvae_dist.distributed import make_accelerator, set_threads
-    from cvae_dist.trainer import EVAL_BATCH
-    from cvae_dist.trainer import evaluate as evaluate_model
+    from cvae_dist.evaluation import EVAL_BATCH
+    from cvae_dist.evaluation import evaluate as evaluate_model
 
     cfg = copy.deepcopy(loaded.cfg)
-    cfg.train.precision = Precision(precision)
+    cfg.train.precision = Precision[precision]
     accelerator = make_accelerator(cfg)
     set_threads()
     source = source or cfg.data.source
@@ -250,11 +243,6 @@ def summary_line(r: dict) -> str:
 # -------------------------------------------------------------------------------------------- pictures
 
 
-def grid(images: torch.Tensor, columns: int) -> torch.Tensor:
-    """(1, H, W) grayscale grid, no padding (as the trainer's figure)."""
-    return make_grid(images.float().cpu(), nrow=columns, padding=0)[:1]
-
-
 @torch.no_grad()
 def sample(loaded: Loaded, n: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
     """`n` decoded draws from the N(0, I) prior; the draws come from a CPU generator seeded with `seed`.
@@ -262,7 +250,12 @@ def sample(loaded: Loaded, n: int, seed: int = 0, device: str = "cpu") -> torch.
     `sample(run, 128, seed=train.seed)` decodes the same draws as the lower half of the trainer's figure.
     """
     z = torch.randn(n, loaded.cfg.model.latent_dim, generator=torch.Generator().manual_seed(seed))
-    return _device_model(loaded, device)(z=z.to(device)).cpu()
+    return _decode(_device_model(loaded, device), z.to(device))
+
+
+def _decode(model: CVAE, z: torch.Tensor) -> torch.Tensor:
+    """Latents -> images on the CPU, DECODE_BATCH at a time (memory bounded by the output)."""
+    return torch.cat([model(z=chunk).cpu() for chunk in z.split(DECODE_BATCH)])
 
 
 @torch.no_grad()
@@ -276,7 +269,7 @@ def latent_grid(loaded: Loaded, side: int = 16, limit: float = 3.0, device: str 
     xs = torch.linspace(-limit, limit, side)
     ys = torch.linspace(limit, -limit, side)
     z = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1).reshape(-1, 2)
-    return _device_model(loaded, device)(z=z.to(device)).cpu()
+    return _decode(_device_model(loaded, device), z.to(device))
 
 
 @torch.no_grad()
@@ -286,11 +279,15 @@ def reconstruct(
     """(model inputs, reconstructions) of `pixels`; noise seeded as the trainer's figure, or z = mu if `mean`."""
     model = _device_model(loaded, device)
     seed = loaded.cfg.train.seed if seed is None else seed
+    inputs, reconstructions = [], []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        x = _model_input(loaded, pixels, device)
-        recon = model(z=model.encoder(x)[0]) if mean else model(x).reconstruction
-    return x.cpu(), recon.cpu()
+        for chunk in pixels.split(DECODE_BATCH):
+            x = _model_input(loaded, chunk, device)
+            recon = model(z=model.encoder(x)[0]) if mean else model(x).reconstruction
+            inputs.append(x.cpu())
+            reconstructions.append(recon.cpu())
+    return torch.cat(inputs), torch.cat(reconstructions)
 
 
 @torch.no_grad()
@@ -308,7 +305,7 @@ def interpolate(
     mu_a, mu_b = mu[:pairs], mu[pairs:]
     t = torch.linspace(0, 1, steps, device=mu.device).view(1, steps, 1)
     z = (mu_a.unsqueeze(1) * (1 - t) + mu_b.unsqueeze(1) * t).reshape(pairs * steps, -1)
-    walk = model(z=z).reshape(pairs, steps, *x.shape[1:])
+    walk = _decode(model, z).to(x.device).reshape(pairs, steps, *x.shape[1:])
     rows = torch.cat([x[:pairs].unsqueeze(1), walk, x[pairs:].unsqueeze(1)], dim=1)
     return rows.reshape(pairs * (steps + 2), *x.shape[1:]).cpu()
 
@@ -325,13 +322,6 @@ def pair_indices(labels: torch.Tensor, pairs: int) -> tuple[list[int], list[int]
             a_idx.append((2 * i) % len(labels))
             b_idx.append((2 * i + 1) % len(labels))
     return a_idx, b_idx
-
-
-def side_by_side(originals: torch.Tensor, reconstructions: torch.Tensor, columns: int) -> torch.Tensor:
-    """Originals grid | one blank image-wide column | reconstructions grid, in the same places."""
-    left, right = grid(originals, columns), grid(reconstructions, columns)
-    blank = torch.zeros(1, left.shape[1], originals.shape[-1])
-    return torch.cat([left, blank, right], dim=2)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -363,8 +353,6 @@ def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: b
 
 # ------------------------------------------------------------------------------------------------- CLI
 
-COMMANDS = ("eval", "sample", "reconstruct", "interpolate", "export")
-
 
 def add_commands(sub: argparse._SubParsersAction) -> None:
     """Register eval / sample / reconstruct / interpolate / export on the `cvae-dist` parser."""
@@ -388,7 +376,9 @@ def add_commands(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("eval", parents=[source, heldout], help="held-out loss (reconstruction, KL) of a trained model")
     p.add_argument("--seed", type=int, help="noise seed (default: the run's train.seed)")
-    p.add_argument("--precision", choices=[p.value for p in Precision], default="no", help="autocast (default fp32)")
+    p.add_argument(
+        "--precision", choices=["fp32", "bf16", "fp16", "no"], default="fp32", help="autocast (default fp32)"
+    )
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.set_defaults(inference=_cmd_eval)
 
@@ -444,6 +434,11 @@ def _positive(**values: int | None) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}={value}: must be a positive integer")
 
 
+def _at_most(images: int, what: str) -> None:
+    if images > MAX_IMAGES:
+        raise ConfigError(f"{what} makes {images:,} digits in one picture; at most {MAX_IMAGES:,} are accepted")
+
+
 def _load(args: argparse.Namespace) -> Loaded:
     return load_model(args.run, args.checkpoint, args.config)
 
@@ -470,6 +465,10 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     _positive(n=args.n, columns=args.columns, latent_grid=args.latent_grid)
+    if args.latent_grid is not None:
+        _at_most(args.latent_grid**2, f"--latent-grid {args.latent_grid}")
+    else:
+        _at_most(args.n, f"--n {args.n}")
     loaded = _load(args)
     if args.latent_grid is not None:
         images, columns = latent_grid(loaded, args.latent_grid, device=args.device), args.latent_grid
@@ -485,6 +484,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
 def _cmd_reconstruct(args: argparse.Namespace) -> int:
     _positive(n=args.n, columns=args.columns)
+    _at_most(args.n, f"--n {args.n}")
     loaded = _load(args)
     pixels, _ = _heldout(args, loaded, args.n)
     x, recon = reconstruct(loaded, pixels[: args.n], args.seed, args.mean, args.device)
@@ -497,6 +497,7 @@ def _cmd_interpolate(args: argparse.Namespace) -> int:
     _positive(pairs=args.pairs)
     if args.steps < 2:
         raise ConfigError(f"--steps={args.steps}: a walk needs at least 2 points (its two ends)")
+    _at_most(args.pairs * (args.steps + 2), f"--pairs {args.pairs} --steps {args.steps}")
     loaded = _load(args)
     pixels, labels = _heldout(args, loaded, 2)
     images = interpolate(loaded, pixels, labels, args.pairs, args.steps, args.device)

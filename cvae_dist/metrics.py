@@ -6,6 +6,7 @@ loop calls it unconditionally. W&B trouble is logged and never stops training.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -57,6 +58,7 @@ class RunLogger:
         run_config: dict[str, Any],
         rank: int = 0,
         resume_id: str | None = None,
+        resume_step: int | None = None,
     ):
         self.is_main = rank == 0
         self.enabled = self.is_main or cfg.log.wandb_per_rank
@@ -65,7 +67,10 @@ class RunLogger:
         self.own_prefix = f"rank/{rank}/" if not self.is_main else None  # what a per-rank run logs
         if not self.enabled:
             return
-        self.file = (run_dir / "metrics.jsonl").open("a", buffering=1) if self.is_main else None
+        if self.is_main and resume_step is not None:
+            _truncate_after(run_dir / "metrics.jsonl", resume_step)
+        self.path = run_dir / "metrics.jsonl"
+        self.file = self.path.open("ab", buffering=0) if self.is_main else None  # each line written whole, at once
         mode = resolve_wandb_mode(cfg.log.wandb)
         if mode != "disabled":
             name, run_id = run_dir.name, resume_id
@@ -76,6 +81,7 @@ class RunLogger:
             self.wandb_run = _init_wandb(run_dir, cfg, config, mode, run_id, name)
             if self.wandb_run is not None and self.is_main:
                 self.run_id = self.wandb_run.id
+                print(f"W&B: {_where(self.wandb_run)}", flush=True)
 
     def log(self, record: dict[str, Any], images: dict[str, torch.Tensor] | None = None) -> None:
         """Write `record` (scalars; must hold `step`) to metrics.jsonl and W&B; images go to W&B only."""
@@ -88,7 +94,7 @@ class RunLogger:
                 return
             images = None
         if self.file is not None:
-            self.file.write(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            self._append(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
         if self.wandb_run is not None:
             try:
                 import wandb
@@ -100,6 +106,22 @@ class RunLogger:
             except Exception as e:  # noqa: BLE001 - W&B must never stop training
                 log.warning("W&B log failed (%s); continuing with metrics.jsonl only", e)
                 self.wandb_run = None
+
+    def _append(self, line: str) -> None:
+        """Append one whole line, or none: where the write fails (disk full) the part written is cut off again, and
+        a DiskError names the file and the free space."""
+        data, fd = line.encode(), self.file.fileno()
+        start = os.fstat(fd).st_size
+        try:
+            done = 0
+            while done < len(data):
+                done += self.file.write(data[done:])
+        except OSError as e:
+            from cvae_dist.checkpoint import disk_error
+
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise disk_error(self.path, e) from None
 
     def reconstruction_table(self, originals, reconstructions, labels, step: int) -> None:
         """A W&B table `eval/reconstructions`: label, held-out digit, its reconstruction."""
@@ -175,12 +197,42 @@ def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str, resume_i
     return run
 
 
+def _where(run) -> str:
+    """The run's page, or where an offline run waits for `wandb sync`."""
+    if not run.offline:
+        return run.url
+    offline = Path(run.dir).parent
+    return f"offline run {offline} (to upload: wandb login, then wandb sync {offline})"
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, torch.Tensor):
         return v.item()
     if isinstance(v, float):
         return round(v, 6)
     return v
+
+
+def _truncate_after(path: Path, step: int) -> None:
+    """A resumed run replays the steps after its checkpoint: their lines from the lost attempt go, so no step or epoch
+    appears twice (atomically: a crash leaves the old file or the new one)."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    kept = [line for line in lines if 0 <= _step_of(line) <= step]
+    if len(kept) < len(lines):
+        from cvae_dist.checkpoint import write_safely
+
+        write_safely(lambda tmp: tmp.write_text("".join(kept)), path)
+        log.warning("%s: dropped %d line(s) after step %d (the resumed run trains those steps again)",
+                    path, len(lines) - len(kept), step)  # fmt: skip
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, AttributeError):
+        return -1  # a partial last line from a kill
 
 
 class RankRecord:
@@ -207,9 +259,11 @@ class RankRecord:
             self.epoch_ids = []
 
     def finish(self, **fields: Any) -> None:
+        from cvae_dist.checkpoint import write_safely
+
         self.data.update(fields)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data))
+        write_safely(lambda tmp: tmp.write_text(json.dumps(self.data)), self.path)  # whole, or a DiskError
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
