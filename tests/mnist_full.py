@@ -1,0 +1,36 @@
+"""The official MNIST split (60,000 train / 10,000 test) converted once per test session, for any test file:
+
+    from mnist_full import mnist_full  # noqa: F401  (the fixture)
+
+`mnist_full` (session-scoped) runs `cvae-dist prepare-data --mnist` on the IDX files in MNIST_IDX (outside the repo,
+in the shared data folder; users never have it) and returns the output directory; the command's printed line is kept
+beside it, in `CLI_LINE`. Tests that use the fixture skip, naming the folder, where it is absent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+MNIST_IDX = REPO.parent / "shared" / "data" / "mnist_idx"
+CLI_LINE = "prepare-data.txt"  # in the output directory's parent
+
+
+@pytest.fixture(scope="session")
+def mnist_full(tmp_path_factory) -> Path:
+    from cvae_dist.cli import main
+
+    if not MNIST_IDX.is_dir():
+        pytest.skip(f"no official MNIST IDX files: {MNIST_IDX} is absent")
+    out = tmp_path_factory.mktemp("mnist_full") / "parquet"
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        rc = main(["prepare-data", "--mnist", str(MNIST_IDX), "--out", str(out)])
+    if rc != 0:
+        raise RuntimeError(f"prepare-data --mnist {MNIST_IDX} exited {rc}: {stderr.getvalue()}")
+    (out.parent / CLI_LINE).write_text(stdout.getvalue())
+    return out
