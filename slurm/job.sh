@@ -4,6 +4,10 @@
 
 # job_settings DEFAULT_JOB_NAME: the venv's tools and the job's names, port and trainer overrides.
 job_settings() {
+    if [[ ! -f pyproject.toml || ! -d cvae_dist ]]; then
+        echo "error: $PWD is not the cvae-dist repo root; submit from the repo root" >&2
+        exit 2
+    fi
     ACCELERATE=accelerate
     PYTHON=python3
     [[ -x .venv/bin/accelerate ]] && ACCELERATE=$PWD/.venv/bin/accelerate && PYTHON=$PWD/.venv/bin/python
@@ -17,6 +21,19 @@ job_settings() {
     OVERRIDES=("run_name=$RUN" "log.group=$GROUP")
     # the first run starts fresh; a requeued one continues from the newest checkpoint in the run directory
     ((RESTARTS > 0)) && OVERRIDES+=("resume=auto")
+}
+
+# pick_launch_config: GPUS (the GPUs nvidia-smi lists on this node) and LAUNCH_CONFIG (unless set: launch/ddp_gpu.yaml
+# where there are GPUs, launch/ddp_cpu.yaml where there are none), which must exist.
+pick_launch_config() {
+    GPUS=0
+    command -v nvidia-smi >/dev/null && GPUS=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')
+    if ((GPUS > 0)); then
+        LAUNCH_CONFIG=${LAUNCH_CONFIG:-launch/ddp_gpu.yaml}
+    else
+        LAUNCH_CONFIG=${LAUNCH_CONFIG:-launch/ddp_cpu.yaml}
+    fi
+    [[ -f $LAUNCH_CONFIG ]] || { echo "error: accelerate config $LAUNCH_CONFIG not found (set LAUNCH_CONFIG)" >&2; exit 2; }
 }
 
 # trap_signals: USR1 (the timed signal, or scancel --signal=USR1 --batch) reaches only the batch script, which

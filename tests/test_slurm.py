@@ -37,7 +37,7 @@ def epoch_lines(run_dir: Path) -> list[dict]:
 
 
 def checkpoints(run_dir: Path) -> list[Path]:
-    """The run's accelerate checkpoints: checkpoints/final or checkpoints/step-* directories."""
+    """The run's accelerate checkpoints: its checkpoints/step-* directories."""
     return sorted(p for p in (run_dir / "checkpoints").glob("*") if p.is_dir() and not p.name.startswith("."))
 
 
