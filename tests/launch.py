@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -82,3 +83,15 @@ def launch(
     if check and proc.returncode != 0:
         raise AssertionError(f"{name} exited {proc.returncode}:\n{result.output[-6000:]}")
     return result
+
+
+def wait_for_step(run_dir: Path, step: int, proc: subprocess.Popen, timeout: float = 180) -> None:
+    """Until the run's metrics.jsonl has a line at `step` or later (the process must still be running)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()):
+            return
+        assert proc.poll() is None, f"training ended early with {proc.returncode}"
+        time.sleep(0.2)
+    raise AssertionError(f"step {step} not reached in {timeout} s")

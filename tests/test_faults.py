@@ -10,7 +10,7 @@ import psutil
 import pytest
 
 from cvae_dist.faults import REQUEUE_EXIT_CODE
-from launch import DEBUG, ENV, REPO, launch, launch_command
+from launch import DEBUG, ENV, REPO, launch, launch_command, wait_for_step
 
 pytestmark = pytest.mark.multiprocess
 
@@ -22,17 +22,6 @@ def start(tmp_path, name, overrides):
     log = (tmp_path / f"{name}.log").open("w")
     cmd = launch_command(tmp_path, name, DDP, overrides)
     return subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
-
-
-def wait_for_step(run_dir, step, proc, timeout=180):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        metrics = run_dir / "metrics.jsonl"
-        if metrics.exists() and any(json.loads(x).get("step", 0) >= step for x in metrics.read_text().splitlines()):
-            return
-        assert proc.poll() is None, f"training ended early with {proc.returncode}"
-        time.sleep(0.2)
-    raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
 def workers(proc):

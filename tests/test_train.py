@@ -70,9 +70,7 @@ def test_export_and_checkpoint(debug_run):
 
 def test_existing_run_is_not_overwritten(debug_run):
     before = (debug_run.run_dir / "metrics.jsonl").read_bytes()
-    cfg = load_config(
-        DEBUG, [f"output_dir={debug_run.run_dir.parent}", "run_name=e2e", "log.wandb=disabled"]
-    )
+    cfg = load_config(DEBUG, [f"output_dir={debug_run.run_dir.parent}", "run_name=e2e", "log.wandb=disabled"])
     with pytest.raises(ConfigError, match="already exists"):
         train(cfg)
     assert (debug_run.run_dir / "metrics.jsonl").read_bytes() == before

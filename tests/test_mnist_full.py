@@ -1,0 +1,158 @@
+"""Full MNIST end to end, offline: the official 60,000 / 10,000 split (converted once per session by `mnist_full`)
+trained with configs/mnist.yaml at 1, 2 and 3 ranks, an exact mid-epoch resume, and a local clone of the hub
+repository in its own layout. Every test skips, naming the folder, where the shared IDX files are absent.
+
+Runs are bounded with `train.max_steps` (an epoch is 468 steps of 128 at 1 or 2 ranks) and train in fp32 (bf16 is
+~20x slower on CPUs without fast bf16). Each rank of a launch decodes the whole training split into its resident
+table at start (datasets deals the shards out anew each epoch), so a launch spends its first seconds there.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from datasets import ClassLabel, Dataset, Features, Image
+from mnist_full import mnist_full  # noqa: F401  (the fixture)
+
+from cvae_dist.config import load_config
+from cvae_dist.data import parquet_files
+from cvae_dist.trainer import train
+from launch import ENV, REPO, launch, launch_command, wait_for_step
+
+MNIST = "configs/mnist.yaml"
+DDP2 = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"]
+DDP3 = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "3"]
+ONE = ["--config_file", "launch/cpu_debug.yaml"]
+STEPS = 60  # of the 468 in an epoch
+RUN = [f"train.max_steps={STEPS}", "log.every_steps=10", "checkpoint.every_steps=20", "log.sample_ids=true",
+       "train.precision=fp32"]  # fmt: skip
+# Runs at different world sizes see different batches (each rank reads its own part) and BatchNorm statistics over
+# 43 instead of 128 images: their losses agree statistically, not bit for bit (as in test_distributed.py).
+LOSS_TOLERANCE = 0.05
+LAUNCH_TIMEOUT = 600  # s: every rank decodes 60,000 digits before its first step, on a small shared machine
+
+
+def source(mnist_full: Path) -> list[str]:  # noqa: F811
+    return [f"data.source={mnist_full}"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("mnist_runs")
+
+
+@pytest.fixture(scope="module")
+def ddp(runs, mnist_full):  # noqa: F811
+    """2 ranks, 60 steps, W&B offline (its config is checked): the 2-rank checks and the uninterrupted reference."""
+    return launch(runs, "ddp", DDP2, [*source(mnist_full), *RUN], timeout=LAUNCH_TIMEOUT, config=MNIST)
+
+
+@pytest.mark.multiprocess
+def test_two_ranks_full_set_equal_steps_disjoint_ids_loss_falls_export(ddp, mnist_full):  # noqa: F811
+    config = ddp.wandb_config()
+    assert config["world_size"] == 2 and config["backend"] == "MULTI_CPU"
+    assert (config["global_batch_size"], config["per_rank_batch_size"]) == (128, 64)
+    assert config["steps_per_epoch"] == 468  # 2 ranks x 30,000 rows (4 whole shards each) // 64
+    assert config["data"]["source"] == str(mnist_full) and config["data"]["train_split"] == "train"
+    assert "468 steps per epoch (59904 images)" in ddp.output
+    ranks = ddp.ranks()
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 2), (1, 2)]
+    assert [(r["steps"], r["steps_per_epoch"]) for r in ranks] == [(STEPS, [STEPS])] * 2  # equal steps
+    ids = [r["ids"]["1"] for r in ranks]
+    assert [len(i) for i in ids] == [STEPS * 64] * 2 and all(len(set(i)) == len(i) for i in ids)
+    assert not set(ids[0]) & set(ids[1])  # disjoint
+    assert all(0 <= i < 60_000 for i in ids[0] + ids[1])  # the official training digits' ids
+    losses = ddp.step_losses()
+    assert len(losses) == STEPS // 10 and losses[-1] < 0.6 * losses[0]  # it learns
+    (epoch,) = ddp.epochs()
+    assert epoch["train/epoch_steps"] == STEPS and math.isfinite(epoch["eval/loss_per_image"])
+    assert (ddp.run_dir / "model" / "model.safetensors").is_file() and (ddp.run_dir / "model" / "config.json").is_file()
+    assert len({r["param_sha256"] for r in ranks}) == 1
+
+
+@pytest.mark.multiprocess
+def test_sigterm_mid_epoch_resumes_exactly_on_the_full_set(tmp_path, ddp, mnist_full):  # noqa: F811
+    overrides = [*source(mnist_full), *RUN]
+    log = (tmp_path / "preempted.log").open("w")
+    cmd = launch_command(tmp_path, "preempted", DDP2, overrides, config=MNIST)
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=ENV, start_new_session=True)
+    run_dir = tmp_path / "preempted"
+    try:
+        wait_for_step(run_dir, 10, proc, timeout=LAUNCH_TIMEOUT)
+        os.kill(proc.pid, signal.SIGTERM)  # the launcher's: torchrun forwards it to the ranks
+        proc.wait(timeout=180)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted", (tmp_path / "preempted.log").read_text()[-4000:]
+    stopped_at = status["step"]
+    assert 10 <= stopped_at < STEPS and (run_dir / "checkpoints" / f"step-{stopped_at:09d}").is_dir()
+
+    resumed = launch(tmp_path, "preempted", DDP2, [*overrides, "resume=auto"], timeout=LAUNCH_TIMEOUT, config=MNIST)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped_at:09d}'}" in resumed.output
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+    assert [r["steps"] for r in resumed.ranks()] == [STEPS - stopped_at] * 2  # this launch's own steps
+    assert [r["ids"]["1"] for r in resumed.ranks()] == [r["ids"]["1"][stopped_at * 64 :] for r in ddp.ranks()]
+    straight = {r["rank"]: r["param_sha256"] for r in ddp.ranks()}
+    assert {r["rank"]: r["param_sha256"] for r in resumed.ranks()} == straight  # bit-identical parameters
+    assert resumed.step_losses() == ddp.step_losses()  # every step line, before and after the signal
+    assert [e["train/loss"] for e in resumed.epochs()] == [e["train/loss"] for e in ddp.epochs()]
+
+
+@pytest.mark.multiprocess
+def test_three_ranks_share_the_global_batch_and_track_one_rank_on_the_full_set(runs, mnist_full):  # noqa: F811
+    overrides = [*source(mnist_full), "train.max_steps=30", "log.every_steps=10", "log.sample_ids=true",
+                 "train.precision=fp32", "log.wandb=disabled"]  # fmt: skip
+    three = launch(runs, "three", DDP3, overrides, timeout=LAUNCH_TIMEOUT, config=MNIST)
+    one = launch(runs, "one", ONE, overrides, timeout=LAUNCH_TIMEOUT, config=MNIST)
+    # 8 shards do not divide by 3: each rank reads every 3rd row (20,000), in shares of 43 / 43 / 42.
+    assert "128 images per step (43 on this rank), 465 steps per epoch" in three.output
+    assert "128 images per step (128 on this rank), 468 steps per epoch" in one.output
+    ranks = three.ranks()
+    assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 3), (1, 3), (2, 3)]
+    assert [(r["steps"], r["steps_per_epoch"]) for r in ranks] == [(30, [30])] * 3  # equal steps
+    ids = [r["ids"]["1"] for r in ranks]
+    assert [len(i) // 30 for i in ids] == [43, 43, 42] and [len(i) % 30 for i in ids] == [0, 0, 0]
+    assert len(set().union(*map(set, ids))) == 30 * 128  # disjoint
+    assert len(one.ranks()[0]["ids"]["1"]) == 30 * 128
+    a, b = three.step_losses(), one.step_losses()
+    assert len(a) == len(b) == 3
+    assert a == pytest.approx(b, rel=LOSS_TOLERANCE)
+
+
+def write_hub_clone(mnist_full: Path, root: Path, n_train: int = 384, n_test: int = 200) -> None:  # noqa: F811
+    """A small copy of the hub repository ylecun/mnist in its own layout: `mnist/<split>-00000-of-00001.parquet`,
+    columns image + label only (no `id`), with the hub's features, from the first digits of the converted set."""
+    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+    (root / "mnist").mkdir(parents=True)
+    for split, n in (("train", n_train), ("test", n_test)):
+        table = pq.read_table(parquet_files(str(mnist_full), split)[0], columns=["image", "label"]).slice(0, n)
+        rows = {"image": table.column("image").to_pylist(), "label": table.column("label").to_pylist()}
+        Dataset.from_dict(rows, features=features).to_parquet(str(root / "mnist" / f"{split}-00000-of-00001.parquet"))
+
+
+def test_a_local_clone_of_the_hub_repository_trains(tmp_path, mnist_full):  # noqa: F811
+    clone = tmp_path / "ylecun-mnist"
+    write_hub_clone(mnist_full, clone)
+    for split in ("train", "test"):
+        (file,) = parquet_files(str(clone), split)
+        assert Path(file).relative_to(clone).as_posix() == f"mnist/{split}-00000-of-00001.parquet"
+        assert pq.read_schema(file).names == ["image", "label"]
+    overrides = [f"data.source={clone}", "train.epochs=1", "log.every_steps=1", "log.sample_ids=true",
+                 "train.precision=fp32", "log.wandb=disabled", f"output_dir={tmp_path}", "run_name=clone"]  # fmt: skip
+    result = train(load_config(REPO / MNIST, overrides))
+    assert result.steps == 384 // 128 and len(result.epoch_losses) == 1 and math.isfinite(result.epoch_losses[0])
+    (rank,) = [json.loads(p.read_text()) for p in (result.run_dir / "ranks").glob("rank*.json")]
+    assert rank["ids"]["1"] == [-1] * 384  # the hub's files carry no id column
+    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    (epoch,) = [r for r in lines if "train/loss" in r]
+    assert math.isfinite(epoch["eval/loss_per_image"]) and epoch["train/epoch_steps"] == 3
+    assert (result.run_dir / "model" / "model.safetensors").is_file()
