@@ -180,6 +180,7 @@ def start_run(run: Run) -> None:
         f"steps per epoch ({run.steps_per_epoch * run.global_batch} images), {type(run.step).__name__}"
     )
     run.record = RankRecord(run.dir, identity, run.cfg.log.sample_ids)
+    run.telemetry.restart()  # the first interval measures steps, not the set-up above
 
 
 def run_compute_dtype(run: Run) -> str:
