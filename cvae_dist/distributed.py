@@ -77,7 +77,7 @@ def check_launch() -> None:
     if problem:
         raise LaunchError(
             f"this launch asks for GPUs (accelerate's multi-GPU launcher), but CUDA is unusable here: {problem}; "
-            "for CPU processes use --config_file launch/ddp_cpu.yaml (or --gpu_ids -1,-1)"
+            "for CPU processes use --config_file launch/ddp_cpu.yaml (or --gpu_ids=-1,-1)"
         )
 
 

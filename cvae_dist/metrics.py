@@ -105,6 +105,8 @@ class RunLogger:
                 self.wandb_run.log(payload)
             except Exception as e:  # noqa: BLE001 - W&B must never stop training
                 log.warning("W&B log failed (%s); continuing with metrics.jsonl only", e)
+                with contextlib.suppress(Exception):  # finished, or a later wandb.init in this process returns it
+                    self.wandb_run.finish()
                 self.wandb_run = None
 
     def _append(self, line: str) -> None:

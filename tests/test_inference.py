@@ -1,5 +1,6 @@
 """eval / sample / reconstruct / interpolate / export on a tiny real training run (CPU, a few seconds)."""
 
+import io
 import json
 import math
 import os
@@ -10,8 +11,10 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -41,6 +44,32 @@ def png(path: Path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("L"))
 
 
+HELDOUT = REPO / "cvae_dist" / "assets" / "mnist5k" / "test-00000-of-00001.parquet"  # the debug recipe's eval split
+
+
+def heldout_digits() -> tuple[torch.Tensor, list[int]]:
+    """The 500 held-out digits read straight from the shipped parquet file (PNG bytes decoded by PIL), file order."""
+    rows = pq.read_table(HELDOUT).to_pylist()
+    pixels = [torch.from_numpy(np.array(Image.open(io.BytesIO(r["image"]["bytes"])).convert("L"))) for r in rows]
+    return torch.stack(pixels)[:, None], [r["label"] for r in rows]
+
+
+def as_the_model_sees(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 28x28 -> [0, 1], bilinear to 64x64, in the run's memory format (channels_last, the debug recipe's)."""
+    x = F.interpolate(pixels.float() / 255, size=(SIDE, SIDE), mode="bilinear", align_corners=False)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def exported_model(run: Path) -> CVAE:
+    """The run's export as a user loads it, in the memory format the run trained in."""
+    return CVAE.from_pretrained(run / "model").to(memory_format=torch.channels_last)
+
+
+def as_png_pixels(images: torch.Tensor) -> np.ndarray:
+    """One [0, 1] image (1, H, W) as 8-bit PNG pixels: round half up, as torchvision's save_image writes them."""
+    return images.float().mul(255).add(0.5).clamp(0, 255).to(torch.uint8)[0].numpy()
+
+
 def trainer_weights(run: Path) -> Path:
     """The weights as accelerate saved the trained model (not the export)."""
     return sorted((run / "checkpoints").glob("*/model.safetensors"))[-1]
@@ -55,8 +84,22 @@ def test_eval_cli_reproduces_the_trainers_held_out_figures(run, tmp_path, capsys
     assert r["images"] == 500 and r["processes"] == 1 and r["split"] == "test"
     for key in ("loss_per_image", "recon_per_image", "kl_per_image", "loss_per_batch"):
         assert math.isfinite(r[key]) and r[key] > 0
-    assert r["loss_per_image"] == pytest.approx(r["recon_per_image"] + r["kl_per_image"])
-    assert r["loss_per_batch"] == pytest.approx(128 * r["loss_per_image"])
+    # A plain loop of our own: the export, the 500 held-out digits in batches of 128 (the last one 116), the noise
+    # seeded with the run's seed in a forked RNG, sum of squared errors and KL summed by hand in float64.
+    model, seed = exported_model(run), load_config(run / "config.yaml").train.seed
+    pixels, _ = heldout_digits()
+    sse = kl = 0.0
+    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for start in range(0, 500, 128):
+            x = as_the_model_sees(pixels[start : start + 128])
+            reconstruction, mu, log_var = (t.double() for t in model(x))
+            sse += (reconstruction - x.double()).square().sum().item()
+            kl += (0.5 * (mu.square() + log_var.exp() - 1 - log_var)).sum().item()
+    assert r["recon_per_image"] == pytest.approx(sse / 500, rel=1e-5)
+    assert r["kl_per_image"] == pytest.approx(kl / 500, rel=1e-5)
+    assert r["loss_per_image"] == pytest.approx((sse + kl) / 500, rel=1e-5)
+    assert r["loss_per_batch"] == pytest.approx(128 * (sse + kl) / 500, rel=1e-5)
     # the same weights, noise and batches as the trainer's end-of-epoch evaluation
     last = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if "eval/loss" in x][-1]
     assert r["loss_per_image"] == pytest.approx(last["eval/loss_per_image"], rel=1e-5)
@@ -97,10 +140,28 @@ def test_reconstruct_png(run, tmp_path):
 def test_interpolate_png(run, tmp_path):
     out = tmp_path / "interp.png"
     assert main(["interpolate", "--run", str(run), "--pairs", "3", "--steps", "5", "--out", str(out)]) == 0
-    assert png(out).shape == (3 * SIDE, (5 + 2) * SIDE)  # one row per pair: digit, 5 decodes, digit
-    _, labels = load_split("shipped", "test")
-    a, b = inference.pair_indices(labels, 3)
-    assert labels[a].tolist() == [0, 2, 4] and labels[b].tolist() == [1, 3, 5]
+    img = png(out)
+    assert img.shape == (3 * SIDE, (5 + 2) * SIDE)  # one row per pair: digit, 5 decodes, digit
+    pixels, labels = heldout_digits()
+    first = {}  # the first held-out digit of each class, by a plain scan
+    for i, label in enumerate(labels):
+        first.setdefault(label, i)
+    a, b = [first[0], first[2], first[4]], [first[1], first[3], first[5]]
+    assert inference.pair_indices(torch.tensor(labels), 3) == (a, b)  # pair i joins classes 2i and 2i+1
+
+    def tile(row: int, column: int) -> np.ndarray:
+        return img[row * SIDE : (row + 1) * SIDE, column * SIDE : (column + 1) * SIDE]
+
+    model = exported_model(run)
+    with torch.no_grad():
+        for row, (i, j) in enumerate(zip(a, b, strict=True)):
+            x_a, x_b = as_the_model_sees(pixels[[i]]), as_the_model_sees(pixels[[j]])
+            assert np.array_equal(tile(row, 0), as_png_pixels(x_a[0]))  # the ends: the digits, resized
+            assert np.array_equal(tile(row, 6), as_png_pixels(x_b[0]))
+            # the walk's ends (t = 0 and t = 1) are the decodes of the two digits' mu
+            assert np.array_equal(tile(row, 1), as_png_pixels(model(z=model(x_a).mu)[0]))
+            assert np.array_equal(tile(row, 5), as_png_pixels(model(z=model(x_b).mu)[0]))
+            assert not np.array_equal(tile(row, 1), tile(row, 5))  # two different digits: the walk goes somewhere
 
 
 def test_latent_grid_needs_two_latent_dims(run, tmp_path, capsys):
@@ -225,6 +286,28 @@ def test_export_refuses_a_non_empty_directory(run, tmp_path):
     (tmp_path / "x").write_text("keep me")
     with pytest.raises(ConfigError, match="not empty"):
         inference.export(inference.load_model(run=run), tmp_path)
+
+
+def test_export_push_to_hub_without_a_hub_keeps_the_local_export(run, tmp_path):
+    """The hub unreachable (HF_ENDPOINT on a closed local port): one line that says the export was written and how to
+    upload it later; the export itself is complete and loads."""
+    out, repo_id = tmp_path / "pushed", "someone/cvae"
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{_free_port()}", "HF_TOKEN": "hf_" + "x" * 34}  # a token: reach the net
+    cvae_dist = str(Path(sys.executable).parent / "cvae-dist")
+    cmd = [cvae_dist, "export", "--run", str(run), "--out", str(out), "--push-to-hub", repo_id]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("cvae-dist export: error: "), err
+    assert f"wrote {out}, but pushing it to the hub as '{repo_id}' failed" in err
+    assert f"hf upload {repo_id} {out}" in err and "hf auth login" in err
+    assert "exported" not in proc.stdout  # no success line
+    assert {"model.safetensors", "config.json"} <= {p.name for p in out.iterdir()}
+    assert json.loads((out / "config.json").read_text()) == json.loads((run / "model" / "config.json").read_text())
+    want = load_file(str(run / "model" / "model.safetensors"))
+    got = CVAE.from_pretrained(out).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
 def _free_port() -> int:

@@ -10,11 +10,29 @@ def test_reference_parameter_count():
 
 
 def test_parameter_count_follows_config():
-    small = count_parameters(CVAE(ModelConfig(latent_dim=2, filters=32, image_size=32)))
-    assert small != 149_265 and small > 0
+    # latent 3, filters F = 16 (F/4 = 4, F/2 = 8), 40 px images: 40 / 8 = 5, so the flattened encoder output and the
+    # decoder's first map are F x 5 x 5 = 400. Conv 3x3: c_out * c_in * 9 weights + c_out biases; BatchNorm(c): 2c
+    # (weight and bias; its running statistics are buffers); Linear(n, m): n * m + m.
+    encoder = [
+        4 * 1 * 9 + 4 + 2 * 4,  # down1: conv 1 -> 4 (40) + BN (8) = 48
+        8 * 4 * 9 + 8 + 2 * 8,  # down2: conv 4 -> 8 (296) + BN (16) = 312
+        16 * 8 * 9 + 16 + 2 * 16,  # down3: conv 8 -> 16 (1,168) + BN (32) = 1,200
+        2 * (400 * 3 + 3),  # heads mu and log sigma^2: 2 x Linear(400, 3) = 2,406
+    ]
+    decoder = [
+        3 * 400 + 400,  # Linear(3, 400) = 1,600
+        8 * 16 * 9 + 8 + 2 * 8,  # up1: conv 16 -> 8 (1,160) + BN (16) = 1,176
+        4 * 8 * 9 + 4 + 2 * 4,  # up2: conv 8 -> 4 (292) + BN (8) = 300
+        1 * 4 * 9 + 1,  # out: conv 4 -> 1 = 37
+    ]
+    assert encoder == [48, 312, 1_200, 2_406] and decoder == [1_600, 1_176, 300, 37]  # the arithmetic above
+    model = CVAE(ModelConfig(latent_dim=3, filters=16, image_size=40))
+    assert count_parameters(model.encoder) == 3_966  # 48 + 312 + 1,200 + 2,406
+    assert count_parameters(model.decoder) == 3_113  # 1,600 + 1,176 + 300 + 37
+    assert count_parameters(model) == 7_079
 
 
-@pytest.mark.parametrize("size", [28 + 4, 64, 32])  # any multiple of 8 (28 itself is not one)
+@pytest.mark.parametrize("size", [32, 40, 56, 64])  # any multiple of 8, a power of two or not (28 is not one)
 def test_shapes(size):
     model = CVAE(ModelConfig(image_size=size)).eval()
     x = torch.rand(3, 1, size, size)
