@@ -319,10 +319,10 @@ class HandLoop:
 
 
 def _trainer_run(cfg, accelerator, name: str):
-    """A real training run of `cfg` in a temporary directory, ready for `trainer.run_steps`."""
+    """A real training run of `cfg` named `name` in the worker's temporary output_dir, ready for `trainer.run_steps`."""
     from cvae_dist import checkpoint, trainer
 
-    cfg.output_dir, cfg.run_name = tempfile.mkdtemp(prefix="cvae-bench-"), name
+    cfg.run_name = name
     run = trainer.prepare_run(cfg, accelerator)
     checkpoint.write_run_dir(run.dir, cfg, accelerator)
     trainer.start_run(run)
@@ -370,7 +370,7 @@ class TrainerLoop:
         elapsed = time.perf_counter() - start
         steps, rank = run.state.step - first, run.accelerator.process_index
         names = ("data_wait_frac", "sync_wait_frac", "mfu", "step_time_s", "fwd_bwd_s", "optimizer_s")
-        records = _logged(run, first) if run.telemetry.enabled else []
+        records = _logged(run, first) if run.telemetry.enabled and run.accelerator.is_main_process else []
         return {
             "img_per_s": steps * self.batch / elapsed,
             "steps": steps,
@@ -408,7 +408,8 @@ def _run_worker(args, kind: str, extra: list[str], launcher: list[str] | None = 
         cmd = [*(launcher or [sys.executable]), *module, "--worker", kind, "--out", str(out),
                "--trials", str(args.trials), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
                *(["--config", str(args.config)] if args.config else []), *(["--compile"] if args.compile else []),
-               *(["--batch", str(args.batch)] if args.batch is not None else []), *args.overrides, *extra]  # fmt: skip
+               *(["--batch", str(args.batch)] if args.batch is not None else []), *args.overrides, *extra,
+               f"output_dir={tmp}"]  # fmt: skip
         timeout = 300 + (args.trials + 1) * (args.seconds + args.warmup) * 6
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
