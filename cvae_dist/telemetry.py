@@ -71,8 +71,11 @@ def peak_flops(device: torch.device, precision: str, configured_tflops: float | 
                     return half * 1e12, f"table:{key}:{precision}"
                 tf32_used = torch.backends.cudnn.allow_tf32
                 return (tf32 if tf32_used else fp32) * 1e12, f"table:{key}:{'tf32' if tf32_used else 'fp32'}"
-    # A CPU without native bf16 emulates it (slower than fp32): the faster of the dtypes the run may use is its peak.
-    dtypes = [torch.float32] + ([torch.bfloat16] if precision == "bf16" else [])
+    # The faster of the dtypes the run may use is its peak. A CPU without native bf16 emulates it, slower than fp32
+    # (and a 1024^3 bf16 matmul takes ~1 s there): fp32 is then the peak, measured alone.
+    from cvae_dist.distributed import fast_bf16
+
+    dtypes = [torch.float32] + ([torch.bfloat16] if precision == "bf16" and fast_bf16(device.type) else [])
     return max(_measured_matmul_peak(device, dtype) for dtype in dtypes)
 
 

@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))  # the offline W&B reader
+sys.path.insert(0, str(Path(__file__).parent))  # the test helpers: launch, the offline W&B reader, mnist_full
+
+from mnist_full import mnist_full  # noqa: E402, F401  (one fixture for every test file: converted once per session)
 
 # Tests run `log.wandb` as a user does: no WANDB_MODE to override it, and no API key, so `auto` means offline and
 # no test reaches a W&B server.

@@ -1,6 +1,5 @@
-"""The official MNIST split (60,000 train / 10,000 test) converted once per test session, for any test file:
-
-    from mnist_full import mnist_full  # noqa: F401  (the fixture)
+"""The official MNIST split (60,000 train / 10,000 test) converted once per test session: `mnist_full`, a fixture
+conftest.py offers every test file (imported into several test files, it would be converted once per file).
 
 `mnist_full` (session-scoped) runs `cvae-dist prepare-data --mnist` on the IDX files in MNIST_IDX (outside the repo,
 in the shared data folder; users never have it) and returns the output directory; the command's printed line is kept

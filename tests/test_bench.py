@@ -33,7 +33,7 @@ def fraction(value) -> bool:
 
 @pytest.mark.multiprocess  # (a worker process per precision and layout)
 def test_compare_data_and_telemetry_sections(repo, tmp_path):
-    result, stdout = bench(repo, tmp_path, *SHORT)
+    result, stdout = bench(repo, tmp_path, *SHORT, "--layouts", "channels_last")
     env = result["environment"]
     for key in ("torch", "accelerate", "python", "platform", "cpu_model", "device", "fast_bf16"):
         assert key in env
@@ -45,11 +45,9 @@ def test_compare_data_and_telemetry_sections(repo, tmp_path):
 
     configs = result["configs"]
     assert [(c["precision"], c["layout"], c["mode"]) for c in configs] == [
-        ("fp32", "nchw", "eager"),
         ("fp32", "channels_last", "eager"),
-        ("bf16", "nchw", "eager"),
         ("bf16", "channels_last", "eager"),
-    ]  # (no graph rows without CUDA)
+    ]  # (no graph rows without CUDA; one layout keeps the test short)
     for c in configs:
         want = "bfloat16" if c["precision"] == "bf16" else "float32"
         assert c["autocast_dtype"] == {"hand": want, "framework": want}  # autocast really on (or off) in both loops

@@ -15,8 +15,11 @@ pytestmark = pytest.mark.multiprocess
 # (what `auto` picks on a CPU without fast bf16; bf16 runs are tested on their own, on less data where bf16 is slow).
 SHORT = ["train.epochs=2", "log.every_steps=5", "log.sample_ids=true", "log.images_every_epochs=2",
          "train.precision=fp32"]  # fmt: skip
-# bf16 on the 500 held-out digits (3 steps of 128 per epoch): CPUs without AVX-512 BF16 emulate it, ~20x slower.
-TINY_BF16 = ["train.epochs=2", "data.train_split=test", "log.every_steps=1", "train.precision=bf16"]
+# bf16 for 6 steps of 32 on the 500 held-out digits: CPUs without AVX-512 BF16 emulate it, ~20x slower than fp32.
+TINY_BF16 = ["train.epochs=1", "data.train_split=test", "data.batch_size=32", "train.max_steps=6", "log.every_steps=1",
+             "train.precision=bf16"]  # fmt: skip
+# ZeRO in fp32 against the first of the DDP run's epochs: the same seed and world size, the same batches.
+ONE_EPOCH = [*SHORT, "train.epochs=1", "log.images_every_epochs=1"]
 # Runs that differ in world size see different batches (each rank reads its own shards) and BatchNorm
 # statistics over 64 instead of 128 images, so their losses agree statistically, not bit for bit.
 LOSS_TOLERANCE = 0.05
@@ -63,7 +66,7 @@ def test_ddp_loss_matches_single_process(ddp, single):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero(stage, runs, ddp):
     run = launch(
-        runs, f"zero{stage}", ["--config_file", f"launch/deepspeed_zero{stage}.yaml", "--num_processes", "2"], SHORT
+        runs, f"zero{stage}", ["--config_file", f"launch/deepspeed_zero{stage}.yaml", "--num_processes", "2"], ONE_EPOCH
     )
     config = run.wandb_config()
     assert config["world_size"] == 2 and config["backend"] == "DEEPSPEED" and config["zero_stage"] == stage
@@ -72,8 +75,8 @@ def test_deepspeed_zero(stage, runs, ddp):
     assert losses[-1] < losses[0] / 2  # it learns
     assert (checkpoint_dirs(run.run_dir)[-1] / "pytorch_model").is_dir()  # DeepSpeed's per-rank shards
     assert (run.run_dir / "model" / "model.safetensors").is_file()
-    for d, z in zip(ddp.epochs(), run.epochs(), strict=True):
-        assert z["train/loss"] == pytest.approx(d["train/loss"], rel=LOSS_TOLERANCE)
+    (zero_epoch,) = run.epochs()
+    assert zero_epoch["train/loss"] == pytest.approx(ddp.epochs()[0]["train/loss"], rel=LOSS_TOLERANCE)
     ids = [set(r["ids"]["1"]) for r in run.ranks()]
     assert not ids[0] & ids[1]
 
@@ -98,15 +101,16 @@ def test_deepspeed_zero_bf16(stage, runs, ddp_bf16):
 
 def test_three_ranks_share_the_global_batch_and_track_one_rank(runs):
     # 5,000 digits over 9 shards, 3 ranks: the global batch of 128 as shares of 43 / 43 / 42; equal step counts.
-    args = ["train.epochs=2", "data.train_split=train+test", "log.every_steps=13", "train.precision=fp32"]
+    # (The one-rank run also takes the NCHW path: the layout changes no figure beyond rounding.)
+    args = ["train.epochs=1", "data.train_split=train+test", "log.every_steps=13", "train.precision=fp32"]
     run = launch(runs, "three", ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "3"], args, timeout=400)
-    one = launch(runs, "three-vs-one", ["--config_file", "launch/cpu_debug.yaml"], args)
+    one = launch(runs, "three-vs-one", ["--config_file", "launch/cpu_debug.yaml"], [*args, "train.channels_last=false"])
     ranks = run.ranks()
     assert [r["world_size"] for r in ranks] == [3, 3, 3]
     assert run.wandb_config()["global_batch_size"] == 128
     assert [run.wandb_config()["per_rank_batch_size"]] == [43]  # rank 0's share (ranks 1, 2: 43, 42)
     steps = {tuple(r["steps_per_epoch"]) for r in ranks}
-    assert len(steps) == 1 and {r["steps"] for r in ranks} == {2 * next(iter(steps))[0]}
+    assert len(steps) == 1 and {r["steps"] for r in ranks} == {next(iter(steps))[0]}
     for a, b in zip(run.epochs(), one.epochs(), strict=True):
         assert a["train/loss"] == pytest.approx(b["train/loss"], rel=LOSS_TOLERANCE)
 
@@ -126,7 +130,7 @@ def test_bf16_tracks_fp32(runs):
     (["--config_file", "launch/cpu_debug.yaml", "--mixed_precision", "bf16"], "bf16"),  # the launcher's wins
 ])  # fmt: skip
 def test_auto_precision_takes_the_launchers_else_the_devices(runs, launcher, want):
-    run = launch(runs, f"auto-{want}", launcher, ["train.epochs=1", "data.train_split=test"])
+    run = launch(runs, f"auto-{want}", launcher, ["train.max_steps=1", "data.train_split=test", "data.batch_size=32"])
     expected = want or ("bf16" if fast_bf16("cpu") else "fp32")
     config = run.wandb_config()
     assert config["train"]["precision"] == "auto" and config["precision"] == expected

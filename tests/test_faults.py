@@ -15,7 +15,7 @@ from launch import DEBUG, ENV, REPO, launch, launch_command, wait_for_step
 pytestmark = pytest.mark.multiprocess
 
 DDP = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"]
-RUN = ["train.epochs=2", "log.every_steps=5", "checkpoint.every_steps=20"]
+RUN = ["train.epochs=1", "log.every_steps=5", "checkpoint.every_steps=20"]  # 35 steps
 
 
 def start(tmp_path, name, overrides):
@@ -39,7 +39,7 @@ def uninterrupted(tmp_path_factory):
 def test_sigterm_checkpoints_exits_for_requeue_and_resumes_exactly(tmp_path, uninterrupted):
     proc = start(tmp_path, "preempted", RUN)
     run_dir = tmp_path / "preempted"
-    wait_for_step(run_dir, 10, proc)  # mid-epoch 1 (35 steps per epoch)
+    wait_for_step(run_dir, 10, proc)  # mid-epoch (35 steps)
     os.kill(proc.pid, signal.SIGTERM)  # what Slurm sends before preemption; torchrun forwards it to the ranks
     proc.wait(timeout=120)
     output = (tmp_path / "preempted.log").read_text()
@@ -49,12 +49,12 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resumes_exactly(tmp_path, uni
     # requeue code for wrappers (slurm/*.sbatch read it).
     assert proc.returncode != 0 and "got signal: 15" in output
     stopped_at = status["step"]
-    assert 10 <= stopped_at < 70 and (run_dir / "checkpoints" / f"step-{stopped_at:09d}").is_dir()
+    assert 10 <= stopped_at < 35 and (run_dir / "checkpoints" / f"step-{stopped_at:09d}").is_dir()
 
     resumed = launch(tmp_path, "preempted", DDP, [*RUN, "resume=auto"])
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped_at:09d}'}" in resumed.output
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
-    assert [r["steps"] for r in resumed.ranks()] == [70 - stopped_at] * 2  # this launch's own steps
+    assert [r["steps"] for r in resumed.ranks()] == [35 - stopped_at] * 2  # this launch's own steps
     straight = {r["rank"]: r["param_sha256"] for r in uninterrupted.ranks()}
     assert {r["rank"]: r["param_sha256"] for r in resumed.ranks()} == straight  # bit-identical parameters
     assert resumed.step_losses() == uninterrupted.step_losses()

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from datasets import Features
-from mnist_full import CLI_LINE, MNIST_IDX, mnist_full  # noqa: F401  (the fixture)
+from mnist_full import CLI_LINE, MNIST_IDX
 
 from cvae_dist.data import FEATURES, load_split, parquet_files
 from cvae_dist.prepare_data import MNIST_FILES, DataFormatError, convert_mnist, read_idx
@@ -172,7 +172,7 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, capsys):
 # The real files: one conversion per session, through the CLI (see mnist_full.py).
 
 
-def test_official_split_counts_ids_and_shards(mnist_full):  # noqa: F811
+def test_official_split_counts_ids_and_shards(mnist_full):
     train, test = parquet_files(str(mnist_full), "train"), parquet_files(str(mnist_full), "test")
     assert [Path(f).name for f in train] == [f"train-{i:05d}-of-00008.parquet" for i in range(8)]
     assert [pq.read_metadata(f).num_rows for f in train] == [7500] * 8
@@ -184,7 +184,7 @@ def test_official_split_counts_ids_and_shards(mnist_full):  # noqa: F811
     assert np.bincount(column(test, "label"), minlength=10).tolist() == TEST_COUNTS
 
 
-def test_official_digits_read_back_unchanged(mnist_full):  # noqa: F811
+def test_official_digits_read_back_unchanged(mnist_full):
     for split, index in (("test", None), ("train", column(parquet_files(str(mnist_full), "train"), "id"))):
         images, labels = (MNIST_IDX / f"{name}.gz" for name in MNIST_FILES[split])
         x, y = read_idx(images, labels)
@@ -194,7 +194,7 @@ def test_official_digits_read_back_unchanged(mnist_full):  # noqa: F811
         assert np.array_equal(back.numpy(), y) and np.array_equal(pixels[:, 0].numpy(), x)
 
 
-def test_cli_prints_counts_size_and_time(mnist_full):  # noqa: F811
+def test_cli_prints_counts_size_and_time(mnist_full):
     line = (mnist_full.parent / CLI_LINE).read_text()
     assert line.count("\n") == 1
     assert line.startswith(f"wrote {mnist_full}: train 60,000 digits, test 10,000 digits; ")

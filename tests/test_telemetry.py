@@ -101,10 +101,11 @@ def test_unreachable_wandb_never_stops_training(tmp_path, monkeypatch, caplog, c
     import wandb
 
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.setattr("cvae_dist.metrics.WANDB_INIT_TIMEOUT_S", 3)  # W&B retries until then (15 s by default)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
     monkeypatch.delenv("WANDB_MODE", raising=False)
     caplog.set_level(logging.WARNING, logger="cvae_dist.metrics")
-    result = tiny_training(tmp_path, "offline-net", "log.wandb=online")  # W&B's init gives up after 15 s
+    result = tiny_training(tmp_path, "offline-net", "log.wandb=online")
     records = lines(result.run_dir)
     assert [r["step"] for r in records if "train/step_loss" in r] == [1, 2, 3]
     epochs = [r for r in records if "train/loss" in r]
