@@ -87,3 +87,14 @@ def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
         load_config(bad)
     message = str(err.value)
     assert message.startswith(f"{bad}:4:1: YAML syntax error") and "\n" not in message
+
+
+def test_fp16_without_a_gpu_is_refused_in_one_line(monkeypatch):
+    from cvae_dist.distributed import resolve_precision
+
+    with pytest.raises(ConfigError, match=r"^train.precision=fp16 needs a GPU .*; on a CPU use bf16 or fp32$"):
+        resolve_precision(Precision.fp16, "cpu")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # the launcher's fp16 under auto: the same refusal
+    with pytest.raises(ConfigError, match="needs a GPU"):
+        resolve_precision(Precision.auto, "cpu")
+    assert resolve_precision(Precision.fp16, "cuda") == ("fp16", "train.precision")
