@@ -18,20 +18,20 @@ def debug_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     cfg = load_config(
         DEBUG,
-        ["train.epochs=3", f"output_dir={out}", "run_name=e2e", "log.every_steps=5"],  # log.wandb=auto, no key
+        ["train.epochs=2", f"output_dir={out}", "run_name=e2e", "log.every_steps=5"],  # log.wandb=auto, no key
     )
     return train(cfg)
 
 
 def test_loss_falls(debug_run):
     losses = debug_run.epoch_losses
-    assert len(losses) == 3 and losses[0] > losses[1] > losses[2]
-    assert debug_run.steps == 3 * 35
+    assert len(losses) == 2 and losses[0] > losses[1]
+    assert debug_run.steps == 2 * 35
 
 
 def test_grid_png(debug_run):
     grids = sorted((debug_run.run_dir / "images").glob("epoch_*.png"))
-    assert [g.name for g in grids] == ["epoch_001.png", "epoch_002.png", "epoch_003.png"]
+    assert [g.name for g in grids] == ["epoch_001.png", "epoch_002.png"]
     # 8 rows x 16 digits of 64 px reconstructions, one blank row, 8 x 16 prior samples
     assert Image.open(grids[-1]).size == (16 * 64, 17 * 64)
 
@@ -39,7 +39,7 @@ def test_grid_png(debug_run):
 def test_metrics_jsonl_has_epoch_lines(debug_run):
     lines = [json.loads(line) for line in (debug_run.run_dir / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in lines if "train/loss" in r]
-    assert [r["epoch"] for r in epochs] == [1, 2, 3]
+    assert [r["epoch"] for r in epochs] == [1, 2]
     steps = [r for r in lines if "train/step_loss" in r]
     for r in epochs:
         assert r["train/img_per_s"] > 0 and r["eval/loss_per_image"] > 0 and r["train/epoch_steps"] == 35
@@ -63,7 +63,7 @@ def test_export_and_checkpoint(debug_run):
     model = CVAE.from_pretrained(debug_run.run_dir / "model")
     assert sum(p.numel() for p in model.parameters()) == 149_265
     last = checkpoint_dirs(debug_run.run_dir)[-1]
-    assert last.name == "step-000000105" and verify_checkpoint(last).epoch == 4  # epochs 1-3 done
+    assert last.name == "step-000000070" and verify_checkpoint(last).epoch == 3  # epochs 1-2 done
     assert (last / "model.safetensors").is_file() and (last / "optimizer.bin").is_file()
     assert json.loads((debug_run.run_dir / "status.json").read_text())["state"] == "completed"
 
