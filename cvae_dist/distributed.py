@@ -81,6 +81,16 @@ def check_launch() -> None:
         )
 
 
+def set_determinism(deterministic: bool) -> None:
+    """`train.deterministic`, set both ways (a process may train several runs, as the tests do). The cuBLAS
+    workspace setting must be in the environment before cuBLAS starts: call this before anything runs on a GPU."""
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(deterministic)
+    torch.backends.cudnn.deterministic = deterministic
+    torch.backends.cudnn.benchmark = False
+
+
 def device_type() -> str:
     """'cuda' where this process will train on a GPU, else 'cpu' (decided before the Accelerator exists)."""
     if os.environ.get("ACCELERATE_USE_CPU", "false").lower() == "true":
@@ -88,8 +98,22 @@ def device_type() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+FAST_BF16_ENV = "CVAE_DIST_FAST_BF16"  # 1 / 0: what `auto` believes of this device (tests run both ways)
+
+
 def fast_bf16(device: str) -> bool:
-    """bf16 runs at hardware speed here: a GPU with bf16 tensor cores, or a CPU with AVX-512 BF16 or AMX."""
+    """bf16 runs at hardware speed here: a GPU with bf16 tensor cores, or a CPU with AVX-512 BF16 or AMX
+    (CVAE_DIST_FAST_BF16=1 or 0 overrides the detection, so a test run can take either branch on any machine)."""
+    forced = os.environ.get(FAST_BF16_ENV)
+    if forced in ("0", "1"):
+        return forced == "1"
+    if forced is not None:
+        raise ConfigError(f"{FAST_BF16_ENV}={forced!r}: accepted 1 (fast bf16), 0 (none), or unset (detect)")
+    return hardware_bf16(device)
+
+
+def hardware_bf16(device: str) -> bool:
+    """What the hardware has, whatever CVAE_DIST_FAST_BF16 says (for timing it: emulated bf16 is slow)."""
     if device == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     try:
@@ -220,11 +244,20 @@ def zero_stage(accelerator: Accelerator) -> int:
 
 def exchange(accelerator: Accelerator, values: dict[str, torch.Tensor | float]) -> dict[str, torch.Tensor]:
     """All-gather named scalars in one collective: {name: this rank's value} -> {name: (world,) float64 CPU tensor,
-    indexed by rank}. Every rank must pass the same names in the same order."""
+    indexed by rank}. Every rank must pass the same names in the same order.
+
+    Tensors stay where they are until the gather (a loss sum on the GPU is stacked there); the host's numbers go to
+    the device in one copy, and the result comes back in one: no scalar-by-scalar copies that each wait for the GPU."""
     device = accelerator.device
-    vector = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).reshape(()) for v in values.values()])
-    gathered = accelerator.gather(vector[None]).double().cpu()
-    return {name: gathered[:, i] for i, name in enumerate(values)}
+    on_device = [name for name, v in values.items() if isinstance(v, torch.Tensor)]
+    on_host = [name for name in values if name not in on_device]
+    parts = []
+    if on_device:
+        parts.append(torch.stack([values[n].detach().to(device, torch.float32).reshape(()) for n in on_device]))
+    if on_host:
+        parts.append(torch.tensor([float(values[n]) for n in on_host], dtype=torch.float32).to(device))
+    gathered = accelerator.gather(torch.cat(parts)[None]).double().cpu()
+    return {name: gathered[:, i] for i, name in enumerate(on_device + on_host)}
 
 
 # ---------------------------------------------------------------------------------------------- who and where
@@ -269,6 +302,7 @@ def environment_facts(accelerator: Accelerator) -> dict:
         "precision": precision(accelerator),
         "precision_reason": accelerator.precision_reason,
         "zero_stage": zero_stage(accelerator),
+        "deterministic": torch.are_deterministic_algorithms_enabled(),
         "dynamo_backend": accelerator.state.dynamo_plugin.backend.value,  # "NO", or the torch.compile backend
         "torch_version": torch.__version__,
         "accelerate_version": accelerate.__version__,

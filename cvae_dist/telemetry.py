@@ -73,9 +73,9 @@ def peak_flops(device: torch.device, precision: str, configured_tflops: float | 
                 return (tf32 if tf32_used else fp32) * 1e12, f"table:{key}:{'tf32' if tf32_used else 'fp32'}"
     # The faster of the dtypes the run may use is its peak. A CPU without native bf16 emulates it, slower than fp32
     # (and a 1024^3 bf16 matmul takes ~1 s there): fp32 is then the peak, measured alone.
-    from cvae_dist.distributed import fast_bf16
+    from cvae_dist.distributed import hardware_bf16
 
-    dtypes = [torch.float32] + ([torch.bfloat16] if precision == "bf16" and fast_bf16(device.type) else [])
+    dtypes = [torch.float32] + ([torch.bfloat16] if precision == "bf16" and hardware_bf16(device.type) else [])
     return max(_measured_matmul_peak(device, dtype) for dtype in dtypes)
 
 
@@ -204,8 +204,8 @@ class Telemetry:
 
     def local(self) -> dict[str, float]:
         """This rank's figures since the last `local()` (or `restart()`), named as RANK_FIELDS; restarts the meters."""
-        if self.clock.cuda and self.enabled:
-            torch.cuda.synchronize(self.accelerator.device)
+        if self.clock.cuda and self.enabled and self.phases:
+            self.phases[-1][-1].synchronize()  # the interval's last event: every earlier one has completed too
         wall = max(time.perf_counter() - self.start, 1e-9)
         images = self.steps * self.batch
         if not self.enabled:

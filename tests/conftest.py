@@ -21,6 +21,19 @@ def repo() -> Path:
     return REPO
 
 
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Every test starts with no Accelerator: accelerate keeps one process-wide state and refuses a second
+    Accelerator in another precision (`auto` picks bf16 or fp32 by the CPU, so tests differ in what they build)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
 def pytest_collection_modifyitems(config, items):
     """Tests marked `gpu` need CUDA: skipped, saying so, where there is none."""
     import torch

@@ -98,3 +98,17 @@ def test_fp16_without_a_gpu_is_refused_in_one_line(monkeypatch):
     with pytest.raises(ConfigError, match="needs a GPU"):
         resolve_precision(Precision.auto, "cpu")
     assert resolve_precision(Precision.fp16, "cuda") == ("fp16", "train.precision")
+
+
+@pytest.mark.parametrize(("forced", "want"), [("1", "bf16"), ("0", "fp32")])
+def test_auto_can_be_told_what_the_device_has(monkeypatch, forced, want):
+    """CVAE_DIST_FAST_BF16 answers `auto`'s question for a test run (CI runs the auto tests both ways)."""
+    from cvae_dist.distributed import resolve_precision
+
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    monkeypatch.setenv("CVAE_DIST_FAST_BF16", forced)
+    for device in ("cpu", "cuda"):
+        assert resolve_precision(Precision.auto, device)[0] == want
+    monkeypatch.setenv("CVAE_DIST_FAST_BF16", "yes")
+    with pytest.raises(ConfigError, match=r"^CVAE_DIST_FAST_BF16='yes': accepted 1 \(fast bf16\), 0 \(none\)"):
+        resolve_precision(Precision.auto, "cpu")

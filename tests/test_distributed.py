@@ -129,6 +129,7 @@ def test_bf16_tracks_fp32(runs):
     (["--config_file", "launch/cpu_debug.yaml"], None),  # the launcher names no precision: the device decides
     (["--config_file", "launch/cpu_debug.yaml", "--mixed_precision", "bf16"], "bf16"),  # the launcher's wins
 ])  # fmt: skip
+@pytest.mark.auto_precision
 def test_auto_precision_takes_the_launchers_else_the_devices(runs, launcher, want):
     run = launch(runs, f"auto-{want}", launcher, ["train.max_steps=1", "data.train_split=test", "data.batch_size=32"])
     expected = want or ("bf16" if fast_bf16("cpu") else "fp32")

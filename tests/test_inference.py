@@ -34,7 +34,9 @@ def run(tmp_path_factory) -> Path:
     from cvae_dist.trainer import train
 
     out = tmp_path_factory.mktemp("runs")
-    overrides = ["train.epochs=1", "data.train_split=test", f"output_dir={out}", "run_name=tiny", "log.wandb=disabled"]
+    # fp32 stated: the tests below compare against plain fp32 loops (`auto` may pick bf16 on this CPU)
+    overrides = ["train.epochs=1", "data.train_split=test", f"output_dir={out}", "run_name=tiny", "log.wandb=disabled",
+                 "train.precision=fp32"]  # fmt: skip
     run_dir = train(load_config(REPO / "configs" / "debug.yaml", overrides)).run_dir
     assert not (run_dir / "wandb").exists()  # log.wandb=disabled writes no W&B run at all
     return run_dir

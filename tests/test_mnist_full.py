@@ -138,6 +138,7 @@ def write_hub_clone(mnist_full: Path, root: Path, n_train: int = 384, n_test: in
         Dataset.from_dict(rows, features=features).to_parquet(str(root / "mnist" / f"{split}-00000-of-00001.parquet"))
 
 
+@pytest.mark.auto_precision
 def test_a_local_clone_of_the_hub_repository_trains(tmp_path, mnist_full):
     clone = tmp_path / "ylecun-mnist"
     write_hub_clone(mnist_full, clone)

@@ -60,6 +60,7 @@ def test_scale_lr_multiplies_the_lr_by_the_world_size(tmp_path, scaled):
     check_lr(run.run_dir, 2, scaled, 2 * LR if scaled else LR)  # off (the default): the recipe's lr at any size
 
 
+@pytest.mark.auto_precision
 def test_scale_lr_on_one_process_keeps_the_lr(tmp_path):
     from cvae_dist.trainer import train
 

@@ -97,6 +97,7 @@ def metrics_warnings(records) -> list[str]:
     return [r.getMessage() for r in records if r.name == "cvae_dist.metrics" and r.levelno >= logging.WARNING]
 
 
+@pytest.mark.auto_precision
 def test_unreachable_wandb_never_stops_training(tmp_path, monkeypatch, caplog, capsys):
     import wandb
 
@@ -159,6 +160,7 @@ def wandb_log_fails(tmp_path_factory):
                            left_active=left_active)  # fmt: skip
 
 
+@pytest.mark.auto_precision
 def test_failed_wandb_log_drops_wandb_and_keeps_metrics_jsonl(wandb_log_fails):
     run = wandb_log_fails
     records = lines(run.run_dir)
@@ -175,6 +177,7 @@ def test_failed_wandb_log_drops_wandb_and_keeps_metrics_jsonl(wandb_log_fails):
     assert not any("train/loss" in row for row in wb.history)
 
 
+@pytest.mark.auto_precision
 def test_failed_wandb_log_leaves_no_active_run(wandb_log_fails):
     # a dropped run is finished: a later wandb.init in this process (another in-process training) would get it back
     assert wandb_log_fails.left_active is None
