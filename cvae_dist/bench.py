@@ -197,7 +197,7 @@ def _median(values: list[float]) -> float:
 def environment(device: torch.device, threads: int) -> dict:
     import accelerate
 
-    from cvae_dist.distributed import fast_bf16
+    from cvae_dist.distributed import hardware_bf16
 
     cpu = next(
         (line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
@@ -215,7 +215,7 @@ def environment(device: torch.device, threads: int) -> dict:
         "threads_set": threads,
         "interop_threads": torch.get_num_interop_threads(),
         "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "fast_bf16": fast_bf16(device.type),
+        "fast_bf16": hardware_bf16(device.type),
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cuda": torch.version.cuda if device.type == "cuda" else None,
@@ -571,13 +571,13 @@ def _stream_rates(cfg, rank, world, batch, seconds, warmup, trials, resident, de
         batches = (b for epoch in itertools.count(1) for b in stream.epoch(epoch, steps))
         return {"stream": rates(lambda: next(batches), batch)}
     order = stream.order(1)
-    slices = itertools.cycle([order[i * batch : (i + 1) * batch] for i in range(steps)])
+    batches = (b for _ in itertools.count() for b in stream.epoch(1, steps))  # epoch 1's order, computed once
     resize = cfg.model.image_size, cfg.train.channels_last
     epochs = itertools.count(2)
     return {
         "resident-build": [len(stream.table.row_of) / built],  # the whole split is decoded into the table
-        "resident": rates(lambda: stream.table.batch(next(slices)), batch),
-        "resident+resize": rates(lambda: to_model_input(stream.table.batch(next(slices)).pixels, *resize), batch),
+        "resident": rates(lambda: next(batches), batch),
+        "resident+resize": rates(lambda: to_model_input(next(batches).pixels, *resize), batch),
         "resident-order": rates(lambda: stream.order(next(epochs)), len(order)),
     }
 

@@ -82,6 +82,9 @@ class TrainConfig:
     cuda_graph: bool = True
     collective_timeout_s: int = 600  # a rank that stops answering fails the others after this long
     on_nonfinite: NonFinite = NonFinite.error
+    # Deterministic kernels only (cuDNN deterministic, torch.use_deterministic_algorithms, a fixed cuBLAS workspace):
+    # the same run twice on a GPU gives the same bits. Slower; an op with no deterministic kernel raises, naming it.
+    deterministic: bool = False
 
 
 @dataclass

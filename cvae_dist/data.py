@@ -286,7 +286,9 @@ class RankStream:
                 f"epoch {epoch} deals this rank {len(order)} usable rows, fewer than the {steps} agreed steps x {b} "
                 "(the split's shards differ too much in size for this world size: re-shard it with prepare-data)"
             )
-        return (self.table.batch(order[i * b : (i + 1) * b]) for i in range(skip, steps))
+        on_device = order.to(self.table.pixels.device)  # once per epoch: a step only slices it (no host copy)
+        rows = ((order[i * b : (i + 1) * b], on_device[i * b : (i + 1) * b]) for i in range(skip, steps))
+        return (self.table.batch(*pair) for pair in rows)
 
     def _streamed(self, epoch: int, steps: int, skip: int) -> Iterator[Batch]:
         self.batches.set_epoch(epoch)  # on the batched view: `batch()` does not carry the epoch along
@@ -342,8 +344,9 @@ class _ResidentTable:
         self.labels, self.ids = torch.cat(labels), torch.cat(ids)
         self.row_of = {key: row for row, key in enumerate(keys)}
 
-    def batch(self, rows: torch.Tensor) -> Batch:
-        return Batch(self.pixels[rows.to(self.pixels.device)], self.labels[rows], self.ids[rows])
+    def batch(self, rows: torch.Tensor, rows_on_device: torch.Tensor) -> Batch:
+        """The digits at `rows` (the same rows, already on the table's device, select the pixels there)."""
+        return Batch(self.pixels.index_select(0, rows_on_device), self.labels[rows], self.ids[rows])
 
 
 class _EpochOrders(torch.utils.data.IterableDataset):

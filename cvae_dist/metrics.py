@@ -238,12 +238,13 @@ def _step_of(line: str) -> int:
 
 
 class RankRecord:
-    """What this rank did, in `ranks/rank<r>.json` (every rank writes its own): identity, step counts, a digest
-    of its final parameters and, with `log.sample_ids`, the example ids it trained on in each epoch."""
+    """What this rank did, in `ranks/rank<r>.json` (every rank writes its own): identity and the run's facts (step
+    mode, precision, compute dtype, ZeRO stage, ...: the W&B config's), step counts, a digest of its final parameters
+    and, with `log.sample_ids`, the example ids it trained on in each epoch."""
 
-    def __init__(self, run_dir: Path, identity: dict[str, Any], record_ids: bool):
-        self.path = run_dir / "ranks" / f"rank{identity['rank']}.json"
-        self.data: dict[str, Any] = {**identity, "steps": 0, "steps_per_epoch": []}
+    def __init__(self, run_dir: Path, facts: dict[str, Any], record_ids: bool):
+        self.path = run_dir / "ranks" / f"rank{facts['rank']}.json"
+        self.data: dict[str, Any] = {**facts, "steps": 0, "steps_per_epoch": []}
         self.record_ids = record_ids
         self.epoch_ids: list[torch.Tensor] = []
         if record_ids:

@@ -34,6 +34,9 @@ class EagerStep:
         self.optimizer.zero_grad(set_to_none=True)
         meter.add(None if skip else loss.detach())  # None: dropped for non-finite gradients
 
+    def close(self) -> None:
+        """Nothing to release (GraphStep's holds a CUDA graph)."""
+
     def forward_backward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = to_model_input(pixels, self.image_size, self.channels_last)
         with self.accelerator.autocast():
@@ -71,6 +74,14 @@ class GraphStep:
             self._capture(meter)
         self.graph.replay()
 
+    def close(self) -> None:
+        """Let the captured graph go once the GPU is done with it: NCCL's teardown waits for graphs that captured
+        its communicator (pytorch/pytorch#115388), so this runs before the process group is destroyed."""
+        if self.graph is not None:
+            torch.cuda.synchronize()
+            self.graph.reset()
+            self.graph = None
+
     def _capture(self, meter) -> None:
         optimizer = self.eager.optimizer
         optimizer.zero_grad(
@@ -98,6 +109,16 @@ def make_step(accelerator: Accelerator, model, optimizer, cfg, batch: int, side_
         return eager
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return GraphStep(eager, batch, warmup=11 if ddp else 3, side_stream=side_stream or torch.cuda.Stream())
+
+
+def apply_step_mode(optimizer: torch.optim.Optimizer, graph: bool, lr: float, device: torch.device) -> None:
+    """Set AdamW for this run's step mode. Call it after any `load_state`, which brings back every setting the
+    checkpoint was written with (`capturable` and `lr` included, whatever mode wrote it). A CUDA graph needs
+    `capturable` and the lr as a device tensor that every replay reads (a float is baked into the captured kernel:
+    change it in place, `group["lr"].fill_(x)`); eager steps are faster with neither."""
+    for group in optimizer.param_groups:
+        group["capturable"] = graph
+        group["lr"] = torch.tensor(lr, dtype=torch.float32, device=device) if graph else lr
 
 
 def graph_blocker(accelerator: Accelerator, cfg) -> str | None:

@@ -24,7 +24,7 @@ from cvae_dist.images import save_grid
 from cvae_dist.loss_meter import LossMeter
 from cvae_dist.metrics import RankRecord, RunLogger, parameter_digest
 from cvae_dist.model import CVAE, count_parameters
-from cvae_dist.step import GraphStep, graph_blocker, make_step
+from cvae_dist.step import GraphStep, apply_step_mode, graph_blocker, make_step
 from cvae_dist.telemetry import Telemetry, compute_dtype
 
 
@@ -55,6 +55,7 @@ class Run:
     eval_pixels: torch.Tensor
     eval_labels: torch.Tensor
     prior: torch.Tensor  # fixed latent draws for the sample half of the figure
+    lr: float  # this run's (after train.scale_lr), also when it resumes a checkpoint written with another
     meter: LossMeter = None  # type: ignore[assignment]  (set by `start_run`, like the three below)
     telemetry: Telemetry = None  # type: ignore[assignment]
     logger: RunLogger = None  # type: ignore[assignment]
@@ -81,20 +82,23 @@ def train(cfg: JobConfig) -> TrainResult:
     """Train `cfg` on however many processes `accelerate launch` started."""
     with StopSignal() as stop:
         run = prepare_run(cfg)  # everything that can be checked is, before the run directory is written
-        checkpoint.write_run_dir(run.dir, cfg, run.accelerator)
-        with run_status(run.dir, run.accelerator.is_main_process):
-            stop.arm()
-            start_run(run)
-            epoch_losses = []
-            for epoch in range(run.state.epoch, cfg.train.epochs + 1):
-                train_epoch(run, epoch, stop)
-                epoch_losses.append(end_epoch(run, epoch))
-                if cfg.train.max_steps is not None and run.state.step >= cfg.train.max_steps:
-                    break
-            export_dir = finish_run(run)
-        run.logger.summary({"final/train_loss": epoch_losses[-1] if epoch_losses else None,
-                            "final/export": str(export_dir)})  # fmt: skip
-        run.logger.close()
+        try:
+            checkpoint.write_run_dir(run.dir, cfg, run.accelerator)
+            with run_status(run.dir, run.accelerator.is_main_process):
+                stop.arm()
+                start_run(run)
+                epoch_losses = []
+                for epoch in range(run.state.epoch, cfg.train.epochs + 1):
+                    train_epoch(run, epoch, stop)
+                    epoch_losses.append(end_epoch(run, epoch))
+                    if cfg.train.max_steps is not None and run.state.step >= cfg.train.max_steps:
+                        break
+                export_dir = finish_run(run)
+            run.logger.summary({"final/train_loss": epoch_losses[-1] if epoch_losses else None,
+                                "final/export": str(export_dir)})  # fmt: skip
+            run.logger.close()
+        finally:  # every way out (completed, preempted, interrupted, failed): no graph may outlive the process group
+            run.step.close()
     run.accelerator.end_training()
     return TrainResult(run.dir, epoch_losses, run.state.step)
 
@@ -102,6 +106,7 @@ def train(cfg: JobConfig) -> TrainResult:
 def prepare_run(cfg: JobConfig, accelerator: Accelerator | None = None) -> Run:
     """Process group, the run directory's name and the checkpoint to resume, model / AdamW / this rank's data
     stream prepared by accelerate, and the held-out digits. Writes nothing: a refusal leaves every file as it was."""
+    distributed.set_determinism(cfg.train.deterministic)
     accelerator = accelerator or distributed.make_accelerator(cfg)
     threads = distributed.set_threads()
     run_dir, resume = _locate_run(accelerator, cfg)
@@ -147,7 +152,7 @@ def prepare_run(cfg: JobConfig, accelerator: Accelerator | None = None) -> Run:
                         generator=torch.Generator().manual_seed(cfg.train.seed))  # fmt: skip
     return Run(cfg, accelerator, run_dir, model, optimizer, stream,
                make_step(accelerator, model, optimizer, cfg, batch, side_stream), batch, global_batch, steps_per_epoch,
-               bad_records, state, resume_from, eval_pixels, eval_labels, prior)  # fmt: skip
+               bad_records, state, resume_from, eval_pixels, eval_labels, prior, lr)  # fmt: skip
 
 
 def start_run(run: Run) -> None:
@@ -160,6 +165,7 @@ def start_run(run: Run) -> None:
             for moved in checkpoint.set_aside_newer(run.dir, run.resume_from):
                 accelerator.print(f"moved the checkpoint that failed its checks aside: {moved}")
         accelerator.wait_for_everyone()
+    apply_step_mode(run.optimizer, isinstance(run.step, GraphStep), run.lr, accelerator.device)
     run.meter = LossMeter.from_state(state.loss, accelerator.device, accelerator.process_index, state.step)
     identity = distributed.rank_identity(accelerator)
     run.telemetry = Telemetry(accelerator, run.cfg, run.batch, run.global_batch, identity)
@@ -168,7 +174,7 @@ def start_run(run: Run) -> None:
     facts = {
         "compute_dtype": run_compute_dtype(run), "compiled": is_compiled_module(run.model),
         "per_rank_batch_size": run.batch, "global_batch_size": run.global_batch, "lr_effective":
-        run.optimizer.param_groups[0]["lr"], "steps_per_epoch": run.steps_per_epoch, "threads_per_rank":
+        run.lr, "steps_per_epoch": run.steps_per_epoch, "threads_per_rank":
         torch.get_num_threads(), "step_mode": type(run.step).__name__, **identity, **run.telemetry.run_facts(),
         **distributed.environment_facts(accelerator),
     }  # fmt: skip
@@ -179,7 +185,7 @@ def start_run(run: Run) -> None:
         f"run {run.dir}: {run.global_batch} images per step ({run.batch} on this rank), {run.steps_per_epoch} "
         f"steps per epoch ({run.steps_per_epoch * run.global_batch} images), {type(run.step).__name__}"
     )
-    run.record = RankRecord(run.dir, identity, run.cfg.log.sample_ids)
+    run.record = RankRecord(run.dir, facts, run.cfg.log.sample_ids)  # what it ran as, readable without W&B
     run.telemetry.restart()  # the first interval measures steps, not the set-up above
 
 

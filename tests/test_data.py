@@ -68,6 +68,29 @@ def test_resident_split_is_decoded_once_and_yields_the_streams_ids(monkeypatch, 
     assert torch.equal(next(iter(resident.epoch(5, 1))).pixels, again.pixels)
 
 
+def test_a_resident_epochs_order_goes_to_the_tables_device_once():
+    """A step slices the epoch's order where the table is: copying each batch's row numbers from host memory
+    would make the host wait for the GPU's previous step every step. (A 'meta' device stands in for a GPU: every
+    copy to it shows as an operator.)"""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class CopiesToTheTable(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.aten._to_copy.default and str(kwargs.get("device")) == "meta":
+                CopiesToTheTable.count += 1
+            return func(*args, **kwargs)
+
+    s = RankStream(DataConfig(), 0, 1, 128, 0, 0, torch.device("meta"))
+    assert s.resident and s.table.pixels.device.type == "meta"
+    with CopiesToTheTable():
+        batches = list(s.epoch(1, s.local_steps))
+    assert len(batches) == 35 and all(b.pixels.device.type == "meta" and b.pixels.shape[0] == 128 for b in batches)
+    assert CopiesToTheTable.count == 1
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_worker_processes_give_the_same_full_batches_every_epoch(workers):
     # Workers each get some shards, and each shard set ends in a partial batch: joined, they still make 35.

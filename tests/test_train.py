@@ -74,3 +74,29 @@ def test_existing_run_is_not_overwritten(debug_run):
     with pytest.raises(ConfigError, match="already exists"):
         train(cfg)
     assert (debug_run.run_dir / "metrics.jsonl").read_bytes() == before
+
+
+TWO_STEPS = ["train.max_steps=2", "log.every_steps=1", "data.batch_size=16", "log.wandb=offline"]
+
+
+@pytest.mark.auto_precision
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_runs_in_different_precisions_in_one_process(tmp_path, precision):
+    """accelerate keeps one state per process and refuses a second Accelerator in another precision: each test gets
+    a fresh state (conftest), whichever precision the test before it (or `auto`) picked."""
+    cfg = load_config(DEBUG, [*TWO_STEPS, f"output_dir={tmp_path}", f"train.precision={precision}"])
+    config = read_run(train(cfg).run_dir).config
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[precision]
+    assert (config["precision"], config["compute_dtype"]) == (precision, dtype)
+
+
+@pytest.mark.auto_precision
+def test_deterministic_kernels_are_the_runs_choice_and_recorded(tmp_path):
+    import torch
+
+    for deterministic in (True, False):  # set both ways: the next run in this process is not left deterministic
+        cfg = load_config(DEBUG, [*TWO_STEPS, f"output_dir={tmp_path}", f"run_name=det-{deterministic}",
+                                  f"train.deterministic={deterministic}"])  # fmt: skip
+        config = read_run(train(cfg).run_dir).config
+        assert config["deterministic"] is deterministic and config["train"]["deterministic"] is deterministic
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
