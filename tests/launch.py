@@ -15,7 +15,8 @@ from wandb_offline import read_run
 
 REPO = Path(__file__).resolve().parents[1]
 DEBUG = REPO / "configs" / "debug.yaml"  # the debug recipe by absolute path: tests pass from any directory
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+# `accelerate launch`, as a module: some machines (the lent GPU ones) have accelerate but no `accelerate` executable
+ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 @dataclass
@@ -56,7 +57,7 @@ def launch_command(tmp_path: Path, name: str, launcher_args, overrides=(), confi
     runs tests/fault_entry.py instead (see there)."""
     port = [] if "--main_process_port" in launcher_args else ["--main_process_port", str(free_port())]
     entry = [FAULT_ENTRY, *map(str, fault)] if fault else ["-m", "cvae_dist.cli"]
-    return [ACCELERATE, "launch", *launcher_args, *port, *entry, "train", "--config", str(REPO / config),
+    return [*ACCELERATE_LAUNCH, *launcher_args, *port, *entry, "train", "--config", str(REPO / config),
             f"output_dir={tmp_path}", f"run_name={name}", "log.wandb=offline", *overrides]  # fmt: skip
 
 

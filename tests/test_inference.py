@@ -24,6 +24,7 @@ from cvae_dist.config import ConfigError, ModelConfig, load_config
 from cvae_dist.data import load_split
 from cvae_dist.images import grid, recon_sample_grid
 from cvae_dist.model import CVAE
+from launch import ACCELERATE_LAUNCH
 
 REPO = Path(__file__).resolve().parents[1]
 SIDE = 64  # the debug recipe's image size
@@ -321,10 +322,8 @@ def _free_port() -> int:
 @pytest.mark.multiprocess
 def test_eval_under_accelerate_launch_two_ranks(run, tmp_path):
     out = tmp_path / "eval2.json"
-    accelerate = str(Path(sys.executable).parent / "accelerate")
     cmd = [
-        accelerate,
-        "launch",
+        *ACCELERATE_LAUNCH,
         "--config_file",
         "launch/ddp_cpu.yaml",
         "--num_processes",
