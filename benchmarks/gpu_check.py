@@ -125,8 +125,9 @@ def graph_matches_eager(out: Path, sizes: Sizes, precision: str) -> dict:
 
 def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
     """In one process, through the trainer's own parts: the graph really trains (BatchNorm's count, AdamW's device
-    step and the meter's step all equal the step count; two replays on one input give different losses: fresh
-    noise), and between step lines nothing waits for the GPU (`torch.cuda.set_sync_debug_mode("error")`)."""
+    step and the meter's step all equal the step count), reads its lr from a tensor (lr 0 set in place: the weights
+    stay), draws fresh noise each replay (two replays on one input at lr 0 give different losses), and between step
+    lines nothing waits for the GPU (`torch.cuda.set_sync_debug_mode("error")`)."""
     import itertools
 
     import torch
@@ -161,15 +162,29 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
         assert set(counts.values()) == {steps}, f"BatchNorm counted {counts}, not {steps}"
         assert adam_steps == {steps}, f"AdamW's step is {adam_steps}, not {steps}"
         assert int(run.meter.step) == steps, f"the meter counted {int(run.meter.step)}, not {steps}"
-        pixels = next(batches).pixels
-        losses = []
-        for _ in range(2):  # the same input twice: a replay draws new noise (and the weights moved)
+        # lr 0, set where the step reads it (in place: a graph reads that very tensor), then the same input twice:
+        # the weights must stay as they are (the lr is not baked into the graph) and the losses differ (new noise;
+        # BatchNorm normalises with the batch's own statistics, so nothing else can change the loss)
+        lrs = [g["lr"] for g in run.optimizer.param_groups]
+        for group in run.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(0.0)
+            else:
+                group["lr"] = 0.0
+        weights = [p.detach().clone() for p in model.parameters()]
+        pixels, losses = next(batches).pixels, []
+        for _ in range(2):
             before = float(run.meter.interval)
             run.step(pixels, run.telemetry, run.meter)
             losses.append(float(run.meter.interval) - before)
-        assert losses[0] != losses[1], f"two steps on one input gave the same loss {losses[0]}"
+        moved = [n for (n, p), w in zip(model.named_parameters(), weights, strict=True) if not torch.equal(p, w)]
+        assert not moved, f"with lr 0 set in place the step still moved {moved[:3]}: the lr is baked in"
+        assert losses[0] != losses[1], f"two steps on one input gave the same loss {losses[0]}: the noise is frozen"
+        for group, lr in zip(run.optimizer.param_groups, lrs, strict=True):
+            group["lr"] = lr
         return {"steps": steps, "step_mode": type(run.step).__name__, "sync_debug_mode": sync_checked,
-                "capturable": [g["capturable"] for g in run.optimizer.param_groups], "two_losses": losses}  # fmt: skip
+                "capturable": [g["capturable"] for g in run.optimizer.param_groups],
+                "lr_is_tensor": isinstance(lrs[0], torch.Tensor), "two_losses_at_lr0": losses}  # fmt: skip
     finally:
         run.step.close()
         run.accelerator.end_training()
