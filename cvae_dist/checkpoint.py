@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 
 from cvae_dist.config import ConfigError, JobConfig, to_yaml
 from cvae_dist.distributed import is_deepspeed
+from cvae_dist.faults import being_written
 from cvae_dist.model import CVAE, portable
 
 
@@ -75,8 +76,9 @@ def write_safely(write: Callable[[Path], object], path: Path) -> None:
     the path and the free space, and nothing half-written is left."""
     tmp = path.with_name(f".{path.stem}.partial{path.suffix}")  # (the suffix kept: PIL picks the format by it)
     try:
-        write(tmp)
-        os.replace(tmp, path)
+        with being_written(tmp):
+            write(tmp)
+            os.replace(tmp, path)
     except OSError as e:
         with contextlib.suppress(OSError):
             tmp.unlink()

@@ -42,6 +42,20 @@ class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or inf; names the steps and ranks."""
 
 
+_BEING_WRITTEN: set[Path] = set()  # temporary files a write is filling right now (see `being_written`)
+
+
+@contextlib.contextmanager
+def being_written(path: Path):
+    """`path` (a temporary file) is being written: a stop at once (a second Ctrl-C) removes it on the way out, so no
+    half-written file is left behind."""
+    _BEING_WRITTEN.add(path)
+    try:
+        yield path
+    finally:
+        _BEING_WRITTEN.discard(path)
+
+
 class StopSignal:
     """Once armed (the run has a directory to checkpoint into), SIGINT (Ctrl-C), SIGTERM and SIGUSR1 ask for a
     checkpoint and a clean exit at the next step line; a second one (more than REPEAT_GRACE_S later) exits at once.
@@ -72,6 +86,9 @@ class StopSignal:
                 with contextlib.suppress(OSError):
                     os.write(2, f"{name} again: stopped at once, without a checkpoint (resume=auto continues from the "
                                 "last one)\n".encode())  # fmt: skip
+                for path in list(_BEING_WRITTEN):
+                    with contextlib.suppress(OSError):
+                        path.unlink()
                 os._exit(128 + signum)
             return
         self.received, self.received_at = signum, time.monotonic()

@@ -106,3 +106,31 @@ def test_nan_loss_stops_naming_steps_and_rank_and_keeps_the_last_checkpoint(tmp_
 
     assert [d.name for d in checkpoint_dirs(run.run_dir)] == ["step-000000010"]  # nothing saved after the NaN
     assert verify_checkpoint(checkpoint_dirs(run.run_dir)[0]).step == 10
+
+
+STOP_AT_ONCE_WHILE_WRITING = """
+import os, signal, sys, time
+from pathlib import Path
+from cvae_dist import faults
+from cvae_dist.checkpoint import write_safely
+
+faults.StopSignal.REPEAT_GRACE_S = 0.0
+faults.StopSignal().arm()
+
+def write(tmp):
+    tmp.write_bytes(b"half an image")
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: checkpoint at the next step line
+    time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGINT)  # the second: stop at once, here, in the middle of the write
+    time.sleep(5)
+
+write_safely(write, Path(sys.argv[1]) / "epoch_002.png")
+"""
+
+
+def test_a_second_ctrl_c_in_the_middle_of_a_write_leaves_no_half_file(tmp_path):
+    proc = subprocess.run([os.sys.executable, "-c", STOP_AT_ONCE_WHILE_WRITING, str(tmp_path)], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert proc.returncode == 128 + signal.SIGINT, proc.stderr
+    assert "Ctrl-C again: stopped at once" in proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the image nor its .partial file
