@@ -127,8 +127,8 @@ def prepare_run(cfg: JobConfig, accelerator: Accelerator | None = None) -> Run:
                           "backward); accepted there: error")  # fmt: skip
     lr = cfg.train.lr * (world if cfg.train.scale_lr else 1)
     graph = graph_blocker(accelerator, cfg) is None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay, fused=True,
-                                  capturable=graph)  # fmt: skip
+    # capturable and the lr's form are the step mode's: `apply_step_mode` in start_run (after any load_state) sets them
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay, fused=True)
     batch = distributed.per_rank_batch_size(cfg, world, rank)
     global_batch = sum(distributed.per_rank_batch_size(cfg, world, r) for r in range(world))
     workers = distributed.data_workers(cfg.data.num_workers, accelerator.device)
