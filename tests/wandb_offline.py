@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ def records(path: Path):
             continue
         _crc, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         payload = data[pos + 7 : pos + 7 + length]
+        if len(payload) < length:  # the writer's tail, not on disk yet
+            return
         pos += 7 + length
         if kind == 0 and length == 0:
             continue
@@ -70,9 +73,22 @@ def read_runs(run_dir: Path) -> list[OfflineRun]:
     return [read_file(f) for f in sorted(Path(run_dir).glob("**/offline-run-*/run-*.wandb"))]
 
 
+def finished_records(path: Path, timeout_s: float = 60.0) -> list:
+    """The records of a finished run, once its `exit` record is on disk. The W&B service buffers the file and may
+    still be writing it when `run.finish()` has returned in the training process (seen in CI: a file read at once
+    held no `run` record, so no config)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        recs = list(records(path))
+        if recs and recs[-1].WhichOneof("record_type") == "exit":
+            return recs
+        assert time.monotonic() < deadline, f"{path}: no exit record after {timeout_s:.0f} s (the run did not finish)"
+        time.sleep(0.1)
+
+
 def read_file(path: Path) -> OfflineRun:
     run = OfflineRun()
-    for rec in records(path):
+    for rec in finished_records(path):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             run.history.append(
