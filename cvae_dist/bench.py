@@ -22,7 +22,8 @@ Sections (`--sections`, default `compare,data,telemetry`; `--scaling` adds `scal
 
 Each section that trains runs in processes of its own (one precision per process: accelerate keeps one state per
 process). On CUDA the trials are timed with a synchronize at their start and end only (the trainer's telemetry adds
-its own one per log interval). `--compile` wraps the hand model and the trainer's model in `torch.compile`;
+its own one per log interval). `--compile [BACKEND]` (default inductor) compiles the hand model with `torch.compile`
+and the trainer's as `accelerate launch --dynamo_backend` would (accelerate compiles the model the step calls);
 `--batch N` sets the batch of both (the trainer's global `data.batch_size`).
 """
 
@@ -63,7 +64,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32|bf16 (default both)")
     p.add_argument("--layouts", default="nchw,channels_last", help="comma list of nchw|channels_last (default both)")
     p.add_argument("--batch", type=int, help="batch size of both loops (the framework's global data.batch_size)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the hand model and the framework model")
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="torch.compile both loops' models with this dynamo backend (default inductor)",
+    )
     p.add_argument("--sections", default="compare,data,telemetry", help="comma list of compare|data|telemetry|scaling")
     p.add_argument("--scaling", action="store_true", help="add the scaling section (real accelerate launches)")
     p.add_argument("--data-seconds", type=float, help="seconds per data-stream trial (default: --seconds)")
@@ -271,7 +278,7 @@ class HandLoop:
         self.batch = batch
         self.dtype = torch.bfloat16 if precision == "bf16" else None
         self.vae_loss = vae_loss
-        self.forward = torch.compile(model) if compile_ else model
+        self.forward = torch.compile(model, backend=compile_) if compile_ else model
         self.i = 0
         self.step = self._eager_step
         if graph:
@@ -345,10 +352,8 @@ class TrainerLoop:
     """The trainer's steps as `train` takes them: `trainer.run_steps` on the run's stream, step lines every
     `log.every_steps` (where the ranks also agree that a trial's time is up)."""
 
-    def __init__(self, run, compile_: bool = False):
+    def __init__(self, run):
         self.run = run
-        if compile_:
-            run.model = torch.compile(run.model)
         self.batches = _endless(run)
         self.device = run.accelerator.device
         self.batch = run.global_batch
@@ -388,7 +393,7 @@ def _worker(args: argparse.Namespace) -> int:
     from cvae_dist.config import load_config
 
     cfg = load_config(args.config, _overrides(args))
-    accelerator = distributed.make_accelerator(cfg)
+    accelerator = worker_accelerator(cfg, args.compile)
     distributed.set_threads()
     figures = {"compare": compare_worker, "telemetry": telemetry_worker, "scaling": scaling_worker}[args.worker](
         args, cfg, accelerator
@@ -400,6 +405,16 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_accelerator(cfg, compile_backend: str | None):
+    """The worker's Accelerator; with a backend, accelerate compiles the model at `prepare` as under `accelerate
+    launch --dynamo_backend <backend>`, so the trainer's step calls (and the bench times) the compiled model."""
+    from cvae_dist import distributed
+
+    if compile_backend:
+        os.environ["ACCELERATE_DYNAMO_BACKEND"] = compile_backend.upper()
+    return distributed.make_accelerator(cfg)
+
+
 def _run_worker(args, kind: str, extra: list[str], launcher: list[str] | None = None, env: dict | None = None) -> dict:
     """Run one worker process (or an `accelerate launch` of several) and read its figures."""
     with tempfile.TemporaryDirectory(prefix="cvae-bench-") as tmp:
@@ -407,7 +422,8 @@ def _run_worker(args, kind: str, extra: list[str], launcher: list[str] | None = 
         module = ["-m", "cvae_dist.bench"]
         cmd = [*(launcher or [sys.executable]), *module, "--worker", kind, "--out", str(out),
                "--trials", str(args.trials), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
-               *(["--config", str(args.config)] if args.config else []), *(["--compile"] if args.compile else []),
+               *(["--config", str(args.config)] if args.config else []),
+               *(["--compile", args.compile] if args.compile else []),
                *(["--batch", str(args.batch)] if args.batch is not None else []), *args.overrides, *extra,
                f"output_dir={tmp}"]  # fmt: skip
         timeout = 300 + (args.trials + 1) * (args.seconds + args.warmup) * 6
@@ -435,7 +451,7 @@ def compare_worker(args, cfg, accelerator) -> dict:
     label = f"{precision(accelerator)}/{'channels_last' if cfg.train.channels_last else 'nchw'}"
     pixels, _ = load_split(cfg.data.source, cfg.data.train_split)  # the hand loop's data, resized once, in memory
     images = to_model_input(pixels.to(device), cfg.model.image_size, channels_last=False)
-    trainers = {mode: TrainerLoop(_trainer_run(c, accelerator, f"compare-{mode}"), args.compile)
+    trainers = {mode: TrainerLoop(_trainer_run(c, accelerator, f"compare-{mode}"))
                 for mode, c in mode_cfgs.items()}  # fmt: skip
     batch = trainers["eager"].batch
     hands = {mode: HandLoop(cfg.model, images, batch, precision(accelerator), cfg.train.channels_last, args.compile,
@@ -530,7 +546,7 @@ def telemetry_worker(args, cfg, accelerator) -> dict:
     for side, on in (("on", True), ("off", False)):
         c = copy.deepcopy(cfg)
         c.log.telemetry = on
-        loops[side] = TrainerLoop(_trainer_run(c, accelerator, f"telemetry-{side}"), args.compile)
+        loops[side] = TrainerLoop(_trainer_run(c, accelerator, f"telemetry-{side}"))
     rates: dict[str, list[float]] = {"on": [], "off": []}
     for loop in loops.values():
         loop.trial(args.warmup)
@@ -679,7 +695,7 @@ def scaling_worker(args, cfg, accelerator) -> dict:
     """One launched measurement: the trainer for `--trials` x `--seconds`."""
     from cvae_dist.distributed import precision
 
-    loop = TrainerLoop(_trainer_run(cfg, accelerator, "scaling"), args.compile)
+    loop = TrainerLoop(_trainer_run(cfg, accelerator, "scaling"))
     loop.trial(args.warmup)
     trials = [loop.trial(args.seconds) for _ in range(args.trials)]
     rates = [t["img_per_s"] for t in trials]

@@ -121,3 +121,23 @@ def test_scaling_section(repo, tmp_path):
     assert scaling["efficiency"] == pytest.approx(rate[(2, 1)] / rate[(1, 2)])
     assert scaling["per_core_efficiency"] == pytest.approx(rate[(2, 1)] / (2 * rate[(1, 1)]))
     assert "efficiency" in stdout
+
+
+def test_compile_times_the_compiled_model_on_the_trainer_side(tmp_path, monkeypatch):
+    """`--compile`: the model the trainer's step calls (what the framework rows time) is the compiled one, the run's
+    only model, and a trial runs. (The `eager` backend compiles with dynamo alone: seconds, not inductor's minutes.)"""
+    import torch._dynamo
+    from accelerate.utils import is_compiled_module
+
+    from cvae_dist import bench
+    from cvae_dist.config import load_config
+    from launch import DEBUG
+
+    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)  # absent again after the test
+    overrides = ["data.train_split=test", "log.every_steps=1", "train.precision=fp32", "log.wandb=disabled"]
+    cfg = load_config(DEBUG, [*overrides, f"output_dir={tmp_path}"])
+    torch._dynamo.reset()
+    loop = bench.TrainerLoop(bench._trainer_run(cfg, bench.worker_accelerator(cfg, "eager"), "compiled"))
+    assert is_compiled_module(loop.run.step.model) and loop.run.step.model is loop.run.model
+    assert loop.trial(0.05)["steps"] >= 1
+    torch._dynamo.reset()
