@@ -139,8 +139,11 @@ class Telemetry:
         self.cfg = cfg.log
         self.enabled = cfg.log.telemetry
         self.batch, self.global_batch = per_rank_batch, global_batch
-        self.flops_per_image = count_flops_per_image(cfg.model)
-        self.peak, self.peak_source = peak_flops(accelerator.device, precision(accelerator), cfg.log.peak_tflops)
+        # MFU's figures: only where measured (on a CPU the peak is a matmul benchmark of about a second)
+        self.flops_per_image, self.peak, self.peak_source = 0.0, 0.0, None
+        if self.enabled:
+            self.flops_per_image = count_flops_per_image(cfg.model)
+            self.peak, self.peak_source = peak_flops(accelerator.device, precision(accelerator), cfg.log.peak_tflops)
         self.identities = gather_object([identity])  # once, at start: host and machine of every rank
         self.clock = _Clock(accelerator.device)
         self.slow_streak = [0] * accelerator.num_processes
@@ -152,8 +155,8 @@ class Telemetry:
 
     def instrument(self, model: torch.nn.Module) -> None:
         """Measure time blocked on peers in DDP: the buffer broadcast that opens each forward, and the gradient
-        all-reduce (a communication hook). Not under DeepSpeed (no such hook) or a CUDA graph (hooks do not run in
-        a replay)."""
+        all-reduce (DDP's own `allreduce_hook`, timed: the gradients are the same with telemetry on or off). Not
+        under DeepSpeed (no such hook) or a CUDA graph (hooks do not run in a replay)."""
         if not self.enabled or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return
         model.register_forward_pre_hook(self._forward_called)
@@ -295,13 +298,9 @@ class Telemetry:
         return "\n".join(lines)
 
     def run_facts(self) -> dict:
-        return {
-            "flops_per_image": self.flops_per_image,
-            "peak_flops": self.peak,
-            "peak_flops_source": self.peak_source,
-            "hosts": [i["host"] for i in self.identities],
-            "nodes": [i["node"] for i in self.identities],
-        }
+        mfu = {"flops_per_image": self.flops_per_image, "peak_flops": self.peak, "peak_flops_source": self.peak_source}
+        hosts = {"hosts": [i["host"] for i in self.identities], "nodes": [i["node"] for i in self.identities]}
+        return (mfu if self.enabled else {}) | hosts
 
 
 def _at_most_one(mfu: float) -> float:
@@ -318,15 +317,14 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _timed_allreduce(telemetry: Telemetry, bucket):  # no return annotation: DDP checks it literally
-    """DDP's default all-reduce (mean), timing how long this rank waits for it to complete."""
-    import torch.distributed as dist
+    """DDP's default all-reduce (`allreduce_hook`: the mean over the default group), timing how long this rank waits
+    for it to complete."""
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     start = time.perf_counter()
-    tensor = bucket.buffer().div_(dist.get_world_size())
-    future = dist.all_reduce(tensor, async_op=True).get_future()
 
     def done(fut):
         telemetry.sync_wait += time.perf_counter() - start
-        return fut.value()[0]
+        return fut.value()
 
-    return future.then(done)
+    return allreduce_hook(None, bucket).then(done)

@@ -22,6 +22,27 @@ def lines(run_dir):
 
 
 @pytest.mark.multiprocess
+def test_ddp_reduces_gradients_the_same_with_telemetry_on_and_off(tmp_path):
+    """Telemetry times DDP's all-reduce and changes nothing in it: with it on and off, two DDP ranks take the same
+    steps bit for bit (step losses and the weights after three AdamW updates, whose update is lr * g / |g|)."""
+    import torch
+    from safetensors.torch import load_file
+
+    steps = ["data.train_split=test", "train.max_steps=3", "log.every_steps=1", "train.precision=fp32"]
+    runs = {on: launch(tmp_path, f"telemetry-{on}", DDP, [*steps, f"log.telemetry={on}"]) for on in ("true", "false")}
+    losses = {
+        on: [r["train/step_loss"] for r in lines(run.run_dir) if "train/step_loss" in r] for on, run in runs.items()
+    }
+    assert len(losses["true"]) == 3 and losses["true"] == losses["false"]
+    weights = {on: load_file(str(run.run_dir / "model" / "model.safetensors")) for on, run in runs.items()}
+    assert weights["true"].keys() == weights["false"].keys()
+    for name, w in weights["true"].items():
+        assert torch.equal(w, weights["false"][name]), name
+    waits = [r["rank/0/sync_wait_frac"] for r in lines(runs["true"].run_dir) if "rank/0/sync_wait_frac" in r]
+    assert len(waits) == 3 and max(waits) > 0  # the wait timers ran
+
+
+@pytest.mark.multiprocess
 def test_every_rank_is_visible_in_wandb(tmp_path):
     run = launch(tmp_path, "telemetry", DDP, ONE_EPOCH)
     wb = read_run(run.run_dir)
