@@ -56,36 +56,6 @@ SECTIONS = ("compare", "data", "telemetry", "scaling")
 WORKERS = ("compare", "telemetry", "scaling")
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="YAML recipe (default: the built-in defaults: the Lux.jl / MLX recipe)")
-    p.add_argument("--trials", type=int, default=5, help="measured trials per configuration (default 5)")
-    p.add_argument("--seconds", type=float, default=3.0, help="seconds per trial and side (default 3)")
-    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per side before the trials (default 1)")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32|bf16 (default both)")
-    p.add_argument("--layouts", default="nchw,channels_last", help="comma list of nchw|channels_last (default both)")
-    p.add_argument("--batch", type=int, help="batch size of both loops (the framework's global data.batch_size)")
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="inductor",
-        metavar="BACKEND",
-        help="torch.compile both loops' models with this dynamo backend (default inductor)",
-    )
-    p.add_argument("--sections", default="compare,data,telemetry", help="comma list of compare|data|telemetry|scaling")
-    p.add_argument("--scaling", action="store_true", help="add the scaling section (real accelerate launches)")
-    p.add_argument("--data-seconds", type=float, help="seconds per data-stream trial (default: --seconds)")
-    p.add_argument("--json", type=Path, help="write every figure to this JSON file")
-    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)  # one measuring process of a section
-    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)  # the worker's result file
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_workers=1")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m cvae_dist.bench", description=__doc__)
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 def run(args: argparse.Namespace) -> int:
     from cvae_dist.config import ConfigError, load_config
 
@@ -419,7 +389,7 @@ def _run_worker(args, kind: str, extra: list[str], launcher: list[str] | None = 
     """Run one worker process (or an `accelerate launch` of several) and read its figures."""
     with tempfile.TemporaryDirectory(prefix="cvae-bench-") as tmp:
         out = Path(tmp) / "figures.json"
-        module = ["-m", "cvae_dist.bench"]
+        module = ["-m", "cvae_dist.cli", "bench"]
         cmd = [*(launcher or [sys.executable]), *module, "--worker", kind, "--out", str(out),
                "--trials", str(args.trials), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
                *(["--config", str(args.config)] if args.config else []),
@@ -724,7 +694,3 @@ def scaling_table(s: dict) -> str:
         f"  efficiency 2x1 / 1x2 = {s['efficiency']:.3f}; per-core 2x1 / (2 x 1x1) = {s['per_core_efficiency']:.3f}"
     )
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -8,11 +8,9 @@ Every command takes the model from a run directory (`--run runs/<name>`: its `mo
 
 from __future__ import annotations
 
-import argparse
 import copy
 import dataclasses
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +21,6 @@ from safetensors.torch import load_file
 from cvae_dist.checkpoint import checkpoint_dirs
 from cvae_dist.config import ConfigError, JobConfig, ModelConfig, Precision, load_config
 from cvae_dist.data import load_split, to_model_input
-from cvae_dist.images import grid, save_grid, side_by_side
 from cvae_dist.model import CVAE, portable
 
 WEIGHTS = "model.safetensors"
@@ -352,165 +349,3 @@ def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: b
 
 
 # ------------------------------------------------------------------------------------------------- CLI
-
-
-def add_commands(sub: argparse._SubParsersAction) -> None:
-    """Register eval / sample / reconstruct / interpolate / export on the `cvae-dist` parser."""
-    source = argparse.ArgumentParser(add_help=False)
-    which = source.add_mutually_exclusive_group(required=True)
-    which.add_argument("--run", type=Path, help="a run directory, runs/<name>: its model/ export and config.yaml")
-    which.add_argument(
-        "--checkpoint",
-        type=Path,
-        help="an export directory (model.safetensors + config.json), an accelerate checkpoint directory "
-        "holding model.safetensors, or a .safetensors file",
-    )
-    source.add_argument(
-        "--config", type=Path, help="config YAML (a run's config.yaml or a recipe) for --checkpoint: shape and data"
-    )
-    device = argparse.ArgumentParser(add_help=False)
-    device.add_argument("--device", default="cpu", help="torch device, e.g. cuda (default cpu)")
-    heldout = argparse.ArgumentParser(add_help=False)
-    heldout.add_argument("--source", help="data source (default: the run's data.source)")
-    heldout.add_argument("--split", help="split (default: the run's data.eval_split)")
-
-    p = sub.add_parser("eval", parents=[source, heldout], help="held-out loss (reconstruction, KL) of a trained model")
-    p.add_argument("--seed", type=int, help="noise seed (default: the run's train.seed)")
-    p.add_argument(
-        "--precision", choices=["fp32", "bf16", "fp16", "no"], default="fp32", help="autocast (default fp32)"
-    )
-    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
-    p.set_defaults(inference=_cmd_eval)
-
-    p = sub.add_parser("sample", parents=[source, device], help="a PNG grid of digits decoded from the N(0, I) prior")
-    p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
-    p.add_argument("--seed", type=int, default=0, help="prior draws seed (default 0)")
-    p.add_argument("--columns", type=int, help="grid columns (default: a square grid)")
-    p.add_argument(
-        "--latent-grid",
-        type=int,
-        nargs="?",
-        const=16,
-        metavar="SIDE",
-        help="2-D latents only: decode a SIDE x SIDE grid over [-3, 3]^2 instead (default 16)",
-    )
-    p.add_argument("--out", type=Path, default=Path("samples.png"), help="PNG path (default samples.png)")
-    p.set_defaults(inference=_cmd_sample)
-
-    p = sub.add_parser(
-        "reconstruct", parents=[source, heldout, device], help="held-out digits and their reconstructions side by side"
-    )
-    p.add_argument("--n", type=int, default=32, help="number of held-out digits (default 32, the first ones)")
-    p.add_argument("--columns", type=int, default=8, help="digits per row in each half (default 8)")
-    p.add_argument("--seed", type=int, help="noise seed (default: the run's train.seed, as the trainer's figure)")
-    p.add_argument("--mean", action="store_true", help="decode mu instead of a noisy z")
-    p.add_argument("--out", type=Path, default=Path("recon.png"), help="PNG path (default recon.png)")
-    p.set_defaults(inference=_cmd_reconstruct)
-
-    p = sub.add_parser(
-        "interpolate",
-        parents=[source, heldout, device],
-        help="latent walks (along mu) between pairs of held-out digits",
-    )
-    p.add_argument("--pairs", type=int, default=4, help="rows: pairs of digits (default 4: 0-1, 2-3, 4-5, 6-7)")
-    p.add_argument("--steps", type=int, default=10, help="decoded points per walk, ends included (default 10)")
-    p.add_argument("--out", type=Path, default=Path("interp.png"), help="PNG path (default interp.png)")
-    p.set_defaults(inference=_cmd_interpolate)
-
-    p = sub.add_parser(
-        "export", parents=[source], help="weights + config.json, loadable with CVAE.from_pretrained(DIR)"
-    )
-    p.add_argument("--out", type=Path, required=True, help="a new or empty directory")
-    p.add_argument(
-        "--push-to-hub", metavar="REPO_ID", help="also upload to the Hugging Face hub (needs network, login)"
-    )
-    p.add_argument("--private", action="store_true", help="create the hub repository as private")
-    p.set_defaults(inference=_cmd_export)
-
-
-def _positive(**values: int | None) -> None:
-    for name, value in values.items():
-        if value is not None and value <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')}={value}: must be a positive integer")
-
-
-def _at_most(images: int, what: str) -> None:
-    if images > MAX_IMAGES:
-        raise ConfigError(f"{what} makes {images:,} digits in one picture; at most {MAX_IMAGES:,} are accepted")
-
-
-def _load(args: argparse.Namespace) -> Loaded:
-    return load_model(args.run, args.checkpoint, args.config)
-
-
-def _heldout(args: argparse.Namespace, loaded: Loaded, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    source, split = args.source or loaded.cfg.data.source, args.split or loaded.cfg.data.eval_split
-    pixels, labels = load_split(source, split)
-    if len(pixels) < n:
-        raise ConfigError(f"{source}:{split} has {len(pixels)} digits; asked for {n}")
-    return pixels, labels
-
-
-def _cmd_eval(args: argparse.Namespace) -> int:
-    from accelerate import PartialState
-
-    result = evaluate(_load(args), args.source, args.split, args.seed, args.precision)
-    if PartialState().is_main_process:  # every rank has the reduced figures; one reports them
-        print(summary_line(result))
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
-
-
-def _cmd_sample(args: argparse.Namespace) -> int:
-    _positive(n=args.n, columns=args.columns, latent_grid=args.latent_grid)
-    if args.latent_grid is not None:
-        _at_most(args.latent_grid**2, f"--latent-grid {args.latent_grid}")
-    else:
-        _at_most(args.n, f"--n {args.n}")
-    loaded = _load(args)
-    if args.latent_grid is not None:
-        images, columns = latent_grid(loaded, args.latent_grid, device=args.device), args.latent_grid
-        what = f"{args.latent_grid} x {args.latent_grid} latent grid over [-3, 3]^2"
-    else:
-        images = sample(loaded, args.n, args.seed, args.device)
-        columns = args.columns or math.ceil(math.sqrt(args.n))
-        what = f"{args.n} prior samples (seed {args.seed})"
-    save_grid(grid(images, columns), args.out)
-    print(f"wrote {args.out}: {what} from {loaded.name}")
-    return 0
-
-
-def _cmd_reconstruct(args: argparse.Namespace) -> int:
-    _positive(n=args.n, columns=args.columns)
-    _at_most(args.n, f"--n {args.n}")
-    loaded = _load(args)
-    pixels, _ = _heldout(args, loaded, args.n)
-    x, recon = reconstruct(loaded, pixels[: args.n], args.seed, args.mean, args.device)
-    save_grid(side_by_side(x, recon, min(args.columns, args.n)), args.out)
-    print(f"wrote {args.out}: {args.n} held-out digits (left) and their reconstructions (right) from {loaded.name}")
-    return 0
-
-
-def _cmd_interpolate(args: argparse.Namespace) -> int:
-    _positive(pairs=args.pairs)
-    if args.steps < 2:
-        raise ConfigError(f"--steps={args.steps}: a walk needs at least 2 points (its two ends)")
-    _at_most(args.pairs * (args.steps + 2), f"--pairs {args.pairs} --steps {args.steps}")
-    loaded = _load(args)
-    pixels, labels = _heldout(args, loaded, 2)
-    images = interpolate(loaded, pixels, labels, args.pairs, args.steps, args.device)
-    save_grid(grid(images, args.steps + 2), args.out)
-    print(
-        f"wrote {args.out}: {args.pairs} latent walks of {args.steps} steps between held-out digits from {loaded.name}"
-    )
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    loaded = _load(args)
-    out = export(loaded, args.out, args.push_to_hub, args.private)
-    pushed = f", pushed to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else ""
-    print(f"exported {loaded.weights} to {out}{pushed}; load it with CVAE.from_pretrained({str(out)!r})")
-    return 0
