@@ -295,13 +295,15 @@ class HandLoop:
             return compute_dtype(self.model, lambda: self.model(x))
 
 
-def _trainer_run(cfg, accelerator, name: str):
-    """A real training run of `cfg` named `name` in the worker's temporary output_dir, ready for `trainer.run_steps`."""
+def _trainer_run(cfg, name: str, compile_backend: str | None):
+    """A real training run of `cfg` named `name` in the worker's temporary output_dir, ready for `trainer.run_steps`
+    (its own set-up: the step mode follows the run's config)."""
     from cvae_dist import checkpoint, trainer
 
     cfg.run_name = name
-    run = trainer.prepare_run(cfg, accelerator)
-    checkpoint.write_run_dir(run.dir, cfg, accelerator)
+    setup = worker_accelerator(cfg, compile_backend)
+    run = trainer.prepare_run(cfg, setup)
+    checkpoint.write_run_dir(run.dir, cfg, setup.accelerator)
     trainer.start_run(run)
     return run
 
@@ -363,10 +365,11 @@ def _worker(args: argparse.Namespace) -> int:
     from cvae_dist.config import load_config
 
     cfg = load_config(args.config, _overrides(args))
-    accelerator = worker_accelerator(cfg, args.compile)
+    setup = worker_accelerator(cfg, args.compile)
+    accelerator = setup.accelerator
     distributed.set_threads()
     figures = {"compare": compare_worker, "telemetry": telemetry_worker, "scaling": scaling_worker}[args.worker](
-        args, cfg, accelerator
+        args, cfg, setup
     )
     if accelerator.is_main_process and args.out:
         args.out.write_text(json.dumps(figures, indent=2) + "\n")
@@ -376,8 +379,9 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def worker_accelerator(cfg, compile_backend: str | None):
-    """The worker's Accelerator; with a backend, accelerate compiles the model at `prepare` as under `accelerate
-    launch --dynamo_backend <backend>`, so the trainer's step calls (and the bench times) the compiled model."""
+    """The worker's set-up (`distributed.Setup`); with a backend, accelerate compiles the model at `prepare` as under
+    `accelerate launch --dynamo_backend <backend>`, so the trainer's step calls (and the bench times) the compiled
+    model."""
     from cvae_dist import distributed
 
     if compile_backend:
@@ -406,27 +410,27 @@ def _run_worker(args, kind: str, extra: list[str], launcher: list[str] | None = 
         return {"command": cmd, **json.loads(out.read_text())}
 
 
-def compare_worker(args, cfg, accelerator) -> dict:
+def compare_worker(args, cfg, setup) -> dict:
     """One precision and layout: the hand loop against the trainer, eager, and on CUDA both as CUDA graphs."""
     import copy
 
     from cvae_dist.data import load_split, to_model_input
-    from cvae_dist.distributed import precision
 
+    accelerator, precision = setup.accelerator, setup.precision
     device, mode_cfgs = accelerator.device, {"eager": copy.deepcopy(cfg)}
     mode_cfgs["eager"].train.cuda_graph = False
     if device.type == "cuda":
         mode_cfgs["graph"] = copy.deepcopy(cfg)
         mode_cfgs["graph"].train.cuda_graph = True
-    label = f"{precision(accelerator)}/{'channels_last' if cfg.train.channels_last else 'nchw'}"
+    label = f"{precision}/{'channels_last' if cfg.train.channels_last else 'nchw'}"
     pixels, _ = load_split(cfg.data.source, cfg.data.train_split)  # the hand loop's data, resized once, in memory
     images = to_model_input(pixels.to(device), cfg.model.image_size, channels_last=False)
-    trainers = {mode: TrainerLoop(_trainer_run(c, accelerator, f"compare-{mode}"))
+    trainers = {mode: TrainerLoop(_trainer_run(c, f"compare-{mode}", args.compile))
                 for mode, c in mode_cfgs.items()}  # fmt: skip
     batch = trainers["eager"].batch
-    hands = {mode: HandLoop(cfg.model, images, batch, precision(accelerator), cfg.train.channels_last, args.compile,
+    hands = {mode: HandLoop(cfg.model, images, batch, precision, cfg.train.channels_last, args.compile,
                             graph=mode == "graph") for mode in mode_cfgs}  # fmt: skip
-    want = "bfloat16" if precision(accelerator) == "bf16" else "float32"
+    want = "bfloat16" if precision == "bf16" else "float32"
     dtypes = {"hand": hands["eager"].autocast_dtype(), "framework": trainers["eager"].autocast_dtype()}
     if set(dtypes.values()) != {want}:
         raise RuntimeError(f"{label}: autocast check failed, the mu head produced {dtypes} (expected {want})")
@@ -506,17 +510,15 @@ def compare_table(configs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def telemetry_worker(args, cfg, accelerator) -> dict:
+def telemetry_worker(args, cfg, setup) -> dict:
     """The trainer with telemetry on and off, trials interleaved in this one process."""
     import copy
-
-    from cvae_dist.distributed import precision
 
     loops = {}
     for side, on in (("on", True), ("off", False)):
         c = copy.deepcopy(cfg)
         c.log.telemetry = on
-        loops[side] = TrainerLoop(_trainer_run(c, accelerator, f"telemetry-{side}"))
+        loops[side] = TrainerLoop(_trainer_run(c, f"telemetry-{side}", args.compile))
     rates: dict[str, list[float]] = {"on": [], "off": []}
     for loop in loops.values():
         loop.trial(args.warmup)
@@ -525,7 +527,7 @@ def telemetry_worker(args, cfg, accelerator) -> dict:
             rates[side].append(loops[side].trial(args.seconds)["img_per_s"])
     on, off = _median(rates["on"]), _median(rates["off"])
     layout = "channels_last" if cfg.train.channels_last else "nchw"
-    return {"config": f"{precision(accelerator)}/{layout}", "on_img_per_s": on, "off_img_per_s": off,
+    return {"config": f"{setup.precision}/{layout}", "on_img_per_s": on, "off_img_per_s": off,
             "ratio": on / off, "trials": rates}  # fmt: skip
 
 
@@ -661,11 +663,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def scaling_worker(args, cfg, accelerator) -> dict:
+def scaling_worker(args, cfg, setup) -> dict:
     """One launched measurement: the trainer for `--trials` x `--seconds`."""
-    from cvae_dist.distributed import precision
 
-    loop = TrainerLoop(_trainer_run(cfg, accelerator, "scaling"))
+    accelerator = setup.accelerator
+    loop = TrainerLoop(_trainer_run(cfg, "scaling", args.compile))
     loop.trial(args.warmup)
     trials = [loop.trial(args.seconds) for _ in range(args.trials)]
     rates = [t["img_per_s"] for t in trials]
@@ -673,7 +675,7 @@ def scaling_worker(args, cfg, accelerator) -> dict:
         "processes": accelerator.num_processes,
         "threads": torch.get_num_threads(),
         "per_rank_batch": loop.run.batch,
-        "precision": precision(accelerator),
+        "precision": setup.precision,
         "backend": accelerator.distributed_type.value,
         "trials": trials,
         "img_per_s": rates,

@@ -7,6 +7,7 @@ import importlib.metadata
 import os
 import socket
 import warnings
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, DistributedType, InitProcessGroupKwargs
 
-from cvae_dist.config import ConfigError, JobConfig, Precision
+from cvae_dist.config import ConfigError, JobConfig, NonFinite, Precision
 
 
 class LaunchError(RuntimeError):
@@ -144,8 +145,26 @@ def resolve_precision(requested: Precision, device: str) -> tuple[str, str]:
     return chosen, why
 
 
-def make_accelerator(cfg: JobConfig) -> Accelerator:
-    """An Accelerator for whatever `accelerate launch` set up, in the precision `resolve_precision` picks."""
+@dataclass(frozen=True)
+class Setup:
+    """This process as launched, decided once by `make_accelerator`: the rest of the package reads these fields and
+    never derives them again."""
+
+    accelerator: Accelerator
+    precision: str  # fp32 | bf16 | fp16: what the model computes in (autocast; under DeepSpeed its torch_autocast)
+    precision_reason: str  # train.precision, or the `auto` rule's answer (printed in the run's first lines)
+    deepspeed: bool
+    zero_stage: int  # 0 when not under DeepSpeed
+    eager_reason: str | None  # why steps are eager rather than one CUDA graph; None: a CUDA graph
+
+    @property
+    def graph(self) -> bool:
+        return self.eager_reason is None
+
+
+def make_accelerator(cfg: JobConfig) -> Setup:
+    """An Accelerator for whatever `accelerate launch` set up, in the precision `resolve_precision` picks, and the
+    decisions that follow from it."""
     check_launch()
     requested = int(os.environ.get("WORLD_SIZE", "1"))
     device = device_type()
@@ -169,18 +188,28 @@ def make_accelerator(cfg: JobConfig) -> Accelerator:
             f"launched as {requested} processes but this one runs alone (world size {accelerator.num_processes}, "
             f"{accelerator.distributed_type.value}); on a CPU-only machine use launch/ddp_cpu.yaml"
         )
-    accelerator.precision_reason = why  # printed in the run's first lines
-    return accelerator
+    deepspeed = is_deepspeed(accelerator)
+    zero = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else 0
+    dynamo = accelerator.state.dynamo_plugin.backend.value
+    eager_reason = _eager_reason(cfg, accelerator.device.type, deepspeed, precision, dynamo)
+    return Setup(accelerator, precision, why, deepspeed, zero, eager_reason)
 
 
-def precision(accelerator: Accelerator) -> str:
-    """fp32, bf16 or fp16: what this run computes in (under DeepSpeed, also once `configure_deepspeed` has moved it
-    to the `torch_autocast` section, where accelerate no longer sees it)."""
-    if is_deepspeed(accelerator):
-        autocast = accelerator.state.deepspeed_plugin.deepspeed_config.get("torch_autocast", {})
-        if autocast.get("enabled"):
-            return {"bfloat16": "bf16", "float16": "fp16"}[autocast["dtype"]]
-    return "fp32" if accelerator.mixed_precision == "no" else accelerator.mixed_precision
+def _eager_reason(cfg: JobConfig, device: str, deepspeed: bool, precision: str, dynamo_backend: str) -> str | None:
+    """Why this run takes eager steps rather than a CUDA graph (None: it uses one)."""
+    if not cfg.train.cuda_graph:
+        return "train.cuda_graph=false"
+    if device != "cuda":
+        return "not on CUDA"
+    if deepspeed:
+        return "DeepSpeed steps inside its engine"
+    if precision == "fp16":
+        return "fp16 loss scaling syncs with the host"
+    if cfg.train.on_nonfinite is NonFinite.skip:
+        return "train.on_nonfinite=skip syncs with the host every step"
+    if dynamo_backend != "NO":
+        return "the model is compiled (torch.compile)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- batches, DeepSpeed
@@ -202,14 +231,15 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def configure_deepspeed(accelerator: Accelerator, cfg: JobConfig, per_rank_batch: int) -> None:
+def configure_deepspeed(setup: Setup, cfg: JobConfig, per_rank_batch: int) -> None:
     """DeepSpeed's batch fields from ours, no gradient clipping, and mixed precision as torch autocast.
 
     DeepSpeed's own bf16/fp16 modes cast the parameters but keep buffers in fp32, which BatchNorm's running
     statistics cannot take (the kernel wants them in the input's dtype); its `torch_autocast` mode keeps fp32 master
     weights and autocasts the forward, exactly as DDP's mixed precision does (and scales fp16 losses)."""
-    if not is_deepspeed(accelerator):
+    if not setup.deepspeed:
         return
+    accelerator = setup.accelerator
     if cfg.data.per_rank_batch_size is None and cfg.data.batch_size % accelerator.num_processes:
         raise ConfigError(
             f"DeepSpeed needs an equal micro-batch on every rank: data.batch_size={cfg.data.batch_size} does not "
@@ -223,7 +253,7 @@ def configure_deepspeed(accelerator: Accelerator, cfg: JobConfig, per_rank_batch
     ds["train_batch_size"] = per_rank_batch * accumulation * accelerator.num_processes
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = 0.0  # accelerate would fill in 1.0; the recipe does not clip
-    mixed = precision(accelerator)
+    mixed = setup.precision
     ds["bf16"], ds["fp16"] = {"enabled": False}, {"enabled": False}
     if mixed != "fp32":
         # lower_precision_safe_modules=[]: gradients are reduced in fp32, as DDP reduces them
@@ -232,11 +262,6 @@ def configure_deepspeed(accelerator: Accelerator, cfg: JobConfig, per_rank_batch
             "dtype": "bfloat16" if mixed == "bf16" else "float16",
             "lower_precision_safe_modules": [],
         }
-
-
-def zero_stage(accelerator: Accelerator) -> int:
-    """The DeepSpeed ZeRO stage, 0 when not under DeepSpeed."""
-    return accelerator.state.deepspeed_plugin.zero_stage if is_deepspeed(accelerator) else 0
 
 
 # ---------------------------------------------------------------------------------------------- the interval gather
@@ -294,14 +319,15 @@ def _cpuinfo() -> str:
         return ""
 
 
-def environment_facts(accelerator: Accelerator) -> dict:
+def environment_facts(setup: Setup) -> dict:
     """Versions, precision, ZeRO stage and scheduler ids, for the W&B run config."""
     import accelerate
 
+    accelerator = setup.accelerator
     facts = {
-        "precision": precision(accelerator),
-        "precision_reason": accelerator.precision_reason,
-        "zero_stage": zero_stage(accelerator),
+        "precision": setup.precision,
+        "precision_reason": setup.precision_reason,
+        "zero_stage": setup.zero_stage,
         "deterministic": torch.are_deterministic_algorithms_enabled(),
         "dynamo_backend": accelerator.state.dynamo_plugin.backend.value,  # "NO", or the torch.compile backend
         "torch_version": torch.__version__,

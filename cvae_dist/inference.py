@@ -198,7 +198,7 @@ def evaluate(
 
     cfg = copy.deepcopy(loaded.cfg)
     cfg.train.precision = Precision[precision]
-    accelerator = make_accelerator(cfg)
+    accelerator = make_accelerator(cfg).accelerator
     set_threads()
     source = source or cfg.data.source
     split = split or cfg.data.eval_split

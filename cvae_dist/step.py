@@ -96,16 +96,16 @@ class GraphStep:
             meter.add(loss)
 
 
-def make_step(accelerator: Accelerator, model, optimizer, cfg, batch: int, side_stream=None) -> EagerStep | GraphStep:
-    """The step this run uses: a CUDA graph where `graph_blocker` finds nothing against it (`side_stream`: the stream
-    the model was prepared on), else eager."""
+def make_step(setup, model, optimizer, cfg, batch: int, side_stream=None) -> EagerStep | GraphStep:
+    """The step this run uses: a CUDA graph where the set-up allows one (`setup.eager_reason` is None;
+    `side_stream`: the stream the model was prepared on), else eager."""
     from cvae_dist.config import NonFinite
 
     eager = EagerStep(
-        accelerator, model, optimizer, cfg.model.image_size, cfg.train.channels_last,
+        setup.accelerator, model, optimizer, cfg.model.image_size, cfg.train.channels_last,
         cfg.train.on_nonfinite is NonFinite.skip,
     )  # fmt: skip
-    if graph_blocker(accelerator, cfg) is not None:
+    if not setup.graph:
         return eager
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
     return GraphStep(eager, batch, warmup=11 if ddp else 3, side_stream=side_stream or torch.cuda.Stream())
@@ -119,26 +119,6 @@ def apply_step_mode(optimizer: torch.optim.Optimizer, graph: bool, lr: float, de
     for group in optimizer.param_groups:
         group["capturable"] = graph
         group["lr"] = torch.tensor(lr, dtype=torch.float32, device=device) if graph else lr
-
-
-def graph_blocker(accelerator: Accelerator, cfg) -> str | None:
-    """Why this run takes eager steps rather than a CUDA graph (None: it uses one)."""
-    from cvae_dist.config import NonFinite
-    from cvae_dist.distributed import is_deepspeed, precision
-
-    if not cfg.train.cuda_graph:
-        return "train.cuda_graph=false"
-    if accelerator.device.type != "cuda":
-        return "not on CUDA"
-    if is_deepspeed(accelerator):
-        return "DeepSpeed steps inside its engine"
-    if precision(accelerator) == "fp16":
-        return "fp16 loss scaling syncs with the host"
-    if cfg.train.on_nonfinite is NonFinite.skip:
-        return "train.on_nonfinite=skip syncs with the host every step"
-    if accelerator.state.dynamo_plugin.backend.value != "NO":
-        return "the model is compiled (torch.compile)"
-    return None
 
 
 def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:

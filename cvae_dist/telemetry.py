@@ -14,7 +14,6 @@ import time
 from collections.abc import Iterable, Iterator
 
 import torch
-from accelerate import Accelerator
 from accelerate.utils import gather_object
 
 # Dense tensor-core peaks in TFLOP/s by a substring of torch.cuda.get_device_name(): (bf16 = fp16, tf32, fp32).
@@ -132,9 +131,8 @@ class Telemetry:
     """This rank's meters (data wait, phases, time blocked on peers, memory) and the main process's view of all
     ranks (series, stragglers, the end-of-run table). With `log.telemetry=false` only img/s is measured."""
 
-    def __init__(self, accelerator: Accelerator, cfg, per_rank_batch: int, global_batch: int, identity: dict):
-        from cvae_dist.distributed import precision
-
+    def __init__(self, setup, cfg, per_rank_batch: int, global_batch: int, identity: dict):
+        accelerator = setup.accelerator
         self.accelerator = accelerator
         self.cfg = cfg.log
         self.enabled = cfg.log.telemetry
@@ -143,7 +141,7 @@ class Telemetry:
         self.flops_per_image, self.peak, self.peak_source = 0.0, 0.0, None
         if self.enabled:
             self.flops_per_image = count_flops_per_image(cfg.model)
-            self.peak, self.peak_source = peak_flops(accelerator.device, precision(accelerator), cfg.log.peak_tflops)
+            self.peak, self.peak_source = peak_flops(accelerator.device, setup.precision, cfg.log.peak_tflops)
         self.identities = gather_object([identity])  # once, at start: host and machine of every rank
         self.clock = _Clock(accelerator.device)
         self.slow_streak = [0] * accelerator.num_processes

@@ -24,7 +24,7 @@ from cvae_dist.images import save_grid
 from cvae_dist.loss_meter import LossMeter
 from cvae_dist.metrics import RankRecord, RunLogger, parameter_digest
 from cvae_dist.model import CVAE, count_parameters
-from cvae_dist.step import GraphStep, apply_step_mode, graph_blocker, make_step
+from cvae_dist.step import GraphStep, apply_step_mode, make_step
 from cvae_dist.telemetry import Telemetry, compute_dtype
 
 
@@ -40,7 +40,7 @@ class Run:
     """One training job on this rank: its prepared parts, resumable state and outputs."""
 
     cfg: JobConfig
-    accelerator: Accelerator
+    setup: distributed.Setup  # the accelerator and what was decided with it (precision, ZeRO stage, step mode)
     dir: Path
     model: torch.nn.Module  # prepared: DDP / DeepSpeed engine
     optimizer: torch.optim.Optimizer
@@ -62,6 +62,10 @@ class Run:
     record: RankRecord = None  # type: ignore[assignment]
     epoch_started: float = field(default_factory=time.perf_counter)
     progress: tqdm | None = None
+
+    @property
+    def accelerator(self) -> Accelerator:
+        return self.setup.accelerator
 
     def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
         """A decoded uint8 batch -> the model's input on this rank's device (resized there)."""
@@ -103,30 +107,30 @@ def train(cfg: JobConfig) -> TrainResult:
     return TrainResult(run.dir, epoch_losses, run.state.step)
 
 
-def prepare_run(cfg: JobConfig, accelerator: Accelerator | None = None) -> Run:
+def prepare_run(cfg: JobConfig, setup: distributed.Setup | None = None) -> Run:
     """Process group, the run directory's name and the checkpoint to resume, model / AdamW / this rank's data
     stream prepared by accelerate, and the held-out digits. Writes nothing: a refusal leaves every file as it was."""
     distributed.set_determinism(cfg.train.deterministic)
-    accelerator = accelerator or distributed.make_accelerator(cfg)
+    setup = setup or distributed.make_accelerator(cfg)
+    accelerator = setup.accelerator
     threads = distributed.set_threads()
     run_dir, resume = _locate_run(accelerator, cfg)
     world, rank = accelerator.num_processes, accelerator.process_index
     accelerator.print(
         f"device {distributed.describe_device(accelerator)}, {world} process(es), "
-        f"precision {distributed.precision(accelerator)} ({accelerator.precision_reason}), {threads} thread(s) each"
+        f"precision {setup.precision} ({setup.precision_reason}), {threads} thread(s) each"
     )
     set_seed(cfg.train.seed)  # same initial weights on every rank
     model = CVAE(cfg.model)
     accelerator.print(f"trainable parameters: {count_parameters(model):,}")
-    deepspeed = distributed.is_deepspeed(accelerator)
-    if cfg.train.channels_last and not deepspeed:
+    if cfg.train.channels_last and not setup.deepspeed:
         # DeepSpeed broadcasts parameters as flat bytes and needs them contiguous; inputs stay channels_last.
         model = model.to(memory_format=torch.channels_last)
-    if cfg.train.on_nonfinite is NonFinite.skip and deepspeed:
+    if cfg.train.on_nonfinite is NonFinite.skip and setup.deepspeed:
         raise ConfigError("train.on_nonfinite=skip is not available under DeepSpeed (its engine steps inside "
                           "backward); accepted there: error")  # fmt: skip
     lr = cfg.train.lr * (world if cfg.train.scale_lr else 1)
-    graph = graph_blocker(accelerator, cfg) is None
+    graph = setup.graph
     # capturable and the lr's form are the step mode's: `apply_step_mode` in start_run (after any load_state) sets them
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay, fused=True)
     batch = distributed.per_rank_batch_size(cfg, world, rank)
@@ -134,7 +138,7 @@ def prepare_run(cfg: JobConfig, accelerator: Accelerator | None = None) -> Run:
     workers = distributed.data_workers(cfg.data.num_workers, accelerator.device)
     stream = RankStream(cfg.data, rank, world, batch, cfg.train.seed, workers, accelerator.device)
     steps_per_epoch, bad_records = _agree_on_steps(accelerator, stream)
-    distributed.configure_deepspeed(accelerator, cfg, batch)
+    distributed.configure_deepspeed(setup, cfg, batch)
     side_stream = torch.cuda.Stream() if graph else None  # a graph's DDP is wrapped on the stream it warms up on
     with torch.cuda.stream(side_stream) if graph else contextlib.nullcontext():
         model, optimizer = accelerator.prepare(model, optimizer)
@@ -150,8 +154,8 @@ def prepare_run(cfg: JobConfig, accelerator: Accelerator | None = None) -> Run:
     eval_pixels, eval_labels = load_split(cfg.data.source, cfg.data.eval_split)
     prior = torch.randn(evaluation.GRID_IMAGES, cfg.model.latent_dim,
                         generator=torch.Generator().manual_seed(cfg.train.seed))  # fmt: skip
-    return Run(cfg, accelerator, run_dir, model, optimizer, stream,
-               make_step(accelerator, model, optimizer, cfg, batch, side_stream), batch, global_batch, steps_per_epoch,
+    return Run(cfg, setup, run_dir, model, optimizer, stream,
+               make_step(setup, model, optimizer, cfg, batch, side_stream), batch, global_batch, steps_per_epoch,
                bad_records, state, resume_from, eval_pixels, eval_labels, prior, lr)  # fmt: skip
 
 
@@ -168,7 +172,7 @@ def start_run(run: Run) -> None:
     apply_step_mode(run.optimizer, isinstance(run.step, GraphStep), run.lr, accelerator.device)
     run.meter = LossMeter.from_state(state.loss, accelerator.device, accelerator.process_index, state.step)
     identity = distributed.rank_identity(accelerator)
-    run.telemetry = Telemetry(accelerator, run.cfg, run.batch, run.global_batch, identity)
+    run.telemetry = Telemetry(run.setup, run.cfg, run.batch, run.global_batch, identity)
     if not isinstance(run.step, GraphStep):  # hooks do not run inside a replayed CUDA graph
         run.telemetry.instrument(run.model)
     facts = {
@@ -176,7 +180,7 @@ def start_run(run: Run) -> None:
         "per_rank_batch_size": run.batch, "global_batch_size": run.global_batch, "lr_effective":
         run.lr, "steps_per_epoch": run.steps_per_epoch, "threads_per_rank":
         torch.get_num_threads(), "step_mode": type(run.step).__name__, **identity, **run.telemetry.run_facts(),
-        **distributed.environment_facts(accelerator),
+        **distributed.environment_facts(run.setup),
     }  # fmt: skip
     run.logger = RunLogger(run.dir, run.cfg, facts, rank=accelerator.process_index, resume_id=state.wandb_run_id,
                            resume_step=state.step if run.resume_from is not None else None)  # fmt: skip
@@ -335,7 +339,7 @@ def finish_run(run: Run) -> Path:
     accelerator = run.accelerator
     accelerator.print(f"per-rank throughput (means over log intervals):\n{run.telemetry.summary_table()}")
     export_dir = checkpoint.export_final(accelerator, run.model, run.dir, run.cfg)
-    zero3 = distributed.zero_stage(accelerator) == 3  # ZeRO-3 ranks hold only their parameter partition
+    zero3 = run.setup.zero_stage == 3  # ZeRO-3 ranks hold only their parameter partition
     run.record.finish(param_sha256=None if zero3 else parameter_digest(run.model))
     return export_dir
 

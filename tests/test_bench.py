@@ -137,7 +137,7 @@ def test_compile_times_the_compiled_model_on_the_trainer_side(tmp_path, monkeypa
     overrides = ["data.train_split=test", "log.every_steps=1", "train.precision=fp32", "log.wandb=disabled"]
     cfg = load_config(DEBUG, [*overrides, f"output_dir={tmp_path}"])
     torch._dynamo.reset()
-    loop = bench.TrainerLoop(bench._trainer_run(cfg, bench.worker_accelerator(cfg, "eager"), "compiled"))
+    loop = bench.TrainerLoop(bench._trainer_run(cfg, "compiled", "eager"))
     assert is_compiled_module(loop.run.step.model) and loop.run.step.model is loop.run.model
     assert loop.trial(0.05)["steps"] >= 1
     torch._dynamo.reset()
