@@ -137,19 +137,19 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
 
     cfg = load_config(REPO / "configs" / "debug.yaml", [*sizes.recipe[2:], f"output_dir={out / 'runs'}",
                       "run_name=in-process", "log.every_steps=1000", "train.precision=bf16"])  # fmt: skip
-    run = trainer.prepare_run(cfg)
-    checkpoint.write_run_dir(run.dir, cfg, run.accelerator)
-    trainer.start_run(run)
+    parts = trainer.prepare(cfg)
+    checkpoint.write_run_dir(parts.dir, cfg, parts.setup.accelerator)
+    run = trainer.Trainer(parts)
     try:
-        batches = run.stream.epoch(1, run.steps_per_epoch)
+        batches = run.stream.epoch(1, parts.steps_per_epoch)
         warm = 5 if sizes.gpu else 2  # on a GPU past the graph's warm-up (3 eager steps) and its capture
-        trainer.run_steps(run, itertools.islice(batches, warm), lambda: False)
-        steady = min(20, run.steps_per_epoch - warm - 1)  # (and one batch left for the two steps below)
+        run.steps(itertools.islice(batches, warm), lambda: False)
+        steady = min(20, parts.steps_per_epoch - warm - 1)  # (and one batch left for the two steps below)
         sync_checked = torch.cuda.is_available()
         if sync_checked:
             torch.cuda.set_sync_debug_mode("error")  # any call that waits for the GPU raises
         try:
-            trainer.run_steps(run, itertools.islice(batches, steady), lambda: False)  # no step line in here
+            run.steps(itertools.islice(batches, steady), lambda: False)  # no step line in here
         finally:
             if sync_checked:
                 torch.cuda.set_sync_debug_mode("default")
@@ -186,8 +186,8 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
                 "capturable": [g["capturable"] for g in run.optimizer.param_groups],
                 "lr_is_tensor": isinstance(lrs[0], torch.Tensor), "two_losses_at_lr0": losses}  # fmt: skip
     finally:
-        run.step.close()
-        run.accelerator.end_training()
+        parts.step.close()
+        parts.setup.accelerator.end_training()
 
 
 def resume_mid_epoch(out: Path, sizes: Sizes) -> dict:

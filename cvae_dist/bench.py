@@ -5,7 +5,7 @@ Sections (`--sections`, default `compare,data,telemetry`; `--scaling` adds `scal
 - `compare`: for each precision (fp32, bf16) x layout (NCHW, channels_last), one process that alternates trials of
   (a) a minimal hand-written loop (CVAE, AdamW lr 1e-3 wd 1e-5 fused like the trainer's, batches from in-memory,
   already resized 64x64 images, `vae_loss(...).total`, zero_grad / backward / step) and (b) the trainer itself: a
-  real run (`trainer.prepare_run` + `start_run`, in a temporary directory, W&B off) driven by `trainer.run_steps`,
+  real run (`trainer.prepare` + `Trainer`, in a temporary directory, W&B off) driven by `Trainer.steps`,
   the loop `train` uses, with its data stream, resize, telemetry and step lines. On CUDA each config also gets a
   `graph` row: (a) captured as one CUDA graph (the ceiling of the step itself, its own column) against the trainer
   with `train.cuda_graph=true`. The order of the sides rotates per trial, so drifting machine load hits all alike;
@@ -296,63 +296,51 @@ class HandLoop:
 
 
 def _trainer_run(cfg, name: str, compile_backend: str | None):
-    """A real training run of `cfg` named `name` in the worker's temporary output_dir, ready for `trainer.run_steps`
-    (its own set-up: the step mode follows the run's config)."""
+    """A real training run of `cfg` named `name` in the worker's temporary output_dir, started and ready for
+    `Trainer.steps` (its own set-up: the step mode follows the run's config)."""
     from cvae_dist import checkpoint, trainer
 
     cfg.run_name = name
-    setup = worker_accelerator(cfg, compile_backend)
-    run = trainer.prepare_run(cfg, setup)
-    checkpoint.write_run_dir(run.dir, cfg, setup.accelerator)
-    trainer.start_run(run)
-    return run
+    parts = trainer.prepare(cfg, worker_accelerator(cfg, compile_backend))
+    checkpoint.write_run_dir(parts.dir, cfg, parts.setup.accelerator)
+    return trainer.Trainer(parts)
 
 
-def _endless(run) -> Iterator:
+def _endless(trainer) -> Iterator:
     """A run's batches, epoch after epoch, for trials that outlast an epoch."""
     for epoch in itertools.count(1):
-        yield from run.stream.epoch(epoch, run.steps_per_epoch)
-
-
-def _logged(run, after_step: int) -> list[dict]:
-    """The step lines the trainer logged (metrics.jsonl) after `after_step`."""
-    lines = [json.loads(x) for x in (run.dir / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if r["step"] > after_step and "train/step_loss" in r]
+        yield from trainer.stream.epoch(epoch, trainer.parts.steps_per_epoch)
 
 
 class TrainerLoop:
-    """The trainer's steps as `train` takes them: `trainer.run_steps` on the run's stream, step lines every
+    """The trainer's steps as `train` takes them: `Trainer.steps` on the run's stream, step lines every
     `log.every_steps` (where the ranks also agree that a trial's time is up)."""
 
-    def __init__(self, run):
-        self.run = run
-        self.batches = _endless(run)
-        self.device = run.accelerator.device
-        self.batch = run.global_batch
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.batches = _endless(trainer)
+        self.device = trainer.accelerator.device
+        self.batch = trainer.parts.global_batch
 
     def autocast_dtype(self) -> str:
-        from cvae_dist.trainer import run_compute_dtype
-
-        return run_compute_dtype(self.run)
+        return self.trainer.compute_dtype()
 
     def trial(self, seconds: float) -> dict:
-        from cvae_dist.trainer import run_steps
-
-        run, first = self.run, self.run.state.step
-        run.telemetry.restart()
+        trainer, first = self.trainer, self.trainer.state.step
+        trainer.telemetry.restart()
         _sync(self.device)
         start = time.perf_counter()
-        run_steps(run, self.batches, lambda: time.perf_counter() - start >= seconds)
+        lines = trainer.steps(self.batches, lambda: time.perf_counter() - start >= seconds).lines
         _sync(self.device)
         elapsed = time.perf_counter() - start
-        steps, rank = run.state.step - first, run.accelerator.process_index
+        steps, rank = trainer.state.step - first, trainer.accelerator.process_index
         names = ("data_wait_frac", "sync_wait_frac", "mfu", "step_time_s", "fwd_bwd_s", "optimizer_s")
-        records = _logged(run, first) if run.telemetry.enabled and run.accelerator.is_main_process else []
+        lines = lines if trainer.telemetry.enabled else []
         return {
             "img_per_s": steps * self.batch / elapsed,
             "steps": steps,
             "seconds": elapsed,
-            "telemetry": {name: _median([r[f"rank/{rank}/{name}"] for r in records]) for name in names},
+            "telemetry": {name: _median([r[f"rank/{rank}/{name}"] for r in lines]) for name in names},
         }
 
 
@@ -674,7 +662,7 @@ def scaling_worker(args, cfg, setup) -> dict:
     return {
         "processes": accelerator.num_processes,
         "threads": torch.get_num_threads(),
-        "per_rank_batch": loop.run.batch,
+        "per_rank_batch": loop.trainer.parts.batch,
         "precision": setup.precision,
         "backend": accelerator.distributed_type.value,
         "trials": trials,

@@ -15,7 +15,7 @@ import torch
 from accelerate import Accelerator
 from safetensors import SafetensorError
 
-from cvae_dist.config import ConfigError, JobConfig, to_yaml
+from cvae_dist.config import CheckpointConfig, ConfigError, JobConfig, to_yaml
 from cvae_dist.distributed import is_deepspeed
 from cvae_dist.faults import being_written
 from cvae_dist.model import CVAE, portable
@@ -171,6 +171,38 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.name[len(STEP_PREFIX) :].isdigit() and p.is_dir())
+
+
+class Checkpointer:
+    """When to checkpoint, and the checkpoint itself: the training loop says where it stands, this decides (as
+    torchtitan's checkpoint manager does). Every rank asks at the same points and gets the same answer."""
+
+    def __init__(
+        self, accelerator: Accelerator, run_dir: Path, cfg: CheckpointConfig, meter, log: Callable[[dict], None]
+    ):
+        self.accelerator, self.run_dir, self.cfg, self.meter, self.log = accelerator, run_dir, cfg, meter, log
+
+    def at_step_line(self, state: TrainerState, epoch_over: bool) -> Path | None:
+        """Every `checkpoint.every_steps` steps, except at an epoch's last step (the epoch-end checkpoint takes its
+        place)."""
+        return self.save(state, "steps") if _every(self.cfg.every_steps, state.step) and not epoch_over else None
+
+    def at_epoch_end(self, state: TrainerState, last: bool) -> Path | None:
+        """At every epoch's end with `checkpoint.every_epoch`; always after the run's last step; and where
+        `checkpoint.every_steps` falls on an epoch's last step."""
+        due = self.cfg.every_epoch or last or _every(self.cfg.every_steps, state.step)
+        return self.save(state, "epoch") if due else None
+
+    def save(self, state: TrainerState, tag: str) -> Path:
+        """A checkpoint now (`tag` says why, in metrics.jsonl: steps, epoch, signal)."""
+        state.loss = self.meter.to_state()
+        path = save_checkpoint(self.accelerator, self.run_dir, state, self.cfg.keep)
+        self.log({"step": state.step, "epoch": state.epoch, "event": f"checkpoint:{tag}", "path": str(path)})
+        return path
+
+
+def _every(every: int, step: int) -> bool:
+    return every > 0 and step % every == 0
 
 
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:

@@ -1,12 +1,14 @@
-"""The training loop: check and build, then epochs of (stream -> step -> a step line every `log.every_steps`), then
-export. `run_steps` is the one loop over batches; `cvae-dist bench` times it as it is."""
+"""The training loop. `prepare` checks everything and builds a run's parts, writing nothing (a refusal leaves every
+file as it was); `Trainer` starts them (resumed state, loss meter, telemetry, logging, checkpoints); `fit` runs the
+epochs of (stream -> step -> a step line every `log.every_steps`) and exports. `Trainer.steps` is the one loop over
+batches: `cvae-dist bench` times it as it is."""
 
 from __future__ import annotations
 
 import contextlib
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ from accelerate.utils import broadcast_object_list, is_compiled_module, set_seed
 from tqdm.auto import tqdm
 
 from cvae_dist import checkpoint, distributed, evaluation
-from cvae_dist.checkpoint import TrainerState
+from cvae_dist.checkpoint import Checkpointer, TrainerState
 from cvae_dist.config import ConfigError, JobConfig, NonFinite, to_dict
 from cvae_dist.data import Batch, DataError, RankStream, load_split, to_model_input
 from cvae_dist.evaluation import fixed_noise
@@ -24,7 +26,7 @@ from cvae_dist.images import save_grid
 from cvae_dist.loss_meter import LossMeter
 from cvae_dist.metrics import RankRecord, RunLogger, parameter_digest
 from cvae_dist.model import CVAE, count_parameters
-from cvae_dist.step import GraphStep, apply_step_mode, make_step
+from cvae_dist.step import EagerStep, GraphStep, apply_step_mode, make_step
 from cvae_dist.telemetry import Telemetry, compute_dtype
 
 
@@ -35,81 +37,56 @@ class TrainResult:
     steps: int
 
 
-@dataclass
-class Run:
-    """One training job on this rank: its prepared parts, resumable state and outputs."""
+def train(cfg: JobConfig) -> TrainResult:
+    """Train `cfg` on however many processes `accelerate launch` started."""
+    with StopSignal() as stop:
+        parts = prepare(cfg)  # everything that can be checked is, before the run directory is written
+        try:
+            checkpoint.write_run_dir(parts.dir, cfg, parts.setup.accelerator)
+            with run_status(parts.dir, parts.setup.accelerator.is_main_process):
+                stop.arm()
+                trainer = Trainer(parts)
+                epoch_losses = trainer.fit(stop)
+        finally:  # every way out (completed, preempted, interrupted, failed): no graph may outlive the process group
+            parts.step.close()
+    parts.setup.accelerator.end_training()
+    return TrainResult(parts.dir, epoch_losses, parts.state.step)
+
+
+@dataclass(frozen=True)
+class Steps:
+    """What `Trainer.steps` did: whether the ranks agreed to stop, and its step lines (every rank has them)."""
+
+    stopped: bool
+    lines: list[dict]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """One run on this rank as `prepare` built it: prepared by accelerate, checked, and nothing written yet."""
 
     cfg: JobConfig
     setup: distributed.Setup  # the accelerator and what was decided with it (precision, ZeRO stage, step mode)
     dir: Path
-    model: torch.nn.Module  # prepared: DDP / DeepSpeed engine
+    model: torch.nn.Module  # prepared: DDP / DeepSpeed engine (compiled where accelerate compiles)
     optimizer: torch.optim.Optimizer
     stream: RankStream
-    step: Callable  # step.EagerStep or step.GraphStep
+    step: EagerStep | GraphStep  # holds the same prepared model
     batch: int  # this rank's
     global_batch: int
     steps_per_epoch: int  # agreed: the same on every rank
     bad_records: int  # skipped in each epoch (data.on_bad_record=skip), all ranks together
-    state: TrainerState
+    state: TrainerState  # a resumed run's, once checked against this one
     resume_from: Path | None  # the checkpoint this run continues
     eval_pixels: torch.Tensor
     eval_labels: torch.Tensor
     prior: torch.Tensor  # fixed latent draws for the sample half of the figure
     lr: float  # this run's (after train.scale_lr), also when it resumes a checkpoint written with another
-    meter: LossMeter = None  # type: ignore[assignment]  (set by `start_run`, like the three below)
-    telemetry: Telemetry = None  # type: ignore[assignment]
-    logger: RunLogger = None  # type: ignore[assignment]
-    record: RankRecord = None  # type: ignore[assignment]
-    epoch_started: float = field(default_factory=time.perf_counter)
-    progress: tqdm | None = None
-
-    @property
-    def accelerator(self) -> Accelerator:
-        return self.setup.accelerator
-
-    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
-        """A decoded uint8 batch -> the model's input on this rank's device (resized there)."""
-        device = self.accelerator.device
-        return to_model_input(
-            pixels.to(device, non_blocking=True), self.cfg.model.image_size, self.cfg.train.channels_last
-        )
-
-    def save(self, tag: str) -> Path:
-        self.state.loss = self.meter.to_state()
-        path = checkpoint.save_checkpoint(self.accelerator, self.dir, self.state, self.cfg.checkpoint.keep)
-        self.logger.log({"step": self.state.step, "epoch": self.state.epoch, "event": f"checkpoint:{tag}",
-                         "path": str(path)})  # fmt: skip
-        return path
 
 
-def train(cfg: JobConfig) -> TrainResult:
-    """Train `cfg` on however many processes `accelerate launch` started."""
-    with StopSignal() as stop:
-        run = prepare_run(cfg)  # everything that can be checked is, before the run directory is written
-        try:
-            checkpoint.write_run_dir(run.dir, cfg, run.accelerator)
-            with run_status(run.dir, run.accelerator.is_main_process):
-                stop.arm()
-                start_run(run)
-                epoch_losses = []
-                for epoch in range(run.state.epoch, cfg.train.epochs + 1):
-                    train_epoch(run, epoch, stop)
-                    epoch_losses.append(end_epoch(run, epoch))
-                    if cfg.train.max_steps is not None and run.state.step >= cfg.train.max_steps:
-                        break
-                export_dir = finish_run(run)
-            run.logger.summary({"final/train_loss": epoch_losses[-1] if epoch_losses else None,
-                                "final/export": str(export_dir)})  # fmt: skip
-            run.logger.close()
-        finally:  # every way out (completed, preempted, interrupted, failed): no graph may outlive the process group
-            run.step.close()
-    run.accelerator.end_training()
-    return TrainResult(run.dir, epoch_losses, run.state.step)
-
-
-def prepare_run(cfg: JobConfig, setup: distributed.Setup | None = None) -> Run:
+def prepare(cfg: JobConfig, setup: distributed.Setup | None = None) -> Parts:
     """Process group, the run directory's name and the checkpoint to resume, model / AdamW / this rank's data
-    stream prepared by accelerate, and the held-out digits. Writes nothing: a refusal leaves every file as it was."""
+    stream prepared by accelerate, and the held-out digits. Writes nothing."""
     distributed.set_determinism(cfg.train.deterministic)
     setup = setup or distributed.make_accelerator(cfg)
     accelerator = setup.accelerator
@@ -130,8 +107,7 @@ def prepare_run(cfg: JobConfig, setup: distributed.Setup | None = None) -> Run:
         raise ConfigError("train.on_nonfinite=skip is not available under DeepSpeed (its engine steps inside "
                           "backward); accepted there: error")  # fmt: skip
     lr = cfg.train.lr * (world if cfg.train.scale_lr else 1)
-    graph = setup.graph
-    # capturable and the lr's form are the step mode's: `apply_step_mode` in start_run (after any load_state) sets them
+    # capturable and the lr's form are the step mode's: `apply_step_mode` (after any load_state) sets them
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay, fused=True)
     batch = distributed.per_rank_batch_size(cfg, world, rank)
     global_batch = sum(distributed.per_rank_batch_size(cfg, world, r) for r in range(world))
@@ -139,10 +115,10 @@ def prepare_run(cfg: JobConfig, setup: distributed.Setup | None = None) -> Run:
     stream = RankStream(cfg.data, rank, world, batch, cfg.train.seed, workers, accelerator.device)
     steps_per_epoch, bad_records = _agree_on_steps(accelerator, stream)
     distributed.configure_deepspeed(setup, cfg, batch)
-    side_stream = torch.cuda.Stream() if graph else None  # a graph's DDP is wrapped on the stream it warms up on
-    with torch.cuda.stream(side_stream) if graph else contextlib.nullcontext():
+    side_stream = torch.cuda.Stream() if setup.graph else None  # a graph's DDP is wrapped on the stream it warms up on
+    with torch.cuda.stream(side_stream) if setup.graph else contextlib.nullcontext():
         model, optimizer = accelerator.prepare(model, optimizer)
-    if graph:
+    if setup.graph:
         torch.cuda.current_stream().wait_stream(side_stream)
     state = TrainerState(world_size=world, per_rank_batch_size=batch, model=to_dict(cfg)["model"],
                          data_workers=workers if stream.order_depends_on_workers else 0)  # fmt: skip
@@ -154,198 +130,218 @@ def prepare_run(cfg: JobConfig, setup: distributed.Setup | None = None) -> Run:
     eval_pixels, eval_labels = load_split(cfg.data.source, cfg.data.eval_split)
     prior = torch.randn(evaluation.GRID_IMAGES, cfg.model.latent_dim,
                         generator=torch.Generator().manual_seed(cfg.train.seed))  # fmt: skip
-    return Run(cfg, setup, run_dir, model, optimizer, stream,
-               make_step(setup, model, optimizer, cfg, batch, side_stream), batch, global_batch, steps_per_epoch,
-               bad_records, state, resume_from, eval_pixels, eval_labels, prior, lr)  # fmt: skip
+    step = make_step(setup, model, optimizer, cfg, batch, side_stream)
+    return Parts(cfg, setup, run_dir, model, optimizer, stream, step, batch, global_batch, steps_per_epoch,
+                 bad_records, state, resume_from, eval_pixels, eval_labels, prior, lr)  # fmt: skip
 
 
-def start_run(run: Run) -> None:
-    """The resumed weights and state, the loss meter, telemetry and logging (the run directory exists now)."""
-    accelerator, state = run.accelerator, run.state
-    if run.resume_from is not None:
-        accelerator.load_state(str(run.resume_from))
-        accelerator.print(f"resumed from {run.resume_from}: epoch {state.epoch}, step {state.step}")
-        if accelerator.is_main_process and run.resume_from.parent == run.dir / "checkpoints":
-            for moved in checkpoint.set_aside_newer(run.dir, run.resume_from):
-                accelerator.print(f"moved the checkpoint that failed its checks aside: {moved}")
-        accelerator.wait_for_everyone()
-    apply_step_mode(run.optimizer, isinstance(run.step, GraphStep), run.lr, accelerator.device)
-    run.meter = LossMeter.from_state(state.loss, accelerator.device, accelerator.process_index, state.step)
-    identity = distributed.rank_identity(accelerator)
-    run.telemetry = Telemetry(run.setup, run.cfg, run.batch, run.global_batch, identity)
-    if not isinstance(run.step, GraphStep):  # hooks do not run inside a replayed CUDA graph
-        run.telemetry.instrument(run.model)
-    facts = {
-        "compute_dtype": run_compute_dtype(run), "compiled": is_compiled_module(run.model),
-        "per_rank_batch_size": run.batch, "global_batch_size": run.global_batch, "lr_effective":
-        run.lr, "steps_per_epoch": run.steps_per_epoch, "threads_per_rank":
-        torch.get_num_threads(), "step_mode": type(run.step).__name__, **identity, **run.telemetry.run_facts(),
-        **distributed.environment_facts(run.setup),
-    }  # fmt: skip
-    run.logger = RunLogger(run.dir, run.cfg, facts, rank=accelerator.process_index, resume_id=state.wandb_run_id,
-                           resume_step=state.step if run.resume_from is not None else None)  # fmt: skip
-    state.wandb_run_id = run.logger.run_id
-    accelerator.print(
-        f"run {run.dir}: {run.global_batch} images per step ({run.batch} on this rank), {run.steps_per_epoch} "
-        f"steps per epoch ({run.steps_per_epoch * run.global_batch} images), {type(run.step).__name__}"
-    )
-    run.record = RankRecord(run.dir, facts, run.cfg.log.sample_ids)  # what it ran as, readable without W&B
-    run.telemetry.restart()  # the first interval measures steps, not the set-up above
+class Trainer:
+    """A prepared run, started: the resumed weights and state, the loss meter, telemetry, logging and the
+    checkpointer, all built here (the run directory exists by now). `fit` trains it to the end; `steps` is its one
+    loop over batches."""
 
+    def __init__(self, parts: Parts):
+        self.parts = parts
+        self.cfg, self.setup, self.dir, self.state = parts.cfg, parts.setup, parts.dir, parts.state
+        self.accelerator = accelerator = parts.setup.accelerator
+        self.model, self.optimizer, self.step, self.stream = parts.model, parts.optimizer, parts.step, parts.stream
+        if parts.resume_from is not None:
+            accelerator.load_state(str(parts.resume_from))
+            accelerator.print(f"resumed from {parts.resume_from}: epoch {self.state.epoch}, step {self.state.step}")
+            if accelerator.is_main_process and parts.resume_from.parent == self.dir / "checkpoints":
+                for moved in checkpoint.set_aside_newer(self.dir, parts.resume_from):
+                    accelerator.print(f"moved the checkpoint that failed its checks aside: {moved}")
+            accelerator.wait_for_everyone()
+        apply_step_mode(self.optimizer, isinstance(self.step, GraphStep), parts.lr, accelerator.device)
+        self.meter = LossMeter.from_state(self.state.loss, accelerator.device, accelerator.process_index,
+                                          self.state.step)  # fmt: skip
+        identity = distributed.rank_identity(accelerator)
+        self.telemetry = Telemetry(self.setup, self.cfg, parts.batch, parts.global_batch, identity)
+        if not isinstance(self.step, GraphStep):  # hooks do not run inside a replayed CUDA graph
+            self.telemetry.instrument(self.model)
+        facts = {
+            "compute_dtype": self.compute_dtype(), "compiled": is_compiled_module(self.model),
+            "per_rank_batch_size": parts.batch, "global_batch_size": parts.global_batch, "lr_effective": parts.lr,
+            "steps_per_epoch": parts.steps_per_epoch, "threads_per_rank": torch.get_num_threads(),
+            "step_mode": type(self.step).__name__, **identity, **self.telemetry.run_facts(),
+            **distributed.environment_facts(self.setup),
+        }  # fmt: skip
+        self.logger = RunLogger(self.dir, self.cfg, facts, rank=accelerator.process_index,
+                                resume_id=self.state.wandb_run_id,
+                                resume_step=self.state.step if parts.resume_from is not None else None)  # fmt: skip
+        self.state.wandb_run_id = self.logger.run_id
+        self.checkpointer = Checkpointer(accelerator, self.dir, self.cfg.checkpoint, self.meter, self.logger.log)
+        self.record = RankRecord(self.dir, facts, self.cfg.log.sample_ids)  # what it ran as, readable without W&B
+        accelerator.print(
+            f"run {self.dir}: {parts.global_batch} images per step ({parts.batch} on this rank), "
+            f"{parts.steps_per_epoch} steps per epoch ({parts.steps_per_epoch * parts.global_batch} images), "
+            f"{type(self.step).__name__}"
+        )
+        self.progress: tqdm | None = None
+        self.epoch_started = time.perf_counter()
+        self.telemetry.restart()  # the first interval measures steps, not the set-up above
 
-def run_compute_dtype(run: Run) -> str:
-    """What the prepared model computes in (the mu head's output dtype in one probe forward, in eval mode so that
-    BatchNorm's statistics stay as they are)."""
-    x = run.model_input(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
-    run.model.eval()
-    try:
-        with fixed_noise(run.accelerator.device, 0), run.accelerator.autocast():
-            return compute_dtype(run.model, lambda: run.model(x))
-    finally:
-        run.model.train()
+    # ---- the run, top to bottom
 
+    def fit(self, stop: StopSignal) -> list[float]:
+        """Every epoch left, then the export; returns the epochs' losses. On a signal, every rank checkpoints at
+        the next step line and the run stops (`Stopped`)."""
+        epoch_losses = []
+        for epoch in range(self.state.epoch, self.cfg.train.epochs + 1):
+            if self.steps(self.epoch_batches(epoch), lambda: stop.requested).stopped:
+                raise stop.stopped(self.state.step, str(self.checkpointer.save(self.state, "signal")))
+            epoch_losses.append(self.end_epoch(epoch))
+            if self.steps_left() == 0:
+                break
+        export_dir = self.finish()
+        self.logger.summary({"final/train_loss": epoch_losses[-1] if epoch_losses else None,
+                             "final/export": str(export_dir)})  # fmt: skip
+        self.logger.close()
+        return epoch_losses
 
-def train_epoch(run: Run, epoch: int, stop: StopSignal) -> None:
-    """One epoch of steps (a resumed one continues where its checkpoint was taken). On a signal, every rank
-    checkpoints at the next step line and the run stops."""
-    state = run.state
-    run.model.train()
-    run.epoch_started = time.perf_counter() - state.epoch_seconds
-    run.progress = tqdm(
-        run.stream.epoch(epoch, epoch_steps(run), skip=state.batches_done),
-        total=epoch_steps(run), initial=state.batches_done, desc=f"epoch {epoch}", leave=False,
-        disable=None if run.accelerator.is_local_main_process else True,
-    )  # fmt: skip
-    if run_steps(run, run.progress, lambda: stop.requested):
-        raise stop.stopped(state.step, str(run.save("signal")))
+    def steps_left(self) -> int | None:
+        """Steps before `train.max_steps` ends the run (None: it runs all its epochs)."""
+        max_steps = self.cfg.train.max_steps
+        return None if max_steps is None else max_steps - self.state.step
 
+    def epoch_steps(self) -> int:
+        """Steps in the epoch in progress: the agreed count, or fewer where `train.max_steps` ends the run in it."""
+        done, to_go = self.state.batches_done, self.steps_left()
+        left = self.parts.steps_per_epoch - done
+        return done + (left if to_go is None else min(left, to_go))
 
-def epoch_steps(run: Run) -> int:
-    """Steps in the epoch in progress: the agreed count, or fewer where `train.max_steps` ends the run in it."""
-    max_steps = run.cfg.train.max_steps
-    left = run.steps_per_epoch - run.state.batches_done
-    return run.state.batches_done + (left if max_steps is None else min(left, max_steps - run.state.step))
+    def epoch_batches(self, epoch: int) -> Iterable[Batch]:
+        """This rank's batches of `epoch` (a resumed one continues where its checkpoint was taken)."""
+        self.model.train()
+        self.epoch_started = time.perf_counter() - self.state.epoch_seconds
+        self.progress = tqdm(
+            self.stream.epoch(epoch, self.epoch_steps(), skip=self.state.batches_done),
+            total=self.epoch_steps(), initial=self.state.batches_done, desc=f"epoch {epoch}", leave=False,
+            disable=None if self.accelerator.is_local_main_process else True,
+        )  # fmt: skip
+        return self.progress
 
+    def steps(self, batches: Iterable[Batch], stop: Callable[[], bool]) -> Steps:
+        """Train on `batches`, with a step line every `log.every_steps` steps, until they run out or the ranks agree
+        at a step line to stop (`stop()` was true on some rank)."""
+        state, every, device = self.state, self.cfg.log.every_steps, self.accelerator.device
+        lines = []
+        for batch in self.telemetry.timed(batches):
+            self.step(batch.pixels.to(device, non_blocking=True), self.telemetry, self.meter)
+            self.telemetry.step_done()
+            self.record.batch(batch.ids)
+            state.step += 1
+            state.batches_done += 1
+            if state.step % every == 0:
+                gathered = distributed.exchange(
+                    self.accelerator, {**self.meter.local(), "stop": float(stop()), **self.telemetry.local()}
+                )  # the interval's one collective: every rank's loss sums, stop request and telemetry, by name
+                lines.append(self.step_line(gathered))
+                if gathered["stop"].any():  # some rank was asked to stop: all stop here, together
+                    return Steps(True, lines)
+                self.checkpointer.at_step_line(state, epoch_over=state.batches_done >= self.epoch_steps())
+        return Steps(False, lines)
 
-def run_steps(run: Run, batches: Iterable[Batch], stop: Callable[[], bool]) -> bool:
-    """Train on `batches`, with a step line every `log.every_steps` steps; returns True when the ranks agreed at a
-    step line to stop (`stop()` was true on some rank)."""
-    state, every, device = run.state, run.cfg.log.every_steps, run.accelerator.device
-    for batch in run.telemetry.timed(batches):
-        run.step(batch.pixels.to(device, non_blocking=True), run.telemetry, run.meter)
-        run.telemetry.step_done()
-        run.record.batch(batch.ids)
-        state.step += 1
-        state.batches_done += 1
-        if state.step % every == 0:
-            gathered = exchange_interval(run, stop())
-            log_step_line(run, gathered)
-            if gathered["stop"].any():  # some rank was asked to stop: all stop here, together
-                return True
-            checkpoint_if_due(run)
-    return False
+    def step_line(self, gathered: dict[str, torch.Tensor]) -> dict:
+        """The loss check (it raises on a non-finite loss), the step line, and straggler reports; returns the line."""
+        state = self.state
+        step_loss = self.meter.end_interval(gathered, state.step, self.cfg.log.every_steps)
+        line = {"step": state.step, "epoch": state.epoch, "train/step_loss": step_loss,
+                **self.telemetry.record(gathered, state.step)}  # fmt: skip
+        self.logger.log(line)
+        if self.progress is not None:
+            self.progress.set_postfix(loss=f"{step_loss:,.0f}")
+        self.report_stragglers(self.telemetry.stragglers(gathered))
+        state.epoch_seconds = time.perf_counter() - self.epoch_started
+        return line
 
+    def report_stragglers(self, ranks: list[int]) -> None:
+        if not ranks:
+            return
+        telemetry, step = self.telemetry, self.state.step
+        names = ", ".join(telemetry.describe(r) for r in ranks)
+        text = (
+            f"step {step}: {names} below {telemetry.cfg.straggler_fraction:.0%} of the median img/s for "
+            f"{telemetry.cfg.straggler_intervals} intervals"
+        )
+        self.accelerator.print(f"straggler: {text}")
+        self.logger.log({"step": step, "event": "straggler", "ranks": ranks})
+        if telemetry.alert_due():
+            self.logger.alert("cvae-dist straggler", text)
 
-def exchange_interval(run: Run, want_stop: bool) -> dict[str, torch.Tensor]:
-    """The interval's one collective: every rank's loss sums, stop request and telemetry, by name."""
-    return distributed.exchange(
-        run.accelerator, {**run.meter.local(), "stop": float(want_stop), **run.telemetry.local()}
-    )
+    def end_epoch(self, epoch: int) -> float:
+        """The epoch's line (train and held-out loss, throughput), the figure when due, and the epoch-end checkpoint;
+        returns the epoch's loss (mean per-batch summed loss, the Lux.jl / MLX examples' figure)."""
+        cfg, state, accelerator, global_batch = self.cfg, self.state, self.accelerator, self.parts.global_batch
+        seconds, steps = time.perf_counter() - self.epoch_started, state.batches_done
+        self.record.end_epoch(epoch, steps)
+        skipped = self.meter.epoch_skipped
+        epoch_loss = self.meter.end_epoch(distributed.exchange(accelerator, self.meter.local()), state.step, steps)
+        summary = {
+            "step": state.step,
+            "epoch": epoch,
+            "train/loss": epoch_loss,
+            "train/loss_per_image": epoch_loss / global_batch,
+            "train/img_per_s": steps * global_batch / seconds,
+            "train/epoch_time_s": seconds,
+            "train/epoch_steps": steps,
+            "train/skipped_steps": skipped,
+            "data/bad_records_skipped": self.parts.bad_records,
+            **evaluation.evaluate(self.model, accelerator, self.parts.eval_pixels, self.model_input, cfg.train.seed),
+        }
+        last = epoch == cfg.train.epochs or self.steps_left() == 0
+        images = self.save_figure(epoch, last) if epoch % cfg.log.images_every_epochs == 0 or last else None
+        self.logger.log(summary, images)
+        accelerator.print(
+            f"epoch {epoch}: loss {epoch_loss:,.1f} ({epoch_loss / global_batch:.2f} per image), "
+            f"held-out {summary['eval/loss_per_image']:.2f} per image, "
+            f"{summary['train/img_per_s']:,.0f} img/s, {seconds:.1f} s"
+        )
+        state.epoch, state.batches_done, state.epoch_seconds = epoch + 1, 0, 0.0
+        self.checkpointer.at_epoch_end(state, last)
+        return epoch_loss
 
+    def save_figure(self, epoch: int, last: bool) -> dict[str, torch.Tensor]:
+        """`images/epoch_NNN.png`: reconstructions, a blank row, prior samples (and, at the end, a W&B table)."""
+        pixels = self.parts.eval_pixels[: evaluation.GRID_IMAGES]
+        image, reconstructions = evaluation.figure(
+            self.model, self.accelerator, pixels, self.parts.prior, self.model_input, self.cfg.train.seed
+        )
+        if self.accelerator.is_main_process:
+            checkpoint.write_safely(lambda path: save_grid(image, path), self.dir / "images" / f"epoch_{epoch:03d}.png")
+        if last:  # a browsable table once, at the end
+            labels = self.parts.eval_labels[: evaluation.GRID_IMAGES]
+            self.logger.reconstruction_table(pixels, reconstructions, labels, self.state.step)
+        return {"images/grid": image}
 
-def log_step_line(run: Run, gathered: dict[str, torch.Tensor]) -> None:
-    """The loss check (it raises on a non-finite loss), the step line, and straggler reports."""
-    state = run.state
-    step_loss = run.meter.end_interval(gathered, state.step, run.cfg.log.every_steps)
-    run.logger.log({"step": state.step, "epoch": state.epoch, "train/step_loss": step_loss,
-                    **run.telemetry.record(gathered, state.step)})  # fmt: skip
-    if run.progress is not None:
-        run.progress.set_postfix(loss=f"{step_loss:,.0f}")
-    report_stragglers(run, run.telemetry.stragglers(gathered))
-    state.epoch_seconds = time.perf_counter() - run.epoch_started
+    def finish(self) -> Path:
+        """The per-rank throughput table, the exported model and this rank's record; returns the export directory."""
+        accelerator = self.accelerator
+        accelerator.print(f"per-rank throughput (means over log intervals):\n{self.telemetry.summary_table()}")
+        export_dir = checkpoint.export_final(accelerator, self.model, self.dir, self.cfg)
+        zero3 = self.setup.zero_stage == 3  # ZeRO-3 ranks hold only their parameter partition
+        self.record.finish(param_sha256=None if zero3 else parameter_digest(self.model))
+        return export_dir
 
+    # ---- helpers
 
-def checkpoint_if_due(run: Run) -> None:
-    """`checkpoint.every_steps` (at an epoch's last batch the epoch-end checkpoint takes its place)."""
-    if _due(run.cfg.checkpoint.every_steps, run.state.step) and run.state.batches_done < epoch_steps(run):
-        run.save("steps")
+    def model_input(self, pixels: torch.Tensor) -> torch.Tensor:
+        """A decoded uint8 batch -> the model's input on this rank's device (resized there)."""
+        device = self.accelerator.device
+        return to_model_input(
+            pixels.to(device, non_blocking=True), self.cfg.model.image_size, self.cfg.train.channels_last
+        )
 
-
-def report_stragglers(run: Run, ranks: list[int]) -> None:
-    if not ranks:
-        return
-    telemetry, step = run.telemetry, run.state.step
-    names = ", ".join(telemetry.describe(r) for r in ranks)
-    text = (
-        f"step {step}: {names} below {telemetry.cfg.straggler_fraction:.0%} of the median img/s for "
-        f"{telemetry.cfg.straggler_intervals} intervals"
-    )
-    run.accelerator.print(f"straggler: {text}")
-    run.logger.log({"step": step, "event": "straggler", "ranks": ranks})
-    if telemetry.alert_due():
-        run.logger.alert("cvae-dist straggler", text)
-
-
-def end_epoch(run: Run, epoch: int) -> float:
-    """The epoch's line (train and held-out loss, throughput), the figure when due, and the epoch-end checkpoint;
-    returns the epoch's loss (mean per-batch summed loss, the Lux.jl / MLX examples' figure)."""
-    cfg, state, accelerator = run.cfg, run.state, run.accelerator
-    seconds, steps = time.perf_counter() - run.epoch_started, state.batches_done
-    run.record.end_epoch(epoch, steps)
-    skipped = run.meter.epoch_skipped
-    epoch_loss = run.meter.end_epoch(distributed.exchange(accelerator, run.meter.local()), state.step, steps)
-    summary = {
-        "step": state.step,
-        "epoch": epoch,
-        "train/loss": epoch_loss,
-        "train/loss_per_image": epoch_loss / run.global_batch,
-        "train/img_per_s": steps * run.global_batch / seconds,
-        "train/epoch_time_s": seconds,
-        "train/epoch_steps": steps,
-        "train/skipped_steps": skipped,
-        "data/bad_records_skipped": run.bad_records,
-        **evaluation.evaluate(run.model, accelerator, run.eval_pixels, run.model_input, cfg.train.seed),
-    }
-    last = epoch == cfg.train.epochs or (cfg.train.max_steps is not None and state.step >= cfg.train.max_steps)
-    images = save_figure(run, epoch, last) if epoch % cfg.log.images_every_epochs == 0 or last else None
-    run.logger.log(summary, images)
-    accelerator.print(
-        f"epoch {epoch}: loss {epoch_loss:,.1f} ({epoch_loss / run.global_batch:.2f} per image), "
-        f"held-out {summary['eval/loss_per_image']:.2f} per image, "
-        f"{summary['train/img_per_s']:,.0f} img/s, {seconds:.1f} s"
-    )
-    state.epoch, state.batches_done, state.epoch_seconds = epoch + 1, 0, 0.0
-    if cfg.checkpoint.every_epoch or last or _due(cfg.checkpoint.every_steps, state.step):
-        run.save("epoch")
-    return epoch_loss
-
-
-def save_figure(run: Run, epoch: int, last: bool) -> dict[str, torch.Tensor]:
-    """`images/epoch_NNN.png`: reconstructions, a blank row, prior samples (and, at the end, a W&B table)."""
-    pixels = run.eval_pixels[: evaluation.GRID_IMAGES]
-    image, reconstructions = evaluation.figure(
-        run.model, run.accelerator, pixels, run.prior, run.model_input, run.cfg.train.seed
-    )
-    if run.accelerator.is_main_process:
-        checkpoint.write_safely(lambda path: save_grid(image, path), run.dir / "images" / f"epoch_{epoch:03d}.png")
-    if last:  # a browsable table once, at the end
-        run.logger.reconstruction_table(pixels, reconstructions, run.eval_labels[: evaluation.GRID_IMAGES],
-                                        run.state.step)  # fmt: skip
-    return {"images/grid": image}
-
-
-def finish_run(run: Run) -> Path:
-    """The per-rank throughput table, the exported model and this rank's record; returns the export directory."""
-    accelerator = run.accelerator
-    accelerator.print(f"per-rank throughput (means over log intervals):\n{run.telemetry.summary_table()}")
-    export_dir = checkpoint.export_final(accelerator, run.model, run.dir, run.cfg)
-    zero3 = run.setup.zero_stage == 3  # ZeRO-3 ranks hold only their parameter partition
-    run.record.finish(param_sha256=None if zero3 else parameter_digest(run.model))
-    return export_dir
-
-
-def _due(every: int, step: int) -> bool:
-    return every > 0 and step % every == 0
+    def compute_dtype(self) -> str:
+        """What the prepared model computes in (the mu head's output dtype in one probe forward, in eval mode so
+        that BatchNorm's statistics stay as they are)."""
+        x = self.model_input(torch.zeros(2, 1, 28, 28, dtype=torch.uint8))
+        self.model.eval()
+        try:
+            with fixed_noise(self.accelerator.device, 0), self.accelerator.autocast():
+                return compute_dtype(self.model, lambda: self.model(x))
+        finally:
+            self.model.train()
 
 
 def _locate_run(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, tuple[Path, TrainerState] | None]:

@@ -138,6 +138,6 @@ def test_compile_times_the_compiled_model_on_the_trainer_side(tmp_path, monkeypa
     cfg = load_config(DEBUG, [*overrides, f"output_dir={tmp_path}"])
     torch._dynamo.reset()
     loop = bench.TrainerLoop(bench._trainer_run(cfg, "compiled", "eager"))
-    assert is_compiled_module(loop.run.step.model) and loop.run.step.model is loop.run.model
+    assert is_compiled_module(loop.trainer.step.model) and loop.trainer.step.model is loop.trainer.model
     assert loop.trial(0.05)["steps"] >= 1
     torch._dynamo.reset()
