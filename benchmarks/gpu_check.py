@@ -175,7 +175,7 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
         pixels, losses = next(batches).pixels, []
         for _ in range(2):
             before = float(run.meter.interval)
-            run.step(pixels, run.telemetry, run.meter)
+            run.step(pixels, run.timer, run.meter)
             losses.append(float(run.meter.interval) - before)
         moved = [n for (n, p), w in zip(model.named_parameters(), weights, strict=True) if not torch.equal(p, w)]
         assert not moved, f"with lr 0 set in place the step still moved {moved[:3]}: the lr is baked in"
@@ -243,6 +243,7 @@ def ddp_capture_one_rank(out: Path, sizes: Sizes) -> dict:
     from cvae_dist.loss_meter import LossMeter
     from cvae_dist.model import CVAE
     from cvae_dist.step import EagerStep, GraphStep
+    from cvae_dist.telemetry import NoTimer
 
     set_determinism(True)
     accelerator = Accelerator()
@@ -252,9 +253,6 @@ def ddp_capture_one_rank(out: Path, sizes: Sizes) -> dict:
     image = 32 if sizes.dry_run else 64
     data = RankStream(DataConfig(train_split="test" if sizes.dry_run else "train"), 0, 1, 64, 0, 0, device)
     batches = [b.pixels for b in data.epoch(1, 6)]
-
-    class _NoTelemetry:
-        backward_done = staticmethod(lambda: None)
 
     def trajectory(wrap: bool):
         torch.manual_seed(0)
@@ -271,7 +269,7 @@ def ddp_capture_one_rank(out: Path, sizes: Sizes) -> dict:
         meter = LossMeter(device, 0, 0)
         torch.manual_seed(1)
         for i in range(14):  # 11 warm-up steps, the capture, replays
-            step(batches[i % len(batches)], _NoTelemetry, meter)
+            step(batches[i % len(batches)], NoTimer(64), meter)
         # the last replay's gradients stay in the graph's tensors (eager steps set them to None)
         grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
         weights = [p.detach().clone() for p in model.parameters()]

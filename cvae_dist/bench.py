@@ -327,7 +327,7 @@ class TrainerLoop:
 
     def trial(self, seconds: float) -> dict:
         trainer, first = self.trainer, self.trainer.state.step
-        trainer.telemetry.restart()
+        trainer.timer.restart()
         _sync(self.device)
         start = time.perf_counter()
         lines = trainer.steps(self.batches, lambda: time.perf_counter() - start >= seconds).lines
@@ -335,7 +335,7 @@ class TrainerLoop:
         elapsed = time.perf_counter() - start
         steps, rank = trainer.state.step - first, trainer.accelerator.process_index
         names = ("data_wait_frac", "sync_wait_frac", "mfu", "step_time_s", "fwd_bwd_s", "optimizer_s")
-        lines = lines if trainer.telemetry.enabled else []
+        lines = lines if trainer.cfg.log.telemetry else []
         return {
             "img_per_s": steps * self.batch / elapsed,
             "steps": steps,

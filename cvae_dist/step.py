@@ -23,9 +23,9 @@ class EagerStep:
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
         self.image_size, self.channels_last, self.skip_nonfinite = image_size, channels_last, skip_nonfinite
 
-    def __call__(self, pixels: torch.Tensor, telemetry, meter) -> None:
+    def __call__(self, pixels: torch.Tensor, timer, meter) -> None:
         loss = self.forward_backward(pixels)
-        telemetry.backward_done()
+        timer.backward_done()
         # The gradients are already averaged over ranks, so every rank reaches the same verdict (one sync per step,
         # paid only in skip mode).
         skip = self.skip_nonfinite and not _finite_gradients(self.optimizer)
@@ -61,12 +61,12 @@ class GraphStep:
         self.static_pixels = torch.zeros(batch, 1, 28, 28, dtype=torch.uint8, device=eager.accelerator.device)
         self.side_stream = side_stream  # DDP was wrapped on it too (PyTorch's notes on capturing DDP's backward)
 
-    def __call__(self, pixels: torch.Tensor, telemetry, meter) -> None:
+    def __call__(self, pixels: torch.Tensor, timer, meter) -> None:
         if self.graph is None and self.warmup > 0:
             self.warmup -= 1
             self.side_stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(self.side_stream):
-                self.eager(pixels, telemetry, meter)
+                self.eager(pixels, timer, meter)
             torch.cuda.current_stream().wait_stream(self.side_stream)
             return
         self.static_pixels.copy_(pixels, non_blocking=True)

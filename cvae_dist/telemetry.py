@@ -1,6 +1,8 @@
-"""Per-rank throughput telemetry: every rank measures; the trainer's one gather per log interval (`exchange`) carries
-the figures to the main process, which writes `rank/<r>/...` and `throughput/...` series, flags stragglers and
-prints a per-rank table at the end.
+"""Per-rank throughput telemetry, in parts: every rank's `StepTimer` measures (`NoTimer` with `log.telemetry=false`:
+img/s only); the trainer's one gather per log interval (`exchange`) carries the figures to every rank, where the pure
+`summarise` names them as `rank/<r>/...` and `throughput/...` series, a `StragglerDetector` flags slow ranks and a
+`RankTable` keeps the means for the end-of-run table. FLOP and peak figures are plain functions, computed once by the
+trainer and only when telemetry is on.
 
 Timing is honest without syncing every step: on CPU the step is synchronous, so wall clocks are exact; on CUDA
 the phases are CUDA events, read (one synchronize) only at the log point.
@@ -14,7 +16,6 @@ import time
 from collections.abc import Iterable, Iterator
 
 import torch
-from accelerate.utils import gather_object
 
 # Dense tensor-core peaks in TFLOP/s by a substring of torch.cuda.get_device_name(): (bf16 = fp16, tf32, fp32).
 # An fp32 run is measured against TF32 when cuDNN may use it for convolutions (PyTorch's default), else plain fp32.
@@ -127,35 +128,52 @@ class _Clock:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
 
 
-class Telemetry:
-    """This rank's meters (data wait, phases, time blocked on peers, memory) and the main process's view of all
-    ranks (series, stragglers, the end-of-run table). With `log.telemetry=false` only img/s is measured."""
+class NoTimer:
+    """`log.telemetry=false`: images over wall time, nothing else measured and no hook on the model."""
 
-    def __init__(self, setup, cfg, per_rank_batch: int, global_batch: int, identity: dict):
-        accelerator = setup.accelerator
-        self.accelerator = accelerator
-        self.cfg = cfg.log
-        self.enabled = cfg.log.telemetry
-        self.batch, self.global_batch = per_rank_batch, global_batch
-        # MFU's figures: only where measured (on a CPU the peak is a matmul benchmark of about a second)
-        self.flops_per_image, self.peak, self.peak_source = 0.0, 0.0, None
-        if self.enabled:
-            self.flops_per_image = count_flops_per_image(cfg.model)
-            self.peak, self.peak_source = peak_flops(accelerator.device, setup.precision, cfg.log.peak_tflops)
-        self.identities = gather_object([identity])  # once, at start: host and machine of every rank
-        self.clock = _Clock(accelerator.device)
-        self.slow_streak = [0] * accelerator.num_processes
-        self.last_alert = -1e9
-        self.totals = [dict.fromkeys(RANK_FIELDS, 0.0) | {"intervals": 0} for _ in self.identities]
+    def __init__(self, per_rank_batch: int):
+        self.batch = per_rank_batch
         self.restart()
 
-    # ---- this rank's meters
+    def instrument(self, model: torch.nn.Module) -> None:
+        """Nothing to hook."""
+
+    def restart(self) -> None:
+        self.steps, self.start = 0, time.perf_counter()
+
+    def timed(self, batches: Iterable) -> Iterable:
+        return batches
+
+    def backward_done(self) -> None:
+        pass
+
+    def step_done(self) -> None:
+        self.steps += 1
+
+    def local(self) -> dict[str, float]:
+        """This rank's img/s since the last `local()` (or `restart()`); restarts."""
+        figures = {"img_per_s": self.steps * self.batch / max(time.perf_counter() - self.start, 1e-9)}
+        self.restart()
+        return figures
+
+
+class StepTimer(NoTimer):
+    """This rank's meters over a log interval: data wait, the step's phases, time blocked on peers, peak memory and
+    MFU (`flops_per_image` against the device's `peak_flops`).
+
+    Timing is honest without syncing every step: on CPU the step is synchronous, so wall clocks are exact; on CUDA
+    the phases are CUDA events, read (one synchronize) only at the log point."""
+
+    def __init__(self, device: torch.device, per_rank_batch: int, flops_per_image: float, peak_flops: float):
+        self.device, self.flops_per_image, self.peak = device, flops_per_image, peak_flops
+        self.clock = _Clock(device)
+        super().__init__(per_rank_batch)
 
     def instrument(self, model: torch.nn.Module) -> None:
         """Measure time blocked on peers in DDP: the buffer broadcast that opens each forward, and the gradient
         all-reduce (DDP's own `allreduce_hook`, timed: the gradients are the same with telemetry on or off). Not
         under DeepSpeed (no such hook) or a CUDA graph (hooks do not run in a replay)."""
-        if not self.enabled or not isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return
         model.register_forward_pre_hook(self._forward_called)
         model.module.register_forward_pre_hook(self._inner_forward_started)
@@ -171,14 +189,13 @@ class Telemetry:
 
     def restart(self) -> None:
         """Start a new measuring interval now."""
+        super().restart()
         self.sync_wait = 0.0
         self._forward_at = None
         self.data_wait = 0.0
         self.phases: list[tuple] = []  # (batch ready, backward done or None, step done) per step
-        self.steps = 0
-        self.start = time.perf_counter()
         if self.clock.cuda:
-            torch.cuda.reset_peak_memory_stats(self.accelerator.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
 
     def timed(self, batches: Iterable) -> Iterator:
         """Yield batches, adding the time spent waiting for each to the data-wait meter."""
@@ -189,30 +206,23 @@ class Telemetry:
                 batch = next(it)
             except StopIteration:
                 return
-            if self.enabled:
-                self.data_wait += time.perf_counter() - t0
-                self._ready, self._backward = self.clock.now(), None
+            self.data_wait += time.perf_counter() - t0
+            self._ready, self._backward = self.clock.now(), None
             yield batch
 
     def backward_done(self) -> None:
-        if self.enabled:
-            self._backward = self.clock.now()
+        self._backward = self.clock.now()
 
     def step_done(self) -> None:
         self.steps += 1
-        if self.enabled:
-            self.phases.append((self._ready, self._backward, self.clock.now()))
+        self.phases.append((self._ready, self._backward, self.clock.now()))
 
     def local(self) -> dict[str, float]:
         """This rank's figures since the last `local()` (or `restart()`), named as RANK_FIELDS; restarts the meters."""
-        if self.clock.cuda and self.enabled and self.phases:
+        if self.clock.cuda and self.phases:
             self.phases[-1][-1].synchronize()  # the interval's last event: every earlier one has completed too
         wall = max(time.perf_counter() - self.start, 1e-9)
-        images = self.steps * self.batch
-        if not self.enabled:
-            self.restart()
-            return {"img_per_s": images / wall}
-        steps = max(self.steps, 1)
+        images, steps = self.steps * self.batch, max(self.steps, 1)
         fwd_bwd = opt = 0.0
         for ready, backward, done in self.phases:
             fwd_bwd += self.clock.seconds(ready, backward or done)
@@ -226,63 +236,85 @@ class Telemetry:
             "sync_wait_frac": self.sync_wait / wall,
             "fwd_bwd_s": fwd_bwd / steps,
             "optimizer_s": opt / steps,
-            "peak_mem_mb": _peak_memory_mb(self.accelerator.device),
+            "peak_mem_mb": _peak_memory_mb(self.device),
             "mfu": _at_most_one(images / busy * self.flops_per_image / self.peak),
         }
         self.restart()
         return figures
 
-    # ---- all ranks (the main process logs what these return)
 
-    def record(self, gathered: dict[str, torch.Tensor], step: int) -> dict:
-        """The interval's series from every rank's gathered figures: `rank/<r>/<name>`, `throughput/*`."""
-        names = [n for n in RANK_FIELDS if n in gathered]
-        record: dict = {"images_seen": step * self.global_batch}
-        for name in names:
-            for r, value in enumerate(gathered[name].tolist()):
-                record[f"rank/{r}/{name}"] = value
-                self.totals[r][name] += value
-        for t in self.totals:
-            t["intervals"] += 1
-        record["throughput/global_img_per_s"] = gathered["img_per_s"].sum().item()
-        if self.enabled:
-            busy = gathered["busy_img_per_s"].tolist()
-            median = statistics.median(busy)
-            record |= {
-                "throughput/min_rank_busy_img_per_s": min(busy),
-                "throughput/straggler_ratio": min(busy) / median if median else 1.0,
-                "throughput/mfu": gathered["mfu"].mean().item(),
-                "throughput/data_wait_frac": gathered["data_wait_frac"].max().item(),
-            }
-        return record
+# ---- all ranks: what the gathered figures say
 
-    def stragglers(self, gathered: dict[str, torch.Tensor]) -> list[int]:
-        """Ranks whose busy rate just completed `straggler_intervals` intervals in a row below `straggler_fraction`
-        of the median (each named once per slow spell)."""
-        if not self.enabled:
+
+def summarise(gathered: dict[str, torch.Tensor], step: int, global_batch: int) -> dict:
+    """The interval's series from every rank's gathered figures (as `exchange` returns them): `rank/<r>/<name>` and
+    `throughput/*`."""
+    series: dict = {"images_seen": step * global_batch}
+    for name in (n for n in RANK_FIELDS if n in gathered):
+        for r, value in enumerate(gathered[name].tolist()):
+            series[f"rank/{r}/{name}"] = value
+    series["throughput/global_img_per_s"] = gathered["img_per_s"].sum().item()
+    if "busy_img_per_s" in gathered:
+        busy = gathered["busy_img_per_s"].tolist()
+        median = statistics.median(busy)
+        series |= {
+            "throughput/min_rank_busy_img_per_s": min(busy),
+            "throughput/straggler_ratio": min(busy) / median if median else 1.0,
+            "throughput/mfu": gathered["mfu"].mean().item(),
+            "throughput/data_wait_frac": gathered["data_wait_frac"].max().item(),
+        }
+    return series
+
+
+class StragglerDetector:
+    """Ranks whose busy rate completes `straggler_intervals` intervals in a row below `straggler_fraction` of the
+    median (each named once per slow spell), and a rate limit for the W&B alerts about them."""
+
+    def __init__(self, log_cfg, world_size: int):
+        self.fraction, self.intervals = log_cfg.straggler_fraction, log_cfg.straggler_intervals
+        self.alert_every_s = log_cfg.straggler_alert_every_s
+        self.slow_streak = [0] * world_size
+        self.last_alert = -1e9
+
+    def update(self, gathered: dict[str, torch.Tensor]) -> list[int]:
+        """The ranks that just became stragglers (none without telemetry's busy rates)."""
+        if "busy_img_per_s" not in gathered:
             return []
         rates = gathered["busy_img_per_s"].tolist()
         median = statistics.median(rates)
         flagged = []
         for r, rate in enumerate(rates):
-            self.slow_streak[r] = self.slow_streak[r] + 1 if rate < self.cfg.straggler_fraction * median else 0
-            if self.slow_streak[r] == self.cfg.straggler_intervals:
+            self.slow_streak[r] = self.slow_streak[r] + 1 if rate < self.fraction * median else 0
+            if self.slow_streak[r] == self.intervals:
                 flagged.append(r)
         return flagged
 
+    def describe(self, ranks: list[int], step: int, identities: list[dict]) -> str:
+        names = ", ".join(f"rank {r} ({identities[r]['node']}, machine {identities[r]['machine_rank']})" for r in ranks)
+        return f"step {step}: {names} below {self.fraction:.0%} of the median img/s for {self.intervals} intervals"
+
     def alert_due(self) -> bool:
-        """Rate limit for straggler alerts."""
-        if time.monotonic() - self.last_alert < self.cfg.straggler_alert_every_s:
+        if time.monotonic() - self.last_alert < self.alert_every_s:
             return False
         self.last_alert = time.monotonic()
         return True
 
-    def describe(self, rank: int) -> str:
-        ident = self.identities[rank]
-        return f"rank {rank} ({ident['node']}, machine {ident['machine_rank']})"
 
-    def summary_table(self) -> str:
-        """Per-rank means over the run: rank, host, img/s, data-wait %, MFU, peak memory."""
+class RankTable:
+    """Per-rank means over the run's intervals, printed at the end: rank, host, img/s, data wait, MFU, peak memory."""
+
+    def __init__(self, identities: list[dict]):
+        self.identities = identities
+        self.totals = [dict.fromkeys(RANK_FIELDS, 0.0) | {"intervals": 0} for _ in identities]
+
+    def add(self, gathered: dict[str, torch.Tensor]) -> None:
+        for name in (n for n in RANK_FIELDS if n in gathered):
+            for r, value in enumerate(gathered[name].tolist()):
+                self.totals[r][name] += value
+        for t in self.totals:
+            t["intervals"] += 1
+
+    def render(self) -> str:
         lines = [
             f"{'rank':>4}  {'host':<16} {'img/s':>9} {'busy img/s':>10} {'data wait':>9} {'MFU':>7} {'peak mem':>10}"
         ]
@@ -294,11 +326,6 @@ class Telemetry:
                 f"{t['peak_mem_mb'] / n:>7,.0f} MB"
             )
         return "\n".join(lines)
-
-    def run_facts(self) -> dict:
-        mfu = {"flops_per_image": self.flops_per_image, "peak_flops": self.peak, "peak_flops_source": self.peak_source}
-        hosts = {"hosts": [i["host"] for i in self.identities], "nodes": [i["node"] for i in self.identities]}
-        return (mfu if self.enabled else {}) | hosts
 
 
 def _at_most_one(mfu: float) -> float:
@@ -314,7 +341,7 @@ def _peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _timed_allreduce(telemetry: Telemetry, bucket):  # no return annotation: DDP checks it literally
+def _timed_allreduce(timer: StepTimer, bucket):  # no return annotation: DDP checks it literally
     """DDP's default all-reduce (`allreduce_hook`: the mean over the default group), timing how long this rank waits
     for it to complete."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -322,7 +349,7 @@ def _timed_allreduce(telemetry: Telemetry, bucket):  # no return annotation: DDP
     start = time.perf_counter()
 
     def done(fut):
-        telemetry.sync_wait += time.perf_counter() - start
+        timer.sync_wait += time.perf_counter() - start
         return fut.value()
 
     return allreduce_hook(None, bucket).then(done)

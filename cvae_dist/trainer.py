@@ -13,10 +13,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list, is_compiled_module, set_seed
+from accelerate.utils import broadcast_object_list, gather_object, is_compiled_module, set_seed
 from tqdm.auto import tqdm
 
-from cvae_dist import checkpoint, distributed, evaluation
+from cvae_dist import checkpoint, distributed, evaluation, telemetry
 from cvae_dist.checkpoint import Checkpointer, TrainerState
 from cvae_dist.config import ConfigError, JobConfig, NonFinite, to_dict
 from cvae_dist.data import Batch, DataError, RankStream, load_split, to_model_input
@@ -27,7 +27,7 @@ from cvae_dist.loss_meter import LossMeter
 from cvae_dist.metrics import RankRecord, RunLogger, parameter_digest
 from cvae_dist.model import CVAE, count_parameters
 from cvae_dist.step import EagerStep, GraphStep, apply_step_mode, make_step
-from cvae_dist.telemetry import Telemetry, compute_dtype
+from cvae_dist.telemetry import NoTimer, RankTable, StepTimer, StragglerDetector, compute_dtype
 
 
 @dataclass
@@ -156,14 +156,24 @@ class Trainer:
         self.meter = LossMeter.from_state(self.state.loss, accelerator.device, accelerator.process_index,
                                           self.state.step)  # fmt: skip
         identity = distributed.rank_identity(accelerator)
-        self.telemetry = Telemetry(self.setup, self.cfg, parts.batch, parts.global_batch, identity)
+        self.identities = gather_object([identity])  # once, at start: host and machine of every rank
+        if self.cfg.log.telemetry:
+            mfu_facts = self.mfu_facts()
+            self.timer = StepTimer(
+                accelerator.device, parts.batch, mfu_facts["flops_per_image"], mfu_facts["peak_flops"]
+            )
+        else:  # images over wall time only: no hooks, no FLOP count, no peak benchmark
+            mfu_facts, self.timer = {}, NoTimer(parts.batch)
         if not isinstance(self.step, GraphStep):  # hooks do not run inside a replayed CUDA graph
-            self.telemetry.instrument(self.model)
+            self.timer.instrument(self.model)
+        self.stragglers = StragglerDetector(self.cfg.log, accelerator.num_processes)
+        self.table = RankTable(self.identities)
         facts = {
             "compute_dtype": self.compute_dtype(), "compiled": is_compiled_module(self.model),
             "per_rank_batch_size": parts.batch, "global_batch_size": parts.global_batch, "lr_effective": parts.lr,
             "steps_per_epoch": parts.steps_per_epoch, "threads_per_rank": torch.get_num_threads(),
-            "step_mode": type(self.step).__name__, **identity, **self.telemetry.run_facts(),
+            "step_mode": type(self.step).__name__, **identity, **mfu_facts,
+            "hosts": [i["host"] for i in self.identities], "nodes": [i["node"] for i in self.identities],
             **distributed.environment_facts(self.setup),
         }  # fmt: skip
         self.logger = RunLogger(self.dir, self.cfg, facts, rank=accelerator.process_index,
@@ -179,7 +189,7 @@ class Trainer:
         )
         self.progress: tqdm | None = None
         self.epoch_started = time.perf_counter()
-        self.telemetry.restart()  # the first interval measures steps, not the set-up above
+        self.timer.restart()  # the first interval measures steps, not the set-up above
 
     # ---- the run, top to bottom
 
@@ -226,15 +236,15 @@ class Trainer:
         at a step line to stop (`stop()` was true on some rank)."""
         state, every, device = self.state, self.cfg.log.every_steps, self.accelerator.device
         lines = []
-        for batch in self.telemetry.timed(batches):
-            self.step(batch.pixels.to(device, non_blocking=True), self.telemetry, self.meter)
-            self.telemetry.step_done()
+        for batch in self.timer.timed(batches):
+            self.step(batch.pixels.to(device, non_blocking=True), self.timer, self.meter)
+            self.timer.step_done()
             self.record.batch(batch.ids)
             state.step += 1
             state.batches_done += 1
             if state.step % every == 0:
                 gathered = distributed.exchange(
-                    self.accelerator, {**self.meter.local(), "stop": float(stop()), **self.telemetry.local()}
+                    self.accelerator, {**self.meter.local(), "stop": float(stop()), **self.timer.local()}
                 )  # the interval's one collective: every rank's loss sums, stop request and telemetry, by name
                 lines.append(self.step_line(gathered))
                 if gathered["stop"].any():  # some rank was asked to stop: all stop here, together
@@ -247,26 +257,22 @@ class Trainer:
         state = self.state
         step_loss = self.meter.end_interval(gathered, state.step, self.cfg.log.every_steps)
         line = {"step": state.step, "epoch": state.epoch, "train/step_loss": step_loss,
-                **self.telemetry.record(gathered, state.step)}  # fmt: skip
+                **telemetry.summarise(gathered, state.step, self.parts.global_batch)}  # fmt: skip
         self.logger.log(line)
+        self.table.add(gathered)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{step_loss:,.0f}")
-        self.report_stragglers(self.telemetry.stragglers(gathered))
+        self.report_stragglers(self.stragglers.update(gathered))
         state.epoch_seconds = time.perf_counter() - self.epoch_started
         return line
 
     def report_stragglers(self, ranks: list[int]) -> None:
         if not ranks:
             return
-        telemetry, step = self.telemetry, self.state.step
-        names = ", ".join(telemetry.describe(r) for r in ranks)
-        text = (
-            f"step {step}: {names} below {telemetry.cfg.straggler_fraction:.0%} of the median img/s for "
-            f"{telemetry.cfg.straggler_intervals} intervals"
-        )
+        text = self.stragglers.describe(ranks, self.state.step, self.identities)
         self.accelerator.print(f"straggler: {text}")
-        self.logger.log({"step": step, "event": "straggler", "ranks": ranks})
-        if telemetry.alert_due():
+        self.logger.log({"step": self.state.step, "event": "straggler", "ranks": ranks})
+        if self.stragglers.alert_due():
             self.logger.alert("cvae-dist straggler", text)
 
     def end_epoch(self, epoch: int) -> float:
@@ -317,7 +323,7 @@ class Trainer:
     def finish(self) -> Path:
         """The per-rank throughput table, the exported model and this rank's record; returns the export directory."""
         accelerator = self.accelerator
-        accelerator.print(f"per-rank throughput (means over log intervals):\n{self.telemetry.summary_table()}")
+        accelerator.print(f"per-rank throughput (means over log intervals):\n{self.table.render()}")
         export_dir = checkpoint.export_final(accelerator, self.model, self.dir, self.cfg)
         zero3 = self.setup.zero_stage == 3  # ZeRO-3 ranks hold only their parameter partition
         self.record.finish(param_sha256=None if zero3 else parameter_digest(self.model))
@@ -331,6 +337,12 @@ class Trainer:
         return to_model_input(
             pixels.to(device, non_blocking=True), self.cfg.model.image_size, self.cfg.train.channels_last
         )
+
+    def mfu_facts(self) -> dict:
+        """FLOPs per image and the device's peak (on a CPU a matmul benchmark): MFU's terms, measured once."""
+        flops = telemetry.count_flops_per_image(self.cfg.model)
+        peak, source = telemetry.peak_flops(self.accelerator.device, self.setup.precision, self.cfg.log.peak_tflops)
+        return {"flops_per_image": flops, "peak_flops": peak, "peak_flops_source": source}
 
     def compute_dtype(self) -> str:
         """What the prepared model computes in (the mu head's output dtype in one probe forward, in eval mode so
