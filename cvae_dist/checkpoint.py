@@ -130,15 +130,33 @@ def export_final(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path
     if accelerator.is_main_process:
         final = CVAE(cfg.model)
         final.load_state_dict(portable(state_dict))
-        try:
-            final.save_pretrained(export_dir)
-        except (OSError, *_WRITER_ERRORS) as e:
-            error = write_failure(export_dir, e)
-            shutil.rmtree(export_dir, ignore_errors=True)  # no half export: the last checkpoint holds the weights
-            if not isinstance(error, OSError):
-                raise
-            raise disk_error(export_dir, error) from None
+        write_export(final, export_dir)
     accelerator.wait_for_everyone()
+    return export_dir
+
+
+def write_export(model: CVAE, export_dir: Path) -> Path:
+    """The one export: `save_pretrained` (model.safetensors + config.json + a model card), checked by loading it back
+    (the format's promise: `CVAE.from_pretrained(DIR)` gives the same model). A failed write leaves no half export
+    (the last checkpoint still holds the weights); a directory that was there before stays."""
+    existed = export_dir.is_dir()
+    model = model.cpu().eval()
+    try:
+        model.save_pretrained(export_dir)
+    except (OSError, *_WRITER_ERRORS) as e:
+        error = write_failure(export_dir, e)
+        for path in export_dir.iterdir() if existed else ():
+            path.unlink(missing_ok=True)
+        if not existed:
+            shutil.rmtree(export_dir, ignore_errors=True)
+        if not isinstance(error, OSError):
+            raise
+        raise disk_error(export_dir, error) from None
+    reloaded, expected = CVAE.from_pretrained(export_dir), model.state_dict()
+    if reloaded.config != model.config or any(
+        not torch.equal(v.float(), expected[k].float()) for k, v in reloaded.state_dict().items()
+    ):
+        raise CheckpointError(f"{export_dir}: the export does not load back to the same weights")
     return export_dir
 
 

@@ -18,7 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from cvae_dist.checkpoint import checkpoint_dirs
+from cvae_dist.checkpoint import checkpoint_dirs, write_export
 from cvae_dist.config import ConfigError, JobConfig, ModelConfig, Precision, load_config
 from cvae_dist.data import load_split, to_model_input
 from cvae_dist.model import CVAE, portable
@@ -330,13 +330,7 @@ def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: b
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export directory {out} already exists and is not empty; pick a new or empty directory")
     model = loaded.model.cpu().eval()
-    model.save_pretrained(out)
-    reloaded = CVAE.from_pretrained(out)  # the promise of the format: one call gives the same model back
-    same = reloaded.state_dict()
-    if reloaded.config != model.config or any(
-        not torch.equal(v.float(), same[k].float()) for k, v in model.state_dict().items()
-    ):
-        raise RuntimeError(f"{out}: the export does not load back to the same weights")
+    write_export(model, out)
     if push_to_hub:
         try:
             model.push_to_hub(push_to_hub, private=private or None)
