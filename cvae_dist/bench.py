@@ -49,7 +49,6 @@ import torch
 
 from cvae_dist.telemetry import compute_dtype
 
-REPO = Path(__file__).resolve().parents[1]
 PRECISIONS = {"fp32": "fp32", "no": "fp32", "bf16": "bf16"}
 LAYOUTS = ("nchw", "channels_last")
 SECTIONS = ("compare", "data", "telemetry", "scaling")
@@ -390,7 +389,7 @@ def _run_worker(args, kind: str, extra: list[str], launcher: list[str] | None = 
                f"output_dir={tmp}"]  # fmt: skip
         timeout = 300 + (args.trials + 1) * (args.seconds + args.warmup) * 6
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"bench worker {kind} {extra} exited {proc.returncode}:\n"
                                f"{(proc.stdout + proc.stderr)[-4000:]}")  # fmt: skip
@@ -618,20 +617,29 @@ def data_table(data: dict) -> str:
 
 
 SCALING_RUNS = ((1, 2), (2, 1), (1, 1))  # (processes, threads per process)
+# launch/cpu_debug.yaml and launch/ddp_cpu.yaml, written out where the bench runs (it needs no source checkout)
+CPU_LAUNCH = {"compute_environment": "LOCAL_MACHINE", "num_machines": 1, "machine_rank": 0}
+LAUNCH_CONFIGS = {
+    "one_cpu": CPU_LAUNCH | {"distributed_type": "NO", "num_processes": 1, "use_cpu": True},
+    "ddp_cpu": CPU_LAUNCH | {"distributed_type": "MULTI_GPU", "num_processes": 2, "gpu_ids": "-1,-1"},
+}
 
 
 def scaling_section(args) -> dict:
+    import yaml
+
     runs = []
-    for processes, threads in SCALING_RUNS:
-        launcher = [_accelerate(), "launch", "--config_file", str(REPO / "launch" / "cpu_debug.yaml")]
-        if processes > 1:
-            launcher = [_accelerate(), "launch", "--config_file", str(REPO / "launch" / "ddp_cpu.yaml"),
-                        "--num_processes", str(processes), "--main_process_port", str(_free_port())]  # fmt: skip
-        r = _run_worker(args, "scaling", [], launcher, {"OMP_NUM_THREADS": str(threads)})
-        runs.append(r)
-        print(
-            f"  scaling {processes} process(es) x {threads} thread(s): {r['median_img_per_s']:,.0f} img/s", flush=True
-        )
+    with tempfile.TemporaryDirectory(prefix="cvae-bench-launch-") as tmp:
+        for name, config in LAUNCH_CONFIGS.items():
+            (Path(tmp) / f"{name}.yaml").write_text(yaml.safe_dump(config))
+        for processes, threads in SCALING_RUNS:
+            launcher = [_accelerate(), "launch", "--config_file", str(Path(tmp) / "one_cpu.yaml")]
+            if processes > 1:
+                launcher = [_accelerate(), "launch", "--config_file", str(Path(tmp) / "ddp_cpu.yaml"),
+                            "--num_processes", str(processes), "--main_process_port", str(_free_port())]  # fmt: skip
+            runs.append(_run_worker(args, "scaling", [], launcher, {"OMP_NUM_THREADS": str(threads)}))
+            rate = runs[-1]["median_img_per_s"]
+            print(f"  scaling {processes} process(es) x {threads} thread(s): {rate:,.0f} img/s", flush=True)
     rate = {(r["processes"], r["threads"]): r["median_img_per_s"] for r in runs}
     return {
         "runs": runs,

@@ -18,7 +18,8 @@ def bench(repo, tmp_path, *args, timeout=600):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "cvae_dist.cli", "bench", *args, "--json", str(out)]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=timeout)
+    # from a directory that is not the source checkout: the bench needs only the installed package
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return json.loads(out.read_text()), proc.stdout
 
