@@ -311,7 +311,7 @@ def _free_port() -> int:
 
 def zero_bf16(out: Path, sizes: Sizes, stage: int) -> dict:
     """DeepSpeed ZeRO-`stage` in bf16: the run reports its stage and compute dtype, and the loss falls."""
-    launcher = ["--config_file", str(REPO / "launch" / f"deepspeed_zero{stage}.yaml"),
+    launcher = ["--config_file", str(REPO / "launch" / "deepspeed.yaml"), "--zero_stage", str(stage),
                 "--num_processes", str(sizes.processes), "--main_process_port", str(_free_port())]  # fmt: skip
     run = train(out, f"zero{stage}", sizes, "train.epochs=2", "train.precision=bf16", launcher=launcher)
     f = facts(run)

@@ -66,7 +66,10 @@ def test_ddp_loss_matches_single_process(ddp, single):
 @pytest.mark.parametrize("stage", [1, 2, 3])
 def test_deepspeed_zero(stage, runs, ddp):
     run = launch(
-        runs, f"zero{stage}", ["--config_file", f"launch/deepspeed_zero{stage}.yaml", "--num_processes", "2"], ONE_EPOCH
+        runs,
+        f"zero{stage}",
+        ["--config_file", "launch/deepspeed.yaml", "--zero_stage", str(stage), "--num_processes", "2"],
+        ONE_EPOCH,
     )
     config = run.wandb_config()
     assert config["world_size"] == 2 and config["backend"] == "DEEPSPEED" and config["zero_stage"] == stage
@@ -90,7 +93,7 @@ def ddp_bf16(runs):
 def test_deepspeed_zero_bf16(stage, runs, ddp_bf16):
     # DeepSpeed's own bf16 mode casts the weights but not BatchNorm's running statistics and fails; the trainer runs
     # it as torch autocast, as DDP does: the same dtypes inside the model, the same losses.
-    launcher = ["--config_file", f"launch/deepspeed_zero{stage}.yaml", "--num_processes", "2"]
+    launcher = ["--config_file", "launch/deepspeed.yaml", "--zero_stage", str(stage), "--num_processes", "2"]
     run = launch(runs, f"zero{stage}-bf16", launcher, TINY_BF16)
     config = run.wandb_config()
     assert (config["backend"], config["zero_stage"], config["precision"]) == ("DEEPSPEED", stage, "bf16")
@@ -155,9 +158,9 @@ def test_launch_configs_parse_with_accelerate():
     from accelerate.commands.config.config_args import load_config_from_file
 
     configs = {p.name: load_config_from_file(str(p)) for p in sorted((REPO / "launch").glob("*.yaml"))}
-    assert len(configs) >= 8
+    assert len(configs) >= 6
     assert configs["gpu_compile.yaml"].dynamo_config == {"dynamo_backend": "INDUCTOR"}
-    assert {configs[f"deepspeed_zero{s}.yaml"].deepspeed_config["zero_stage"] for s in (1, 2, 3)} == {1, 2, 3}
+    assert configs["deepspeed.yaml"].deepspeed_config["zero_stage"] == 2  # --zero_stage picks another
 
 
 def test_compiled_model_trains_and_exports_plain_weights(runs):

@@ -84,7 +84,7 @@ def test_auto_picks_bf16_on_a_gpu_that_has_it(tmp_path):
 def test_deepspeed_zero_trains_in_half_precision(tmp_path, stage, precision):
     if precision == "bf16" and not torch.cuda.is_bf16_supported(including_emulation=False):
         pytest.skip("this GPU has no bf16")
-    launcher = ["--config_file", f"launch/deepspeed_zero{stage}.yaml", "--num_processes", "1"]
+    launcher = ["--config_file", "launch/deepspeed.yaml", "--zero_stage", str(stage), "--num_processes", "1"]
     run = launch(tmp_path, f"zero{stage}-{precision}", launcher, ["train.epochs=2", f"train.precision={precision}"])
     config = run.wandb_config()
     assert (config["zero_stage"], config["precision"]) == (stage, precision)
