@@ -49,7 +49,7 @@ import torch
 
 from cvae_dist.telemetry import compute_dtype
 
-PRECISIONS = {"fp32": "fp32", "no": "fp32", "bf16": "bf16"}
+PRECISIONS = {"fp32": "fp32", "bf16": "bf16"}
 LAYOUTS = ("nchw", "channels_last")
 SECTIONS = ("compare", "data", "telemetry", "scaling")
 WORKERS = ("compare", "telemetry", "scaling")

@@ -179,9 +179,7 @@ def add_inference(sub) -> None:
 
     p = sub.add_parser("eval", parents=[source, heldout], help="held-out loss (reconstruction, KL) of a trained model")
     p.add_argument("--seed", type=int, help="noise seed (default: the run's train.seed)")
-    p.add_argument(
-        "--precision", choices=["fp32", "bf16", "fp16", "no"], default="fp32", help="autocast (default fp32)"
-    )
+    p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast (default fp32)")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.set_defaults(func=_eval)
 

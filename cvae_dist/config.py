@@ -21,7 +21,6 @@ class Precision(enum.Enum):
     fp32 = "fp32"
     bf16 = "bf16"
     fp16 = "fp16"
-    no = "fp32"  # accelerate's name for fp32, kept as an alias
 
 
 class BadRecord(enum.Enum):
@@ -152,8 +151,8 @@ class JobConfig:
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2 booleans: only true/false are booleans, so `no`, `off`, `yes`, `on` stay words (precision
-    `no`, an enum value, survives; boolean keys still accept them, OmegaConf converts the words)."""
+    """YAML with YAML 1.2 booleans: only true/false are booleans, so `no`, `off`, `yes`, `on` stay words (an enum
+    key's error names the word given, not False; boolean keys still accept them, OmegaConf converts the words)."""
 
 
 _Loader.yaml_implicit_resolvers = {
