@@ -661,7 +661,6 @@ def _free_port() -> int:
 
 def scaling_worker(args, cfg, setup) -> dict:
     """One launched measurement: the trainer for `--trials` x `--seconds`."""
-
     accelerator = setup.accelerator
     loop = TrainerLoop(_trainer_run(cfg, "scaling", args.compile))
     loop.trial(args.warmup)

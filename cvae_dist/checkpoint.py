@@ -152,11 +152,12 @@ def write_export(model: CVAE, export_dir: Path) -> Path:
         if not isinstance(error, OSError):
             raise
         raise disk_error(export_dir, error) from None
-    reloaded, expected = CVAE.from_pretrained(export_dir), model.state_dict()
+    reloaded = CVAE.from_pretrained(export_dir)
+    same = reloaded.state_dict()
     if reloaded.config != model.config or any(
-        not torch.equal(v.float(), expected[k].float()) for k, v in reloaded.state_dict().items()
+        not torch.equal(v.float(), same[k].float()) for k, v in model.state_dict().items()
     ):
-        raise CheckpointError(f"{export_dir}: the export does not load back to the same weights")
+        raise RuntimeError(f"{export_dir}: the export does not load back to the same weights")
     return export_dir
 
 

@@ -329,8 +329,8 @@ def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: b
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"export directory {out} already exists and is not empty; pick a new or empty directory")
-    model = loaded.model.cpu().eval()
-    write_export(model, out)
+    model = loaded.model
+    write_export(model, out)  # (moves it to the CPU, in eval mode)
     if push_to_hub:
         try:
             model.push_to_hub(push_to_hub, private=private or None)

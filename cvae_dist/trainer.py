@@ -140,11 +140,20 @@ class Trainer:
     checkpointer, all built here (the run directory exists by now). `fit` trains it to the end; `steps` is its one
     loop over batches."""
 
+    # The parts, read where they are: one owner each (a copy here could be swapped apart from the step's model).
+    cfg = property(lambda self: self.parts.cfg)
+    setup = property(lambda self: self.parts.setup)
+    accelerator = property(lambda self: self.parts.setup.accelerator)
+    dir = property(lambda self: self.parts.dir)
+    state = property(lambda self: self.parts.state)
+    model = property(lambda self: self.parts.model)
+    optimizer = property(lambda self: self.parts.optimizer)
+    step = property(lambda self: self.parts.step)
+    stream = property(lambda self: self.parts.stream)
+
     def __init__(self, parts: Parts):
         self.parts = parts
-        self.cfg, self.setup, self.dir, self.state = parts.cfg, parts.setup, parts.dir, parts.state
-        self.accelerator = accelerator = parts.setup.accelerator
-        self.model, self.optimizer, self.step, self.stream = parts.model, parts.optimizer, parts.step, parts.stream
+        accelerator = parts.setup.accelerator
         if parts.resume_from is not None:
             accelerator.load_state(str(parts.resume_from))
             accelerator.print(f"resumed from {parts.resume_from}: epoch {self.state.epoch}, step {self.state.step}")
