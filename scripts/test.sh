@@ -4,14 +4,14 @@
 #                                  precision with `auto` answered the other way (as on a CPU with / without fast bf16);
 #                                  then the whole suite: real multi-process launches, DeepSpeed, and (as root) a local
 #                                  Slurm cluster that the tests install (apt) and start
-#   bash scripts/test.sh --quick   the in-process tests only: no launches, no Slurm (for everyday work)
-# Further arguments go to pytest alone, e.g. bash scripts/test.sh tests/test_data.py -k resident
+#   bash scripts/test.sh --quick   tests/unit and tests/integration: in process, no launches, no Slurm (everyday work)
+# Further arguments go to pytest alone, e.g. bash scripts/test.sh tests/unit/test_data.py -k resident
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [[ ${1:-} == --quick ]]; then
     shift
-    exec .venv/bin/python -m pytest -q -m "not multiprocess and not slurm and not gpu" "$@"
+    exec .venv/bin/python -m pytest -q tests/unit tests/integration "$@"
 fi
 if [[ $# -eq 0 ]]; then
     OUT=$(mktemp -d) bash benchmarks/gpu_check.sh --dry-run

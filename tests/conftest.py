@@ -5,9 +5,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(Path(__file__).parent))  # the test helpers: launch, the offline W&B reader, mnist_full
+sys.path.insert(0, str(Path(__file__).parent))  # the test helpers: the `support` package
 
-from mnist_full import mnist_full  # noqa: E402, F401  (one fixture for every test file: converted once per session)
+# Session fixtures for every test file (imported into several files, each would build its own)
+from support.checks import finished  # noqa: E402, F401  (a finished tiny run)
+from support.mnist_full import mnist_full  # noqa: E402, F401  (the full MNIST set, converted once)
+
+LAUNCH = Path(__file__).parent / "launch"
 
 # Tests run `log.wandb` as a user does: no WANDB_MODE to override it, and no API key, so `auto` means offline and
 # no test reaches a W&B server.
@@ -35,12 +39,13 @@ def fresh_accelerate_state():
 
 
 def pytest_collection_modifyitems(config, items):
-    """Tests marked `gpu` need CUDA: skipped, saying so, where there is none."""
+    """Everything under tests/launch starts real processes (marked `multiprocess`); tests marked `gpu` need CUDA:
+    skipped, saying so, where there is none."""
     import torch
 
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU (none visible here)")
+    skip = None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU (none visible here)")
     for item in items:
-        if "gpu" in item.keywords:
+        if item.path.is_relative_to(LAUNCH):
+            item.add_marker(pytest.mark.multiprocess)
+        if skip is not None and "gpu" in item.keywords:
             item.add_marker(skip)

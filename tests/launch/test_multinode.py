@@ -1,4 +1,5 @@
-"""`train.scale_lr`, and `launch/multi_node.yaml` as actually launched: one launcher per "machine", on this host."""
+"""`train.scale_lr` at 2 ranks, and `launch/multi_node.yaml` as actually launched: one launcher per "machine", on
+this host."""
 
 import json
 import os
@@ -7,66 +8,23 @@ import subprocess
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from wandb_offline import read_run
-
-from cvae_dist.checkpoint import checkpoint_dirs
-from cvae_dist.config import load_config
-from cvae_dist.model import CVAE
-from launch import DEBUG, ENV, REPO, free_port, launch, launch_command
+from support.checks import LR, check_lr
+from support.launching import ENV, REPO, free_port, launch, launch_command
+from support.wandb_offline import read_run
 
 # One epoch on the 500 held-out digits: 3 steps of 128. ONE_STEP stops after the first: the export in model/ is then
 # the weights after exactly one AdamW update.
 TINY = ["data.train_split=test", "train.epochs=1", "log.every_steps=1", "train.precision=fp32"]
+
+
 ONE_STEP = [*TINY, "train.max_steps=1"]
-LR = 1e-3  # the recipe's
 
 
-def first_update(run_dir) -> torch.Tensor:
-    """|w after step 1 - w at start| of every trainable parameter element. The start is what the trainer builds,
-    CVAE(model config) right after seeding with train.seed: the same on every rank, so it can be rebuilt here."""
-    cfg = load_config(run_dir / "config.yaml")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.train.seed)
-        start = CVAE(cfg.model)
-    after = load_file(str(run_dir / "model" / "model.safetensors"))
-    return torch.cat([(after[name] - p.detach()).abs().flatten() for name, p in start.named_parameters()])
-
-
-def optimizer_lr(run_dir) -> float:
-    """The lr in the optimizer state of the run's last checkpoint (accelerate's optimizer.bin)."""
-    state = torch.load(checkpoint_dirs(run_dir)[-1] / "optimizer.bin", weights_only=True)
-    return state["param_groups"][0]["lr"]
-
-
-def check_lr(run_dir, world_size: int, scaled: bool, want: float) -> None:
-    """The lr the run says it used (W&B config), the one in its optimizer state, and the one its first step took."""
-    config = read_run(run_dir).config
-    assert config["world_size"] == world_size and config["train"]["scale_lr"] is scaled
-    assert config["lr_effective"] == pytest.approx(want, rel=1e-12)
-    assert optimizer_lr(run_dir) == pytest.approx(want, rel=1e-12)
-    # AdamW's first update is lr * g / (|g| + eps) (bias-corrected moments of a single gradient): lr per element
-    # wherever |g| >> eps, plus a weight decay of lr * 1e-5 * w.
-    update = first_update(run_dir)
-    assert update.median().item() == pytest.approx(want, rel=0.01)
-    assert update.max().item() < want * 1.01
-
-
-@pytest.mark.multiprocess
 @pytest.mark.parametrize("scaled", [True, False])
 def test_scale_lr_multiplies_the_lr_by_the_world_size(tmp_path, scaled):
     ddp = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"]
     run = launch(tmp_path, "lr", ddp, [*ONE_STEP, f"train.scale_lr={str(scaled).lower()}"])
     check_lr(run.run_dir, 2, scaled, 2 * LR if scaled else LR)  # off (the default): the recipe's lr at any size
-
-
-@pytest.mark.auto_precision
-def test_scale_lr_on_one_process_keeps_the_lr(tmp_path):
-    from cvae_dist.trainer import train
-
-    overrides = [*ONE_STEP, "train.scale_lr=true", f"output_dir={tmp_path}", "run_name=lr1", "log.wandb=offline"]
-    run_dir = train(load_config(DEBUG, overrides)).run_dir
-    check_lr(run_dir, 1, True, LR)
 
 
 def launch_two_machines(tmp_path, name: str, gpu_ids: list[str], overrides: list[str], timeout: float = 300):
@@ -101,7 +59,6 @@ def launch_two_machines(tmp_path, name: str, gpu_ids: list[str], overrides: list
     return results
 
 
-@pytest.mark.multiprocess
 def test_multi_node_yaml_two_launchers(tmp_path):
     # `--gpu_ids=-1,-1` marks a CPU launch (CUDA_VISIBLE_DEVICES=-1,-1). Written with "=": accelerate's argparse
     # reads a separate "-1,-1" as an option and stops with "argument --gpu_ids/--gpu-ids: expected one argument".
@@ -120,7 +77,6 @@ def test_multi_node_yaml_two_launchers(tmp_path):
     assert len(digests) == 1 and None not in digests  # DDP kept both machines' weights bit-identical
 
 
-@pytest.mark.multiprocess
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
 def test_multi_node_yaml_without_gpu_ids_is_refused_without_cuda(tmp_path):
     results = launch_two_machines(tmp_path, "no-gpu-ids", [], ["train.epochs=1"], timeout=180)

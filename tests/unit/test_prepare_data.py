@@ -1,8 +1,4 @@
-"""`prepare-data --mnist`: the official split (60,000 train / 10,000 test) in the `ylecun/mnist` layout.
-
-Unit tests convert tiny synthetic IDX files (80 train / 20 test digits); the tests on the real files use the
-session's one conversion (`mnist_full`) and skip where the shared IDX folder is absent.
-"""
+"""`cvae-dist prepare-data`: CSV and IDX (MNIST) files to parquet shards (prepare_data.py)."""
 
 from __future__ import annotations
 
@@ -15,16 +11,98 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from datasets import Features
-from mnist_full import CLI_LINE, MNIST_IDX
+from support.mnist_full import column
 
-from cvae_dist.data import FEATURES, load_split, parquet_files
-from cvae_dist.prepare_data import MNIST_FILES, DataFormatError, convert_mnist, read_idx
+from cvae_dist.data import FEATURES, load_split, open_stream, parquet_files
+from cvae_dist.prepare_data import MNIST_FILES, DataFormatError, convert_mnist, read_csv, read_idx, write_shards
+
+
+def _digits(n=30):
+    rng = np.random.default_rng(1)
+    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10
+
+
+def test_csv_round_trip(tmp_path):
+    pixels, labels = _digits()
+    rows = np.concatenate([pixels.reshape(len(labels), -1), labels[:, None]], axis=1)
+    with gzip.open(tmp_path / "d.csv.gz", "wt") as f:
+        np.savetxt(f, rows, fmt="%d", delimiter=",")
+    x, y = read_csv(tmp_path / "d.csv.gz")
+    assert np.array_equal(x, pixels) and np.array_equal(y, labels)
+    # label-first with a header (the Kaggle layout)
+    header = "label," + ",".join(f"pixel{i}" for i in range(784))
+    np.savetxt(
+        tmp_path / "k.csv",
+        np.concatenate([labels[:, None], rows[:, :-1]], 1),
+        fmt="%d",
+        delimiter=",",
+        header=header,
+        comments="",
+    )
+    x, y = read_csv(tmp_path / "k.csv")
+    assert np.array_equal(x, pixels) and np.array_equal(y, labels)
+    sizes = write_shards(x, y, tmp_path / "out", shards=2, heldout_per_class=1)
+    assert sizes == {"train": 20, "test": 10}
+    back_x, back_y = load_split(str(tmp_path / "out"), "train+test")
+    ids = [i for rows in open_stream(str(tmp_path / "out"), "train+test").iter(100) for i in rows["id"]]
+    assert np.array_equal(back_x[:, 0].numpy(), pixels[ids]) and np.array_equal(back_y.numpy(), labels[ids])
+    with pytest.raises(FileExistsError):
+        write_shards(x, y, tmp_path / "out")
+
+
+def test_idx_round_trip(tmp_path):
+    pixels, labels = _digits()
+    (tmp_path / "img.idx").write_bytes(struct.pack(">IIII", 0x803, len(labels), 28, 28) + pixels.tobytes())
+    (tmp_path / "lbl.idx.gz").write_bytes(
+        gzip.compress(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
+    )
+    x, y = read_idx(tmp_path / "img.idx", tmp_path / "lbl.idx.gz")
+    assert np.array_equal(x, pixels) and np.array_equal(y, labels)
+    (tmp_path / "junk").write_bytes(b"\x00" * 64)
+    with pytest.raises(DataFormatError, match="not MNIST IDX"):
+        read_idx(tmp_path / "junk", tmp_path / "lbl.idx.gz")
+
+
+def test_prepare_data_cli(tmp_path, capsys):
+    from cvae_dist.cli import main
+
+    pixels, labels = _digits(40)
+    rows = np.concatenate([pixels.reshape(40, -1), labels[:, None]], axis=1)
+    np.savetxt(tmp_path / "d.csv", rows, fmt="%d", delimiter=",")
+    assert (
+        main(
+            [
+                "prepare-data",
+                "--csv",
+                str(tmp_path / "d.csv"),
+                "--out",
+                str(tmp_path / "o"),
+                "--shards",
+                "4",
+                "--heldout-per-class",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "o").iterdir())[0] == "test-00000-of-00001.parquet"
+    assert len(list((tmp_path / "o").glob("train-*-of-00004.parquet"))) == 4
+
+
+"""`prepare-data --mnist`: the official split (60,000 train / 10,000 test) in the `ylecun/mnist` layout.
+
+Unit tests convert tiny synthetic IDX files (80 train / 20 test digits); the tests on the real files use the
+session's one conversion (`mnist_full`) and skip where the shared IDX folder is absent.
+"""
+
 
 N_TRAIN, N_TEST = 80, 20
+
+
 convert = functools.partial(convert_mnist, n_train=N_TRAIN, n_test=N_TEST)
+
+
 FOUR_NAMES = "train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte"
-TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # official, checked against the files
-TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 def write_idx(path: Path, array: np.ndarray) -> None:
@@ -46,10 +124,6 @@ def make_mnist(folder: Path, gz: bool = True) -> dict[str, tuple[np.ndarray, np.
         write_idx(labels, y)
         data[split] = x, y
     return data
-
-
-def column(files: list[str], name: str) -> np.ndarray:
-    return np.concatenate([pq.read_table(f, columns=[name]).column(name).to_numpy() for f in files])
 
 
 @pytest.mark.parametrize("gz", [True, False])
@@ -167,37 +241,3 @@ def test_cli_refusals_are_one_line_exit_2(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "no train-images-idx3-ubyte;" in err and FOUR_NAMES in err and err.count("\n") == 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["idx"]
-
-
-# The real files: one conversion per session, through the CLI (see mnist_full.py).
-
-
-def test_official_split_counts_ids_and_shards(mnist_full):
-    train, test = parquet_files(str(mnist_full), "train"), parquet_files(str(mnist_full), "test")
-    assert [Path(f).name for f in train] == [f"train-{i:05d}-of-00008.parquet" for i in range(8)]
-    assert [pq.read_metadata(f).num_rows for f in train] == [7500] * 8
-    ids, labels = column(train, "id"), column(train, "label")
-    assert len(ids) == 60_000 and np.array_equal(np.sort(ids), np.arange(60_000))
-    assert np.bincount(labels, minlength=10).tolist() == TRAIN_COUNTS
-    assert labels[np.argsort(ids)][:10].tolist() == [5, 0, 4, 1, 9, 2, 1, 3, 1, 4]
-    assert column(test, "id").tolist() == list(range(10_000))
-    assert np.bincount(column(test, "label"), minlength=10).tolist() == TEST_COUNTS
-
-
-def test_official_digits_read_back_unchanged(mnist_full):
-    for split, index in (("test", None), ("train", column(parquet_files(str(mnist_full), "train"), "id"))):
-        images, labels = (MNIST_IDX / f"{name}.gz" for name in MNIST_FILES[split])
-        x, y = read_idx(images, labels)
-        if index is not None:
-            x, y = x[index], y[index]
-        pixels, back = load_split(str(mnist_full), split)  # the test split in its file order
-        assert np.array_equal(back.numpy(), y) and np.array_equal(pixels[:, 0].numpy(), x)
-
-
-def test_cli_prints_counts_size_and_time(mnist_full):
-    line = (mnist_full.parent / CLI_LINE).read_text()
-    assert line.count("\n") == 1
-    assert line.startswith(f"wrote {mnist_full}: train 60,000 digits, test 10,000 digits; ")
-    mb = float(line.split("; ")[1].split(" MB")[0])
-    assert mb == pytest.approx(sum(f.stat().st_size for f in mnist_full.iterdir()) / 1e6, abs=0.06)
-    assert line.rstrip().endswith(" s")

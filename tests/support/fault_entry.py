@@ -1,11 +1,11 @@
 """A test-only `cvae-dist` that injects one fault into a real run, then runs the real command line:
 
-    python tests/fault_entry.py nan STEP RANK  <cvae-dist args>   the loss of step STEP on rank RANK is NaN
-    python tests/fault_entry.py slow RANK SECONDS <cvae-dist args>   rank RANK sleeps SECONDS in every step
+    python tests/support/fault_entry.py nan STEP RANK  <cvae-dist args>   the loss of step STEP on rank RANK is NaN
+    python tests/support/fault_entry.py slow RANK SECONDS <cvae-dist args>   rank RANK sleeps SECONDS in every step
 
-Under `accelerate launch` pass this file as the script (`accelerate launch ... tests/fault_entry.py nan 12 1 train
-...`). The faults patch the loss the training step computes (`cvae_dist.step.vae_loss`), so the shipped config and
-loop carry none of them.
+Under `accelerate launch` pass this file as the script (`accelerate launch ... tests/support/fault_entry.py nan 12 1
+train ...`). The faults patch the loss the training step computes (`cvae_dist.step.vae_loss`), so the shipped config
+and loop carry none of them.
 """
 
 from __future__ import annotations

@@ -7,12 +7,12 @@ import shutil
 import pytest
 import torch
 from safetensors.torch import load_file
-from wandb_offline import read_run
+from support.launching import DEBUG, launch
+from support.wandb_offline import read_run
 
 from cvae_dist.config import DataConfig, load_config
 from cvae_dist.data import RankStream
 from cvae_dist.trainer import train
-from launch import DEBUG, launch
 
 pytestmark = pytest.mark.gpu
 
@@ -78,7 +78,6 @@ def test_auto_picks_bf16_on_a_gpu_that_has_it(tmp_path):
     assert config["precision"] == want and config["step_mode"] == "GraphStep"
 
 
-@pytest.mark.multiprocess
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_deepspeed_zero_trains_in_half_precision(tmp_path, stage, precision):

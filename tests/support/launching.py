@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from wandb_offline import read_run
+from support.wandb_offline import read_run
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 DEBUG = REPO / "configs" / "debug.yaml"  # the debug recipe by absolute path: tests pass from any directory
 # `accelerate launch`, as a module: some machines (the lent GPU ones) have accelerate but no `accelerate` executable
 ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -54,7 +54,7 @@ def launch_command(tmp_path: Path, name: str, launcher_args, overrides=(), confi
                    fault: tuple = ()) -> list[str]:  # fmt: skip
     """`accelerate launch <launcher_args> -m cvae_dist.cli train ...` with a free rendezvous port, so concurrent
     launches (other tests, a benchmark) never collide. `fault`: ("nan", step, rank) or ("slow", rank, seconds)
-    runs tests/fault_entry.py instead (see there)."""
+    runs tests/support/fault_entry.py instead (see there)."""
     port = [] if "--main_process_port" in launcher_args else ["--main_process_port", str(free_port())]
     entry = [FAULT_ENTRY, *map(str, fault)] if fault else ["-m", "cvae_dist.cli"]
     return [*ACCELERATE_LAUNCH, *launcher_args, *port, *entry, "train", "--config", str(REPO / config),

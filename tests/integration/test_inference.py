@@ -1,13 +1,14 @@
-"""eval / sample / reconstruct / interpolate / export on a tiny real training run (CPU, a few seconds)."""
+"""eval / sample / reconstruct / interpolate / export on a tiny real training run (inference.py)."""
 
 import io
 import json
 import math
 import os
 import re
-import socket
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
+from support.checks import copy_of, one_line, run_cli
+from support.launching import REPO, free_port
 
 from cvae_dist import inference
 from cvae_dist.cli import main
@@ -24,9 +27,7 @@ from cvae_dist.config import ConfigError, ModelConfig, load_config
 from cvae_dist.data import load_split
 from cvae_dist.images import grid, recon_sample_grid
 from cvae_dist.model import CVAE
-from launch import ACCELERATE_LAUNCH
 
-REPO = Path(__file__).resolve().parents[1]
 SIDE = 64  # the debug recipe's image size
 
 
@@ -296,7 +297,7 @@ def test_export_push_to_hub_without_a_hub_keeps_the_local_export(run, tmp_path):
     upload it later; the export itself is complete and loads."""
     out, repo_id = tmp_path / "pushed", "someone/cvae"
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_ENDPOINT")}
-    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{_free_port()}", "HF_TOKEN": "hf_" + "x" * 34}  # a token: reach the net
+    env |= {"HF_ENDPOINT": f"http://127.0.0.1:{free_port()}", "HF_TOKEN": "hf_" + "x" * 34}  # a token: reach the net
     cvae_dist = str(Path(sys.executable).parent / "cvae-dist")
     cmd = [cvae_dist, "export", "--run", str(run), "--out", str(out), "--push-to-hub", repo_id]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
@@ -313,36 +314,27 @@ def test_export_push_to_hub_without_a_hub_keeps_the_local_export(run, tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+@pytest.mark.parametrize("argv", [["sample", "--n", "100000"], ["sample", "--latent-grid", "100"],
+                                  ["reconstruct", "--n", "5000"], ["interpolate", "--pairs", "1000"]],
+                         ids=["sample", "latent-grid", "reconstruct", "interpolate"])  # fmt: skip
+def test_too_many_images_are_refused_at_once(finished, tmp_path, capsys, argv):
+    # A typo of a few zeros: refused in one line before anything is decoded (it took 46 s and 21.8 GB, then died).
+    started = time.monotonic()
+    code, err = run_cli(capsys, [*argv, "--run", finished, "--out", tmp_path / "x.png"])
+    assert code == 2 and time.monotonic() - started < 5
+    one_line(err, "at most 4,096")
+    assert not list(tmp_path.iterdir())
 
 
-@pytest.mark.multiprocess
-def test_eval_under_accelerate_launch_two_ranks(run, tmp_path):
-    out = tmp_path / "eval2.json"
-    cmd = [
-        *ACCELERATE_LAUNCH,
-        "--config_file",
-        "launch/ddp_cpu.yaml",
-        "--num_processes",
-        "2",
-        "--main_process_port",
-        str(_free_port()),
-        "-m",
-        "cvae_dist.cli",
-        "eval",
-        "--run",
-        str(run),
-        "--json",
-        str(out),
-    ]
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(os.environ), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert proc.stdout.count("held-out loss") == 1  # the main process reports
-    two = json.loads(out.read_text())
-    one = inference.evaluate(inference.load_model(run=run))
-    assert two["processes"] == 2 and two["images"] == 500
-    assert two["kl_per_image"] == pytest.approx(one["kl_per_image"], rel=1e-5)  # KL needs no noise
-    assert two["recon_per_image"] == pytest.approx(one["recon_per_image"], rel=0.01)  # other noise draws
+def test_a_run_without_export_is_sampled_from_its_newest_good_checkpoint(finished, tmp_path, capsys):
+    # A run stopped before its export, whose newest checkpoint failed its checksum and was set aside by a resume
+    # (`step-N.corrupt`, written last): `sample --run` takes the newest good checkpoint, not the corrupt one.
+    run = copy_of(finished, tmp_path)
+    shutil.rmtree(run / "model")
+    newest = run / "checkpoints" / "step-000000006"
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    newest.rename(newest.with_name(newest.name + ".corrupt"))
+    code, err = run_cli(capsys, ["sample", "--run", run, "--n", "4", "--out", tmp_path / "samples.png"])
+    assert code == 0, err
+    assert (tmp_path / "samples.png").is_file()

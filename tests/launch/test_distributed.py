@@ -3,13 +3,11 @@
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.launching import launch
 
 from cvae_dist.checkpoint import checkpoint_dirs
 from cvae_dist.distributed import fast_bf16
 from cvae_dist.model import CVAE
-from launch import REPO, launch
-
-pytestmark = pytest.mark.multiprocess
 
 # Two epochs on the 4,500 shipped training digits (35 steps of 128 per epoch), step lines every 5 steps, in fp32
 # (what `auto` picks on a CPU without fast bf16; bf16 runs are tested on their own, on less data where bf16 is slow).
@@ -152,15 +150,6 @@ def test_gpu_launch_config_without_cuda_is_refused(runs):
     assert errors and all(x == errors[0] for x in errors)
     assert "asks for GPUs" in errors[0] and "CUDA is unusable here" in errors[0] and "launch/ddp_cpu.yaml" in errors[0]
     assert "Traceback" not in run.output.split(errors[-1])[0]
-
-
-def test_launch_configs_parse_with_accelerate():
-    from accelerate.commands.config.config_args import load_config_from_file
-
-    configs = {p.name: load_config_from_file(str(p)) for p in sorted((REPO / "launch").glob("*.yaml"))}
-    assert len(configs) >= 6
-    assert configs["gpu_compile.yaml"].dynamo_config == {"dynamo_backend": "INDUCTOR"}
-    assert configs["deepspeed.yaml"].deepspeed_config["zero_stage"] == 2  # --zero_stage picks another
 
 
 def test_compiled_model_trains_and_exports_plain_weights(runs):

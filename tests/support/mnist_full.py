@@ -12,9 +12,11 @@ import contextlib
 import io
 from pathlib import Path
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 MNIST_IDX = REPO.parent / "shared" / "data" / "mnist_idx"
 CLI_LINE = "prepare-data.txt"  # in the output directory's parent
 
@@ -33,3 +35,13 @@ def mnist_full(tmp_path_factory) -> Path:
         raise RuntimeError(f"prepare-data --mnist {MNIST_IDX} exited {rc}: {stderr.getvalue()}")
     (out.parent / CLI_LINE).write_text(stdout.getvalue())
     return out
+
+
+TRAIN_COUNTS = [5923, 6742, 5958, 6131, 5842, 5421, 5918, 6265, 5851, 5949]  # official, checked against the files
+
+
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
+
+
+def column(files: list[str], name: str) -> np.ndarray:
+    return np.concatenate([pq.read_table(f, columns=[name]).column(name).to_numpy() for f in files])

@@ -3,14 +3,16 @@
 import json
 
 import pytest
+import torch
 from PIL import Image
-from wandb_offline import read_run
+from support.checks import LR, check_lr, one_line, read_only, run_cli, train_argv
+from support.launching import DEBUG
+from support.wandb_offline import read_run
 
 from cvae_dist.checkpoint import checkpoint_dirs, verify_checkpoint
 from cvae_dist.config import ConfigError, load_config
 from cvae_dist.model import CVAE
 from cvae_dist.trainer import train
-from launch import DEBUG
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +94,6 @@ def test_runs_in_different_precisions_in_one_process(tmp_path, precision):
 
 @pytest.mark.auto_precision
 def test_deterministic_kernels_are_the_runs_choice_and_recorded(tmp_path):
-    import torch
 
     for deterministic in (True, False):  # set both ways: the next run in this process is not left deterministic
         cfg = load_config(DEBUG, [*TWO_STEPS, f"output_dir={tmp_path}", f"run_name=det-{deterministic}",
@@ -100,3 +101,32 @@ def test_deterministic_kernels_are_the_runs_choice_and_recorded(tmp_path):
         config = read_run(train(cfg).run_dir).config
         assert config["deterministic"] is deterministic and config["train"]["deterministic"] is deterministic
         assert torch.are_deterministic_algorithms_enabled() is deterministic
+
+
+# One epoch on the 500 held-out digits: 3 steps of 128. ONE_STEP stops after the first: the export in model/ is then
+# the weights after exactly one AdamW update.
+TINY = ["data.train_split=test", "train.epochs=1", "log.every_steps=1", "train.precision=fp32"]
+
+
+ONE_STEP = [*TINY, "train.max_steps=1"]
+
+
+@pytest.mark.auto_precision
+def test_scale_lr_on_one_process_keeps_the_lr(tmp_path):
+    from cvae_dist.trainer import train
+
+    overrides = [*ONE_STEP, "train.scale_lr=true", f"output_dir={tmp_path}", "run_name=lr1", "log.wandb=offline"]
+    run_dir = train(load_config(DEBUG, overrides)).run_dir
+    check_lr(run_dir, 1, True, LR)
+
+
+def test_an_unwritable_output_directory_is_refused_before_training(tmp_path, capsys):
+    # output_dir on a read-only share (or one the user may not write to).
+    out = tmp_path / "out"
+    out.mkdir()
+    with read_only(out):
+        for output_dir in (out, out / "runs"):
+            code, err = run_cli(capsys, train_argv(output_dir, "run"))
+            assert code == 2
+            one_line(err, f"{out} is not writable")
+    assert not list(out.iterdir())

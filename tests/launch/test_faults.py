@@ -1,4 +1,4 @@
-"""Faults under real `accelerate launch` jobs: preemption signals, a dead rank, resuming exactly."""
+"""Faults under real launches: SIGTERM and requeue, a dead rank, a NaN loss, a changed world size."""
 
 import json
 import os
@@ -8,13 +8,15 @@ import time
 
 import psutil
 import pytest
+from support.checks import FINISHED, SMALL, copy_of, snapshot
+from support.launching import DEBUG, ENV, REPO, launch, launch_command, wait_for_step
 
+from cvae_dist.checkpoint import checkpoint_dirs, verify_checkpoint
 from cvae_dist.faults import REQUEUE_EXIT_CODE
-from launch import DEBUG, ENV, REPO, launch, launch_command, wait_for_step
-
-pytestmark = pytest.mark.multiprocess
 
 DDP = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"]
+
+
 RUN = ["train.epochs=1", "log.every_steps=5", "checkpoint.every_steps=20"]  # 35 steps
 
 
@@ -102,7 +104,6 @@ def test_nan_loss_stops_naming_steps_and_rank_and_keeps_the_last_checkpoint(tmp_
     assert run.returncode != 0
     assert "non-finite loss in steps 11-15 (first at step 12 on rank(s) [1]; then on rank(s) [0, 1])" in run.output
     assert json.loads((run.run_dir / "status.json").read_text())["state"] == "failed"
-    from cvae_dist.checkpoint import checkpoint_dirs, verify_checkpoint
 
     assert [d.name for d in checkpoint_dirs(run.run_dir)] == ["step-000000010"]  # nothing saved after the NaN
     assert verify_checkpoint(checkpoint_dirs(run.run_dir)[0]).step == 10
@@ -134,3 +135,17 @@ def test_a_second_ctrl_c_in_the_middle_of_a_write_leaves_no_half_file(tmp_path):
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr
     assert "Ctrl-C again: stopped at once" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the image nor its .partial file
+
+
+def test_resume_with_another_world_size_is_refused_and_changes_nothing(finished, tmp_path):
+    # A 1-process run resumed by a 2-process launch would change which digits each step sees: refused on every
+    # rank, naming the world size to relaunch with; the run is untouched.
+    run = copy_of(finished, tmp_path)
+    before = snapshot(run)
+    result = launch(tmp_path, "run", DDP, [*SMALL, *FINISHED, "resume=auto"], check=False)
+    assert result.returncode != 0
+    refusal = "written by 1 rank(s) x 128 images; resuming with 2 x 64"
+    assert result.output.count(refusal) == 2, result.output[-4000:]  # one line from each rank
+    assert "Relaunch with 1 processes" in result.output
+    assert f'File "{REPO / "cvae_dist"}' not in result.output, result.output[-4000:]  # no traceback of ours
+    assert snapshot(run) == before

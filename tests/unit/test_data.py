@@ -1,13 +1,10 @@
-import gzip
-import struct
+"""The data pipeline in process: splits, streams, resident tables, shards, workers (data.py)."""
 
-import numpy as np
 import pytest
 import torch
 
 from cvae_dist.config import DataConfig
 from cvae_dist.data import DataError, RankStream, load_split, open_stream
-from cvae_dist.prepare_data import DataFormatError, read_csv, read_idx, write_shards
 
 
 def test_shipped_splits_are_disjoint_and_stratified():
@@ -134,75 +131,3 @@ def test_unknown_source_and_split_are_named():
         open_stream("/nowhere/at/all", "train")
     with pytest.raises(DataError, match="no 'valid-\\*.parquet' files"):
         open_stream("shipped", "valid")
-
-
-def _digits(n=30):
-    rng = np.random.default_rng(1)
-    return rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n) % 10
-
-
-def test_csv_round_trip(tmp_path):
-    pixels, labels = _digits()
-    rows = np.concatenate([pixels.reshape(len(labels), -1), labels[:, None]], axis=1)
-    with gzip.open(tmp_path / "d.csv.gz", "wt") as f:
-        np.savetxt(f, rows, fmt="%d", delimiter=",")
-    x, y = read_csv(tmp_path / "d.csv.gz")
-    assert np.array_equal(x, pixels) and np.array_equal(y, labels)
-    # label-first with a header (the Kaggle layout)
-    header = "label," + ",".join(f"pixel{i}" for i in range(784))
-    np.savetxt(
-        tmp_path / "k.csv",
-        np.concatenate([labels[:, None], rows[:, :-1]], 1),
-        fmt="%d",
-        delimiter=",",
-        header=header,
-        comments="",
-    )
-    x, y = read_csv(tmp_path / "k.csv")
-    assert np.array_equal(x, pixels) and np.array_equal(y, labels)
-    sizes = write_shards(x, y, tmp_path / "out", shards=2, heldout_per_class=1)
-    assert sizes == {"train": 20, "test": 10}
-    back_x, back_y = load_split(str(tmp_path / "out"), "train+test")
-    ids = [i for rows in open_stream(str(tmp_path / "out"), "train+test").iter(100) for i in rows["id"]]
-    assert np.array_equal(back_x[:, 0].numpy(), pixels[ids]) and np.array_equal(back_y.numpy(), labels[ids])
-    with pytest.raises(FileExistsError):
-        write_shards(x, y, tmp_path / "out")
-
-
-def test_idx_round_trip(tmp_path):
-    pixels, labels = _digits()
-    (tmp_path / "img.idx").write_bytes(struct.pack(">IIII", 0x803, len(labels), 28, 28) + pixels.tobytes())
-    (tmp_path / "lbl.idx.gz").write_bytes(
-        gzip.compress(struct.pack(">II", 0x801, len(labels)) + labels.astype(np.uint8).tobytes())
-    )
-    x, y = read_idx(tmp_path / "img.idx", tmp_path / "lbl.idx.gz")
-    assert np.array_equal(x, pixels) and np.array_equal(y, labels)
-    (tmp_path / "junk").write_bytes(b"\x00" * 64)
-    with pytest.raises(DataFormatError, match="not MNIST IDX"):
-        read_idx(tmp_path / "junk", tmp_path / "lbl.idx.gz")
-
-
-def test_prepare_data_cli(tmp_path, capsys):
-    from cvae_dist.cli import main
-
-    pixels, labels = _digits(40)
-    rows = np.concatenate([pixels.reshape(40, -1), labels[:, None]], axis=1)
-    np.savetxt(tmp_path / "d.csv", rows, fmt="%d", delimiter=",")
-    assert (
-        main(
-            [
-                "prepare-data",
-                "--csv",
-                str(tmp_path / "d.csv"),
-                "--out",
-                str(tmp_path / "o"),
-                "--shards",
-                "4",
-                "--heldout-per-class",
-                "1",
-            ]
-        )
-        == 0
-    )
-    assert sorted(p.name for p in (tmp_path / "o").iterdir())[0] == "test-00000-of-00001.parquet"
-    assert len(list((tmp_path / "o").glob("train-*-of-00004.parquet"))) == 4

@@ -1,11 +1,4 @@
-"""Full MNIST end to end, offline: the official 60,000 / 10,000 split (converted once per session by `mnist_full`)
-trained with configs/mnist.yaml at 1, 2 and 3 ranks, an exact mid-epoch resume, and a local clone of the hub
-repository in its own layout. Every test skips, naming the folder, where the shared IDX files are absent.
-
-Runs are bounded with `train.max_steps` (an epoch is 468 steps of 128 at 1 or 2 ranks) and train in fp32 (bf16 is
-~20x slower on CPUs without fast bf16). Each rank of a launch decodes the whole training split into its resident
-table at start (datasets deals the shards out anew each epoch), so a launch spends its first seconds there.
-"""
+"""Real launches on the full MNIST set (60,000 digits converted from the IDX files)."""
 
 from __future__ import annotations
 
@@ -16,25 +9,33 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-from datasets import ClassLabel, Dataset, Features, Image
-
-from cvae_dist.config import load_config
-from cvae_dist.data import parquet_files
-from cvae_dist.trainer import train
-from launch import ENV, REPO, launch, launch_command, wait_for_step
+from support.launching import ENV, REPO, launch, launch_command, wait_for_step
 
 MNIST = "configs/mnist.yaml"
+
+
 DDP2 = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"]
+
+
 DDP3 = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "3"]
+
+
 ONE = ["--config_file", "launch/cpu_debug.yaml"]
+
+
 STEPS = 40  # of the 468 in an epoch
+
+
 RUN = [f"train.max_steps={STEPS}", "log.every_steps=10", "checkpoint.every_steps=20", "log.sample_ids=true",
        "train.precision=fp32"]  # fmt: skip
+
+
 # Runs at different world sizes see different batches (each rank reads its own part) and BatchNorm statistics over
 # 43 instead of 128 images: their losses agree statistically, not bit for bit (as in test_distributed.py).
 LOSS_TOLERANCE = 0.05
+
+
 LAUNCH_TIMEOUT = 600  # s: every rank decodes 60,000 digits before its first step, on a small shared machine
 
 
@@ -53,7 +54,6 @@ def ddp(runs, mnist_full):
     return launch(runs, "ddp", DDP2, [*source(mnist_full), *RUN], timeout=LAUNCH_TIMEOUT, config=MNIST)
 
 
-@pytest.mark.multiprocess
 def test_two_ranks_full_set_equal_steps_disjoint_ids_loss_falls_export(ddp, mnist_full):
     config = ddp.wandb_config()
     assert config["world_size"] == 2 and config["backend"] == "MULTI_CPU"
@@ -76,7 +76,6 @@ def test_two_ranks_full_set_equal_steps_disjoint_ids_loss_falls_export(ddp, mnis
     assert len({r["param_sha256"] for r in ranks}) == 1
 
 
-@pytest.mark.multiprocess
 def test_sigterm_mid_epoch_resumes_exactly_on_the_full_set(tmp_path, ddp, mnist_full):
     overrides = [*source(mnist_full), *RUN]
     log = (tmp_path / "preempted.log").open("w")
@@ -106,7 +105,6 @@ def test_sigterm_mid_epoch_resumes_exactly_on_the_full_set(tmp_path, ddp, mnist_
     assert [e["train/loss"] for e in resumed.epochs()] == [e["train/loss"] for e in ddp.epochs()]
 
 
-@pytest.mark.multiprocess
 def test_three_ranks_share_the_global_batch_and_track_one_rank_on_the_full_set(runs, mnist_full):
     overrides = [*source(mnist_full), "train.max_steps=20", "log.every_steps=10", "log.sample_ids=true",
                  "train.precision=fp32", "log.wandb=disabled"]  # fmt: skip
@@ -125,34 +123,3 @@ def test_three_ranks_share_the_global_batch_and_track_one_rank_on_the_full_set(r
     a, b = three.step_losses(), one.step_losses()
     assert len(a) == len(b) == 2
     assert a == pytest.approx(b, rel=LOSS_TOLERANCE)
-
-
-def write_hub_clone(mnist_full: Path, root: Path, n_train: int = 384, n_test: int = 200) -> None:
-    """A small copy of the hub repository ylecun/mnist in its own layout: `mnist/<split>-00000-of-00001.parquet`,
-    columns image + label only (no `id`), with the hub's features, from the first digits of the converted set."""
-    features = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
-    (root / "mnist").mkdir(parents=True)
-    for split, n in (("train", n_train), ("test", n_test)):
-        table = pq.read_table(parquet_files(str(mnist_full), split)[0], columns=["image", "label"]).slice(0, n)
-        rows = {"image": table.column("image").to_pylist(), "label": table.column("label").to_pylist()}
-        Dataset.from_dict(rows, features=features).to_parquet(str(root / "mnist" / f"{split}-00000-of-00001.parquet"))
-
-
-@pytest.mark.auto_precision
-def test_a_local_clone_of_the_hub_repository_trains(tmp_path, mnist_full):
-    clone = tmp_path / "ylecun-mnist"
-    write_hub_clone(mnist_full, clone)
-    for split in ("train", "test"):
-        (file,) = parquet_files(str(clone), split)
-        assert Path(file).relative_to(clone).as_posix() == f"mnist/{split}-00000-of-00001.parquet"
-        assert pq.read_schema(file).names == ["image", "label"]
-    overrides = [f"data.source={clone}", "train.epochs=1", "log.every_steps=1", "log.sample_ids=true",
-                 "train.precision=fp32", "log.wandb=disabled", f"output_dir={tmp_path}", "run_name=clone"]  # fmt: skip
-    result = train(load_config(REPO / MNIST, overrides))
-    assert result.steps == 384 // 128 and len(result.epoch_losses) == 1 and math.isfinite(result.epoch_losses[0])
-    (rank,) = [json.loads(p.read_text()) for p in (result.run_dir / "ranks").glob("rank*.json")]
-    assert rank["ids"]["1"] == [-1] * 384  # the hub's files carry no id column
-    lines = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    (epoch,) = [r for r in lines if "train/loss" in r]
-    assert math.isfinite(epoch["eval/loss_per_image"]) and epoch["train/epoch_steps"] == 3
-    assert (result.run_dir / "model" / "model.safetensors").is_file()

@@ -13,8 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
-from wandb_offline import read_run
+from support.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+from support.wandb_offline import read_run
 
 pytestmark = pytest.mark.slurm
 

@@ -1,4 +1,8 @@
+"""Recipes, overrides and their one-line errors (config.py)."""
+
 import pytest
+from support.checks import one_line, run_cli
+from support.launching import DEBUG
 
 from cvae_dist.config import ConfigError, Precision, load_config
 
@@ -79,35 +83,24 @@ def test_yaml_words_stay_words_for_every_enum_key_and_booleans_still_read(tmp_pa
             load_config(None, [f"{key}=off"])  # a word, named in the error, not a boolean
 
 
-def test_yaml_syntax_error_names_file_line_and_column(tmp_path):
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [("train:\n  epochs: 3\n  lr: [0.1\n", "4:1"),  # an unclosed list
+     ("train:\n  epochs: 3\n log:\n  every_steps: [1\n", "3:2")],  # a recipe edited by hand, indentation broken
+    ids=["unclosed", "indentation"],
+)  # fmt: skip
+def test_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path, capsys, text, where):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("train:\n  epochs: 3\n  lr: [0.1\n")
+    bad.write_text(text)
     with pytest.raises(ConfigError) as err:
         load_config(bad)
     message = str(err.value)
-    assert message.startswith(f"{bad}:4:1: YAML syntax error") and "\n" not in message
+    assert message.startswith(f"{bad}:{where}: YAML syntax error") and "\n" not in message
+    code, err = run_cli(capsys, ["train", "--config", bad, f"output_dir={tmp_path}"])  # the command line: one line
+    assert code == 2
+    assert one_line(err) == f"cvae-dist train: error: {message}"
 
 
-def test_fp16_without_a_gpu_is_refused_in_one_line(monkeypatch):
-    from cvae_dist.distributed import resolve_precision
-
-    with pytest.raises(ConfigError, match=r"^train.precision=fp16 needs a GPU .*; on a CPU use bf16 or fp32$"):
-        resolve_precision(Precision.fp16, "cpu")
-    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # the launcher's fp16 under auto: the same refusal
-    with pytest.raises(ConfigError, match="needs a GPU"):
-        resolve_precision(Precision.auto, "cpu")
-    assert resolve_precision(Precision.fp16, "cuda") == ("fp16", "train.precision")
-
-
-@pytest.mark.parametrize(("forced", "want"), [("1", "bf16"), ("0", "fp32")])
-def test_auto_can_be_told_what_the_device_has(monkeypatch, forced, want):
-    """CVAE_DIST_FAST_BF16 answers `auto`'s question for a test run (CI runs the auto tests both ways)."""
-    from cvae_dist.distributed import resolve_precision
-
-    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
-    monkeypatch.setenv("CVAE_DIST_FAST_BF16", forced)
-    for device in ("cpu", "cuda"):
-        assert resolve_precision(Precision.auto, device)[0] == want
-    monkeypatch.setenv("CVAE_DIST_FAST_BF16", "yes")
-    with pytest.raises(ConfigError, match=r"^CVAE_DIST_FAST_BF16='yes': accepted 1 \(fast bf16\), 0 \(none\)"):
-        resolve_precision(Precision.auto, "cpu")
+def test_checkpoint_interval_must_align_with_loss_checks():
+    with pytest.raises(ConfigError, match="multiple of log.every_steps=5"):
+        load_config(DEBUG, ["log.every_steps=5", "checkpoint.every_steps=12"])

@@ -1,0 +1,151 @@
+"""Ctrl-C (SIGINT) on real `cvae-dist train` processes and 2-process launches."""
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from support.checks import SMALL, leftovers, lines, status, train_argv
+from support.launching import ENV, REPO, launch_command
+
+from cvae_dist.checkpoint import checkpoint_dirs, verify_checkpoint
+
+CVAE_DIST = str(Path(sys.executable).with_name("cvae-dist"))
+
+
+DDP = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"]
+
+
+STARTED: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_strays():
+    """A test that fails while its training runs leaves no processes behind (only those it started)."""
+    yield
+    while STARTED:
+        proc = STARTED.pop()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                if os.getpgid(proc.pid) == proc.pid:  # a launch in its own session: the launcher and its workers
+                    os.killpg(proc.pid, signal.SIGKILL)
+                else:
+                    proc.kill()
+            proc.wait()
+
+
+def start(tmp_path: Path, name: str, overrides: list[str], ddp: bool = False, **popen) -> subprocess.Popen:
+    """`cvae-dist train` (or a 2-process `accelerate launch`, in a session of its own as a terminal's job is)."""
+    if ddp:
+        cmd = launch_command(tmp_path, name, DDP, [*SMALL, *overrides])
+        popen["start_new_session"] = True
+    else:
+        cmd = [CVAE_DIST, *train_argv(tmp_path, name, *overrides)]
+    with (tmp_path / f"{name}.log").open("w") as log:
+        STARTED.append(subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, **popen))
+    return STARTED[-1]
+
+
+def wait_until(proc: subprocess.Popen, what: str, ready, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            if ready():
+                return
+        assert proc.poll() is None, f"ended ({proc.returncode}) before {what}"
+        time.sleep(0.1)
+    proc.kill()
+    raise AssertionError(f"no {what} within {timeout} s")
+
+
+def logged(run_dir: Path, test) -> bool:
+    return any(test(r) for r in lines(run_dir))
+
+
+def output(tmp_path: Path, name: str) -> str:
+    return (tmp_path / f"{name}.log").read_text()
+
+
+def assert_interrupted(run_dir: Path, before_step: int) -> int:
+    """status.json says interrupted (exit code 130) at a step whose checkpoint is complete; returns that step."""
+    st = status(run_dir)
+    assert st["state"] == "interrupted" and st["exit_code"] == 130, st
+    assert 0 < st["step"] < before_step
+    assert verify_checkpoint(run_dir / "checkpoints" / f"step-{st['step']:09d}").step == st["step"]
+    assert not (run_dir / "model").exists() and not leftovers(run_dir)  # stopped early, nothing half-written
+    return st["step"]
+
+
+@pytest.mark.parametrize("ddp", [False, True], ids=["single-process", "ddp-2-processes"])
+def test_ctrl_c_after_the_first_epoch_checkpoints_and_stops(tmp_path, ddp):
+    # The user watches epoch 1 finish and presses Ctrl-C in the terminal: the terminal sends SIGINT to the whole
+    # foreground process group (the launcher and its workers under accelerate launch).
+    proc = start(tmp_path, "run", ["train.epochs=3", "data.batch_size=32"], ddp=ddp)  # 15 steps an epoch
+    run_dir = tmp_path / "run"
+    wait_until(proc, "the end of epoch 1", lambda: logged(run_dir, lambda r: "train/loss" in r))
+    if ddp:
+        os.killpg(proc.pid, signal.SIGINT)
+    else:
+        proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    out = output(tmp_path, "run")
+    step = assert_interrupted(run_dir, 45)
+    assert step > 15, "stopped in epoch 2, after the signal"
+    assert "Ctrl-C: checkpointing at the next step line" in out
+    if ddp:  # torchrun exits 1 whatever its workers said: status.json carries the code
+        assert proc.returncode != 0
+        assert out.count(f"cvae-dist train: stopped on SIGINT at step {step}") == 2, out[-4000:]
+        # The only traceback is the launcher's own (torchrun's SignalException); none from the trainer's code.
+        assert f'File "{REPO / "cvae_dist"}' not in out, out[-4000:]
+    else:
+        assert proc.returncode == 130, out[-4000:]
+        assert f"stopped on SIGINT at step {step}; checkpoint {run_dir}/checkpoints/step-{step:09d}; rerun with " \
+               "resume=auto" in out  # fmt: skip
+        assert "Traceback" not in out, out
+
+
+@pytest.mark.parametrize("sigint_ignored", [False, True], ids=["terminal", "started-with-sigint-ignored"])
+def test_ctrl_c_during_the_first_epoch_checkpoints_and_stops(tmp_path, sigint_ignored):
+    # Ctrl-C in the middle of epoch 1. `started-with-sigint-ignored`: the job was started as `cmd &` from a script
+    # (a non-interactive shell starts background jobs with SIGINT ignored), and the user then sends it SIGINT
+    # (`kill -INT`): it must still checkpoint and stop, not ignore the signal.
+    popen = {"preexec_fn": lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)} if sigint_ignored else {}
+    proc = start(tmp_path, "run", ["train.epochs=2", "data.batch_size=32"], **popen)
+    run_dir = tmp_path / "run"
+    wait_until(proc, "step 2", lambda: logged(run_dir, lambda r: r.get("step", 0) >= 2))
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    out = output(tmp_path, "run")
+    assert proc.returncode == 130, out[-4000:]
+    assert_interrupted(run_dir, 15)  # still in epoch 1
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
+    assert out.rstrip().splitlines()[-1].startswith("cvae-dist train: stopped on SIGINT at step")
+
+
+def test_a_second_ctrl_c_more_than_3_s_later_exits_at_once(tmp_path):
+    # The user pressed Ctrl-C, the run said it checkpoints at the next step line, but that line is far away (a long
+    # log interval): a second Ctrl-C a few seconds later quits at once, without waiting for the checkpoint.
+    overrides = ["train.epochs=50", "log.every_steps=1000", "checkpoint.every_epoch=false"]
+    proc = start(tmp_path, "run", overrides)
+    wait_until(proc, "training to start", lambda: (tmp_path / "run" / "metrics.jsonl").exists())  # opened once armed
+    proc.send_signal(signal.SIGINT)
+    # the grace period counts from when the handler ran, which a busy machine can delay by a step or more
+    wait_until(proc, "the first Ctrl-C's answer", lambda: "Ctrl-C: checkpointing" in output(tmp_path, "run"))
+    time.sleep(3.5)
+    assert proc.poll() is None, "the first Ctrl-C must wait for the checkpoint, not quit"
+    proc.send_signal(signal.SIGINT)
+    second = time.monotonic()
+    proc.wait(timeout=30)
+    elapsed = time.monotonic() - second
+    out = output(tmp_path, "run")
+    assert proc.returncode == 130, out[-4000:]
+    assert elapsed < 3, f"took {elapsed:.1f} s after the second Ctrl-C"
+    assert out.count("Ctrl-C: checkpointing at the next step line") == 1
+    assert out.rstrip().splitlines()[-1] == "Ctrl-C again: stopped at once, without a checkpoint (resume=auto " \
+                                           "continues from the last one)"  # fmt: skip
+    assert checkpoint_dirs(tmp_path / "run") == [] and not leftovers(tmp_path / "run")
