@@ -3,7 +3,7 @@
 Sections (`--sections`, default `compare,data,telemetry`; `--scaling` adds `scaling`):
 
 - `compare`: for each precision (fp32, bf16) x layout (NCHW, channels_last), one process that alternates trials of
-  (a) a minimal hand-written loop (CVAE, AdamW lr 1e-3 wd 1e-5 fused like the trainer's, batches from in-memory,
+  (a) a minimal hand-written loop (CVAE, the recipe's AdamW, fused like the trainer's, batches from in-memory,
   already resized 64x64 images, `vae_loss(...).total`, zero_grad / backward / step) and (b) the trainer itself: a
   real run (`trainer.prepare` + `Trainer`, in a temporary directory, W&B off) driven by `Trainer.steps`,
   the loop `train` uses, with its data stream, resize, telemetry and step lines. On CUDA each config also gets a
@@ -84,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
             "trials": args.trials,
             "seconds": args.seconds,
             "warmup_s": args.warmup,
-            "batch": cfg.data.per_rank_batch_size or cfg.data.batch_size,
+            "batch": cfg.data.batch_size,
             "compile": args.compile,
             "device": str(device),
             "overrides": _overrides(args),
@@ -229,16 +229,16 @@ class HandLoop:
     """The plain PyTorch loop: the same model and recipe, batches from memory, nothing else. With `graph` (CUDA), the
     step is captured once as a CUDA graph and replayed, each batch copied into its static input."""
 
-    def __init__(self, model_cfg, images: torch.Tensor, batch: int, precision: str, channels_last: bool, compile_,
-                 graph: bool = False):  # fmt: skip
+    def __init__(self, cfg, images: torch.Tensor, batch: int, precision: str, compile_, graph: bool = False):
         from cvae_dist.model import CVAE, vae_loss
 
         self.device = images.device
         torch.manual_seed(0)
-        model = CVAE(model_cfg).to(self.device)
-        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        model = CVAE(cfg.model).to(self.device)
+        fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.model = model.to(memory_format=fmt)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True, capturable=graph)
+        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                           fused=True, capturable=graph)  # fmt: skip
         reps = -(-2 * batch // len(images))  # at least two distinct batches
         images = images.repeat(reps, 1, 1, 1) if reps > 1 else images
         self.batches = [
@@ -415,8 +415,7 @@ def compare_worker(args, cfg, setup) -> dict:
     trainers = {mode: TrainerLoop(_trainer_run(c, f"compare-{mode}", args.compile))
                 for mode, c in mode_cfgs.items()}  # fmt: skip
     batch = trainers["eager"].batch
-    hands = {mode: HandLoop(cfg.model, images, batch, precision, cfg.train.channels_last, args.compile,
-                            graph=mode == "graph") for mode in mode_cfgs}  # fmt: skip
+    hands = {mode: HandLoop(cfg, images, batch, precision, args.compile, graph=mode == "graph") for mode in mode_cfgs}
     want = "bfloat16" if precision == "bf16" else "float32"
     dtypes = {"hand": hands["eager"].autocast_dtype(), "framework": trainers["eager"].autocast_dtype()}
     if set(dtypes.values()) != {want}:
@@ -563,7 +562,7 @@ def data_section(args, cfg, device, configs: list[dict] | None) -> dict:
     seconds = args.data_seconds or args.seconds
     streams = []
     for world, ranks in ((1, [0]), (2, [0, 1])):
-        batch = cfg.data.per_rank_batch_size or cfg.data.batch_size // world
+        batch = cfg.data.batch_size // world
         for rank, resident in itertools.product(ranks, (False, True)):
             measured = _stream_rates(cfg, rank, world, batch, seconds, args.warmup, args.trials, resident, device)
             for path, rates in measured.items():

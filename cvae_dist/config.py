@@ -55,7 +55,6 @@ class DataConfig:
     train_split: str = "train"  # splits may be joined with "+", e.g. "train+test"
     eval_split: str = "test"
     batch_size: int = 128  # global batch: shared out over the ranks (shares differ by at most one image)
-    per_rank_batch_size: int | None = None  # pin the per-rank batch instead (global = this x world size)
     shuffle_buffer: int = 10_000
     # A rank whose decoded shard fits in this many MB keeps it on its device: decoded once, at start, then each
     # epoch only the order comes from the stream. Larger shards are decoded from the stream every epoch. 0: never.
@@ -72,7 +71,6 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many steps in all (a bounded run, e.g. a smoke test)
     lr: float = 1e-3
     weight_decay: float = 1e-5
-    scale_lr: bool = False  # multiply lr by world size (linear scaling rule); off keeps the recipe's lr
     seed: int = 0
     precision: Precision = Precision.auto
     channels_last: bool = True
@@ -126,7 +124,7 @@ class JobConfig:
         m, d, t = self.model, self.data, self.train
         positive = {
             "model.image_size": m.image_size, "model.filters": m.filters, "model.latent_dim": m.latent_dim,
-            "data.batch_size": d.batch_size, "data.per_rank_batch_size": d.per_rank_batch_size,
+            "data.batch_size": d.batch_size,
             "train.epochs": t.epochs, "train.max_steps": t.max_steps, "log.every_steps": self.log.every_steps,
             "checkpoint.keep": self.checkpoint.keep,
         }  # fmt: skip
@@ -191,6 +189,22 @@ def _from_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     return tree
 
 
+# Settings earlier versions had. A run directory's config.yaml written then still loads where one holds its old
+# default (what every such file holds unless the user set it); any other value is refused, saying what replaced it.
+RETIRED = {
+    ("data", "per_rank_batch_size"): (None, "data.batch_size is the global batch, shared out at any world size"),
+    ("train", "scale_lr"): (False, "the lr is train.lr at any world size: set train.lr itself"),
+}
+
+
+def _drop_retired(layer: dict, where: str) -> dict:
+    for (section, key), (default, instead) in RETIRED.items():
+        node = layer.get(section)
+        if isinstance(node, dict) and key in node and node.pop(key) != default:
+            raise ConfigError(f"{where}: {section}.{key} is no longer a setting; {instead}")
+    return layer
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a YAML recipe onto the typed defaults, then apply `section.key=value` overrides."""
     layers = []
@@ -201,8 +215,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         recipe = _parse(path.read_text(), str(path))
         if recipe is not None and not isinstance(recipe, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, ...), not {recipe!r:.40}")
-        layers.append(recipe or {})
-    layers.append(_from_overrides(overrides))
+        layers.append(_drop_retired(recipe or {}, str(path)))
+    layers.append(_drop_retired(_from_overrides(overrides), "override"))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(JobConfig), *layers)
         cfg: JobConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]

@@ -218,9 +218,7 @@ def _eager_reason(cfg: JobConfig, device: str, deepspeed: bool, precision: str, 
 def per_rank_batch_size(cfg: JobConfig, world_size: int, rank: int) -> int:
     """The recipe's batch is global: each rank takes its share, the first `batch % world` ranks one image more
     (128 over 3 ranks: 43, 43, 42). The loss is a sum and each rank's is scaled by the world size before DDP
-    averages, so the gradient is still exactly the sum over the global batch. Or the pinned per-rank batch."""
-    if cfg.data.per_rank_batch_size is not None:
-        return cfg.data.per_rank_batch_size
+    averages, so the gradient is still exactly the sum over the global batch."""
     share, extra = divmod(cfg.data.batch_size, world_size)
     if share == 0:
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} is smaller than the world size {world_size}")
@@ -240,10 +238,10 @@ def configure_deepspeed(setup: Setup, cfg: JobConfig, per_rank_batch: int) -> No
     if not setup.deepspeed:
         return
     accelerator = setup.accelerator
-    if cfg.data.per_rank_batch_size is None and cfg.data.batch_size % accelerator.num_processes:
+    if cfg.data.batch_size % accelerator.num_processes:
         raise ConfigError(
             f"DeepSpeed needs an equal micro-batch on every rank: data.batch_size={cfg.data.batch_size} does not "
-            f"divide by the world size {accelerator.num_processes}; pick a multiple or pin data.per_rank_batch_size"
+            f"divide by the world size {accelerator.num_processes}; accepted: a multiple of it"
         )
     ds = accelerator.state.deepspeed_plugin.deepspeed_config
     accumulation = ds.get("gradient_accumulation_steps", 1)

@@ -222,9 +222,7 @@ def evaluate(
         "loss_per_image": loss,
         "recon_per_image": recon,
         "kl_per_image": kl,
-        "loss_per_batch": loss * EVAL_BATCH,
-        "recon_per_batch": recon * EVAL_BATCH,
-        "kl_per_batch": kl * EVAL_BATCH,
+        "loss_per_batch": loss * EVAL_BATCH,  # the unit of the training loss curve
     }
 
 

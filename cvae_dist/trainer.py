@@ -81,7 +81,6 @@ class Parts:
     eval_pixels: torch.Tensor
     eval_labels: torch.Tensor
     prior: torch.Tensor  # fixed latent draws for the sample half of the figure
-    lr: float  # this run's (after train.scale_lr), also when it resumes a checkpoint written with another
 
 
 def prepare(cfg: JobConfig, setup: distributed.Setup | None = None) -> Parts:
@@ -106,9 +105,8 @@ def prepare(cfg: JobConfig, setup: distributed.Setup | None = None) -> Parts:
     if cfg.train.on_nonfinite is NonFinite.skip and setup.deepspeed:
         raise ConfigError("train.on_nonfinite=skip is not available under DeepSpeed (its engine steps inside "
                           "backward); accepted there: error")  # fmt: skip
-    lr = cfg.train.lr * (world if cfg.train.scale_lr else 1)
     # capturable and the lr's form are the step mode's: `apply_step_mode` (after any load_state) sets them
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.train.weight_decay, fused=True)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
     batch = distributed.per_rank_batch_size(cfg, world, rank)
     global_batch = sum(distributed.per_rank_batch_size(cfg, world, r) for r in range(world))
     workers = distributed.data_workers(cfg.data.num_workers, accelerator.device)
@@ -132,7 +130,7 @@ def prepare(cfg: JobConfig, setup: distributed.Setup | None = None) -> Parts:
                         generator=torch.Generator().manual_seed(cfg.train.seed))  # fmt: skip
     step = make_step(setup, model, optimizer, cfg, batch, side_stream)
     return Parts(cfg, setup, run_dir, model, optimizer, stream, step, batch, global_batch, steps_per_epoch,
-                 bad_records, state, resume_from, eval_pixels, eval_labels, prior, lr)  # fmt: skip
+                 bad_records, state, resume_from, eval_pixels, eval_labels, prior)  # fmt: skip
 
 
 class Trainer:
@@ -161,7 +159,7 @@ class Trainer:
                 for moved in checkpoint.set_aside_newer(self.dir, parts.resume_from):
                     accelerator.print(f"moved the checkpoint that failed its checks aside: {moved}")
             accelerator.wait_for_everyone()
-        apply_step_mode(self.optimizer, isinstance(self.step, GraphStep), parts.lr, accelerator.device)
+        apply_step_mode(self.optimizer, isinstance(self.step, GraphStep), self.cfg.train.lr, accelerator.device)
         self.meter = LossMeter.from_state(self.state.loss, accelerator.device, accelerator.process_index,
                                           self.state.step)  # fmt: skip
         identity = distributed.rank_identity(accelerator)
@@ -179,7 +177,7 @@ class Trainer:
         self.table = RankTable(self.identities)
         facts = {
             "compute_dtype": self.compute_dtype(), "compiled": is_compiled_module(self.model),
-            "per_rank_batch_size": parts.batch, "global_batch_size": parts.global_batch, "lr_effective": parts.lr,
+            "per_rank_batch_size": parts.batch, "global_batch_size": parts.global_batch,
             "steps_per_epoch": parts.steps_per_epoch, "threads_per_rank": torch.get_num_threads(),
             "step_mode": type(self.step).__name__, **identity, **mfu_facts,
             "hosts": [i["host"] for i in self.identities], "nodes": [i["node"] for i in self.identities],

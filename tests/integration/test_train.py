@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from support.checks import LR, check_lr, one_line, read_only, run_cli, train_argv
+from support.checks import ONE_STEP, check_lr, one_line, read_only, run_cli, train_argv
 from support.launching import DEBUG
 from support.wandb_offline import read_run
 
@@ -103,21 +103,11 @@ def test_deterministic_kernels_are_the_runs_choice_and_recorded(tmp_path):
         assert torch.are_deterministic_algorithms_enabled() is deterministic
 
 
-# One epoch on the 500 held-out digits: 3 steps of 128. ONE_STEP stops after the first: the export in model/ is then
-# the weights after exactly one AdamW update.
-TINY = ["data.train_split=test", "train.epochs=1", "log.every_steps=1", "train.precision=fp32"]
-
-
-ONE_STEP = [*TINY, "train.max_steps=1"]
-
-
 @pytest.mark.auto_precision
-def test_scale_lr_on_one_process_keeps_the_lr(tmp_path):
-    from cvae_dist.trainer import train
-
-    overrides = [*ONE_STEP, "train.scale_lr=true", f"output_dir={tmp_path}", "run_name=lr1", "log.wandb=offline"]
+def test_the_first_step_takes_train_lr(tmp_path):
+    overrides = [*ONE_STEP, "train.lr=2e-3", f"output_dir={tmp_path}", "run_name=lr1", "log.wandb=offline"]
     run_dir = train(load_config(DEBUG, overrides)).run_dir
-    check_lr(run_dir, 1, True, LR)
+    check_lr(run_dir, 1, 2e-3)
 
 
 def test_an_unwritable_output_directory_is_refused_before_training(tmp_path, capsys):

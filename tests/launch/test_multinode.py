@@ -1,5 +1,4 @@
-"""`train.scale_lr` at 2 ranks, and `launch/multi_node.yaml` as actually launched: one launcher per "machine", on
-this host."""
+"""The lr at 2 ranks, and `launch/multi_node.yaml` as actually launched: one launcher per "machine", on this host."""
 
 import json
 import os
@@ -8,23 +7,16 @@ import subprocess
 
 import pytest
 import torch
-from support.checks import LR, check_lr
+from support.checks import LR, ONE_STEP, TINY, check_lr
 from support.launching import ENV, REPO, free_port, launch, launch_command
 from support.wandb_offline import read_run
 
-# One epoch on the 500 held-out digits: 3 steps of 128. ONE_STEP stops after the first: the export in model/ is then
-# the weights after exactly one AdamW update.
-TINY = ["data.train_split=test", "train.epochs=1", "log.every_steps=1", "train.precision=fp32"]
 
-
-ONE_STEP = [*TINY, "train.max_steps=1"]
-
-
-@pytest.mark.parametrize("scaled", [True, False])
-def test_scale_lr_multiplies_the_lr_by_the_world_size(tmp_path, scaled):
+def test_the_lr_is_the_recipes_at_two_ranks(tmp_path):
+    # The global batch is the recipe's at any world size, so its lr is too (no linear scaling rule).
     ddp = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"]
-    run = launch(tmp_path, "lr", ddp, [*ONE_STEP, f"train.scale_lr={str(scaled).lower()}"])
-    check_lr(run.run_dir, 2, scaled, 2 * LR if scaled else LR)  # off (the default): the recipe's lr at any size
+    run = launch(tmp_path, "lr", ddp, ONE_STEP)
+    check_lr(run.run_dir, 2, LR)
 
 
 def launch_two_machines(tmp_path, name: str, gpu_ids: list[str], overrides: list[str], timeout: float = 300):

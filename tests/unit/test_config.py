@@ -76,8 +76,8 @@ def test_precision_defaults_to_auto():
 
 def test_yaml_words_stay_words_for_every_enum_key_and_booleans_still_read(tmp_path):
     # YAML 1.1 reads no/yes/on/off as booleans; enum values must survive them, boolean keys must still accept them.
-    cfg = load_config(None, ["train.channels_last=no", "log.telemetry=off", "train.scale_lr=yes"])
-    assert cfg.train.channels_last is False and cfg.log.telemetry is False and cfg.train.scale_lr is True
+    cfg = load_config(None, ["train.channels_last=no", "log.telemetry=off", "train.deterministic=yes"])
+    assert cfg.train.channels_last is False and cfg.log.telemetry is False and cfg.train.deterministic is True
     for key in ("train.precision", "log.wandb", "data.on_bad_record", "train.on_nonfinite"):
         with pytest.raises(ConfigError, match=f"config key '{key}': Invalid value 'off'"):
             load_config(None, [f"{key}=off"])  # a word, named in the error, not a boolean
@@ -104,3 +104,24 @@ def test_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path, cap
 def test_checkpoint_interval_must_align_with_loss_checks():
     with pytest.raises(ConfigError, match="multiple of log.every_steps=5"):
         load_config(DEBUG, ["log.every_steps=5", "checkpoint.every_steps=12"])
+
+
+def test_a_config_yaml_written_before_the_cuts_still_loads(tmp_path):
+    # A run directory's config.yaml from a version that had data.per_rank_batch_size and train.scale_lr holds them
+    # at their defaults: `sample --run`, `eval --run` and resumes must still read it.
+    old = tmp_path / "config.yaml"
+    old.write_text("data:\n  batch_size: 64\n  per_rank_batch_size: null\ntrain:\n  scale_lr: false\n  epochs: 2\n")
+    cfg = load_config(old)
+    assert (cfg.data.batch_size, cfg.train.epochs) == (64, 2)
+
+
+@pytest.mark.parametrize(
+    ("override", "instead"),
+    [("data.per_rank_batch_size=32", "data.batch_size is the global batch"),
+     ("train.scale_lr=true", "the lr is train.lr at any world size")],
+)  # fmt: skip
+def test_a_retired_setting_given_a_value_is_refused_saying_what_replaced_it(override, instead):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    key = override.split("=")[0]
+    assert str(err.value).startswith(f"override: {key} is no longer a setting; {instead}")

@@ -41,7 +41,7 @@ def test_the_runs_step_mode_decides_capturable_and_lr_after_load_state(tmp_path,
             assert isinstance(group["lr"], torch.Tensor) and group["lr"].device == accelerator.device
         else:
             assert isinstance(group["lr"], float)
-        assert float(group["lr"]) == pytest.approx(2e-3)  # this run's lr (e.g. scale_lr at a new world size)
+        assert float(group["lr"]) == pytest.approx(2e-3)  # this run's lr, not the checkpoint's
     one_step(model, optimizer)  # and it steps
 
 
