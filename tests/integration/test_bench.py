@@ -20,10 +20,10 @@ def test_compile_times_the_compiled_model_on_the_trainer_side(tmp_path, monkeypa
     only model, and a trial runs. (The `eager` backend compiles with dynamo alone: seconds, not inductor's minutes.)"""
     import torch._dynamo
     from accelerate.utils import is_compiled_module
+    from support.launching import DEBUG
 
     from cvae_dist import bench
     from cvae_dist.config import load_config
-    from support.launching import DEBUG
 
     monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)  # absent again after the test
     overrides = ["data.train_split=test", "log.every_steps=1", "train.precision=fp32", "log.wandb=disabled"]
