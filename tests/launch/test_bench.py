@@ -3,25 +3,57 @@
 import json
 import math
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 
 import pytest
+from support.launching import REPO
 
 # Two short trials at batch 32 on the 500 held-out digits (bf16 is ~20x slower than fp32 on CPUs without fast bf16).
 SHORT = ["--trials", "2", "--seconds", "0.2", "--warmup", "0.1", "--data-seconds", "0.2", "--batch", "32",
          "log.every_steps=2", "data.train_split=test"]  # fmt: skip
 
 
-def bench(repo, tmp_path, *args, timeout=600):
+def bench(repo, tmp_path, *args, timeout=600, installed=None):
+    """`cvae-dist bench` from a directory that is not the source checkout; `installed`: from a plain (not editable)
+    install of the package there instead of the checkout's, the launched workers too (PYTHONPATH)."""
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "cvae_dist.cli", "bench", *args, "--json", str(out)]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
-    # from a directory that is not the source checkout: the bench needs only the installed package
+    if installed is not None:
+        env["PYTHONPATH"] = str(installed)
+        where = subprocess.run([sys.executable, "-c", "import cvae_dist; print(cvae_dist.__file__)"], env=env,
+                               cwd=tmp_path, capture_output=True, text=True, check=True).stdout  # fmt: skip
+        assert where.startswith(str(installed)), where
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]
     return json.loads(out.read_text()), proc.stdout
+
+
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """The package built and installed as a user's pip would (a wheel, not editable), into a folder of its own. Built
+    from a copy of the sources, so the checkout gets no build/ or *.egg-info."""
+    source, target = tmp_path_factory.mktemp("source"), tmp_path_factory.mktemp("site")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    shutil.copytree(REPO / "cvae_dist", source / "cvae_dist", ignore=shutil.ignore_patterns("__pycache__"))
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-deps",
+        "--no-build-isolation",
+        "--target",
+        target,
+        source,
+    ]
+    subprocess.run(list(map(str, cmd)), check=True, capture_output=True, timeout=300)
+    return target
 
 
 def positive(value) -> bool:
@@ -94,8 +126,9 @@ def test_compare_data_and_telemetry_sections(repo, tmp_path):
     assert len(overhead["trials"]["on"]) == len(overhead["trials"]["off"]) == 2
 
 
-def test_scaling_section(repo, tmp_path):
-    result, stdout = bench(repo, tmp_path, *SHORT, "--sections", "scaling")
+def test_scaling_section_from_an_installed_package(repo, tmp_path, installed):
+    # the scaling section launches the bench's worker with `accelerate launch`: the most a checkout could hide
+    result, stdout = bench(repo, tmp_path, *SHORT, "--sections", "scaling", installed=installed)
     assert "configs" not in result and "data" not in result
     scaling = result["scaling"]
     runs = {(r["processes"], r["threads"]): r for r in scaling["runs"]}
