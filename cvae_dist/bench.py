@@ -438,6 +438,8 @@ def compare_worker(args, cfg, setup) -> dict:
         _summarise(label, mode, trials[f"hand/{mode}"], trials[f"framework/{mode}"], dtypes, batch, ceiling)
         for mode in mode_cfgs
     ]
+    for loop in trainers.values():  # as `train` does: no captured graph outlives the process group (GraphStep.close)
+        loop.trainer.step.close()
     return {"rows": rows}
 
 
