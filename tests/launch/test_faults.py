@@ -47,9 +47,10 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resumes_exactly(tmp_path, uni
     output = (tmp_path / "preempted.log").read_text()
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted" and status["exit_code"] == REQUEUE_EXIT_CODE
-    # torchrun reports its own failure (1) when signalled, whatever its workers said: status.json carries the
-    # requeue code for wrappers (slurm/*.sbatch read it).
-    assert proc.returncode != 0 and "got signal: 15" in output
+    # torchrun reports its own failure when signalled (1, or 143 where it exits by the signal), whatever its workers
+    # said: status.json carries the requeue code for wrappers (slurm/*.sbatch read it).
+    assert proc.returncode != 0
+    assert "got signal: 15" in output or "Received 15 death signal" in output, output[-4000:]  # torchrun's own words
     stopped_at = status["step"]
     assert 10 <= stopped_at < 35 and (run_dir / "checkpoints" / f"step-{stopped_at:09d}").is_dir()
 

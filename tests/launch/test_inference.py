@@ -10,7 +10,8 @@ from support.launching import ACCELERATE_LAUNCH, REPO, free_port
 from cvae_dist import inference
 
 
-def test_eval_under_accelerate_launch_two_ranks(run, tmp_path):
+def test_eval_under_accelerate_launch_two_ranks(finished, tmp_path):
+    run = finished  # a tiny finished run (the session's)
     out = tmp_path / "eval2.json"
     cmd = [
         *ACCELERATE_LAUNCH,

@@ -1,10 +1,28 @@
 """The data pipeline in process: splits, streams, resident tables, shards, workers (data.py)."""
 
+import io
+import itertools
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image as PILImage
 
-from cvae_dist.config import DataConfig
-from cvae_dist.data import DataError, RankStream, load_split, open_stream
+from cvae_dist.config import ConfigError, DataConfig, load_config
+from cvae_dist.data import (
+    Batch,
+    DataError,
+    RankStream,
+    _Decoded,
+    decode_batch,
+    fewest_rows,
+    full_batches,
+    load_split,
+    open_stream,
+    to_model_input,
+)
 
 
 def test_shipped_splits_are_disjoint_and_stratified():
@@ -131,3 +149,128 @@ def test_unknown_source_and_split_are_named():
         open_stream("/nowhere/at/all", "train")
     with pytest.raises(DataError, match="no 'valid-\\*.parquet' files"):
         open_stream("shipped", "valid")
+
+
+def chunk(ids: list[int]) -> _Decoded:
+    """A decoded chunk of rows `ids`: each row's label and pixels derived from its id, so rows can be followed."""
+    t = torch.tensor(ids, dtype=torch.int64)
+    pixels = (t % 256).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 28, 28).clone()
+    return _Decoded(Batch(pixels, t % 10, t), list(ids), 0)
+
+
+@pytest.mark.parametrize("sizes", [[3, 5, 2, 4, 4, 1], [4, 3, 4, 1, 4], [1, 1, 1], [9]], ids=str)
+def test_full_batches_regroup_uneven_chunks_and_drop_the_remainder(sizes):
+    starts = [sum(sizes[:i]) for i in range(len(sizes))]
+    chunks = [chunk(list(range(s, s + n))) for s, n in zip(starts, sizes, strict=True)]
+    batches = [d.batch for d in full_batches(iter(chunks), 4)]
+    total = sum(sizes)
+    assert [b.ids.tolist() for b in batches] == [list(range(i, i + 4)) for i in range(0, total - total % 4, 4)]
+    for b in batches:  # every row's pixels and label stay with its id
+        assert torch.equal(b.labels, b.ids % 10) and torch.equal(b.pixels[:, 0, 0, 0].long(), b.ids % 256)
+        assert b.pixels.shape == (4, 1, 28, 28)
+
+
+def png(side: int = 28, value: int = 0) -> bytes:
+    out = io.BytesIO()
+    PILImage.fromarray(np.full((side, side), value, dtype=np.uint8) + np.eye(side, dtype=np.uint8)).save(out, "PNG")
+    return out.getvalue()
+
+
+def bad_rows() -> dict:
+    """Rows 0, 3 and 5 are good; 1 is not a PNG, 2 has no bytes, 4 is 32x32, 6 has label 12, 7 no label."""
+    images = [png(value=10), b"not a png", None, png(value=30), png(side=32), png(value=50), png(), png()]
+    return {"image": [None if b is None else {"bytes": b, "path": None} for b in images],
+            "label": [1, 2, 3, 4, 5, 6, 12, None], "id": [100 + i for i in range(8)]}  # fmt: skip
+
+
+def test_decode_batch_skip_drops_bad_records_and_keeps_the_good_ones():
+    decoded = decode_batch(bad_rows(), on_bad="skip")
+    assert decoded.bad == 5 and decoded.keys == [100, 103, 105]
+    b = decoded.batch
+    assert b.ids.tolist() == [100, 103, 105] and b.labels.tolist() == [1, 4, 6]
+    assert b.pixels.dtype == torch.uint8 and b.pixels.shape == (3, 1, 28, 28)
+    expected = [np.full((28, 28), v, dtype=np.uint8) + np.eye(28, dtype=np.uint8) for v in (10, 30, 50)]
+    assert torch.equal(b.pixels[:, 0], torch.from_numpy(np.stack(expected)))
+
+
+@pytest.mark.parametrize(
+    ("row", "problem"),
+    [(1, "undecodable image"), (2, "no image bytes"), (4, "image is 32x32, expected 28x28"),
+     (6, "label 12 outside 0..9"), (7, "missing label")],
+)  # fmt: skip
+def test_decode_batch_error_names_the_first_bad_record_and_its_problem(row, problem):
+    rows = bad_rows()
+    keep = [0, 3, row, 5, 6 if row == 7 else 7]  # good rows, the bad one, a good one and another bad one
+    rows = {k: [v[i] for i in keep] for k, v in rows.items()}
+    with pytest.raises(DataError) as err:
+        decode_batch(rows, on_bad="error")
+    message = str(err.value)
+    assert message.startswith(f"record id {100 + row}: {problem}")
+    assert message.endswith("(data.on_bad_record=skip drops such records)")
+
+
+def test_decode_batch_error_names_the_file_and_row_it_came_from(tmp_path):
+    rows = bad_rows()
+    shard = tmp_path / "train-00000-of-00001.parquet"
+    pq.write_table(pa.table(rows), shard)
+    with pytest.raises(DataError, match=f"^{shard}: row 1: undecodable image"):
+        decode_batch(rows, on_bad="error", files=[str(shard)])
+
+
+def test_decode_batch_without_an_id_column_gives_id_minus_one():
+    rows = {k: v for k, v in bad_rows().items() if k != "id"}
+    decoded = decode_batch(rows, on_bad="skip")
+    assert decoded.batch.ids.tolist() == [-1, -1, -1] and len(set(decoded.keys)) == 3  # keys: digests of the bytes
+
+
+def shards(tmp_path, sizes: list[int]) -> list[str]:
+    files = []
+    for i, n in enumerate(sizes):
+        files.append(str(tmp_path / f"train-{i:05d}.parquet"))
+        pq.write_table(pa.table({"label": [0] * n}), files[-1])
+    return files
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 5])
+def test_fewest_rows_is_the_worst_deal_any_rank_can_get(tmp_path, world):
+    sizes = [40, 10, 30, 20]
+    files = shards(tmp_path, sizes)
+    if len(sizes) % world == 0:  # whole shards, len / world to each rank: the worst is the lightest such hand
+        per_rank = len(sizes) // world
+        worst = min(sum(hand) for hand in itertools.combinations(sizes, per_rank))
+    else:  # every world-th row of the whole split
+        worst = sum(sizes) // world
+    assert fewest_rows(files, world) == worst
+    assert fewest_rows(None, world) is None  # a hub dataset: unknown before reading it
+
+
+def test_model_input_is_in_unit_range_at_the_models_size():
+    pixels = torch.tensor([0, 255, 51, 255], dtype=torch.uint8).view(1, 1, 2, 2).repeat(3, 1, 14, 14)
+    same = to_model_input(pixels, 28, channels_last=False)
+    assert same.dtype == torch.float32 and torch.equal(same, pixels.float() / 255)  # no resize: exact
+    assert same.min() == 0 and same.max() == 1
+    resized = to_model_input(pixels, 40, channels_last=True)
+    assert resized.shape == (3, 1, 40, 40) and resized.dtype == torch.float32
+    assert resized.min() >= 0 and resized.max() <= 1
+    # bilinear: a flat image stays flat
+    flat = to_model_input(torch.full((2, 1, 28, 28), 51, dtype=torch.uint8), 64, channels_last=False)
+    assert torch.allclose(flat, torch.full((2, 1, 64, 64), 0.2))
+
+
+@pytest.mark.parametrize(("batch", "world"), [(128, 3), (128, 1), (128, 8), (100, 7), (5, 5), (64, 6)])
+def test_the_global_batch_is_shared_out_over_the_ranks(batch, world):
+    from cvae_dist.distributed import per_rank_batch_size
+
+    cfg = load_config(None, [f"data.batch_size={batch}"])
+    shares = [per_rank_batch_size(cfg, world, r) for r in range(world)]
+    assert sum(shares) == batch and max(shares) - min(shares) <= 1
+    assert shares == sorted(shares, reverse=True)  # the first ranks take the extra images
+    if (batch, world) == (128, 3):
+        assert shares == [43, 43, 42]
+
+
+def test_a_global_batch_smaller_than_the_world_is_refused():
+    from cvae_dist.distributed import per_rank_batch_size
+
+    with pytest.raises(ConfigError, match="data.batch_size=3 is smaller than the world size 4"):
+        per_rank_batch_size(load_config(None, ["data.batch_size=3"]), 4, 0)

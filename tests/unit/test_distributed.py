@@ -1,6 +1,8 @@
 """The precision rule and the launch configs (distributed.py, launch/*.yaml)."""
 
 import pytest
+import torch
+from accelerate import Accelerator
 from support.launching import REPO
 
 from cvae_dist.config import ConfigError, Precision
@@ -38,3 +40,87 @@ def test_launch_configs_parse_with_accelerate():
     assert len(configs) >= 6
     assert configs["gpu_compile.yaml"].dynamo_config == {"dynamo_backend": "INDUCTOR"}
     assert configs["deepspeed.yaml"].deepspeed_config["zero_stage"] == 2  # --zero_stage picks another
+
+
+EXPLICIT = [(p, d) for p in (Precision.fp32, Precision.bf16) for d in ("cpu", "cuda")] + [(Precision.fp16, "cuda")]
+
+
+def use_launcher(monkeypatch, launcher: str | None) -> None:
+    """ACCELERATE_MIXED_PRECISION as `accelerate launch` sets it (None: not launched by it)."""
+    if launcher is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", launcher)
+
+
+@pytest.mark.parametrize(("requested", "device"), EXPLICIT, ids=lambda v: getattr(v, "value", v))
+def test_an_explicit_precision_wins_over_the_launcher_and_the_device(monkeypatch, requested, device):
+    from cvae_dist.distributed import resolve_precision
+
+    for launcher in (None, "no", "bf16", "fp16"):
+        for fast in ("1", "0"):
+            use_launcher(monkeypatch, launcher)
+            monkeypatch.setenv("CVAE_DIST_FAST_BF16", fast)
+            assert resolve_precision(requested, device) == (requested.value, "train.precision")
+
+
+@pytest.mark.parametrize(
+    ("launcher", "fast", "device", "want"),
+    [("bf16", "0", "cpu", "bf16"), ("BF16", "0", "cuda", "bf16"), ("fp16", "1", "cuda", "fp16"),  # the launcher's
+     ("no", "1", "cpu", "bf16"), (None, "1", "cuda", "bf16"), ("NO", "0", "cpu", "fp32"), (None, "0", "cuda", "fp32")],
+)  # fmt: skip
+def test_auto_takes_the_launchers_precision_else_the_devices_fastest(monkeypatch, launcher, fast, device, want):
+    from cvae_dist.distributed import resolve_precision
+
+    use_launcher(monkeypatch, launcher)
+    monkeypatch.setenv("CVAE_DIST_FAST_BF16", fast)
+    chosen, why = resolve_precision(Precision.auto, device)
+    assert chosen == want and why.startswith("auto: ")
+    by_launcher = launcher is not None and launcher.lower() != "no"
+    assert ("launcher" in why) is by_launcher  # the reason printed says which rule answered
+
+
+def test_auto_refuses_a_launcher_precision_it_does_not_know(monkeypatch):
+    from cvae_dist.distributed import resolve_precision
+
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp8")
+    with pytest.raises(ConfigError, match=r"^the launcher's mixed_precision=fp8 is not supported; accepted: no, bf16"):
+        resolve_precision(Precision.auto, "cuda")
+    assert resolve_precision(Precision.fp32, "cuda")[0] == "fp32"  # an explicit choice does not ask the launcher
+
+
+@pytest.mark.parametrize(("cores", "local_world", "want"), [(16, None, 16), (16, "3", 5), (4, "8", 1), (2, "1", 2)])
+def test_cores_per_rank_is_this_processes_share_of_its_cores(monkeypatch, cores, local_world, want):
+    from cvae_dist.distributed import cores_per_rank
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(cores)))
+    if local_world is None:
+        monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", local_world)
+    assert cores_per_rank() == want
+
+
+def test_data_workers_keep_an_explicit_zero_and_leave_a_lone_core_to_training(monkeypatch):
+    from cvae_dist.distributed import data_workers
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda _pid: set(range(8)))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # one core per rank
+    assert data_workers(None, torch.device("cuda")) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert data_workers(0, torch.device("cuda")) == 0  # configured: none, though 8 cores would allow 4
+    assert data_workers(2, torch.device("cpu")) == 2
+
+
+def test_exchange_returns_every_value_by_name_as_float64_on_the_host():
+    from cvae_dist.distributed import exchange
+
+    accelerator = Accelerator(cpu=True)
+    loss = (torch.tensor(3.0, requires_grad=True) * 2).reshape(1)  # a device tensor still in a graph
+    values = {"host_first": 1.25, "loss": loss, "steps": 35, "flag": torch.tensor(True), "last": 0.5}
+    gathered = exchange(accelerator, values)
+    assert set(gathered) == set(values)
+    expected = {"host_first": 1.25, "loss": 6.0, "steps": 35.0, "flag": 1.0, "last": 0.5}
+    for name, value in gathered.items():
+        assert value.dtype == torch.float64 and value.device.type == "cpu" and value.shape == (1,)
+        assert not value.requires_grad and value.item() == expected[name]

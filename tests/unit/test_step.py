@@ -1,10 +1,17 @@
 """The step's optimizer settings: the run's step mode decides them, also after a checkpoint brings back its own."""
 
+import copy
+
 import pytest
 import torch
 from accelerate import Accelerator
 
-from cvae_dist.step import apply_step_mode
+from cvae_dist.config import ModelConfig
+from cvae_dist.data import to_model_input
+from cvae_dist.loss_meter import LossMeter
+from cvae_dist.model import CVAE, vae_loss
+from cvae_dist.step import EagerStep, _finite_gradients, apply_step_mode
+from cvae_dist.telemetry import NoTimer
 
 
 def prepared_adamw():
@@ -60,3 +67,82 @@ def test_a_graphs_lr_is_a_tensor_that_every_step_reads():
         assert optimizer.param_groups[0]["lr"] is lr  # the very tensor a captured graph would read
         finals.append(model.weight.detach().clone())
     assert not torch.equal(*finals)
+
+
+SIZE = 16
+
+
+def tiny_cvae_step(skip_nonfinite: bool):
+    """An EagerStep on a small CVAE, prepared by a one-process CPU Accelerator, and a copy of its start."""
+    accelerator = Accelerator(cpu=True)
+    torch.manual_seed(0)
+    model = CVAE(ModelConfig(latent_dim=2, filters=8, image_size=SIZE))
+    start = copy.deepcopy(model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-5)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    step = EagerStep(accelerator, model, optimizer, SIZE, channels_last=False, skip_nonfinite=skip_nonfinite)
+    return step, start
+
+
+def pixels() -> torch.Tensor:
+    return torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+
+
+def test_an_eager_step_is_one_adamw_update_on_the_summed_loss():
+    step, start = tiny_cvae_step(skip_nonfinite=False)
+    meter = LossMeter(torch.device("cpu"), rank=0, step=0)
+    # by hand, on a copy, with the same noise: resize, forward, summed loss, backward, AdamW
+    model = copy.deepcopy(start)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-5)
+    with torch.random.fork_rng(devices=[]):
+        x = to_model_input(pixels(), SIZE, channels_last=False)
+        loss = vae_loss(model(x), x).total
+        loss.backward()
+        optimizer.step()
+    step(pixels(), NoTimer(6), meter)
+    assert meter.local()["loss/epoch"].item() == pytest.approx(loss.item(), rel=1e-6)
+    trained = dict(step.model.named_parameters())
+    for (name, p), p0 in zip(model.named_parameters(), start.parameters(), strict=True):
+        assert torch.allclose(trained[name], p, rtol=1e-5, atol=1e-7), name
+        assert not torch.equal(trained[name], p0), name  # and every parameter moved
+    assert all(p.grad is None for p in step.model.parameters())  # set to none for the next step
+
+
+def poison(step: EagerStep) -> dict[str, torch.Tensor]:
+    """A NaN in one weight: the loss and every gradient upstream of it are NaN. Returns the weights before."""
+    with torch.no_grad():
+        step.model.decoder.linear.weight[0, 0] = float("nan")
+    return {n: p.detach().clone() for n, p in step.model.named_parameters()}
+
+
+def test_skip_mode_drops_a_step_whose_gradients_are_not_finite():
+    step, _ = tiny_cvae_step(skip_nonfinite=True)
+    before = poison(step)
+    meter = LossMeter(torch.device("cpu"), rank=0, step=0)
+    step(pixels(), NoTimer(6), meter)
+    for name, p in step.model.named_parameters():
+        assert torch.equal(p.nan_to_num(7.0), before[name].nan_to_num(7.0)), name  # not updated
+    assert meter.epoch_skipped == 1 and meter.local()["loss/first_bad"].item() < 0
+    assert all(p.grad is None for p in step.model.parameters())  # the NaN gradients do not reach the next step
+
+
+def test_error_mode_takes_the_step_and_the_meter_sees_the_bad_loss():
+    step, _ = tiny_cvae_step(skip_nonfinite=False)
+    before = poison(step)
+    meter = LossMeter(torch.device("cpu"), rank=0, step=4)
+    step(pixels(), NoTimer(6), meter)
+    assert meter.epoch_skipped == 0 and meter.local()["loss/first_bad"].item() == 5  # for the check at the step line
+    assert step.model.encoder.mu.weight.isnan().all() and not before["encoder.mu.weight"].isnan().any()
+
+
+def test_finite_gradients_is_false_when_any_gradient_is_not_finite():
+    model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    assert _finite_gradients(optimizer)  # no gradients yet
+    model(torch.ones(1, 3)).sum().backward()
+    assert _finite_gradients(optimizer)
+    for bad in (float("inf"), float("nan")):
+        grad = model[1].bias.grad
+        grad[0] = bad
+        assert not _finite_gradients(optimizer)
+        grad[0] = 0.0

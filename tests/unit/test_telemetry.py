@@ -1,10 +1,191 @@
 """FLOPs, step timers, cross-rank series and stragglers (telemetry.py)."""
 
-from cvae_dist.config import ModelConfig
-from cvae_dist.telemetry import count_flops_per_image
+import math
+
+import pytest
+import torch
+
+from cvae_dist import telemetry
+from cvae_dist.config import LogConfig, ModelConfig
+from cvae_dist.telemetry import (
+    RANK_FIELDS,
+    NoTimer,
+    RankTable,
+    StepTimer,
+    StragglerDetector,
+    _at_most_one,
+    count_flops_per_image,
+    summarise,
+)
 
 
 def test_flops_per_image_is_counted_and_documented(repo):
     flops = count_flops_per_image(ModelConfig())
     assert flops == 75_497_472  # forward + backward of one 64x64 image, torch.utils.flop_counter
     assert "75,497,472" in (repo / "README.md").read_text()
+
+
+def gathered_from(per_rank: list[dict[str, float]]) -> dict[str, torch.Tensor]:
+    """What `exchange` returns for ranks reporting `per_rank[r]`: each name's values by rank, float64."""
+    return {name: torch.tensor([r[name] for r in per_rank], dtype=torch.float64) for name in per_rank[0]}
+
+
+def figures(img: float, busy: float, **rest: float) -> dict[str, float]:
+    """One rank's full telemetry (RANK_FIELDS), with the img/s and busy img/s given."""
+    values = dict.fromkeys(RANK_FIELDS, 0.0) | {"img_per_s": img, "busy_img_per_s": busy}
+    return values | rest
+
+
+def median(values: list[float]) -> float:
+    s, n = sorted(values), len(values)
+    return s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+
+
+@pytest.mark.parametrize(
+    "busy",
+    [[900.0, 600.0], [500.0, 1000.0, 800.0], [1000.0, 1000.0, 400.0]],
+    ids=["world2-rank1-slowest", "world3-rank0-slowest", "world3-rank2-slowest"],
+)
+def test_summarise_names_every_ranks_figures_and_the_slowest_rank(busy):
+    world = len(busy)
+    ranks = [
+        figures(0.9 * b, b, data_wait_frac=0.1 * (r + 1), mfu=0.2 + 0.1 * r, step_time_s=float(r))
+        for r, b in enumerate(busy)
+    ]
+    series = summarise(gathered_from(ranks), step=20, global_batch=96)
+    assert series["images_seen"] == 20 * 96
+    for r in range(world):
+        for name in RANK_FIELDS:
+            assert series[f"rank/{r}/{name}"] == pytest.approx(ranks[r][name])
+    assert series["throughput/global_img_per_s"] == pytest.approx(sum(0.9 * b for b in busy))
+    assert series["throughput/min_rank_busy_img_per_s"] == min(busy)
+    assert series["throughput/straggler_ratio"] == pytest.approx(min(busy) / median(busy))
+    assert series["throughput/mfu"] == pytest.approx(sum(r["mfu"] for r in ranks) / world)
+    assert series["throughput/data_wait_frac"] == pytest.approx(0.1 * world)  # the worst rank's
+    named = {f"rank/{r}/{n}" for r in range(world) for n in RANK_FIELDS}
+    assert {k for k in series if k.startswith("rank/")} == named
+
+
+def test_summarise_without_telemetry_has_img_per_s_only():
+    series = summarise(gathered_from([{"img_per_s": 100.0}, {"img_per_s": 50.0}]), step=3, global_batch=8)
+    assert series == {
+        "images_seen": 24,
+        "rank/0/img_per_s": 100.0,
+        "rank/1/img_per_s": 50.0,
+        "throughput/global_img_per_s": 150.0,
+    }
+
+
+def busy_rates(*rates: float) -> dict[str, torch.Tensor]:
+    return {"busy_img_per_s": torch.tensor(rates, dtype=torch.float64)}
+
+
+def test_a_straggler_is_flagged_after_its_patience_once_a_spell_and_alone():
+    detector = StragglerDetector(LogConfig(straggler_fraction=0.8, straggler_intervals=3), world_size=3)
+    slow = busy_rates(1000.0, 1000.0, 700.0)  # rank 2 at 70% of the median
+    nearly = busy_rates(1000.0, 1000.0, 850.0)  # above 80%: not slow
+    assert [detector.update(slow) for _ in range(2)] == [[], []]
+    assert detector.update(slow) == [2]  # the third interval in a row
+    assert [detector.update(slow) for _ in range(3)] == [[], [], []]  # the same spell: not named again
+    assert detector.update(nearly) == []  # the spell ends
+    assert [detector.update(slow) for _ in range(3)] == [[], [], [2]]  # a new one counts from the start
+    assert detector.update({"img_per_s": torch.tensor([1.0, 1.0, 0.1])}) == []  # no busy rates: nothing to judge
+
+
+def test_straggler_fraction_and_patience_come_from_the_config():
+    rates = busy_rates(1000.0, 1000.0, 450.0, 550.0, 1000.0)  # ranks 2 and 3 at 45% and 55% of the median
+    strict = StragglerDetector(LogConfig(straggler_fraction=0.5, straggler_intervals=1), world_size=5)
+    assert strict.update(rates) == [2]
+    lenient = StragglerDetector(LogConfig(straggler_fraction=0.6, straggler_intervals=2), world_size=5)
+    assert [lenient.update(rates) for _ in range(2)] == [[], [2, 3]]
+
+
+def test_straggler_description_names_the_ranks_host_and_machine():
+    detector = StragglerDetector(LogConfig(straggler_fraction=0.8, straggler_intervals=3), world_size=3)
+    identities = [{"node": f"node{r // 2}", "machine_rank": r // 2} for r in range(3)]
+    text = detector.describe([2], step=40, identities=identities)
+    assert text.startswith("step 40: rank 2 (node1, machine 1) below 80% of the median") and "3 intervals" in text
+
+
+class Clock:
+    """A stand-in for the `time` module: the test moves the clock."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self) -> float:
+        return self.now
+
+    perf_counter = monotonic
+
+
+def test_straggler_alerts_are_rate_limited(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(telemetry, "time", clock)
+    detector = StragglerDetector(LogConfig(straggler_alert_every_s=300.0), world_size=2)
+    assert detector.alert_due()  # the first one goes out
+    clock.now += 299
+    assert not detector.alert_due()
+    clock.now += 2  # 301 s after the first
+    assert detector.alert_due()
+    assert not detector.alert_due()  # counted from the last one sent, not the last asked
+
+
+def test_rank_table_has_a_row_per_rank_with_its_means():
+    identities = [{"node": "gpu-node-with-a-long-name-1"}, {"node": "b"}, {"node": "c"}]
+    table = RankTable(identities)
+    intervals = [[1000.0, 2000.0, 3000.0], [3000.0, 4000.0, 5000.0]]
+    for img in intervals:
+        table.add(gathered_from([figures(i, 2 * i, data_wait_frac=0.25, mfu=0.5, peak_mem_mb=1024.0) for i in img]))
+    header, *rows = table.render().splitlines()
+    assert "rank" in header and "img/s" in header and len(rows) == 3
+    for r, row in enumerate(rows):
+        mean = (intervals[0][r] + intervals[1][r]) / 2
+        assert row.split()[:3] == [str(r), identities[r]["node"][:16], f"{mean:,.0f}"]
+        assert f"{2 * mean:,.0f}" in row and "25.0%" in row and "50.00%" in row and "1,024 MB" in row
+
+
+def test_without_telemetry_a_rank_reports_img_per_s_only(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(telemetry, "time", clock)
+    timer = NoTimer(per_rank_batch=32)
+    for _ in timer.timed(range(5)):
+        clock.now += 0.5
+        timer.backward_done()
+        timer.step_done()
+    assert timer.local() == {"img_per_s": 5 * 32 / 2.5}
+    clock.now += 1
+    assert timer.local() == {"img_per_s": 0.0}  # it restarted
+
+
+def test_step_timer_on_cpu_measures_every_phase_of_the_interval(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(telemetry, "time", clock)
+    # 4 steps of 0.1 s waiting for data, 0.3 s forward + backward, 0.1 s in the optimizer: 2 s in all
+    timer = StepTimer(torch.device("cpu"), per_rank_batch=16, flops_per_image=1e9, peak_flops=128e9)
+
+    def batches():
+        for b in range(4):
+            clock.now += 0.1
+            yield b
+
+    for _ in timer.timed(batches()):
+        clock.now += 0.3
+        timer.backward_done()
+        clock.now += 0.1
+        timer.step_done()
+    local = timer.local()
+    assert set(local) == set(RANK_FIELDS)
+    img_per_s = 4 * 16 / 2.0
+    expected = {"img_per_s": img_per_s, "busy_img_per_s": img_per_s, "step_time_s": 0.5, "data_wait_frac": 0.2,
+                "sync_wait_frac": 0.0, "fwd_bwd_s": 0.3, "optimizer_s": 0.1,
+                "mfu": img_per_s * 1e9 / 128e9}  # fmt: skip
+    assert {k: local[k] for k in expected} == pytest.approx(expected)
+    assert local["peak_mem_mb"] > 0  # the process's peak resident set
+    clock.now += 1
+    assert timer.local()["img_per_s"] == 0  # the meters restarted
+
+
+def test_an_mfu_above_one_is_no_figure():
+    assert _at_most_one(0.25) == 0.25 and _at_most_one(1.0) == 1.0
+    assert math.isnan(_at_most_one(1.5))

@@ -1,0 +1,206 @@
+"""Checkpoints without training: when the Checkpointer saves, which directories count as checkpoints, the manifest
+check, and the refusals before a run starts (checkpoint.py)."""
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from cvae_dist import checkpoint
+from cvae_dist.checkpoint import (
+    Checkpointer,
+    CheckpointError,
+    TrainerState,
+    check_compatible,
+    check_new_run_dir,
+    check_writable,
+    checkpoint_dirs,
+    verify_checkpoint,
+)
+from cvae_dist.config import CheckpointConfig, ConfigError
+
+
+class Meter:
+    def to_state(self) -> dict:
+        return {"epoch_sums": [1.0, 2.0]}
+
+
+def run_checkpoints(monkeypatch, tmp_path, cfg: CheckpointConfig, epochs: int, steps: int, every: int) -> list:
+    """The trainer's calls for a run of `epochs` x `steps` steps with a step line every `every` steps: the
+    checkpoints saved, as (step, tag)."""
+    saved = []
+
+    def save_checkpoint(_accelerator, run_dir, state, keep):
+        saved.append(state.step)
+        return run_dir / "checkpoints" / f"step-{state.step:09d}"
+
+    monkeypatch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
+    logged = []
+    keeper = Checkpointer(None, tmp_path, cfg, Meter(), logged.append)
+    state = TrainerState()
+    for epoch in range(1, epochs + 1):
+        state.epoch, state.batches_done = epoch, 0
+        for _ in range(steps):
+            state.step += 1
+            state.batches_done += 1
+            if state.step % every == 0:
+                keeper.at_step_line(state, epoch_over=state.batches_done >= steps)
+        keeper.at_epoch_end(state, last=epoch == epochs)
+    assert [e["step"] for e in logged] == saved  # every save is logged
+    return [(e["step"], e["event"].removeprefix("checkpoint:")) for e in logged]
+
+
+def test_by_default_a_run_checkpoints_at_every_epoch_end(monkeypatch, tmp_path):
+    saved = run_checkpoints(monkeypatch, tmp_path, CheckpointConfig(), epochs=3, steps=5, every=2)
+    assert saved == [(5, "epoch"), (10, "epoch"), (15, "epoch")]
+
+
+def test_every_steps_checkpoints_at_its_step_lines_and_the_last_step(monkeypatch, tmp_path):
+    cfg = CheckpointConfig(every_steps=4, every_epoch=False)
+    saved = run_checkpoints(monkeypatch, tmp_path, cfg, epochs=2, steps=5, every=2)
+    # steps 4 and 8 at their step lines; none at the end of epoch 1 (step 5); the run's last step (10) always
+    assert saved == [(4, "steps"), (8, "steps"), (10, "epoch")]
+
+
+def test_an_interval_ending_on_an_epoch_end_checkpoints_once_there(monkeypatch, tmp_path):
+    cfg = CheckpointConfig(every_steps=6, every_epoch=False)
+    saved = run_checkpoints(monkeypatch, tmp_path, cfg, epochs=3, steps=6, every=3)
+    assert saved == [(6, "epoch"), (12, "epoch"), (18, "epoch")]
+
+
+def test_every_steps_and_every_epoch_together(monkeypatch, tmp_path):
+    cfg = CheckpointConfig(every_steps=2, every_epoch=True)
+    saved = run_checkpoints(monkeypatch, tmp_path, cfg, epochs=2, steps=3, every=2)
+    assert saved == [(2, "steps"), (3, "epoch"), (4, "steps"), (6, "epoch")]
+
+
+def test_a_checkpoint_takes_the_meters_state_and_logs_its_path(monkeypatch, tmp_path):
+    got = []
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda a, d, s, keep: got.append((s, keep)) or d / "x")
+    logged = []
+    state = TrainerState(step=7, epoch=2)
+    path = Checkpointer(None, tmp_path, CheckpointConfig(keep=5), Meter(), logged.append).save(state, "signal")
+    assert path == tmp_path / "x" and got == [(state, 5)] and state.loss == Meter().to_state()
+    assert logged == [{"step": 7, "epoch": 2, "event": "checkpoint:signal", "path": str(tmp_path / "x")}]
+
+
+def test_checkpoint_dirs_are_the_finished_ones_oldest_first(tmp_path):
+    assert checkpoint_dirs(tmp_path) == []  # no checkpoints/ yet
+    root = tmp_path / "checkpoints"
+    for name in ("step-000000020", "step-000000003", ".partial-step-000000030", "step-000000010",
+                 "step-000000004.corrupt", "step-000000005.abandoned", "step-"):  # fmt: skip
+        (root / name).mkdir(parents=True)
+    (root / "step-000000040").write_text("a file, not a checkpoint")
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000000003", "step-000000010", "step-000000020"]
+
+
+def sealed(path: Path, files: dict[str, str]) -> Path:
+    """A checkpoint directory holding `files` and a manifest of their sha256 (as save_checkpoint writes one)."""
+    path.mkdir(parents=True)
+    for name, text in files.items():
+        (path / name).write_text(text)
+    manifest = {name: hashlib.sha256(text.encode()).hexdigest() for name, text in files.items()}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return path
+
+
+def test_verify_checkpoint_reads_the_state_of_a_complete_checkpoint(tmp_path):
+    state = {"step": 12, "epoch": 3, "world_size": 2, "per_rank_batch_size": 64}
+    path = sealed(tmp_path / "step-000000012", {"trainer_state.json": json.dumps(state), "model.bin": "weights"})
+    got = verify_checkpoint(path)
+    assert (got.step, got.epoch, got.world_size, got.per_rank_batch_size) == (12, 3, 2, 64)
+
+
+def test_verify_checkpoint_refuses_a_directory_without_a_manifest(tmp_path):
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "trainer_state.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"ckpt: no manifest\.json; not a complete cvae-dist checkpoint"):
+        verify_checkpoint(tmp_path / "ckpt")
+
+
+def test_verify_checkpoint_refuses_a_changed_or_missing_file(tmp_path):
+    files = {"trainer_state.json": json.dumps({"step": 1}), "model.bin": "weights"}
+    changed = sealed(tmp_path / "changed", files)
+    (changed / "model.bin").write_text("weightz")
+    with pytest.raises(CheckpointError, match="model.bin does not match its checksum"):
+        verify_checkpoint(changed)
+    missing = sealed(tmp_path / "missing", files)
+    (missing / "model.bin").unlink()
+    with pytest.raises(CheckpointError, match="model.bin is missing"):
+        verify_checkpoint(missing)
+    foreign = sealed(tmp_path / "foreign", {"trainer_state.json": json.dumps({"step": 1, "optimizer": "sgd"})})
+    with pytest.raises(CheckpointError, match="unreadable checkpoint metadata"):
+        verify_checkpoint(foreign)
+
+
+def test_a_new_run_refuses_a_directory_with_something_in_it(tmp_path):
+    check_new_run_dir(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    check_new_run_dir(tmp_path / "empty")
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "metrics.jsonl").write_text("")
+    with pytest.raises(ConfigError) as err:
+        check_new_run_dir(tmp_path / "used")
+    message = str(err.value)
+    assert message.startswith(f"run directory {tmp_path / 'used'} already exists") and "resume=auto" in message
+    assert "\n" not in message
+
+
+@pytest.fixture
+def unwritable(monkeypatch):
+    """Paths made unwritable (os.access says so; root would write anyway, so permission bits cannot show it)."""
+    denied: set[Path] = set()
+    real = checkpoint.os.access
+    monkeypatch.setattr(checkpoint.os, "access", lambda p, mode: Path(p) not in denied and real(p, mode))
+    return denied
+
+
+def test_check_writable_asks_the_checkpoints_the_run_or_the_nearest_existing_parent(tmp_path, unwritable):
+    run = tmp_path / "out" / "deeper" / "run"
+    check_writable(run)  # nothing exists below tmp_path yet: tmp_path is asked, and is writable
+    unwritable.add(tmp_path)
+    with pytest.raises(ConfigError) as err:
+        check_writable(run)
+    assert str(err.value) == f"output directory {tmp_path} is not writable (output_dir={run.parent})"
+    (run / "checkpoints").mkdir(parents=True)  # a resumed run: its checkpoints/ is what must take new files
+    check_writable(run)
+    unwritable.add(run / "checkpoints")
+    with pytest.raises(ConfigError) as err:
+        check_writable(run)
+    assert str(err.value).startswith(f"{run / 'checkpoints'} is not writable; the run could not save")
+
+
+def test_check_writable_asks_an_existing_run_directory(tmp_path, unwritable):
+    (tmp_path / "run").mkdir()
+    unwritable.add(tmp_path / "run")
+    with pytest.raises(ConfigError) as err:
+        check_writable(tmp_path / "run")
+    assert str(err.value).startswith(f"{tmp_path / 'run'} is not writable")
+
+
+MODEL = {"latent_dim": 8, "filters": 64, "image_size": 64}
+
+
+def state(**fields) -> TrainerState:
+    return TrainerState(**({"world_size": 2, "per_rank_batch_size": 64, "data_workers": 0, "model": MODEL} | fields))
+
+
+@pytest.mark.parametrize(
+    ("saved", "refusal"),
+    [(state(model=MODEL | {"latent_dim": 4}), "written for model"),
+     (state(world_size=4, per_rank_batch_size=32), "written by 4 rank(s) x 32 images; resuming with 2 x 64"),
+     (state(per_rank_batch_size=32), "written by 2 rank(s) x 32 images"),
+     (state(data_workers=2), "written with 2 data worker(s) per rank, this launch has 0")],
+    ids=["model", "world", "batch", "workers"],
+)  # fmt: skip
+def test_an_incompatible_resume_is_refused_in_one_line(tmp_path, saved, refusal):
+    with pytest.raises(CheckpointError) as err:
+        check_compatible(saved, tmp_path / "step-000000010", state())
+    message = str(err.value)
+    assert message.startswith(f"{tmp_path / 'step-000000010'}: ") and refusal in message and "\n" not in message
+
+
+def test_a_compatible_resume_and_an_old_checkpoint_without_a_model_record_pass(tmp_path):
+    check_compatible(state(), tmp_path, state())
+    check_compatible(state(model={}), tmp_path, state())  # written before checkpoints recorded the model
