@@ -25,7 +25,9 @@ def test_compile_times_the_compiled_model_on_the_trainer_side(tmp_path, monkeypa
     from cvae_dist import bench
     from cvae_dist.config import load_config
 
-    monkeypatch.delenv("ACCELERATE_DYNAMO_BACKEND", raising=False)  # absent again after the test
+    # set through monkeypatch, so that what the bench sets is undone after the test (a delenv of an absent variable
+    # records nothing to undo, and the next Accelerator in this process would compile)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
     overrides = ["data.train_split=test", "log.every_steps=1", "train.precision=fp32", "log.wandb=disabled"]
     cfg = load_config(DEBUG, [*overrides, f"output_dir={tmp_path}"])
     torch._dynamo.reset()
