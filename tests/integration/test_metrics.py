@@ -5,12 +5,9 @@ import logging
 from types import SimpleNamespace
 
 import pytest
+from support.checks import lines
 from support.launching import DEBUG
 from support.wandb_offline import read_run
-
-
-def lines(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def tiny_training(tmp_path, name: str, *overrides: str):

@@ -1,12 +1,12 @@
 """On a CUDA GPU only (skipped elsewhere): the whole-step CUDA graph, the resident data on the device, DeepSpeed in
 bf16 / fp16 and `auto` precision. Every path these tests cover that also runs on a CPU is tested there as well."""
 
-import json
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from support.checks import step_losses
 from support.launching import DEBUG, launch
 from support.wandb_offline import read_run
 
@@ -21,11 +21,6 @@ pytestmark = pytest.mark.gpu
 STEPS = ["train.max_steps=20", "log.every_steps=5", "log.wandb=disabled", "train.precision=fp32",
          "train.deterministic=true"]  # fmt: skip
 TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2}  # graph vs eager, per step line (relative): the same kernels, reordered
-
-
-def step_losses(run_dir):
-    lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["train/step_loss"] for r in lines if "train/step_loss" in r}
 
 
 def test_cuda_graph_is_the_default_and_matches_eager_steps(tmp_path):

@@ -1,10 +1,10 @@
 """Per-rank telemetry from real 2-process launches, read back from metrics.jsonl and the offline W&B run."""
 
 import itertools
-import json
 import re
 
 import pytest
+from support.checks import lines
 from support.launching import launch
 from support.wandb_offline import read_run, read_runs
 
@@ -14,10 +14,6 @@ DDP = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"]
 
 
 ONE_EPOCH = ["train.epochs=1", "log.every_steps=5", "train.precision=fp32"]
-
-
-def lines(run_dir):
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def test_ddp_reduces_gradients_the_same_with_telemetry_on_and_off(tmp_path):

@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from support.checks import lines
 
 from cvae_dist.config import ModelConfig, WandbMode, load_config
 from cvae_dist.metrics import RankRecord, RunLogger, parameter_digest, resolve_wandb_mode
@@ -64,16 +65,12 @@ def logger(run_dir, rank: int = 0, resume_step: int | None = None, per_rank: boo
     return RunLogger(run_dir, cfg, {}, rank=rank, resume_step=resume_step)
 
 
-def read_lines(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_metrics_lines_hold_plain_values(tmp_path):
     log = logger(tmp_path)
     third = 1 / 3
     log.log({"step": 3, "train/step_loss": torch.tensor(2.5), "ratio": third, "event": "x", "n": 7})
     log.close()
-    (line,) = read_lines(tmp_path)
+    (line,) = lines(tmp_path)
     assert line["train/step_loss"] == 2.5 and line["event"] == "x" and line["n"] == 7 and line["step"] == 3
     assert line["ratio"] == pytest.approx(third, abs=1e-6) and len(repr(line["ratio"]).split(".")[1]) <= 6
     assert isinstance(line["time"], float)
@@ -88,15 +85,15 @@ def test_only_the_main_process_writes_metrics_jsonl(tmp_path, per_rank):
 
 
 def test_a_resumed_run_drops_the_lines_after_its_step_and_a_partial_last_line(tmp_path):
-    lines = [{"step": s, "train/step_loss": float(s)} for s in range(1, 7)]
-    lines.insert(4, {"step": 4, "event": "checkpoint:steps"})
-    text = "".join(json.dumps(line) + "\n" for line in lines)
+    written = [{"step": s, "train/step_loss": float(s)} for s in range(1, 7)]
+    written.insert(4, {"step": 4, "event": "checkpoint:steps"})
+    text = "".join(json.dumps(line) + "\n" for line in written)
     (tmp_path / "metrics.jsonl").write_text(text + '{"step": 7, "train/st')  # cut off by a kill
     log = logger(tmp_path, resume_step=4)
-    assert read_lines(tmp_path) == [line for line in lines if line["step"] <= 4]
+    assert lines(tmp_path) == [line for line in written if line["step"] <= 4]
     log.log({"step": 5, "train/step_loss": 5.5})
     log.close()
-    assert [(x["step"], x.get("train/step_loss")) for x in read_lines(tmp_path)[-3:]] == [(4, 4.0), (4, None), (5, 5.5)]
+    assert [(x["step"], x.get("train/step_loss")) for x in lines(tmp_path)[-3:]] == [(4, 4.0), (4, None), (5, 5.5)]
 
 
 def test_a_resumed_run_keeps_every_line_up_to_its_step(tmp_path):
