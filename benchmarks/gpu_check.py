@@ -242,7 +242,7 @@ def ddp_capture_one_rank(out: Path, sizes: Sizes) -> dict:
     from cvae_dist.distributed import set_determinism
     from cvae_dist.loss_meter import LossMeter
     from cvae_dist.model import CVAE
-    from cvae_dist.step import EagerStep, GraphStep
+    from cvae_dist.step import EagerStep, GraphStep, SampleNoise
     from cvae_dist.telemetry import NoTimer
 
     set_determinism(True)
@@ -251,7 +251,8 @@ def ddp_capture_one_rank(out: Path, sizes: Sizes) -> dict:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     image = 32 if sizes.dry_run else 64
-    data = RankStream(DataConfig(train_split="test" if sizes.dry_run else "train"), 0, 1, 64, 0, 0, device)
+    data = RankStream(DataConfig(train_split="test" if sizes.dry_run else "train", batch_size=64), 0, 1, seed=0,
+                      device=device)  # fmt: skip
     batches = [b.pixels for b in data.epoch(1, 6)]
 
     def trajectory(wrap: bool):
@@ -264,7 +265,8 @@ def ddp_capture_one_rank(out: Path, sizes: Sizes) -> dict:
             net = torch.nn.parallel.DistributedDataParallel(model) if wrap else model
         if side:
             torch.cuda.current_stream().wait_stream(side)
-        eager = EagerStep(accelerator, net, optimizer, image, channels_last=False, skip_nonfinite=False)
+        noise = SampleNoise(1, 64, 8, slice(0, 64), device)
+        eager = EagerStep(accelerator, net, optimizer, noise, image, channels_last=False, skip_nonfinite=False)
         step = GraphStep(eager, 64, warmup=11, side_stream=side) if side else eager
         meter = LossMeter(device, 0, 0)
         torch.manual_seed(1)

@@ -524,19 +524,25 @@ def telemetry_worker(args, cfg, setup) -> dict:
 
 def _stream_rates(cfg, rank, world, batch, seconds, warmup, trials, resident, device) -> dict[str, list[float]]:
     """img/s of this rank's `RankStream` alone. Streamed (`resident` False): batches with every digit decoded, as
-    every epoch of a shard too large to keep. Resident: the table's build (a first epoch's decoding), batches from
-    the table with the epoch's order at hand, with and without the on-device resize, and the rate at which epoch
-    orders come from the stream (rows/s, `data.num_workers` processes ahead of training)."""
+    every epoch of a split too large to keep. Resident: the table's build (the machine's one decode, into an empty
+    cache), batches from the table with the epoch's order at hand, with and without the on-device resize, and the
+    rate at which epoch orders are drawn (rows/s)."""
     import copy
+    from unittest import mock
 
     from cvae_dist.data import RankStream, to_model_input
     from cvae_dist.distributed import data_workers
 
     data = copy.deepcopy(cfg.data)
     data.resident_mb = data.resident_mb if resident else 0
-    start = time.perf_counter()
-    stream = RankStream(data, rank, world, batch, cfg.train.seed, data_workers(data.num_workers, device), device)
-    built = time.perf_counter() - start
+    with (
+        tempfile.TemporaryDirectory(prefix="cvae-bench-cache-") as cache,
+        mock.patch.dict(os.environ, CVAE_DIST_CACHE=cache),
+    ):
+        start = time.perf_counter()
+        stream = RankStream(data, rank, world, cfg.train.seed, data_workers(data.num_workers, device), device)
+        built = time.perf_counter() - start
+    assert stream.batch_size == batch
     steps = stream.local_steps
 
     def rates(step: Callable[[], object], per_step: int) -> list[float]:
@@ -546,15 +552,15 @@ def _stream_rates(cfg, rank, world, batch, seconds, warmup, trials, resident, de
     if not resident:
         batches = (b for epoch in itertools.count(1) for b in stream.epoch(epoch, steps))
         return {"stream": rates(lambda: next(batches), batch)}
-    order = stream.order(1)
-    batches = (b for _ in itertools.count() for b in stream.epoch(1, steps))  # epoch 1's order, computed once
+    rows = len(stream.table.labels)
+    batches = (b for _ in itertools.count() for b in stream.epoch(1, steps))  # epoch 1's order, drawn once
     resize = cfg.model.image_size, cfg.train.channels_last
     epochs = itertools.count(2)
     return {
-        "resident-build": [len(stream.table.row_of) / built],  # the whole split is decoded into the table
+        "resident-build": [rows / built],  # the whole split is decoded into the table
         "resident": rates(lambda: next(batches), batch),
         "resident+resize": rates(lambda: to_model_input(next(batches).pixels, *resize), batch),
-        "resident-order": rates(lambda: stream.order(next(epochs)), len(order)),
+        "resident-order": rates(lambda: stream.order(next(epochs)), rows),
     }
 
 
@@ -564,7 +570,7 @@ def data_section(args, cfg, device, configs: list[dict] | None) -> dict:
     seconds = args.data_seconds or args.seconds
     streams = []
     for world, ranks in ((1, [0]), (2, [0, 1])):
-        batch = cfg.data.batch_size // world
+        batch = cfg.data.batch_size // world  # (an even world here: every rank's share)
         for rank, resident in itertools.product(ranks, (False, True)):
             measured = _stream_rates(cfg, rank, world, batch, seconds, args.warmup, args.trials, resident, device)
             for path, rates in measured.items():
@@ -596,7 +602,7 @@ DATA_PATHS = {
     "resident-build": "resident: decode into the table",
     "resident": "resident: batch from the table",
     "resident+resize": "resident: batch + resize",
-    "resident-order": "resident: epoch order from the stream",
+    "resident-order": "resident: the epoch's permutation",
 }
 
 
@@ -617,7 +623,8 @@ def data_table(data: dict) -> str:
 # ---------------------------------------------------------------------------------------------- scaling
 
 
-SCALING_RUNS = ((1, 2), (2, 1), (1, 1))  # (processes, threads per process)
+# (processes, threads per process, model.batchnorm); 2 x 1 twice: what BatchNorm over the global batch costs
+SCALING_RUNS = ((1, 2, "global"), (2, 1, "global"), (2, 1, "local"), (1, 1, "global"))
 # launch/cpu_debug.yaml and launch/ddp_cpu.yaml, written out where the bench runs (it needs no source checkout)
 CPU_LAUNCH = {"compute_environment": "LOCAL_MACHINE", "num_machines": 1, "machine_rank": 0}
 LAUNCH_CONFIGS = {
@@ -633,19 +640,22 @@ def scaling_section(args) -> dict:
     with tempfile.TemporaryDirectory(prefix="cvae-bench-launch-") as tmp:
         for name, config in LAUNCH_CONFIGS.items():
             (Path(tmp) / f"{name}.yaml").write_text(yaml.safe_dump(config))
-        for processes, threads in SCALING_RUNS:
+        for processes, threads, batchnorm in SCALING_RUNS:
             launcher = [_accelerate(), "launch", "--config_file", str(Path(tmp) / "one_cpu.yaml")]
             if processes > 1:
                 launcher = [_accelerate(), "launch", "--config_file", str(Path(tmp) / "ddp_cpu.yaml"),
                             "--num_processes", str(processes), "--main_process_port", str(_free_port())]  # fmt: skip
-            runs.append(_run_worker(args, "scaling", [], launcher, {"OMP_NUM_THREADS": str(threads)}))
+            extra, env = [f"model.batchnorm={batchnorm}"], {"OMP_NUM_THREADS": str(threads)}
+            runs.append({"batchnorm": batchnorm, **_run_worker(args, "scaling", extra, launcher, env)})
             rate = runs[-1]["median_img_per_s"]
-            print(f"  scaling {processes} process(es) x {threads} thread(s): {rate:,.0f} img/s", flush=True)
-    rate = {(r["processes"], r["threads"]): r["median_img_per_s"] for r in runs}
+            print(f"  scaling {processes} process(es) x {threads} thread(s), {batchnorm} BatchNorm: {rate:,.0f} img/s",
+                  flush=True)  # fmt: skip
+    rate = {(r["processes"], r["threads"], r["batchnorm"]): r["median_img_per_s"] for r in runs}
     return {
         "runs": runs,
-        "efficiency": rate[(2, 1)] / rate[(1, 2)],
-        "per_core_efficiency": rate[(2, 1)] / (2 * rate[(1, 1)]),
+        "efficiency": rate[(2, 1, "global")] / rate[(1, 2, "global")],
+        "per_core_efficiency": rate[(2, 1, "global")] / (2 * rate[(1, 1, "global")]),
+        "global_to_local_batchnorm": rate[(2, 1, "global")] / rate[(2, 1, "local")],
     }
 
 
@@ -673,6 +683,7 @@ def scaling_worker(args, cfg, setup) -> dict:
         "per_rank_batch": loop.trainer.parts.batch,
         "precision": setup.precision,
         "backend": accelerator.distributed_type.value,
+        "global_batchnorm": setup.global_batchnorm,
         "trials": trials,
         "img_per_s": rates,
         "median_img_per_s": _median(rates),
@@ -686,9 +697,11 @@ def scaling_table(s: dict) -> str:
     for r in s["runs"]:
         lines.append(
             f"  {r['processes']} process(es) x {r['threads']} thread(s) ({r['backend']}, batch {r['per_rank_batch']}"
-            f"/rank): {r['median_img_per_s']:>8,.0f} img/s, sync wait {100 * r['median_sync_wait_frac']:.1f}%"
+            f"/rank, {r['batchnorm']} BatchNorm): {r['median_img_per_s']:>8,.0f} img/s, "
+            f"sync wait {100 * r['median_sync_wait_frac']:.1f}%"
         )
     lines.append(
-        f"  efficiency 2x1 / 1x2 = {s['efficiency']:.3f}; per-core 2x1 / (2 x 1x1) = {s['per_core_efficiency']:.3f}"
+        f"  efficiency 2x1 / 1x2 = {s['efficiency']:.3f}; per-core 2x1 / (2 x 1x1) = {s['per_core_efficiency']:.3f}; "
+        f"2x1 global / local BatchNorm = {s['global_to_local_batchnorm']:.3f}"
     )
     return "\n".join(lines)

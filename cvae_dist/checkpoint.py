@@ -179,6 +179,9 @@ class TrainerState:
     epoch_seconds: float = 0.0
     world_size: int = 1
     per_rank_batch_size: int = 0
+    global_batch_size: int = 0  # 0: written before it was recorded (then world_size x per_rank_batch_size)
+    data_path: str = ""  # resident (resumes on any world size) | streamed; "": written before it was recorded
+    zero_stage: int = 0  # DeepSpeed's ZeRO stage; 0: DDP or one process
     data_workers: int = 0  # where datasets deals the shards to the workers, their number shapes the data order
     wandb_run_id: str | None = None
     model: dict = field(default_factory=dict)
@@ -335,16 +338,43 @@ def resolve_resume(run_dir: Path, resume: str | None, warn) -> tuple[Path, Train
 
 
 def check_compatible(saved: TrainerState, path: Path, current: TrainerState) -> None:
-    """Refuse resumes that would silently change the model or the data order (`current`: this launch's state)."""
+    """Refuse resumes that would silently change the model, the global batch or the data order (`current`: this
+    launch's state). A resident split resumes on any world size: its order is the same at every one."""
     if saved.model and saved.model != current.model:
         raise CheckpointError(f"{path}: written for model {saved.model}, but this run configures {current.model}")
-    if (saved.world_size, saved.per_rank_batch_size) != (current.world_size, current.per_rank_batch_size):
+    saved_batch = saved.global_batch_size or saved.world_size * saved.per_rank_batch_size
+    if saved_batch != current.global_batch_size:
         raise CheckpointError(
-            f"{path}: written by {saved.world_size} rank(s) x {saved.per_rank_batch_size} images; resuming with "
-            f"{current.world_size} x {current.per_rank_batch_size} would change which examples each step sees. "
-            f"Relaunch with {saved.world_size} processes (the data order is exact only for the same world size)"
+            f"{path}: written with a global batch of {saved_batch} images, this run has {current.global_batch_size}; "
+            f"resume with data.batch_size={saved_batch}"
         )
-    if saved.data_workers != current.data_workers:
+    if saved.data_path and saved.data_path != current.data_path:
+        raise CheckpointError(
+            f"{path}: written with the {saved.data_path} data path, this run's split is {current.data_path} "
+            "(data.resident_mb decides), whose epoch order differs; resume with the data.resident_mb it ran with"
+        )
+    if saved.data_path and saved.zero_stage != current.zero_stage:  # (recorded since data_path was)
+        engines = [
+            "DDP or one process" if z == 0 else f"DeepSpeed ZeRO-{z}" for z in (saved.zero_stage, current.zero_stage)
+        ]
+        raise CheckpointError(
+            f"{path}: written under {engines[0]}, this launch runs {engines[1]}; their checkpoints differ in layout: "
+            f"relaunch with the {engines[0]} set-up"
+        )
+    if saved.world_size != current.world_size:
+        if saved.zero_stage or current.zero_stage:
+            raise CheckpointError(
+                f"{path}: written by {saved.world_size} DeepSpeed rank(s), this launch has {current.world_size}; "
+                "ZeRO keeps each rank's optimizer partition and this trainer does not convert it (DeepSpeed's "
+                f"universal checkpoint): relaunch with {saved.world_size} processes"
+            )
+        if current.data_path != "resident" or saved.data_path != "resident":
+            raise CheckpointError(
+                f"{path}: written by {saved.world_size} rank(s), this launch has {current.world_size}; a streamed "
+                "split is dealt to the ranks by its shards, so its order depends on the world size: relaunch with "
+                f"{saved.world_size} processes (a split within data.resident_mb resumes on any world size)"
+            )
+    if current.data_path == "streamed" and saved.data_workers != current.data_workers:
         raise CheckpointError(
             f"{path}: written with {saved.data_workers} data worker(s) per rank, this launch has "
             f"{current.data_workers}; the data order depends on it: resume with data.num_workers={saved.data_workers}"

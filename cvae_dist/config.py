@@ -45,6 +45,13 @@ class ModelConfig:
     latent_dim: int = 8
     filters: int = 64  # F: the encoder's widest layer; must be divisible by 4
     image_size: int = 64  # square, a multiple of 8; digits are resized to it (bilinear)
+    # BatchNorm's statistics in training: "global" over every rank's images of a step (the recipe's: the same model
+    # at any world size), or "local" over each rank's share. It shapes no weight: exports do not record it.
+    batchnorm: str = "global"
+
+    def shape(self) -> dict[str, int]:
+        """The fields the weights' shapes fix: what an export's config.json and a checkpoint record."""
+        return {"latent_dim": self.latent_dim, "filters": self.filters, "image_size": self.image_size}
 
 
 @dataclass
@@ -56,11 +63,12 @@ class DataConfig:
     eval_split: str = "test"
     batch_size: int = 128  # global batch: shared out over the ranks (shares differ by at most one image)
     shuffle_buffer: int = 10_000
-    # A rank whose decoded shard fits in this many MB keeps it on its device: decoded once, at start, then each
-    # epoch only the order comes from the stream. Larger shards are decoded from the stream every epoch. 0: never.
+    # A split whose decoded digits fit in this many MB is resident: decoded once per machine (then cached), kept on
+    # each rank's device, and read in one seeded order per epoch that every world size shares. Larger splits are
+    # streamed (split_dataset_by_node) and decoded every epoch. 0: always stream.
     resident_mb: int = 1024
     # DataLoader worker processes per rank (0: the training process does the work). They decode a streamed shard,
-    # or compute a resident shard's epoch orders ahead. None: 0 on CPU, up to 4 on GPU.
+    # or a resident split once at start. None: 0 on CPU, up to 4 on GPU.
     num_workers: int | None = None
     on_bad_record: BadRecord = BadRecord.error  # undecodable / wrong-size image, missing or out-of-range label
 
@@ -135,6 +143,8 @@ class JobConfig:
             raise ConfigError(f"model.image_size={m.image_size}: must be a positive multiple of 8")
         if m.filters % 4:
             raise ConfigError(f"model.filters={m.filters}: must be a positive multiple of 4")
+        if m.batchnorm not in ("global", "local"):
+            raise ConfigError(f"model.batchnorm={m.batchnorm!r}: accepted: global, local")
         if d.num_workers is not None and d.num_workers < 0:
             raise ConfigError(f"data.num_workers={d.num_workers}: must be 0 or more (or null: automatic)")
         if d.resident_mb < 0:

@@ -1,14 +1,16 @@
 """MNIST as a Hugging Face `datasets` stream: one path for the hub, local parquet and the shipped digits.
 
-shards -> `load_dataset(..., streaming=True)` -> `split_dataset_by_node(rank, world)` -> seeded shuffle
-(`set_epoch`) -> batches -> uint8 digits -> (on the device) bilinear resize. Every rank yields the same number of
-batches per epoch (the trainer agrees on it), so no rank waits alone in a collective.
+Resident (the decoded split fits `data.resident_mb`; all of MNIST is 55 MB): the stream is decoded once per machine
+into a uint8 table (cached, keyed by the shards' bytes), kept on each rank's device. Each epoch one seeded
+permutation of its rows is the global order; global batch i is its i-th slice of `data.batch_size` rows, and each
+rank takes its share of it. The world size decides only who computes which rows.
 
-PNG decoding is the pipeline's only real cost (see the README's benchmarks), so a rank whose decoded shard fits
-`data.resident_mb` decodes it once, at start, into a uint8 table on its device (all of MNIST is 55 MB). From then
-on each epoch's order still comes from the same seeded shuffle of the same stream, read without decoding (a
-`DataLoader` worker computes the next epochs' orders ahead when `data.num_workers` > 0), and a batch is an index
-into the table. Larger shards are decoded from the stream every epoch, in worker processes if configured.
+Streamed (larger splits): shards -> `load_dataset(..., streaming=True)` -> `split_dataset_by_node(rank, world)` ->
+seeded shuffle (`set_epoch`) -> batches -> uint8 digits, decoded every epoch (in worker processes if configured).
+Every rank yields the same number of batches per epoch (the trainer agrees on it), so no rank waits alone in a
+collective.
+
+Either way, the model's input is made on the device (`to_model_input`: bilinear resize).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import contextlib
 import hashlib
 import io
 import itertools
+import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -30,6 +34,10 @@ import torch.nn.functional as F
 from datasets import ClassLabel, Features, Image, Value
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from cvae_dist.config import ConfigError
 
 SHIPPED_DIR = Path(__file__).parent / "assets" / "mnist5k"
 DIGIT_SIZE = 28
@@ -161,19 +169,11 @@ def decode_row(image: dict | None, label) -> np.ndarray | str:
 
 class _Decoded(NamedTuple):
     batch: Batch
-    keys: list  # what identifies each kept row across epochs (see `row_key`)
     bad: int  # rows left out (on_bad="skip")
 
 
-def row_key(rows: dict, i: int):
-    """A row's identity in every epoch's order: its `id`, or (sources without one) a digest of its PNG bytes."""
-    if "id" in rows:
-        return rows["id"][i]
-    return hashlib.blake2b((rows["image"][i] or {}).get("bytes") or b"", digest_size=8).digest()
-
-
 def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = None) -> _Decoded:
-    """PNG bytes -> uint8 (B, 1, 28, 28) tensor, labels, ids and row keys. A bad record raises DataError naming its
+    """PNG bytes -> uint8 (B, 1, 28, 28) tensor, labels and ids. A bad record raises DataError naming its
     file and row (`on_bad="error"`) or is left out (`"skip"`)."""
     images, keep = [], []
     for i, (image, label) in enumerate(zip(rows["image"], rows["label"], strict=True)):
@@ -192,7 +192,7 @@ def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = No
     )
     empty = torch.empty(0, 1, DIGIT_SIZE, DIGIT_SIZE, dtype=torch.uint8)
     pixels = torch.from_numpy(np.stack(images)).unsqueeze(1) if images else empty
-    return _Decoded(Batch(pixels, labels, ids), [row_key(rows, i) for i in keep], len(rows["label"]) - len(keep))
+    return _Decoded(Batch(pixels, labels, ids), len(rows["label"]) - len(keep))
 
 
 def locate(files: list[str] | None, rows: dict, i: int) -> str:
@@ -222,53 +222,77 @@ def to_model_input(pixels: torch.Tensor, image_size: int, channels_last: bool) -
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
-class RankStream:
-    """This rank's part of the training split, reshuffled each epoch, cut into batches of `batch_size`.
+def batch_share(batch_size: int, world_size: int, rank: int) -> slice:
+    """Rank `rank`'s rows of every global batch: the first `batch % world` ranks take one image more (128 over 3
+    ranks: 43, 43, 42), in rank order, so a digit's place in the global batch is the same at any world size."""
+    share, extra = divmod(batch_size, world_size)
+    if share == 0:
+        raise ConfigError(f"data.batch_size={batch_size} is smaller than the world size {world_size}")
+    start = rank * share + min(rank, extra)
+    return slice(start, start + share + (rank < extra))
 
-    `local_steps` is what this rank's rows allow; the trainer agrees on the smallest over all ranks and asks each
-    epoch for that many (`epoch(e, steps)`). Rows past them are dropped for that epoch; with the shuffle a
-    different tail is dropped each epoch.
+
+def derived_seed(seed: int, epoch: int, purpose: str) -> int:
+    """A seed for one epoch's `purpose` (the data order, the noise) from the run's seed: the same on every rank and
+    at every world size, and unrelated between purposes and epochs."""
+    digest = hashlib.blake2b(f"{purpose}:{seed}:{epoch}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # (torch seeds are non-negative int64)
+
+
+class RankStream:
+    """This rank's share of every global batch of the training split, in a new order each epoch.
+
+    Resident (the decoded split fits `data.resident_mb`): the whole split sits on the device as a uint8 table; epoch
+    e's order is one permutation of its rows seeded by (seed, e); global batch i is the order's i-th slice of
+    `data.batch_size` rows and this rank takes its `batch_share` of it. The world size only decides who computes
+    which rows, so any world size trains on the same global batches, and a resume may change it.
+
+    Streamed (larger splits): `split_dataset_by_node` deals each rank its shards, shuffled through a buffer and
+    decoded every epoch. `local_steps` is what this rank's rows allow; the trainer agrees on the smallest over all
+    ranks and asks each epoch for that many (`epoch(e, steps)`). The order depends on the world size there.
     """
 
-    def __init__(self, cfg, rank: int, world_size: int, batch_size: int, seed: int, num_workers: int, device=None):
-        """`cfg`: the DataConfig. `device`: where a resident table lives (default CPU)."""
+    def __init__(self, cfg, rank: int, world_size: int, seed: int, num_workers: int = 0, device=None,
+                 decode_first=contextlib.nullcontext):  # fmt: skip
+        """`cfg`: the DataConfig. `device`: where a resident table lives (default CPU). `decode_first`: a context in
+        which this machine's first rank decodes before the others (accelerate's `local_main_process_first`): they
+        then read its cache."""
         self.files = parquet_files(cfg.source, cfg.train_split)
         self.on_bad_record = cfg.on_bad_record.value
-        self.batch_size, self.num_workers = batch_size, num_workers
+        self.share = batch_share(cfg.batch_size, world_size, rank)
+        self.global_batch, self.seed, self.num_workers = cfg.batch_size, seed, num_workers
+        self.batch_size = self.share.stop - self.share.start  # this rank's
         split = open_stream(cfg.source, cfg.train_split)
+        with reading(self.files):
+            total = count_rows(split)
+        self.resident = 0 < total * DIGIT_SIZE**2 <= cfg.resident_mb * 2**20
+        if self.resident:
+            with decode_first(), reading(self.files):
+                self.table = ResidentTable.load(split, self.on_bad_record, self.files, device, num_workers)
+            self.bad_rows, self.local_rows = self.table.bad, len(self.table.labels)
+            self.local_steps = self.local_rows // self.global_batch
+            return
         self.dataset = split_dataset_by_node(split, rank=rank, world_size=world_size)
         self.shuffled = self.dataset
         if cfg.shuffle_buffer > 0:
             # One input shard at a time: interleaving several parquet shards makes datasets sleep 5 s at the
             # end of every pass (its workaround for apache/arrow#45214). Shard order is still shuffled.
             self.shuffled = self.dataset.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer, max_buffer_input_shards=1)
-        with reading(self.files):
-            total = count_rows(split)
-        # datasets deals the shards out to the ranks anew each epoch: a rank's table holds the whole split.
-        self.resident = 0 < total * DIGIT_SIZE**2 <= cfg.resident_mb * 2**20
         fewest = fewest_rows(self.files, world_size)
-        if self.resident:
-            with reading(self.files):
-                self.table = _ResidentTable(split, self.on_bad_record, self.files, device, num_workers)
-            self._orders, self._next_epoch = None, None
-            first = self.order(1)
-            self.bad_rows = self._bad
-            self.local_rows = len(first) if fewest is None else min(len(first), fewest - self.table.bad)
-        else:
-            with reading(self.files):  # equal steps must be agreed on the records that will really be used
-                rows = count_valid_rows(self.dataset) if self.on_bad_record == "skip" else (count_rows(self.dataset), 0)
-            self.local_rows, self.bad_rows = min(rows[0], fewest or rows[0]), rows[1]
-            self.batches = self.shuffled.batch(batch_size)  # a last partial batch is dropped after decoding
-            self.chunks = _DecodedChunks(self.batches, self.on_bad_record, self.files)
-            self.loader = None
-            if num_workers > 0:
-                # Worker processes decode; datasets gives each some of this rank's shards, and its shared epoch
-                # counter reaches them, so they persist across epochs.
-                self.loader = torch.utils.data.DataLoader(
-                    self.chunks, batch_size=None, num_workers=num_workers, prefetch_factor=4,
-                    persistent_workers=True, pin_memory=torch.cuda.is_available(),
-                )  # fmt: skip
-        self.local_steps = self.local_rows // batch_size
+        with reading(self.files):  # equal steps must be agreed on the records that will really be used
+            rows = count_valid_rows(self.dataset) if self.on_bad_record == "skip" else (count_rows(self.dataset), 0)
+        self.local_rows, self.bad_rows = min(rows[0], fewest or rows[0]), rows[1]
+        self.batches = self.shuffled.batch(self.batch_size)  # a last partial batch is dropped after decoding
+        self.chunks = _DecodedChunks(self.batches, self.on_bad_record, self.files)
+        self.loader = None
+        if num_workers > 0:
+            # Worker processes decode; datasets gives each some of this rank's shards, and its shared epoch
+            # counter reaches them, so they persist across epochs.
+            self.loader = torch.utils.data.DataLoader(
+                self.chunks, batch_size=None, num_workers=num_workers, prefetch_factor=4,
+                persistent_workers=True, pin_memory=torch.cuda.is_available(),
+            )  # fmt: skip
+        self.local_steps = self.local_rows // self.batch_size
 
     @property
     def order_depends_on_workers(self) -> bool:
@@ -280,40 +304,22 @@ class RankStream:
         epoch continues where its checkpoint was taken)."""
         if not self.resident:
             return self._streamed(epoch, steps, skip)
-        order, b = self.order(epoch), self.batch_size
-        if len(order) < steps * b:
-            raise DataError(
-                f"epoch {epoch} deals this rank {len(order)} usable rows, fewer than the {steps} agreed steps x {b} "
-                "(the split's shards differ too much in size for this world size: re-shard it with prepare-data)"
-            )
+        order = self.order(epoch)
         on_device = order.to(self.table.pixels.device)  # once per epoch: a step only slices it (no host copy)
-        rows = ((order[i * b : (i + 1) * b], on_device[i * b : (i + 1) * b]) for i in range(skip, steps))
-        return (self.table.batch(*pair) for pair in rows)
+        b, share = self.global_batch, self.share
+        rows = (slice(i * b + share.start, i * b + share.stop) for i in range(skip, steps))
+        return (self.table.batch(order[r], on_device[r]) for r in rows)
+
+    def order(self, epoch: int) -> torch.Tensor:
+        """Epoch `epoch`'s global order: every table row once, the same on every rank and at every world size."""
+        generator = torch.Generator().manual_seed(derived_seed(self.seed, epoch, "order"))
+        return torch.randperm(len(self.table.labels), generator=generator)
 
     def _streamed(self, epoch: int, steps: int, skip: int) -> Iterator[Batch]:
         self.batches.set_epoch(epoch)  # on the batched view: `batch()` does not carry the epoch along
         chunks = iter(self.loader if self.loader is not None else self.chunks)
         with reading(self.files):
             yield from itertools.islice((c.batch for c in full_batches(chunks, self.batch_size)), skip, steps)
-
-    def order(self, epoch: int) -> np.ndarray:
-        """The table's rows in epoch `epoch`'s order for this rank: the shuffled stream's, read without decoding
-        (with `num_workers` > 0, worker processes compute the next epochs' orders ahead)."""
-        if self._next_epoch == epoch + 1:  # asked again for the epoch just computed (e.g. epoch 1, counted at start)
-            return self._last
-        if self._next_epoch != epoch:  # first call, or not the epoch after the last one: start over from here
-            orders = _EpochOrders(self.shuffled, self.table.row_of, epoch)
-            self._orders = iter(
-                torch.utils.data.DataLoader(orders, batch_size=None, num_workers=self.num_workers, prefetch_factor=1)
-                if self.num_workers > 0
-                else orders
-            )
-        self._next_epoch = epoch + 1
-        with reading(self.files):
-            rows = torch.as_tensor(next(self._orders))  # (from a worker it comes as a tensor)
-        self._bad = int((rows < 0).sum())  # rows the table does not hold: bad records
-        self._last = rows[rows >= 0]
-        return self._last
 
 
 def fewest_rows(files: list[str] | None, world_size: int) -> int | None:
@@ -326,47 +332,72 @@ def fewest_rows(files: list[str] | None, world_size: int) -> int | None:
     return sum(sizes[: len(sizes) // world_size]) if len(sizes) % world_size == 0 else sum(sizes) // world_size
 
 
-class _ResidentTable:
-    """The split's decoded digits as one uint8 tensor on the device, and where each row key sits in it."""
+CACHE_VERSION = 1  # part of the cache key: bump it when the decoded layout changes
 
-    def __init__(self, split, on_bad: str, files, device, num_workers: int):
-        chunks = _DecodedChunks(split.batch(1024), on_bad, files)
-        if num_workers > 0:  # worker processes decode, each some of the shards
+
+class ResidentTable:
+    """The split's decoded digits in file order (bad records left out with on_bad="skip"): a uint8 tensor on the
+    device, with labels and ids on the host."""
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, bad: int, device=None):
+        self.pixels, self.labels, self.ids, self.bad = pixels.to(device or "cpu"), labels, ids, bad
+
+    @classmethod
+    def load(cls, split, on_bad: str, files: list[str] | None, device, num_workers: int) -> ResidentTable:
+        """From this machine's cache of the same shards' decode, else decoded now (and cached for the next rank or
+        run). A hub dataset's shards are not local files: it is decoded every time."""
+        cache = decoded_cache(files, on_bad)
+        if cache is not None and cache.is_file():
+            try:
+                t = load_file(str(cache))
+                return cls(t["pixels"], t["labels"], t["ids"], int(t["bad"]), device)
+            except (SafetensorError, OSError, KeyError):
+                pass  # unreadable (a foreign or damaged file): decode again and replace it
+        table = cls.decode(split, on_bad, files, num_workers)
+        if cache is not None:
+            with contextlib.suppress(OSError, SafetensorError):  # an unwritable cache only costs the next rank time
+                cache.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.stem}.", suffix=".partial")
+                os.close(fd)
+                try:
+                    tensors = {"pixels": table.pixels, "labels": table.labels, "ids": table.ids,
+                               "bad": torch.tensor(table.bad)}  # fmt: skip
+                    save_file(tensors, tmp)
+                    os.replace(tmp, cache)
+                finally:
+                    with contextlib.suppress(OSError):
+                        os.unlink(tmp)
+        return cls(table.pixels, table.labels, table.ids, table.bad, device)
+
+    @classmethod
+    def decode(cls, split, on_bad: str, files, num_workers: int) -> ResidentTable:
+        """The split read in file order, its PNGs decoded in chunks (by `num_workers` worker processes, if any: a
+        map-style loader keeps the chunks' order, so the table is the same whoever decodes it)."""
+        chunks = _ChunkDecoder(list(split.iter(batch_size=1024)), on_bad, files)
+        if num_workers > 0:
             chunks = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=num_workers)
-        pixels, labels, ids, keys, self.bad = [], [], [], [], 0  # bad: records left out (on_bad="skip")
-        for decoded in chunks:
-            self.bad += decoded.bad
-            pixels.append(decoded.batch.pixels)
-            labels.append(decoded.batch.labels)
-            ids.append(decoded.batch.ids)
-            keys += decoded.keys
-        self.pixels = torch.cat(pixels).to(device or "cpu")
-        self.labels, self.ids = torch.cat(labels), torch.cat(ids)
-        self.row_of = {key: row for row, key in enumerate(keys)}
+        decoded = list(chunks)
+        parts = [torch.cat(p) for p in zip(*(d.batch for d in decoded), strict=True)] if decoded else None
+        if not parts or not len(parts[0]):
+            raise DataError(f"{files or 'the training split'}: no usable records")
+        return cls(*parts, bad=sum(d.bad for d in decoded))
 
     def batch(self, rows: torch.Tensor, rows_on_device: torch.Tensor) -> Batch:
         """The digits at `rows` (the same rows, already on the table's device, select the pixels there)."""
         return Batch(self.pixels.index_select(0, rows_on_device), self.labels[rows], self.ids[rows])
 
 
-class _EpochOrders(torch.utils.data.IterableDataset):
-    """Table rows in the shuffled stream's order (-1 for rows the table left out: bad records), one array per
-    epoch from `start` on. Only the key column is read. In `DataLoader` workers, worker k of W computes epochs
-    start + k, start + k + W, ...: the loader hands them out in order."""
-
-    def __init__(self, shuffled, row_of: dict, start: int):
-        key = "id" if "id" in (shuffled.column_names or []) else "image"
-        self.keys, self.row_of, self.start = shuffled.select_columns([key, "label"]), row_of, start
-
-    def __iter__(self) -> Iterator[np.ndarray]:
-        info = torch.utils.data.get_worker_info()
-        first, every = (self.start + info.id, info.num_workers) if info else (self.start, 1)
-        for epoch in itertools.count(first, every):
-            self.keys.set_epoch(epoch)
-            rows = []
-            for chunk in self.keys.iter(batch_size=4096):
-                rows += [self.row_of.get(row_key(chunk, i), -1) for i in range(len(chunk["label"]))]
-            yield np.asarray(rows, dtype=np.int64)
+def decoded_cache(files: list[str] | None, on_bad: str) -> Path | None:
+    """Where this machine keeps the decode of these shards: `$CVAE_DIST_CACHE` (default ~/.cache/cvae-dist), named by
+    a digest of the shards' bytes, so a changed shard is decoded anew. None for a hub dataset."""
+    if files is None:
+        return None
+    h = hashlib.blake2b(f"v{CACHE_VERSION}:{on_bad}".encode(), digest_size=16)
+    for file in files:
+        with open(file, "rb") as f:
+            h.update(hashlib.file_digest(f, "sha256").digest())
+    root = Path(os.environ.get("CVAE_DIST_CACHE") or Path.home() / ".cache" / "cvae-dist")
+    return root / f"decoded-{h.hexdigest()}.safetensors"
 
 
 class _DecodedChunks(torch.utils.data.IterableDataset):
@@ -378,6 +409,19 @@ class _DecodedChunks(torch.utils.data.IterableDataset):
     def __iter__(self) -> Iterator[_Decoded]:
         for rows in self.batches:
             yield decode_batch(rows, self.on_bad, self.files)
+
+
+class _ChunkDecoder(torch.utils.data.Dataset):
+    """Chunks of undecoded rows, each decoded when asked for (in a loader's worker process, if it has any)."""
+
+    def __init__(self, chunks: list[dict], on_bad: str, files: list[str] | None):
+        self.chunks, self.on_bad, self.files = chunks, on_bad, files
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, i: int) -> _Decoded:
+        return decode_batch(self.chunks[i], self.on_bad, self.files)
 
 
 def count_valid_rows(ds: datasets.IterableDataset) -> tuple[int, int]:
@@ -400,7 +444,7 @@ def full_batches(chunks: Iterator[_Decoded], size: int) -> Iterator[_Decoded]:
         pending.append(chunk.batch)
         merged = Batch(*(torch.cat(parts) for parts in zip(*pending, strict=True)))
         while len(merged.labels) >= size:
-            yield _Decoded(Batch(*(t[:size] for t in merged)), [], 0)
+            yield _Decoded(Batch(*(t[:size] for t in merged)), 0)
             merged = Batch(*(t[size:] for t in merged))
         pending = [merged] if len(merged.labels) else []
 

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import AutocastKwargs, DistributedType, InitProcessGroupKwargs
+from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
 from cvae_dist.config import ConfigError, JobConfig, NonFinite, Precision
+from cvae_dist.data import batch_share
 
 
 class LaunchError(RuntimeError):
@@ -156,6 +157,7 @@ class Setup:
     deepspeed: bool
     zero_stage: int  # 0 when not under DeepSpeed
     eager_reason: str | None  # why steps are eager rather than one CUDA graph; None: a CUDA graph
+    global_batchnorm: bool  # BatchNorm statistics over every rank's images (model.batchnorm=global, world > 1)
 
     @property
     def graph(self) -> bool:
@@ -180,6 +182,9 @@ def make_accelerator(cfg: JobConfig) -> Setup:
         # named; plain DDP also needs cpu=True (MULTI_CPU), which would switch DeepSpeed off.
         if device == "cpu" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
             kwargs["cpu"] = True
+    global_batchnorm = requested > 1 and cfg.model.batchnorm == "global"
+    if global_batchnorm:  # every rank's running statistics are the same already: DDP need not broadcast rank 0's
+        handlers.append(DistributedDataParallelKwargs(broadcast_buffers=False))
     accelerate_name = "no" if precision == "fp32" else precision
     accelerator = Accelerator(mixed_precision=accelerate_name, kwargs_handlers=handlers, **kwargs)
     alone = requested > 1 and accelerator.distributed_type == DistributedType.NO
@@ -192,7 +197,7 @@ def make_accelerator(cfg: JobConfig) -> Setup:
     zero = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else 0
     dynamo = accelerator.state.dynamo_plugin.backend.value
     eager_reason = _eager_reason(cfg, accelerator.device.type, deepspeed, precision, dynamo)
-    return Setup(accelerator, precision, why, deepspeed, zero, eager_reason)
+    return Setup(accelerator, precision, why, deepspeed, zero, eager_reason, global_batchnorm)
 
 
 def _eager_reason(cfg: JobConfig, device: str, deepspeed: bool, precision: str, dynamo_backend: str) -> str | None:
@@ -216,13 +221,10 @@ def _eager_reason(cfg: JobConfig, device: str, deepspeed: bool, precision: str, 
 
 
 def per_rank_batch_size(cfg: JobConfig, world_size: int, rank: int) -> int:
-    """The recipe's batch is global: each rank takes its share, the first `batch % world` ranks one image more
-    (128 over 3 ranks: 43, 43, 42). The loss is a sum and each rank's is scaled by the world size before DDP
-    averages, so the gradient is still exactly the sum over the global batch."""
-    share, extra = divmod(cfg.data.batch_size, world_size)
-    if share == 0:
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} is smaller than the world size {world_size}")
-    return share + (rank < extra)
+    """This rank's share of the recipe's global batch (`data.batch_share`). The loss is a sum and each rank's is scaled
+    by the world size before DDP averages, so the gradient is still exactly the sum over the global batch."""
+    share = batch_share(cfg.data.batch_size, world_size, rank)
+    return share.stop - share.start
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:

@@ -18,26 +18,28 @@ GRID_IMAGES = 128  # digits in each half of the figure
 
 @torch.no_grad()
 def evaluate(model, accelerator: Accelerator, pixels: torch.Tensor, model_input, seed: int) -> dict[str, float]:
-    """Held-out loss: each rank a strided share, equal batch counts everywhere, sums reduced over ranks.
-    `model_input` turns uint8 pixels into the model's input on this rank's device."""
+    """Held-out loss: each rank a strided share, equal batch counts everywhere, sums reduced over ranks; each digit's
+    noise is drawn by its place in `pixels` (seeded), so the figure is the same at any world size. `model_input` turns
+    uint8 pixels into the model's input on this rank's device."""
     was_training = model.training
     model.eval()
     world, rank = accelerator.num_processes, accelerator.process_index
-    mine = pixels[rank::world]
+    latent_dim = accelerator.unwrap_model(model).config.latent_dim
+    noise = torch.randn(len(pixels), latent_dim, generator=torch.Generator().manual_seed(seed))
+    mine, my_noise = pixels[rank::world], noise[rank::world]
     n_batches = math.ceil(math.ceil(len(pixels) / world) / EVAL_BATCH)  # same on every rank
     totals = torch.zeros(3, device=accelerator.device)  # reconstruction, KL, images
-    with fixed_noise(accelerator.device, seed):
-        for i in range(n_batches):
-            chunk = mine[i * EVAL_BATCH : (i + 1) * EVAL_BATCH]
-            weight = 1.0
-            if len(chunk) == 0:  # keep collective-driven wrappers (ZeRO-3) in step with the other ranks
-                chunk, weight = pixels[:1], 0.0
-            x = model_input(chunk)
-            with accelerator.autocast():
-                out = model(x)
-            parts = vae_loss(out, x)
-            n = torch.tensor(float(len(chunk)), device=totals.device)
-            totals += weight * torch.stack([parts.reconstruction, parts.kl, n])
+    for i in range(n_batches):
+        rows = slice(i * EVAL_BATCH, (i + 1) * EVAL_BATCH)
+        chunk, chunk_noise, weight = mine[rows], my_noise[rows], 1.0
+        if len(chunk) == 0:  # keep collective-driven wrappers (ZeRO-3) in step with the other ranks
+            chunk, chunk_noise, weight = pixels[:1], noise[:1], 0.0
+        x = model_input(chunk)
+        with accelerator.autocast():
+            out = model(x, chunk_noise.to(x.device))
+        parts = vae_loss(out, x)
+        n = torch.tensor(float(len(chunk)), device=totals.device)
+        totals += weight * torch.stack([parts.reconstruction, parts.kl, n])
     recon, kl, n = accelerator.reduce(totals, "sum").tolist()
     model.train(was_training)
     per_image = (recon + kl) / n

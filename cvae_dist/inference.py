@@ -9,7 +9,6 @@ Every command takes the model from a run directory (`--run runs/<name>`: its `mo
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,9 +130,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def _read_export_config(path: Path) -> ModelConfig:
     try:
         fields = json.loads(path.read_text())
-        return ModelConfig(**{f.name: int(fields[f.name]) for f in dataclasses.fields(ModelConfig)})
+        return ModelConfig(**{name: int(fields[name]) for name in ModelConfig().shape()})
     except (ValueError, KeyError, TypeError) as e:
-        names = ", ".join(f.name for f in dataclasses.fields(ModelConfig))
+        names = ", ".join(ModelConfig().shape())
         raise ConfigError(f"{path}: expected a JSON object with {names} ({type(e).__name__}: {e})") from None
 
 
@@ -146,14 +145,11 @@ def shape_of(state: dict[str, torch.Tensor], where: Path | str = "weights") -> M
 
 
 def _check_shape(weights: Path, actual: ModelConfig, expected: ModelConfig, source: str) -> None:
-    if actual == expected:
+    want, have = expected.shape(), actual.shape()
+    if want == have:
         return
-    diff = " ".join(
-        f"model.{f.name}={getattr(expected, f.name)}"
-        for f in dataclasses.fields(ModelConfig)
-        if getattr(expected, f.name) != getattr(actual, f.name)
-    )
-    fits = " ".join(f"model.{f.name}={getattr(actual, f.name)}" for f in dataclasses.fields(ModelConfig))
+    diff = " ".join(f"model.{k}={v}" for k, v in want.items() if v != have[k])
+    fits = " ".join(f"model.{k}={v}" for k, v in have.items())
     raise ConfigError(
         f"{weights} holds a model with {fits}, but {source} says {diff}; "
         "accepted: a config with the weights' model shape, or --checkpoint without --config to read it off the weights"

@@ -22,8 +22,9 @@ class LossMeter:
         self.interval_sums: list[float] = list(state.get("interval_sums", []))
         self.epoch_skipped: int = state.get("epoch_skipped", 0)
         self.interval_skipped: int = state.get("interval_skipped", 0)
-        self.interval = torch.tensor(self.interval_sums[rank] if self.interval_sums else 0.0, device=device)
-        self.epoch = torch.tensor(self.epoch_sums[rank] if self.epoch_sums else 0.0, device=device)
+        # Only the sums over ranks count: a resumed run carries them on its first rank, at any world size.
+        self.interval = torch.tensor(float(sum(self.interval_sums)) if rank == 0 else 0.0, device=device)
+        self.epoch = torch.tensor(float(sum(self.epoch_sums)) if rank == 0 else 0.0, device=device)
         self.first_bad = torch.full_like(self.epoch, -1.0)  # -1: none yet
         self.step = torch.full_like(self.epoch, float(step))  # the global step, counted on the device
 

@@ -270,11 +270,23 @@ class RankRecord:
 
 
 def parameter_digest(model: torch.nn.Module) -> str:
-    """sha256 over the parameters' bytes in a fixed order: equal digests mean bit-identical weights."""
+    """sha256 over the state dict's bytes (parameters and buffers) in a fixed order: equal digests mean
+    bit-identical weights."""
     from cvae_dist.model import portable
 
+    return _digest(portable(model.state_dict()))
+
+
+def buffer_digest(model: torch.nn.Module) -> str:
+    """sha256 over the buffers alone (BatchNorm's running statistics): every rank holds them whole, ZeRO-3 too."""
+    from cvae_dist.model import portable
+
+    return _digest(portable(dict(model.named_buffers())))
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for name, p in sorted(portable(model.state_dict()).items()):
+    for name, t in sorted(tensors.items()):
         h.update(name.encode())
-        h.update(p.numpy().tobytes())
+        h.update(t.numpy().tobytes())
     return h.hexdigest()

@@ -95,21 +95,26 @@ class CVAE(
     def __init__(self, cfg: ModelConfig | None = None, **fields: int):
         # `fields` (latent_dim=..., filters=..., image_size=...) is how `from_pretrained` passes config.json.
         super().__init__()
-        cfg = cfg if cfg is not None else ModelConfig(**fields)
+        cfg = ModelConfig(**(cfg if cfg is not None else ModelConfig(**fields)).shape())  # the weights' shape only
         self.config = cfg
-        self._hub_mixin_config = cfg  # saved as the flat ModelConfig fields, the trainer's config.json layout
+        self._hub_mixin_config = cfg.shape()  # config.json: the flat shape fields, the trainer's layout
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
 
-    def forward(self, x: torch.Tensor | None = None, *, z: torch.Tensor | None = None) -> VAEOutput | torch.Tensor:
-        """`model(x)`: reconstruction, mu, log sigma^2. `model(z=latents)`: decoded images only.
+    def forward(
+        self, x: torch.Tensor | None = None, noise: torch.Tensor | None = None, *, z: torch.Tensor | None = None
+    ) -> VAEOutput | torch.Tensor:
+        """`model(x)`: reconstruction, mu, log sigma^2. `model(x, noise)`: the same with the reparameterisation's
+        standard normal draws given (training gives each digit the draw of its place in the global batch).
+        `model(z=latents)`: decoded images only.
 
         Decoding goes through `forward` too, so DDP / DeepSpeed wrappers (ZeRO-3 gathers) serve both.
         """
         if z is not None:
             return self.decoder(z)
         mu, log_var = self.encoder(x)
-        z = mu + torch.randn_like(mu) * torch.exp(0.5 * log_var)
+        noise = torch.randn_like(mu) if noise is None else noise.to(mu.dtype)
+        z = mu + noise * torch.exp(0.5 * log_var)
         return VAEOutput(self.decoder(z), mu, log_var)
 
     def _save_pretrained(self, save_directory) -> None:

@@ -2,7 +2,8 @@
 and replayed (the recipe's batch of 128 is launch-bound on a GPU: a replay removes the launch overhead).
 
 Both take the uint8 (B, 1, 28, 28) batch on the device and add the batch's summed loss to the run's `LossMeter` on
-the device (no host sync).
+the device (no host sync). The reparameterisation noise comes from `SampleNoise`: a digit's draw belongs to its place
+in the global batch, not to the rank that computes it.
 """
 
 from __future__ import annotations
@@ -10,17 +11,38 @@ from __future__ import annotations
 import torch
 from accelerate import Accelerator
 
-from cvae_dist.data import to_model_input
+from cvae_dist.data import derived_seed, to_model_input
 from cvae_dist.model import vae_loss
+
+
+class SampleNoise:
+    """The standard normal draws of one step's reparameterisation, by place in the global batch: every rank draws the
+    whole global batch's from a generator in the same state and keeps its share's rows, so the noise a digit gets,
+    and the generator's state, do not depend on the world size. Each epoch reseeds it from (seed, epoch); a resumed
+    epoch skips the draws its steps made, so a checkpoint needs no RNG state."""
+
+    def __init__(self, seed: int, global_batch: int, latent_dim: int, share: slice, device: torch.device):
+        self.seed, self.shape, self.share = seed, (global_batch, latent_dim), share
+        self.generator = torch.Generator(device).manual_seed(seed)
+
+    def start_epoch(self, epoch: int, steps_done: int = 0) -> None:
+        self.generator.manual_seed(derived_seed(self.seed, epoch, "noise"))
+        for _ in range(steps_done):
+            self.draw()
+
+    def draw(self) -> torch.Tensor:
+        noise = torch.randn(self.shape, generator=self.generator, device=self.generator.device)
+        return noise[self.share]
 
 
 class EagerStep:
     """resize -> forward (autocast) -> summed loss in fp32 -> backward -> AdamW."""
 
     def __init__(
-        self, accelerator: Accelerator, model, optimizer, image_size: int, channels_last: bool, skip_nonfinite
-    ):
-        self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
+        self, accelerator: Accelerator, model, optimizer, noise: SampleNoise, image_size: int, channels_last: bool,
+        skip_nonfinite: bool,
+    ):  # fmt: skip
+        self.accelerator, self.model, self.optimizer, self.noise = accelerator, model, optimizer, noise
         self.image_size, self.channels_last, self.skip_nonfinite = image_size, channels_last, skip_nonfinite
 
     def __call__(self, pixels: torch.Tensor, timer, meter) -> None:
@@ -40,7 +62,7 @@ class EagerStep:
     def forward_backward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = to_model_input(pixels, self.image_size, self.channels_last)
         with self.accelerator.autocast():
-            out = self.model(x)
+            out = self.model(x, self.noise.draw())
         loss = vae_loss(out, x).total
         # Each rank's loss sums its share of the global batch; DDP/DeepSpeed average gradients over ranks, so
         # scale by the world size to keep the recipe's "summed over the batch" gradient.
@@ -57,7 +79,7 @@ class GraphStep:
     graph too (it works in place on fixed tensors)."""
 
     def __init__(self, eager: EagerStep, batch: int, warmup: int, side_stream: torch.cuda.Stream):
-        self.eager, self.warmup, self.graph = eager, warmup, None
+        self.eager, self.warmup, self.graph, self.noise = eager, warmup, None, eager.noise
         self.static_pixels = torch.zeros(batch, 1, 28, 28, dtype=torch.uint8, device=eager.accelerator.device)
         self.side_stream = side_stream  # DDP was wrapped on it too (PyTorch's notes on capturing DDP's backward)
 
@@ -88,6 +110,8 @@ class GraphStep:
             set_to_none=True
         )  # backward in the graph allocates the gradients: each replay rewrites them
         self.graph = torch.cuda.CUDAGraph()
+        # each replay advances the noise generator, which `start_epoch` may reseed between replays
+        self.graph.register_generator_state(self.eager.noise.generator)
         # the warm-up's stream (cuBLAS / cuDNN handles made there); thread_local: a data worker's pinned-memory thread
         # may query events meanwhile
         with torch.cuda.graph(self.graph, stream=self.side_stream, capture_error_mode="thread_local"):
@@ -96,15 +120,18 @@ class GraphStep:
             meter.add(loss)
 
 
-def make_step(setup, model, optimizer, cfg, batch: int, side_stream=None) -> EagerStep | GraphStep:
+def make_step(setup, model, optimizer, cfg, share: slice, side_stream=None) -> EagerStep | GraphStep:
     """The step this run uses: a CUDA graph where the set-up allows one (`setup.eager_reason` is None;
-    `side_stream`: the stream the model was prepared on), else eager."""
+    `side_stream`: the stream the model was prepared on), else eager. `share`: this rank's rows of a global batch."""
     from cvae_dist.config import NonFinite
 
+    device = setup.accelerator.device
+    noise = SampleNoise(cfg.train.seed, cfg.data.batch_size, cfg.model.latent_dim, share, device)
     eager = EagerStep(
-        setup.accelerator, model, optimizer, cfg.model.image_size, cfg.train.channels_last,
+        setup.accelerator, model, optimizer, noise, cfg.model.image_size, cfg.train.channels_last,
         cfg.train.on_nonfinite is NonFinite.skip,
     )  # fmt: skip
+    batch = share.stop - share.start
     if not setup.graph:
         return eager
     ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)

@@ -17,14 +17,15 @@ from accelerate.utils import broadcast_object_list, gather_object, is_compiled_m
 from tqdm.auto import tqdm
 
 from cvae_dist import checkpoint, distributed, evaluation, telemetry
+from cvae_dist.batchnorm import use_global_batchnorm
 from cvae_dist.checkpoint import Checkpointer, TrainerState
-from cvae_dist.config import ConfigError, JobConfig, NonFinite, to_dict
-from cvae_dist.data import Batch, DataError, RankStream, load_split, to_model_input
+from cvae_dist.config import ConfigError, JobConfig, NonFinite
+from cvae_dist.data import Batch, DataError, RankStream, batch_share, load_split, to_model_input
 from cvae_dist.evaluation import fixed_noise
 from cvae_dist.faults import StopSignal, run_status
 from cvae_dist.images import save_grid
 from cvae_dist.loss_meter import LossMeter
-from cvae_dist.metrics import RankRecord, RunLogger, parameter_digest
+from cvae_dist.metrics import RankRecord, RunLogger, buffer_digest, parameter_digest
 from cvae_dist.model import CVAE, count_parameters
 from cvae_dist.step import EagerStep, GraphStep, apply_step_mode, make_step
 from cvae_dist.telemetry import NoTimer, RankTable, StepTimer, StragglerDetector, compute_dtype
@@ -102,15 +103,18 @@ def prepare(cfg: JobConfig, setup: distributed.Setup | None = None) -> Parts:
     if cfg.train.channels_last and not setup.deepspeed:
         # DeepSpeed broadcasts parameters as flat bytes and needs them contiguous; inputs stay channels_last.
         model = model.to(memory_format=torch.channels_last)
+    if setup.global_batchnorm:  # the same statistics on every rank: the global batch's
+        model = use_global_batchnorm(model)
     if cfg.train.on_nonfinite is NonFinite.skip and setup.deepspeed:
         raise ConfigError("train.on_nonfinite=skip is not available under DeepSpeed (its engine steps inside "
                           "backward); accepted there: error")  # fmt: skip
     # capturable and the lr's form are the step mode's: `apply_step_mode` (after any load_state) sets them
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
-    batch = distributed.per_rank_batch_size(cfg, world, rank)
-    global_batch = sum(distributed.per_rank_batch_size(cfg, world, r) for r in range(world))
+    share = batch_share(cfg.data.batch_size, world, rank)  # this rank's rows of every global batch
+    batch, global_batch = share.stop - share.start, cfg.data.batch_size
     workers = distributed.data_workers(cfg.data.num_workers, accelerator.device)
-    stream = RankStream(cfg.data, rank, world, batch, cfg.train.seed, workers, accelerator.device)
+    stream = RankStream(cfg.data, rank, world, cfg.train.seed, workers, accelerator.device,
+                        accelerator.local_main_process_first)  # fmt: skip
     steps_per_epoch, bad_records = _agree_on_steps(accelerator, stream)
     distributed.configure_deepspeed(setup, cfg, batch)
     side_stream = torch.cuda.Stream() if setup.graph else None  # a graph's DDP is wrapped on the stream it warms up on
@@ -118,7 +122,9 @@ def prepare(cfg: JobConfig, setup: distributed.Setup | None = None) -> Parts:
         model, optimizer = accelerator.prepare(model, optimizer)
     if setup.graph:
         torch.cuda.current_stream().wait_stream(side_stream)
-    state = TrainerState(world_size=world, per_rank_batch_size=batch, model=to_dict(cfg)["model"],
+    state = TrainerState(world_size=world, per_rank_batch_size=batch, global_batch_size=global_batch,
+                         data_path="resident" if stream.resident else "streamed", zero_stage=setup.zero_stage,
+                         model=cfg.model.shape(),
                          data_workers=workers if stream.order_depends_on_workers else 0)  # fmt: skip
     resume_from = None
     if resume is not None:
@@ -128,7 +134,7 @@ def prepare(cfg: JobConfig, setup: distributed.Setup | None = None) -> Parts:
     eval_pixels, eval_labels = load_split(cfg.data.source, cfg.data.eval_split)
     prior = torch.randn(evaluation.GRID_IMAGES, cfg.model.latent_dim,
                         generator=torch.Generator().manual_seed(cfg.train.seed))  # fmt: skip
-    step = make_step(setup, model, optimizer, cfg, batch, side_stream)
+    step = make_step(setup, model, optimizer, cfg, share, side_stream)
     return Parts(cfg, setup, run_dir, model, optimizer, stream, step, batch, global_batch, steps_per_epoch,
                  bad_records, state, resume_from, eval_pixels, eval_labels, prior)  # fmt: skip
 
@@ -179,7 +185,8 @@ class Trainer:
             "compute_dtype": self.compute_dtype(), "compiled": is_compiled_module(self.model),
             "per_rank_batch_size": parts.batch, "global_batch_size": parts.global_batch,
             "steps_per_epoch": parts.steps_per_epoch, "threads_per_rank": torch.get_num_threads(),
-            "step_mode": type(self.step).__name__, **identity, **mfu_facts,
+            "step_mode": type(self.step).__name__, "global_batchnorm": self.setup.global_batchnorm,
+            "data_path": self.state.data_path, **identity, **mfu_facts,
             "hosts": [i["host"] for i in self.identities], "nodes": [i["node"] for i in self.identities],
             **distributed.environment_facts(self.setup),
         }  # fmt: skip
@@ -230,6 +237,7 @@ class Trainer:
     def epoch_batches(self, epoch: int) -> Iterable[Batch]:
         """This rank's batches of `epoch` (a resumed one continues where its checkpoint was taken)."""
         self.model.train()
+        self.step.noise.start_epoch(epoch, self.state.batches_done)
         self.epoch_started = time.perf_counter() - self.state.epoch_seconds
         self.progress = tqdm(
             self.stream.epoch(epoch, self.epoch_steps(), skip=self.state.batches_done),
@@ -333,7 +341,8 @@ class Trainer:
         accelerator.print(f"per-rank throughput (means over log intervals):\n{self.table.render()}")
         export_dir = checkpoint.export_final(accelerator, self.model, self.dir, self.cfg)
         zero3 = self.setup.zero_stage == 3  # ZeRO-3 ranks hold only their parameter partition
-        self.record.finish(param_sha256=None if zero3 else parameter_digest(self.model))
+        self.record.finish(param_sha256=None if zero3 else parameter_digest(self.model),
+                           buffer_sha256=buffer_digest(self.model))  # fmt: skip
         return export_dir
 
     # ---- helpers

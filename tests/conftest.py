@@ -1,5 +1,6 @@
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ LAUNCH = Path(__file__).parent / "launch"
 os.environ.pop("WANDB_MODE", None)
 os.environ.pop("WANDB_API_KEY", None)
 os.environ.setdefault("WANDB_SILENT", "true")
+# Resident splits are decoded once per machine into this cache: one for the session (the launches' too), not ~/.cache
+os.environ.setdefault("CVAE_DIST_CACHE", tempfile.mkdtemp(prefix="cvae-dist-cache-"))
 
 
 @pytest.fixture

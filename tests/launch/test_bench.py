@@ -131,14 +131,17 @@ def test_scaling_section_from_an_installed_package(repo, tmp_path, installed):
     result, stdout = bench(repo, tmp_path, *SHORT, "--sections", "scaling", installed=installed)
     assert "configs" not in result and "data" not in result
     scaling = result["scaling"]
-    runs = {(r["processes"], r["threads"]): r for r in scaling["runs"]}
-    assert set(runs) == {(1, 2), (2, 1), (1, 1)}
-    assert runs[(2, 1)]["backend"] == "MULTI_CPU" and runs[(1, 2)]["backend"] == "NO"
-    assert runs[(2, 1)]["per_rank_batch"] == 16 and runs[(1, 2)]["per_rank_batch"] == 32
+    runs = {(r["processes"], r["threads"], r["batchnorm"]): r for r in scaling["runs"]}
+    assert set(runs) == {(1, 2, "global"), (2, 1, "global"), (2, 1, "local"), (1, 1, "global")}
+    assert runs[(2, 1, "global")]["backend"] == "MULTI_CPU" and runs[(1, 2, "global")]["backend"] == "NO"
+    assert runs[(2, 1, "global")]["per_rank_batch"] == 16 and runs[(1, 2, "global")]["per_rank_batch"] == 32
+    assert runs[(2, 1, "global")]["global_batchnorm"] and not runs[(2, 1, "local")]["global_batchnorm"]
     for r in runs.values():
         assert all(map(positive, r["img_per_s"])) and positive(r["median_img_per_s"])
         assert fraction(r["median_sync_wait_frac"]) and fraction(r["median_data_wait_frac"])
     rate = {k: r["median_img_per_s"] for k, r in runs.items()}
-    assert scaling["efficiency"] == pytest.approx(rate[(2, 1)] / rate[(1, 2)])
-    assert scaling["per_core_efficiency"] == pytest.approx(rate[(2, 1)] / (2 * rate[(1, 1)]))
-    assert "efficiency" in stdout
+    two = rate[(2, 1, "global")]
+    assert scaling["efficiency"] == pytest.approx(two / rate[(1, 2, "global")])
+    assert scaling["per_core_efficiency"] == pytest.approx(two / (2 * rate[(1, 1, "global")]))
+    assert scaling["global_to_local_batchnorm"] == pytest.approx(two / rate[(2, 1, "local")])
+    assert "efficiency" in stdout and "global / local BatchNorm" in stdout

@@ -53,16 +53,15 @@ def test_resume_with_cuda_graphs_continues_the_trajectory(tmp_path):
 
 
 @pytest.mark.parametrize("world", [1, 2])
-def test_resident_digits_on_the_device_follow_the_streams_order(world):
-    for rank in range(world):
-        on_gpu = RankStream(DataConfig(), rank, world, 128 // world, 0, 0, torch.device("cuda"))
-        streamed = RankStream(DataConfig(resident_mb=0), rank, world, 128 // world, 0, 0)
-        assert on_gpu.resident and on_gpu.table.pixels.is_cuda
-        for epoch in (1, 2):
-            a = list(on_gpu.epoch(epoch, on_gpu.local_steps))
-            b = list(streamed.epoch(epoch, on_gpu.local_steps))
-            assert [x.ids.tolist() for x in a] == [y.ids.tolist() for y in b]
-            assert all(torch.equal(x.pixels.cpu(), y.pixels) for x, y in zip(a, b, strict=True))
+def test_resident_digits_on_the_device_are_the_hosts_global_batches(world):
+    on_host = RankStream(DataConfig(), 0, 1, seed=0)
+    on_gpu = [RankStream(DataConfig(), r, world, seed=0, device=torch.device("cuda")) for r in range(world)]
+    assert all(s.resident and s.table.pixels.is_cuda for s in on_gpu)
+    for epoch in (1, 2):
+        ranks = [s.epoch(epoch, on_host.local_steps) for s in on_gpu]
+        for whole, *shares in zip(on_host.epoch(epoch, on_host.local_steps), *ranks, strict=True):
+            assert torch.equal(torch.cat([x.pixels.cpu() for x in shares]), whole.pixels)
+            assert torch.equal(torch.cat([x.ids for x in shares]), whole.ids)
 
 
 def test_auto_picks_bf16_on_a_gpu_that_has_it(tmp_path):

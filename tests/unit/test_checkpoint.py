@@ -183,22 +183,45 @@ MODEL = {"latent_dim": 8, "filters": 64, "image_size": 64}
 
 
 def state(**fields) -> TrainerState:
-    return TrainerState(**({"world_size": 2, "per_rank_batch_size": 64, "data_workers": 0, "model": MODEL} | fields))
+    """A 2-rank run's state (DDP, resident split), with `fields` changed."""
+    defaults = {"world_size": 2, "per_rank_batch_size": 64, "global_batch_size": 128, "data_path": "resident",
+                "data_workers": 0, "model": MODEL}  # fmt: skip
+    return TrainerState(**(defaults | fields))
+
+
+STREAMED = {"data_path": "streamed"}
+ZERO2 = {"zero_stage": 2}
 
 
 @pytest.mark.parametrize(
-    ("saved", "refusal"),
-    [(state(model=MODEL | {"latent_dim": 4}), "written for model"),
-     (state(world_size=4, per_rank_batch_size=32), "written by 4 rank(s) x 32 images; resuming with 2 x 64"),
-     (state(per_rank_batch_size=32), "written by 2 rank(s) x 32 images"),
-     (state(data_workers=2), "written with 2 data worker(s) per rank, this launch has 0")],
-    ids=["model", "world", "batch", "workers"],
+    ("saved", "current", "refusal"),
+    [(state(model=MODEL | {"latent_dim": 4}), state(), "written for model"),
+     (state(per_rank_batch_size=32, global_batch_size=64), state(), "global batch of 64 images, this run has 128; "
+      "resume with data.batch_size=64"),
+     (state(world_size=4, per_rank_batch_size=16, global_batch_size=0, data_path=""), state(),
+      "global batch of 64"),  # written before the global batch was recorded
+     (state(**STREAMED), state(), "the streamed data path, this run's split is resident"),
+     (state(world_size=4, per_rank_batch_size=32, **STREAMED), state(**STREAMED),
+      "a streamed split is dealt to the ranks by its shards, so its order depends on the world size: relaunch with 4"),
+     (state(world_size=4, per_rank_batch_size=32, **ZERO2), state(**ZERO2), "ZeRO keeps each rank's optimizer "
+      "partition and this trainer does not convert it (DeepSpeed's universal checkpoint): relaunch with 4"),
+     (state(**ZERO2), state(), "written under DeepSpeed ZeRO-2, this launch runs DDP or one process"),
+     (state(data_workers=2, **STREAMED), state(**STREAMED),
+      "written with 2 data worker(s) per rank, this launch has 0")],
+    ids=["model", "global-batch", "old-global-batch", "data-path", "streamed-world", "deepspeed-world", "engine",
+         "streamed-workers"],
 )  # fmt: skip
-def test_an_incompatible_resume_is_refused_in_one_line(tmp_path, saved, refusal):
+def test_an_incompatible_resume_is_refused_in_one_line(tmp_path, saved, current, refusal):
     with pytest.raises(CheckpointError) as err:
-        check_compatible(saved, tmp_path / "step-000000010", state())
+        check_compatible(saved, tmp_path / "step-000000010", current)
     message = str(err.value)
     assert message.startswith(f"{tmp_path / 'step-000000010'}: ") and refusal in message and "\n" not in message
+
+
+def test_a_resident_split_resumes_on_any_world_size(tmp_path):
+    for world, share in ((1, 128), (3, 43), (4, 32)):
+        check_compatible(state(), tmp_path, state(world_size=world, per_rank_batch_size=share))
+    check_compatible(state(data_workers=2), tmp_path, state())  # resident: workers only decode
 
 
 def test_a_compatible_resume_and_an_old_checkpoint_without_a_model_record_pass(tmp_path):

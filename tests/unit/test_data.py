@@ -34,9 +34,9 @@ def test_shipped_splits_are_disjoint_and_stratified():
     assert test_pixels.dtype == torch.uint8 and test_pixels.shape == (500, 1, 28, 28)
 
 
-def stream(resident: bool = True, workers: int = 0, **data) -> RankStream:
+def stream(resident: bool = True, workers: int = 0, rank: int = 0, world: int = 1, **data) -> RankStream:
     cfg = DataConfig(resident_mb=DataConfig.resident_mb if resident else 0, **data)
-    return RankStream(cfg, rank=0, world_size=1, batch_size=128, seed=0, num_workers=workers)
+    return RankStream(cfg, rank=rank, world_size=world, seed=0, num_workers=workers)
 
 
 def epoch_ids(s: RankStream, epoch: int, skip: int = 0) -> list[torch.Tensor]:
@@ -62,25 +62,65 @@ def test_stream_count_dtype_range_and_reshuffle(resident):
 
 
 @pytest.mark.parametrize("workers", [0, 2])
-def test_resident_split_is_decoded_once_and_yields_the_streams_ids(monkeypatch, workers):
+def test_a_resident_split_is_decoded_once_per_machine_in_file_order(monkeypatch, tmp_path, workers):
     from cvae_dist import data
 
+    monkeypatch.setenv("CVAE_DIST_CACHE", str(tmp_path / "cache"))
     decoded = []
     monkeypatch.setattr(data, "decode_image", lambda b, _real=data.decode_image: decoded.append(1) or _real(b))
     resident = stream(workers=workers)
     assert len(decoded) == (4500 if workers == 0 else 0)  # the whole split, once, at start (or in the workers)
-    streamed = stream(resident=False)
-    for epoch in (1, 2, 3):  # the same seeded per-epoch shuffle: the same ids, batch for batch
-        assert [t.tolist() for t in epoch_ids(resident, epoch)] == [t.tolist() for t in epoch_ids(streamed, epoch)]
+    pixels, labels = load_split("shipped", "train")  # the stream's digits, in file order
+    assert torch.equal(resident.table.pixels, pixels) and torch.equal(resident.table.labels, labels)
     before = len(decoded)
     list(resident.epoch(4, resident.local_steps))
-    assert len(decoded) == before  # later epochs decode nothing
-    # the digits themselves are the stream's
+    again = stream(workers=workers)  # another rank on this machine, or a later run: it reads the cache
+    assert len(decoded) == before  # later epochs and the cache's readers decode nothing
+    assert torch.equal(again.table.pixels, pixels) and torch.equal(again.table.ids, resident.table.ids)
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [data.decoded_cache(resident.files, "error").name]
     first = next(iter(resident.epoch(5, 1)))
-    again = next(iter(streamed.epoch(5, 1)))
-    assert torch.equal(first.ids, again.ids) and torch.equal(first.pixels, again.pixels)
     first.pixels.zero_()  # batches are the caller's own: writing to one leaves the table alone
-    assert torch.equal(next(iter(resident.epoch(5, 1))).pixels, again.pixels)
+    assert torch.equal(resident.table.pixels, pixels)
+
+
+def test_the_decode_cache_is_keyed_by_the_shards_bytes_and_a_damaged_one_is_replaced(monkeypatch, tmp_path):
+    from cvae_dist import data
+
+    monkeypatch.setenv("CVAE_DIST_CACHE", str(tmp_path / "cache"))
+    source = tmp_path / "src"
+    source.mkdir()
+    shard = source / "train-00000-of-00001.parquet"
+    table = pq.read_table(data.parquet_files("shipped", "test")[0])
+    pq.write_table(table, shard)
+    first = RankStream(DataConfig(source=str(source)), 0, 1, seed=0)
+    cache = data.decoded_cache([str(shard)], "error")
+    assert cache.is_file() and first.local_rows == 500
+    cache.write_bytes(b"damaged")  # a foreign or half-copied file: decoded again and replaced
+    assert torch.equal(RankStream(DataConfig(source=str(source)), 0, 1, seed=0).table.pixels, first.table.pixels)
+    assert cache.stat().st_size > 500 * 28 * 28
+    pq.write_table(table.slice(0, 300), shard)  # the shard changed: another key, decoded anew
+    assert data.decoded_cache([str(shard)], "error") != cache
+    assert RankStream(DataConfig(source=str(source)), 0, 1, seed=0).local_rows == 300
+    assert data.decoded_cache([str(shard)], "skip") != data.decoded_cache([str(shard)], "error")
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_world_size_trains_on_the_same_global_batches(world):
+    """Each epoch's order is the same permutation at any world size, and rank r's batch is its share of the global
+    one: concatenated in rank order, the ranks' batches are the one-process run's (128 over 3: 43/43/42)."""
+    alone = stream()
+    ranks = [stream(rank=r, world=world) for r in range(world)]
+    assert {s.local_steps for s in ranks} == {alone.local_steps} == {35}
+    assert [s.batch_size for s in ranks] == ([64, 64] if world == 2 else [43, 43, 42])
+    for epoch, skip in ((1, 0), (2, 33)):
+        whole = list(alone.epoch(epoch, 35, skip))
+        shares = zip(*(s.epoch(epoch, 35, skip) for s in ranks), strict=True)
+        for one, parts in zip(whole, shares, strict=True):
+            for field in range(3):  # pixels, labels, ids
+                assert torch.equal(torch.cat([p[field] for p in parts]), one[field])
+    assert not torch.equal(alone.order(1), alone.order(2))  # a new order each epoch
+    assert torch.equal(alone.order(1).sort().values, torch.arange(4500))  # every row once
+    assert not torch.equal(RankStream(DataConfig(), 0, 1, seed=1).order(1), alone.order(1))  # the seed's
 
 
 def test_a_resident_epochs_order_goes_to_the_tables_device_once():
@@ -98,7 +138,7 @@ def test_a_resident_epochs_order_goes_to_the_tables_device_once():
                 CopiesToTheTable.count += 1
             return func(*args, **kwargs)
 
-    s = RankStream(DataConfig(), 0, 1, 128, 0, 0, torch.device("meta"))
+    s = RankStream(DataConfig(), 0, 1, seed=0, device=torch.device("meta"))
     assert s.resident and s.table.pixels.device.type == "meta"
     with CopiesToTheTable():
         batches = list(s.epoch(1, s.local_steps))
@@ -134,8 +174,8 @@ def test_data_workers_are_sized_to_the_device_and_cores(monkeypatch):
 
 @pytest.mark.parametrize("world", [2, 3, 4, 8])
 def test_ranks_get_disjoint_shards_covering_the_data(world):
-    cfg = DataConfig(train_split="train+test", shuffle_buffer=0)
-    streams = [RankStream(cfg, r, world, 16, seed=0, num_workers=0) for r in range(world)]
+    cfg = DataConfig(train_split="train+test", shuffle_buffer=0, resident_mb=0, batch_size=16 * world)
+    streams = [RankStream(cfg, r, world, seed=0) for r in range(world)]
     seen = [set(torch.cat([b.ids for b in s.epoch(0, s.local_steps)]).tolist()) for s in streams]
     full = [{i for rows in s.dataset.iter(1000) for i in rows["id"]} for s in streams]
     assert sum(len(f) for f in full) == 5000 and len(set().union(*full)) == 5000  # disjoint, complete
@@ -155,7 +195,7 @@ def chunk(ids: list[int]) -> _Decoded:
     """A decoded chunk of rows `ids`: each row's label and pixels derived from its id, so rows can be followed."""
     t = torch.tensor(ids, dtype=torch.int64)
     pixels = (t % 256).to(torch.uint8).view(-1, 1, 1, 1).expand(-1, 1, 28, 28).clone()
-    return _Decoded(Batch(pixels, t % 10, t), list(ids), 0)
+    return _Decoded(Batch(pixels, t % 10, t), 0)
 
 
 @pytest.mark.parametrize("sizes", [[3, 5, 2, 4, 4, 1], [4, 3, 4, 1, 4], [1, 1, 1], [9]], ids=str)
@@ -185,7 +225,7 @@ def bad_rows() -> dict:
 
 def test_decode_batch_skip_drops_bad_records_and_keeps_the_good_ones():
     decoded = decode_batch(bad_rows(), on_bad="skip")
-    assert decoded.bad == 5 and decoded.keys == [100, 103, 105]
+    assert decoded.bad == 5
     b = decoded.batch
     assert b.ids.tolist() == [100, 103, 105] and b.labels.tolist() == [1, 4, 6]
     assert b.pixels.dtype == torch.uint8 and b.pixels.shape == (3, 1, 28, 28)
@@ -220,7 +260,7 @@ def test_decode_batch_error_names_the_file_and_row_it_came_from(tmp_path):
 def test_decode_batch_without_an_id_column_gives_id_minus_one():
     rows = {k: v for k, v in bad_rows().items() if k != "id"}
     decoded = decode_batch(rows, on_bad="skip")
-    assert decoded.batch.ids.tolist() == [-1, -1, -1] and len(set(decoded.keys)) == 3  # keys: digests of the bytes
+    assert decoded.batch.ids.tolist() == [-1, -1, -1]
 
 
 def shards(tmp_path, sizes: list[int]) -> list[str]:

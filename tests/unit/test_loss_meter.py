@@ -128,6 +128,19 @@ def test_a_meter_resumed_from_its_state_continues_the_sums(stop):
     assert before + train(resumed, stop + 1, len(RUN)) == pytest.approx(whole)
 
 
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_meter_resumed_on_another_world_size_continues_the_sums_over_ranks(world):
+    ranks = meters(2)
+    for x in ([1.0, 2.0], [3.0, 4.0]):
+        step(ranks, x)
+    end_interval(ranks, 2, 2)
+    step(ranks, [5.0, 6.0])  # step 3: in the epoch's sums only once the next exchange sees it
+    saved = json.loads(json.dumps(ranks[0].to_state()))
+    resumed = [LossMeter.from_state(saved, CPU, rank=r, step=2) for r in range(world)]
+    step(resumed, [5.0 + 6.0, *[0.0] * (world - 1)])  # step 3 again, its loss now summed over `world` ranks
+    assert end_epoch(resumed, 3, 3) == pytest.approx((1 + 2 + 3 + 4 + 5 + 6) / 3)
+
+
 def test_first_bad_is_the_global_step_of_the_first_non_finite_loss():
     meter = LossMeter(CPU, rank=0, step=10)  # resumed after step 10
     for loss in (1.0, None, NAN, INF, 2.0):  # steps 11 (fine), 12 (skipped), 13 (NaN), 14 (inf), 15

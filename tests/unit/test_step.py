@@ -7,10 +7,10 @@ import torch
 from accelerate import Accelerator
 
 from cvae_dist.config import ModelConfig
-from cvae_dist.data import to_model_input
+from cvae_dist.data import batch_share, to_model_input
 from cvae_dist.loss_meter import LossMeter
 from cvae_dist.model import CVAE, vae_loss
-from cvae_dist.step import EagerStep, _finite_gradients, apply_step_mode
+from cvae_dist.step import EagerStep, SampleNoise, _finite_gradients, apply_step_mode
 from cvae_dist.telemetry import NoTimer
 
 
@@ -80,7 +80,8 @@ def tiny_cvae_step(skip_nonfinite: bool):
     start = copy.deepcopy(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-5)
     model, optimizer = accelerator.prepare(model, optimizer)
-    step = EagerStep(accelerator, model, optimizer, SIZE, channels_last=False, skip_nonfinite=skip_nonfinite)
+    noise = SampleNoise(3, 6, 2, slice(0, 6), accelerator.device)
+    step = EagerStep(accelerator, model, optimizer, noise, SIZE, channels_last=False, skip_nonfinite=skip_nonfinite)
     return step, start
 
 
@@ -94,11 +95,10 @@ def test_an_eager_step_is_one_adamw_update_on_the_summed_loss():
     # by hand, on a copy, with the same noise: resize, forward, summed loss, backward, AdamW
     model = copy.deepcopy(start)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-5)
-    with torch.random.fork_rng(devices=[]):
-        x = to_model_input(pixels(), SIZE, channels_last=False)
-        loss = vae_loss(model(x), x).total
-        loss.backward()
-        optimizer.step()
+    x = to_model_input(pixels(), SIZE, channels_last=False)
+    loss = vae_loss(model(x, SampleNoise(3, 6, 2, slice(0, 6), torch.device("cpu")).draw()), x).total
+    loss.backward()
+    optimizer.step()
     step(pixels(), NoTimer(6), meter)
     assert meter.local()["loss/epoch"].item() == pytest.approx(loss.item(), rel=1e-6)
     trained = dict(step.model.named_parameters())
@@ -146,3 +146,27 @@ def test_finite_gradients_is_false_when_any_gradient_is_not_finite():
         grad[0] = bad
         assert not _finite_gradients(optimizer)
         grad[0] = 0.0
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_a_digits_noise_is_its_place_in_the_global_batch_at_any_world_size(world):
+    cpu = torch.device("cpu")
+    whole = SampleNoise(0, 7, 4, slice(0, 7), cpu)
+    ranks = [SampleNoise(0, 7, 4, batch_share(7, world, r), cpu) for r in range(world)]
+    for epoch in (1, 2):
+        for noise in (whole, *ranks):
+            noise.start_epoch(epoch)
+        for _ in range(3):
+            assert torch.equal(torch.cat([n.draw() for n in ranks]), whole.draw())
+
+
+def test_a_resumed_epoch_continues_its_noise_and_epochs_differ():
+    cpu = torch.device("cpu")
+    noise = SampleNoise(0, 8, 2, slice(0, 8), cpu)
+    noise.start_epoch(3)
+    draws = [noise.draw() for _ in range(4)]
+    noise.start_epoch(3, steps_done=2)  # a checkpoint after the epoch's second step
+    assert torch.equal(noise.draw(), draws[2])
+    noise.start_epoch(4)
+    assert not torch.equal(noise.draw(), draws[0])
+    assert not torch.equal(SampleNoise(1, 8, 2, slice(0, 8), cpu).draw(), SampleNoise(0, 8, 2, slice(0, 8), cpu).draw())
