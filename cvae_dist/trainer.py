@@ -192,7 +192,9 @@ class Trainer:
         }  # fmt: skip
         self.logger = RunLogger(self.dir, self.cfg, facts, rank=accelerator.process_index,
                                 resume_id=self.state.wandb_run_id,
-                                resume_step=self.state.step if parts.resume_from is not None else None)  # fmt: skip
+                                # resume=auto with nothing to resume yet (a restart before the first checkpoint)
+                                # starts at step 0: the lost attempt's lines go too
+                                resume_step=None if self.cfg.resume is None else self.state.step)  # fmt: skip
         self.state.wandb_run_id = self.logger.run_id
         self.checkpointer = Checkpointer(accelerator, self.dir, self.cfg.checkpoint, self.meter, self.logger.log)
         self.record = RankRecord(self.dir, facts, self.cfg.log.sample_ids)  # what it ran as, readable without W&B

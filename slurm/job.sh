@@ -1,6 +1,11 @@
+# shellcheck shell=bash disable=SC2034  # sourced: the variables set here are the sourcing script's
 # What slurm/train.sbatch and slurm/train_multinode.sbatch share, sourced from the repo root they run in:
 # the job's settings (job_settings), the signal traps (trap_signals) and the end of the job, with the
 # requeue after a USR1 (finish_job). Each script defines `forward_usr1`: how its USR1 reaches the trainers.
+#
+# A job is one run: its name is stable (the job's, or the array task's, id) and every attempt passes
+# resume=auto, so a first attempt starts the run and any later one (a torchrun restart in the allocation, a
+# requeue onto other nodes) continues it from its newest checkpoint.
 
 # job_settings DEFAULT_JOB_NAME: the venv's tools and the job's names, port and trainer overrides.
 job_settings() {
@@ -11,16 +16,28 @@ job_settings() {
     ACCELERATE=accelerate
     PYTHON=python3
     [[ -x .venv/bin/accelerate ]] && ACCELERATE=$PWD/.venv/bin/accelerate && PYTHON=$PWD/.venv/bin/python
-    JOB_ID=${SLURM_JOB_ID:?not running under Slurm (submit with sbatch)}
+    local slurm_id=${SLURM_JOB_ID:?not running under Slurm (submit with sbatch)}
+    # The job's identity, for the run name, `scontrol show job` and `scontrol requeue`: an array task's is
+    # ARRAYJOB_TASK (the task's plain SLURM_JOB_ID may be the array's own id, and `scontrol requeue` of that
+    # requeues every task of the array: Lightning-AI/pytorch-lightning#15022); other jobs', SLURM_JOB_ID.
+    JOB_ID=$slurm_id TASK=
+    if [[ -n ${SLURM_ARRAY_JOB_ID:-} && -n ${SLURM_ARRAY_TASK_ID:-} ]]; then
+        TASK=$SLURM_ARRAY_TASK_ID
+        JOB_ID=${SLURM_ARRAY_JOB_ID}_$TASK
+    fi
     JOB_NAME=${SLURM_JOB_NAME:-$1}
     RESTARTS=${SLURM_RESTART_COUNT:-0}
     MAX_REQUEUES=${MAX_REQUEUES:-3}
+    # the same in every attempt of the job; a RUN_NAME given to an array gets each task's number (tasks that
+    # shared one run directory would all write into it)
     RUN=${RUN_NAME:-$JOB_NAME-$JOB_ID}
+    [[ -n ${RUN_NAME:-} && -n $TASK ]] && RUN=${RUN_NAME}_$TASK
     GROUP=${LOG_GROUP:-$RUN}
-    PORT=$((20000 + JOB_ID % 20000))
-    OVERRIDES=("run_name=$RUN" "log.group=$GROUP")
-    # the first run starts fresh; a requeued one continues from the newest checkpoint in the run directory
-    ((RESTARTS > 0)) && OVERRIDES+=("resume=auto")
+    # a number, unique among running jobs: SLURM_JOB_ID is a task's own in an array
+    PORT=$((20000 + slurm_id % 20000))
+    # resume=auto in every attempt: where the run has no checkpoint yet (the first attempt) it starts anew,
+    # else it continues from the newest valid one in the run directory
+    OVERRIDES=("run_name=$RUN" "log.group=$GROUP" "resume=auto")
 }
 
 # pick_launch_config: GPUS (the GPUs nvidia-smi lists on this node) and LAUNCH_CONFIG (unless set: launch/ddp_gpu.yaml

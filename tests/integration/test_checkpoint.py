@@ -166,6 +166,21 @@ def test_resume_from_an_explicit_checkpoint_continues_from_it(finished, tmp_path
     assert same_weights(run, finished)
 
 
+def test_a_restart_before_the_first_checkpoint_starts_the_run_over(finished, tmp_path, capsys):
+    # resume=auto (a torchrun or Slurm restart) in a run directory whose first attempt died before its first
+    # checkpoint: the run starts at step 0 again, and the lost attempt's lines do not stay beside the new ones.
+    run = copy_of(finished, tmp_path)
+    for checkpoint in checkpoint_dirs(run):
+        shutil.rmtree(checkpoint)
+    shutil.rmtree(run / "model")
+    code, err = run_cli(capsys, train_argv(tmp_path, "run", *FINISHED, "resume=auto"))
+    assert code == 0, err
+    records = lines(run)
+    assert [r["step"] for r in records if "train/step_loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert [r["epoch"] for r in records if "train/loss" in r] == [1, 2]
+    assert same_weights(run, finished) and status(run)["state"] == "completed"
+
+
 def test_disk_full_during_a_checkpoint(tmp_path, capsys):
     # The disk fills up while the checkpoint of step 2 (~1.8 MB) is written; step 1's fitted.
     with small_disk(tmp_path / "disk", 2600) as disk:

@@ -9,16 +9,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 from pathlib import Path
 
 import pytest
-from support.slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+from support.slurm_cluster import Job, SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
 from support.wandb_offline import read_run
 
 pytestmark = pytest.mark.slurm
 
 QUICK = ("train.epochs=1", "data.train_split=test", "log.every_steps=1", "log.wandb=offline")
+# the 4,500 training digits: 35 steps, long enough to be interrupted after a few
+LONG = ("train.epochs=1", "log.every_steps=1", "log.wandb=offline")
 
 
 def job_env() -> dict[str, str]:
@@ -39,6 +42,29 @@ def epoch_lines(run_dir: Path) -> list[dict]:
 def checkpoints(run_dir: Path) -> list[Path]:
     """The run's accelerate checkpoints: its checkpoints/step-* directories."""
     return sorted(p for p in (run_dir / "checkpoints").glob("*") if p.is_dir() and not p.name.startswith("."))
+
+
+def training(run_dir: Path) -> bool:
+    """The run has logged two steps: time to preempt it."""
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and metrics.read_text().count('"train/step_loss"') >= 2
+
+
+def max_step(run_dir: Path) -> int:
+    return max(json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step"' in x)
+
+
+def trainer_pids(out: Path) -> list[int]:
+    """The training processes writing under `out` (not their launcher, `accelerate launch`)."""
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"output_dir={out}".encode() in argv and b"cvae_dist.cli" in argv and b"launch" not in argv[:3]:
+            pids.append(int(proc.name))
+    return pids
 
 
 def assert_completed(cluster: SlurmCluster, job, state: str) -> None:
@@ -65,6 +91,8 @@ def test_single_node_job(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     run = read_run(run_dir)
     assert run.config["world_size"] == 1
     assert run.group == f"cvae-train-{job.id}"
+    # the first attempt already has the stable name and resume=auto (a new run where nothing is saved yet)
+    assert (run.config["run_name"], run.config["resume"]) == (f"cvae-train-{job.id}", "auto"), run.config
     assert "node node1 machine_rank 0" in log
     assert "training exited with 0" in log
 
@@ -85,6 +113,7 @@ def test_multinode_job(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     assert checkpoints(run_dir), f"no checkpoint under {run_dir / 'checkpoints'}"
     run = read_run(run_dir)
     assert run.config["world_size"] == 2
+    assert (run.config["run_name"], run.config["resume"]) == (f"cvae-multinode-{job.id}", "auto"), run.config
     # one launcher per node, on machine ranks 0 and 1 (srun --label prefixes each line with the task number)
     launchers = set(re.findall(r"^\d+: node (node\d) machine_rank (\d+)$", log, flags=re.M))
     assert launchers == {("node1", "0"), ("node2", "1")}, f"launcher lines {launchers}; log:\n{log[-6000:]}"
@@ -100,18 +129,12 @@ def test_multinode_job(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
 
 def test_preempted_job_is_requeued_and_resumes(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     out = tmp_path / "runs"
-    # the 4,500 training digits: 35 steps, long enough to be interrupted after a few
     job = slurm_cluster.submit(
-        "slurm/train.sbatch", "configs/debug.yaml", "train.epochs=1", "log.every_steps=1", "log.wandb=offline",
-        f"output_dir={out}", log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env=job_env(),
+        "slurm/train.sbatch", "configs/debug.yaml", *LONG, f"output_dir={out}",
+        log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env=job_env(),
     )  # fmt: skip
     run_dir = out / f"cvae-train-{job.id}"
-
-    def training(_job) -> bool:
-        metrics = run_dir / "metrics.jsonl"
-        return metrics.exists() and metrics.read_text().count('"train/step_loss"') >= 2
-
-    state = slurm_cluster.wait(job, timeout=120, until=training)
+    state = slurm_cluster.wait(job, timeout=120, until=lambda _job: training(run_dir))
     assert state == "RUNNING", f"job {job.id} ended {state} before it could be preempted:\n{job.log_text()[-6000:]}"
     subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=30)
     state = slurm_cluster.wait(job, timeout=300)
@@ -126,5 +149,59 @@ def test_preempted_job_is_requeued_and_resumes(slurm_cluster: SlurmCluster, tmp_
     assert "resumed from" in log, log[-6000:]
     lines = epoch_lines(run_dir)
     assert [line["epoch"] for line in lines] == [1], lines
-    steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step"' in x]
-    assert max(steps) == 35, steps
+    assert max_step(run_dir) == 35
+
+
+def test_preempted_array_task_is_requeued_alone(slurm_cluster: SlurmCluster, tmp_path, request):  # noqa: F811
+    # Two tasks at once, one per node. Task 1 is the array's own job record (its SLURM_JOB_ID is the array's id):
+    # `scontrol requeue <that id>` would requeue the whole array, `<array>_1` requeues task 1 only.
+    out, logs = tmp_path / "runs", tmp_path / "slurm"
+    array = slurm_cluster.submit(
+        "slurm/train.sbatch", "configs/debug.yaml", *LONG, f"output_dir={out}", log_dir=logs,
+        sbatch=("-n", "1", "--array=0-1", f"--output={logs}/%x-%A_%a.out"), env=job_env(),
+    ).id  # fmt: skip
+    request.addfinalizer(lambda: subprocess.run(["scancel", array], capture_output=True, timeout=30))
+    tasks = [Job(f"{array}_{t}", logs / f"cvae-train-{array}_{t}.out") for t in (0, 1)]
+    run_dirs = [out / f"cvae-train-{array}_{t}" for t in (0, 1)]  # named after the task, the same across requeues
+    slurm_cluster.wait(tasks[1], timeout=60, until=lambda task: ", run " in task.log_text())
+    assert f", run cvae-train-{array}_1, " in tasks[1].log_text(), tasks[1].log_text()[-3000:]
+    state = slurm_cluster.wait(tasks[1], timeout=120, until=lambda _task: training(run_dirs[1]))
+    assert state == "RUNNING", f"task {tasks[1].id} ended {state} before it could be preempted"
+    job_ids = [slurm_cluster.show(task.id)["JobId"] for task in tasks]  # each task's SLURM_JOB_ID
+    subprocess.run(["scancel", "--signal=USR1", "--batch", tasks[1].id], check=True, timeout=30)
+    for task in tasks:
+        state = slurm_cluster.wait(task, timeout=300)
+        assert state == "COMPLETED", f"task {task.id} ended {state}; its log:\n{task.log_text()[-6000:]}"
+
+    assert f"scontrol requeue {array}_1 " in tasks[1].log_text(), tasks[1].log_text()[-6000:]
+    assert [slurm_cluster.show(task.id).get("Restarts") for task in tasks] == ["0", "1"]
+    assert [len(slurm_cluster.accounting(job_id)) for job_id in job_ids] == [1, 2]  # task 1: requeued, completed
+    assert "resumed from" in tasks[1].log_text() and "resumed from" not in tasks[0].log_text()
+    for run_dir in run_dirs:
+        assert [line["epoch"] for line in epoch_lines(run_dir)] == [1] and max_step(run_dir) == 35
+
+
+def test_dead_process_restarts_in_place_and_usr1_still_requeues(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
+    out = tmp_path / "runs"
+    job = slurm_cluster.submit(
+        "slurm/train.sbatch", "configs/debug.yaml", *LONG, "checkpoint.every_steps=4", f"output_dir={out}",
+        log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env={**job_env(), "MAX_RESTARTS": "2"},
+    )  # fmt: skip
+    run_dir = out / f"cvae-train-{job.id}"
+    state = slurm_cluster.wait(job, timeout=120, until=lambda _job: checkpoints(run_dir))
+    assert state == "RUNNING", f"job {job.id} ended {state}:\n{job.log_text()[-6000:]}"
+    killed_at, pids = max_step(run_dir), trainer_pids(out)
+    assert len(pids) == 1, pids
+    os.kill(pids[0], signal.SIGKILL)  # torchrun restarts it in the allocation, and it resumes
+    state = slurm_cluster.wait(
+        job, timeout=120, until=lambda j: "resumed from" in j.log_text() and max_step(run_dir) > killed_at
+    )
+    assert state == "RUNNING" and slurm_cluster.show(job.id).get("Restarts") == "0", job.log_text()[-6000:]
+    # a restart is left, yet USR1 still stops the job for a requeue (not a restart in place)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=30)
+    assert_completed(slurm_cluster, job, slurm_cluster.wait(job, timeout=300))
+
+    log = job.log_text()
+    assert "max_restarts 2" in log and "stopped for requeue" in log, log[-6000:]
+    assert slurm_cluster.show(job.id).get("Restarts") == "1" and log.count("resumed from") == 2, log[-6000:]
+    assert [line["epoch"] for line in epoch_lines(run_dir)] == [1] and max_step(run_dir) == 35
