@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -110,8 +111,8 @@ def test_three_ranks_share_the_global_batch_and_track_one_rank_on_the_full_set(r
                  "train.precision=fp32", "log.wandb=disabled"]  # fmt: skip
     three = launch(runs, "three", DDP3, overrides, timeout=LAUNCH_TIMEOUT, config=MNIST)
     one = launch(runs, "one", ONE, overrides, timeout=LAUNCH_TIMEOUT, config=MNIST)
-    # 8 shards do not divide by 3: each rank reads every 3rd row (20,000), in shares of 43 / 43 / 42.
-    assert "128 images per step (43 on this rank), 465 steps per epoch" in three.output
+    # resident: every rank slices its share of the same global batches (43 / 43 / 42), 468 of them at any world size
+    assert "128 images per step (43 on this rank), 468 steps per epoch" in three.output
     assert "128 images per step (128 on this rank), 468 steps per epoch" in one.output
     ranks = three.ranks()
     assert [(r["rank"], r["world_size"]) for r in ranks] == [(0, 3), (1, 3), (2, 3)]
@@ -120,6 +121,10 @@ def test_three_ranks_share_the_global_batch_and_track_one_rank_on_the_full_set(r
     assert [len(i) // 20 for i in ids] == [43, 43, 42] and [len(i) % 20 for i in ids] == [0, 0, 0]
     assert len(set().union(*map(set, ids))) == 20 * 128  # disjoint
     assert len(one.ranks()[0]["ids"]["1"]) == 20 * 128
+    mine = [iter(i) for i in ids]  # the ranks' shares, in rank order, are the one-process run's batches
+    assert [
+        x for _ in range(20) for r, share in enumerate((43, 43, 42)) for x in itertools.islice(mine[r], share)
+    ] == one.ranks()[0]["ids"]["1"]
     a, b = three.step_losses(), one.step_losses()
     assert len(a) == len(b) == 2
     assert a == pytest.approx(b, rel=LOSS_TOLERANCE)

@@ -1,0 +1,122 @@
+"""The same training at any world size, under real launches on CPU (gloo), in fp32: 1, 2 and 3 ranks (3: shares of
+43/43/42) train on the same global batches with BatchNorm statistics and noise over the global batch, so their
+per-step losses and final weights agree up to float reduction order; and a checkpoint written on 2 ranks resumes on
+1 and on 3."""
+
+import itertools
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from support.checks import copy_of, step_losses
+from support.launching import launch
+
+from cvae_dist.checkpoint import checkpoint_dirs
+
+# Two epochs of the 4,500 shipped training digits (35 global batches of 128 each), every step's loss logged, a
+# checkpoint every 20 steps (step 20 is mid-epoch 1) and all of them kept.
+SAME = ["train.epochs=2", "log.every_steps=1", "train.precision=fp32", "checkpoint.every_steps=20",
+        "checkpoint.keep=10", "log.images_every_epochs=2"]  # fmt: skip
+STEPS = 70
+DDP = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes"]
+ONE = ["--config_file", "launch/cpu_debug.yaml"]
+
+# What float reduction order alone does to this recipe: the one-process run on 1 thread instead of 2 (the same
+# arithmetic, summed in another order) is the control. Adam turns such differences in the last bits of a gradient
+# into differences of whole steps for weights whose gradient is near zero, so runs drift apart as they train.
+# Measured 2026-12-02 (AMD EPYC, 2 cores): the control's relative step-loss gap to the 2-thread run is 1.3e-6 at step
+# 1 (no update yet), at most 9e-4 in epoch 1 and 8.4e-3 in epoch 2; its final weights differ by up to 0.44 (relative
+# norm, the conv biases under BatchNorm: they have no gradient but rounding, so they random-walk). 2 and 3 ranks:
+# 2.4e-6 / 2.5e-6 at step 1, at most 2.1x the control's gap so far at any step, final weights up to 0.50. Local
+# BatchNorm at 2 ranks: 1.1e-4 at step 1, 84x the control's.
+ORDER_FACTOR = 5  # a step's gap may be this many times the control's largest gap up to that step ...
+FLOOR = 1e-5  # ... plus this (float32 rounding of a sum of ~1e5)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    return tmp_path_factory.mktemp("world")
+
+
+@pytest.fixture(scope="module")
+def by_world(runs):
+    """The same run at world sizes 1, 2 and 3, and the float-order control (world size 1, one thread)."""
+    results = {w: launch(runs, f"world{w}", ONE if w == 1 else [*DDP, str(w)], SAME, timeout=600) for w in (1, 2, 3)}
+    results["control"] = launch(runs, "control", [*ONE, "--num_cpu_threads_per_process", "1"], SAME, timeout=600)
+    return results
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return load_file(run_dir / "model" / "model.safetensors")
+
+
+def gaps(losses: dict, reference: dict) -> dict[int, float]:
+    """Relative gap of every step's loss to the reference's."""
+    assert set(losses) <= set(reference)
+    return {s: abs(losses[s] - reference[s]) / abs(reference[s]) for s in sorted(losses)}
+
+
+def float_order_bound(by_world) -> dict[int, float]:
+    """Each step's allowance: ORDER_FACTOR x the control's largest gap up to it, plus FLOOR."""
+    control = gaps(step_losses(by_world["control"].run_dir), step_losses(by_world[1].run_dir))
+    envelope = itertools.accumulate(control.values(), max)
+    return {s: ORDER_FACTOR * e + FLOOR for s, e in zip(control, envelope, strict=True)}
+
+
+def beyond(gap: dict[int, float], bound: dict[int, float]) -> list[int]:
+    return [s for s, g in gap.items() if g > bound[s]]
+
+
+def weight_gap(a: dict, b: dict) -> float:
+    """The largest relative (Frobenius) difference of any tensor of two state dicts."""
+    assert a.keys() == b.keys()
+    return max(((a[k].double() - b[k].double()).norm() / b[k].double().norm()).item() for k in a)
+
+
+def test_one_two_and_three_ranks_train_the_same_model(by_world):
+    for world in (1, 2, 3):
+        ranks = by_world[world].ranks()
+        assert [r["world_size"] for r in ranks] == [world] * world
+        assert {r["global_batchnorm"] for r in ranks} == {world > 1}
+    alone, bound = step_losses(by_world[1].run_dir), float_order_bound(by_world)
+    assert sorted(alone) == sorted(bound) == list(range(1, STEPS + 1))
+    control_weights = weight_gap(weights(by_world["control"].run_dir), weights(by_world[1].run_dir))
+    for world in (2, 3):
+        gap = gaps(step_losses(by_world[world].run_dir), alone)
+        assert sorted(gap) == sorted(alone)
+        final = weight_gap(weights(by_world[world].run_dir), weights(by_world[1].run_dir))
+        print(f"world {world}: step-1 gap {gap[1]:.1e}, final weights {final:.2f} (control {control_weights:.2f})")
+        assert not beyond(gap, bound)
+        assert final <= 2 * control_weights
+
+
+def test_every_rank_ends_with_the_same_batchnorm_statistics(by_world):
+    # DDP no longer broadcasts rank 0's buffers under global BatchNorm: they agree because every rank computed them
+    for world in (2, 3):
+        digests = {r["buffer_sha256"] for r in by_world[world].ranks()}
+        assert len(digests) == 1 and None not in digests
+
+
+def test_local_batchnorm_at_two_ranks_trains_another_model(runs, by_world):
+    local = launch(runs, "local-bn", [*DDP, "2"], [*SAME, "train.epochs=1", "model.batchnorm=local"], timeout=600)
+    assert {r["global_batchnorm"] for r in local.ranks()} == {False}
+    gap = gaps(step_losses(local.run_dir), step_losses(by_world[1].run_dir))
+    assert 1 in beyond(gap, float_order_bound(by_world))  # statistics over 64 digits from the first forward on
+    # (its running statistics still agree over the ranks: DDP broadcasts rank 0's before every forward)
+
+
+@pytest.mark.parametrize("world", [1, 3])
+def test_a_two_rank_checkpoint_resumes_on_another_world_size(runs, by_world, world):
+    two = by_world[2]
+    run_dir = copy_of(two.run_dir, runs, f"from-two-on-{world}")
+    mid_epoch = next(c for c in checkpoint_dirs(run_dir) if c.name.endswith("000000020"))
+    launcher = ONE if world == 1 else [*DDP, str(world)]
+    resumed = launch(runs, run_dir.name, launcher, [*SAME, f"resume={mid_epoch}"], timeout=600)
+    assert f"resumed from {mid_epoch}: epoch 1, step 20" in resumed.output
+    assert [r["world_size"] for r in resumed.ranks()[:world]] == [world] * world  # (ranks/ keeps rank 1 of the 2)
+    losses = step_losses(run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))  # steps 21.. logged once, by the resumed run
+    after = {s: loss for s, loss in losses.items() if s > 20}
+    assert not beyond(gaps(after, step_losses(two.run_dir)), float_order_bound(by_world))
+    control_weights = weight_gap(weights(by_world["control"].run_dir), weights(by_world[1].run_dir))
+    assert weight_gap(weights(run_dir), weights(two.run_dir)) <= 2 * control_weights
