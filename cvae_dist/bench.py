@@ -16,9 +16,10 @@ Sections (`--sections`, default `compare,data,telemetry`; `--scaling` adds `scal
   orders included), with and without the on-device resize, against the training rate; and the data-wait share of
   the trainer's steps.
 - `telemetry`: the trainer with `log.telemetry` on and off, trials interleaved in one process.
-- `scaling`: 1 process x 2 threads, 2 processes x 1 thread (DDP over gloo on CPU) and 1 process x 1 thread, each
-  a real `accelerate launch` of this module's worker; efficiency = 2x1 / 1x2 and per-core efficiency = 2x1 / (2 x
-  1x1).
+- `scaling`: 1 process x 2 threads, 2 processes x 1 thread (DDP over gloo on CPU) with BatchNorm over the global
+  batch and again with `model.batchnorm=local`, and 1 process x 1 thread, each a real `accelerate launch` of this
+  module's worker; efficiency = 2x1 / 1x2, per-core efficiency = 2x1 / (2 x 1x1), and what global BatchNorm costs:
+  2x1 global / 2x1 local.
 
 Each section that trains runs in processes of its own (one precision per process: accelerate keeps one state per
 process). On CUDA the trials are timed with a synchronize at their start and end only (the trainer's telemetry adds
