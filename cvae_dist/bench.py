@@ -649,8 +649,8 @@ def scaling_section(args) -> dict:
             extra, env = [f"model.batchnorm={batchnorm}"], {"OMP_NUM_THREADS": str(threads)}
             runs.append({"batchnorm": batchnorm, **_run_worker(args, "scaling", extra, launcher, env)})
             rate = runs[-1]["median_img_per_s"]
-            print(f"  scaling {processes} process(es) x {threads} thread(s), {batchnorm} BatchNorm: {rate:,.0f} img/s",
-                  flush=True)  # fmt: skip
+            norm = f", {batchnorm} BatchNorm" if processes > 1 else ""
+            print(f"  scaling {processes} process(es) x {threads} thread(s){norm}: {rate:,.0f} img/s", flush=True)
     rate = {(r["processes"], r["threads"], r["batchnorm"]): r["median_img_per_s"] for r in runs}
     return {
         "runs": runs,
@@ -696,9 +696,10 @@ def scaling_worker(args, cfg, setup) -> dict:
 def scaling_table(s: dict) -> str:
     lines = ["", "scaling (framework path, real accelerate launches; global img/s):"]
     for r in s["runs"]:
+        norm = f", {r['batchnorm']} BatchNorm" if r["processes"] > 1 else ""
         lines.append(
             f"  {r['processes']} process(es) x {r['threads']} thread(s) ({r['backend']}, batch {r['per_rank_batch']}"
-            f"/rank, {r['batchnorm']} BatchNorm): {r['median_img_per_s']:>8,.0f} img/s, "
+            f"/rank{norm}): {r['median_img_per_s']:>8,.0f} img/s, "
             f"sync wait {100 * r['median_sync_wait_frac']:.1f}%"
         )
     lines.append(
