@@ -339,8 +339,10 @@ class ResidentTable:
     """The split's decoded digits in file order (bad records left out with on_bad="skip"): a uint8 tensor on the
     device, with labels and ids on the host."""
 
-    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, bad: int, device=None):
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, bad: int, device=None,
+                 source: str = "decoded"):  # fmt: skip
         self.pixels, self.labels, self.ids, self.bad = pixels.to(device or "cpu"), labels, ids, bad
+        self.source = source  # how this rank got it: "decoded" (and cached, where it could be) or "cache"
 
     @classmethod
     def load(cls, split, on_bad: str, files: list[str] | None, device, num_workers: int) -> ResidentTable:
@@ -350,7 +352,7 @@ class ResidentTable:
         if cache is not None and cache.is_file():
             try:
                 t = load_file(str(cache))
-                return cls(t["pixels"], t["labels"], t["ids"], int(t["bad"]), device)
+                return cls(t["pixels"], t["labels"], t["ids"], int(t["bad"]), device, source="cache")
             except (SafetensorError, OSError, KeyError):
                 pass  # unreadable (a foreign or damaged file): decode again and replace it
         table = cls.decode(split, on_bad, files, num_workers)

@@ -186,7 +186,8 @@ class Trainer:
             "per_rank_batch_size": parts.batch, "global_batch_size": parts.global_batch,
             "steps_per_epoch": parts.steps_per_epoch, "threads_per_rank": torch.get_num_threads(),
             "step_mode": type(self.step).__name__, "global_batchnorm": self.setup.global_batchnorm,
-            "data_path": self.state.data_path, **identity, **mfu_facts,
+            "data_path": self.state.data_path, "data_table": self.stream.table.source if self.stream.resident else None,
+            **identity, **mfu_facts,
             "hosts": [i["host"] for i in self.identities], "nodes": [i["node"] for i in self.identities],
             **distributed.environment_facts(self.setup),
         }  # fmt: skip

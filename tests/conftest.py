@@ -8,19 +8,21 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))  # the test helpers: the `support` package
 
+# Tests run `log.wandb` as a user does: no WANDB_MODE to override it, and no API key, so `auto` means offline and
+# no test reaches a W&B server.
+os.environ.pop("WANDB_MODE", None)
+os.environ.pop("WANDB_API_KEY", None)
+os.environ.setdefault("WANDB_SILENT", "true")
+# Resident splits are decoded once per machine into this cache: one for the session, not ~/.cache (set here, before
+# support.launching copies the environment for the launches; the W&B settings above reach them the same way)
+os.environ.setdefault("CVAE_DIST_CACHE", tempfile.mkdtemp(prefix="cvae-dist-cache-"))
+
 # Session fixtures for every test file (imported into several files, each would build its own)
 from support.checks import finished  # noqa: E402, F401  (a finished tiny run)
 from support.mnist_full import mnist_full  # noqa: E402, F401  (the full MNIST set, converted once)
 
 LAUNCH = Path(__file__).parent / "launch"
 
-# Tests run `log.wandb` as a user does: no WANDB_MODE to override it, and no API key, so `auto` means offline and
-# no test reaches a W&B server.
-os.environ.pop("WANDB_MODE", None)
-os.environ.pop("WANDB_API_KEY", None)
-os.environ.setdefault("WANDB_SILENT", "true")
-# Resident splits are decoded once per machine into this cache: one for the session (the launches' too), not ~/.cache
-os.environ.setdefault("CVAE_DIST_CACHE", tempfile.mkdtemp(prefix="cvae-dist-cache-"))
 
 
 @pytest.fixture

@@ -90,6 +90,13 @@ def test_one_two_and_three_ranks_train_the_same_model(by_world):
         assert final <= 2 * control_weights
 
 
+def test_the_split_is_decoded_once_per_machine(by_world):
+    # the session's runs share one cache (tests/conftest.py): at most one rank of them all decoded, the rest read it
+    tables = [r["data_table"] for w in (1, 2, 3, "control") for r in by_world[w].ranks()]
+    assert len(tables) == 7 and tables.count("decoded") <= 1 and set(tables) <= {"decoded", "cache"}
+    assert {r["data_table"] for r in by_world[3].ranks()} == {"cache"}  # its ranks started after world 1 and 2
+
+
 def test_every_rank_ends_with_the_same_batchnorm_statistics(by_world):
     # DDP no longer broadcasts rank 0's buffers under global BatchNorm: they agree because every rank computed them
     for world in (2, 3):

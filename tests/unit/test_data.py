@@ -77,6 +77,7 @@ def test_a_resident_split_is_decoded_once_per_machine_in_file_order(monkeypatch,
     again = stream(workers=workers)  # another rank on this machine, or a later run: it reads the cache
     assert len(decoded) == before  # later epochs and the cache's readers decode nothing
     assert torch.equal(again.table.pixels, pixels) and torch.equal(again.table.ids, resident.table.ids)
+    assert (resident.table.source, again.table.source) == ("decoded", "cache")
     assert [p.name for p in (tmp_path / "cache").iterdir()] == [data.decoded_cache(resident.files, "error").name]
     first = next(iter(resident.epoch(5, 1)))
     first.pixels.zero_()  # batches are the caller's own: writing to one leaves the table alone
