@@ -177,7 +177,10 @@ def make_accelerator(cfg: JobConfig) -> Setup:
     kwargs: dict = {}
     if requested > 1:
         timeout = timedelta(seconds=cfg.train.collective_timeout_s)  # a dead peer fails us instead of hanging
-        handlers.append(InitProcessGroupKwargs(backend="nccl" if device == "cuda" else "gloo", timeout=timeout))
+        backend = "nccl" if device == "cuda" else "gloo"
+        handlers.append(InitProcessGroupKwargs(backend=backend, timeout=timeout))
+        if os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0":
+            join_this_attempt(backend, timeout)  # (accelerate then keeps the process group it finds)
         # Without CUDA, accelerate would let every rank train alone. DeepSpeed only needs the gloo backend
         # named; plain DDP also needs cpu=True (MULTI_CPU), which would switch DeepSpeed off.
         if device == "cpu" and os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() != "true":
@@ -198,6 +201,18 @@ def make_accelerator(cfg: JobConfig) -> Setup:
     dynamo = accelerator.state.dynamo_plugin.backend.value
     eager_reason = _eager_reason(cfg, accelerator.device.type, deepspeed, precision, dynamo)
     return Setup(accelerator, precision, why, deepspeed, zero, eager_reason, global_batchnorm)
+
+
+def join_this_attempt(backend: str, timeout: timedelta) -> None:
+    """The process group of a group torchrun restarted (`--max_restarts`), on keys of this attempt's own. torchrun's
+    agent keeps one store for every attempt, and torch's env:// set-up reads it without an attempt prefix, so a
+    restarted rank can find the dead attempt's gloo addresses (connection refused) or wait forever."""
+    import torch.distributed as dist
+
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False, timeout=timeout)
+    attempt = dist.PrefixStore(f"attempt-{os.environ['TORCHELASTIC_RESTART_COUNT']}", store)
+    dist.init_process_group(backend, store=attempt, rank=int(os.environ["RANK"]),
+                            world_size=int(os.environ["WORLD_SIZE"]), timeout=timeout)  # fmt: skip
 
 
 def _eager_reason(cfg: JobConfig, device: str, deepspeed: bool, precision: str, dynamo_backend: str) -> str | None:
