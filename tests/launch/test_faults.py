@@ -8,7 +8,7 @@ import time
 
 import psutil
 import pytest
-from support.checks import FINISHED, SMALL, copy_of, snapshot
+from support.checks import FINISHED, SMALL, snapshot
 from support.launching import DEBUG, ENV, REPO, launch, launch_command, wait_for_step
 
 from cvae_dist.checkpoint import checkpoint_dirs, verify_checkpoint
@@ -138,15 +138,18 @@ def test_a_second_ctrl_c_in_the_middle_of_a_write_leaves_no_half_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the image nor its .partial file
 
 
-def test_resume_with_another_world_size_is_refused_and_changes_nothing(finished, tmp_path):
-    # A 1-process run resumed by a 2-process launch would change which digits each step sees: refused on every
-    # rank, naming the world size to relaunch with; the run is untouched.
-    run = copy_of(finished, tmp_path)
+def test_resume_of_a_streamed_run_with_another_world_size_is_refused_and_changes_nothing(tmp_path):
+    # A streamed split (larger than data.resident_mb) is dealt to the ranks by its shards: a 1-process run resumed
+    # by a 2-process launch would change which digits each step sees. Refused on every rank, naming the world size
+    # to relaunch with; the run is untouched. (A resident split resumes on any world size: test_world_size.py.)
+    streamed = [*SMALL, *FINISHED, "data.resident_mb=0"]
+    assert launch(tmp_path, "run", ["--config_file", "launch/cpu_debug.yaml"], streamed).returncode == 0
+    run = tmp_path / "run"
     before = snapshot(run)
-    result = launch(tmp_path, "run", DDP, [*SMALL, *FINISHED, "resume=auto"], check=False)
+    result = launch(tmp_path, "run", DDP, [*streamed, "resume=auto"], check=False)
     assert result.returncode != 0
-    refusal = "written by 1 rank(s) x 128 images; resuming with 2 x 64"
+    refusal = "written by 1 rank(s), this launch has 2; a streamed split is dealt to the ranks by its shards"
     assert result.output.count(refusal) == 2, result.output[-4000:]  # one line from each rank
-    assert "Relaunch with 1 processes" in result.output
+    assert "relaunch with 1 processes" in result.output
     assert f'File "{REPO / "cvae_dist"}' not in result.output, result.output[-4000:]  # no traceback of ours
     assert snapshot(run) == before
