@@ -16,21 +16,20 @@ class LossMeter:
 
     NAMES = ("loss/interval", "loss/epoch", "loss/first_bad")
 
-    def __init__(self, device: torch.device, rank: int, step: int, state: dict | None = None):
+    def __init__(self, device: torch.device, rank: int, step: int, state: dict | None = None, world_size: int = 1):
         state = state or {}
         self.epoch_sums: list[float] = list(state.get("epoch_sums", []))  # per rank, as of the last exchange
         self.interval_sums: list[float] = list(state.get("interval_sums", []))
         self.epoch_skipped: int = state.get("epoch_skipped", 0)
         self.interval_skipped: int = state.get("interval_skipped", 0)
-        # Only the sums over ranks count: a resumed run carries them on its first rank, at any world size.
-        self.interval = torch.tensor(float(sum(self.interval_sums)) if rank == 0 else 0.0, device=device)
-        self.epoch = torch.tensor(float(sum(self.epoch_sums)) if rank == 0 else 0.0, device=device)
+        self.interval = torch.tensor(_share(self.interval_sums, rank, world_size), device=device)
+        self.epoch = torch.tensor(_share(self.epoch_sums, rank, world_size), device=device)
         self.first_bad = torch.full_like(self.epoch, -1.0)  # -1: none yet
         self.step = torch.full_like(self.epoch, float(step))  # the global step, counted on the device
 
     @classmethod
-    def from_state(cls, state: dict, device: torch.device, rank: int, step: int) -> LossMeter:
-        return cls(device, rank, step, state)
+    def from_state(cls, state: dict, device: torch.device, rank: int, step: int, world_size: int) -> LossMeter:
+        return cls(device, rank, step, state, world_size)
 
     def to_state(self) -> dict:
         return {
@@ -74,6 +73,14 @@ class LossMeter:
         self.epoch.zero_()
         self.first_bad.fill_(-1.0)
         return loss
+
+
+def _share(saved: list[float], rank: int, world_size: int) -> float:
+    """This rank's part of the saved per-rank sums: its own where the world size is the one they were saved at (the
+    same additions as an uninterrupted run, bit for bit); else, as only their total counts, all of it on rank 0."""
+    if len(saved) == world_size:
+        return saved[rank]
+    return float(sum(saved)) if rank == 0 else 0.0
 
 
 def check_finite(per_rank_sums: torch.Tensor, first_bad: torch.Tensor, first_step: int, last_step: int) -> None:

@@ -167,7 +167,7 @@ class Trainer:
             accelerator.wait_for_everyone()
         apply_step_mode(self.optimizer, isinstance(self.step, GraphStep), self.cfg.train.lr, accelerator.device)
         self.meter = LossMeter.from_state(self.state.loss, accelerator.device, accelerator.process_index,
-                                          self.state.step)  # fmt: skip
+                                          self.state.step, accelerator.num_processes)  # fmt: skip
         identity = distributed.rank_identity(accelerator)
         self.identities = gather_object([identity])  # once, at start: host and machine of every rank
         if self.cfg.log.telemetry:

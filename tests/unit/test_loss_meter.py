@@ -124,7 +124,8 @@ def test_a_meter_resumed_from_its_state_continues_the_sums(stop):
     ranks = meters(2)
     before = train(ranks, 1, stop)
     saved = json.loads(json.dumps(ranks[0].to_state()))  # as the checkpoint's trainer_state.json holds it
-    resumed = [LossMeter.from_state(saved, CPU, rank=r, step=stop) for r in range(2)]
+    resumed = [LossMeter.from_state(saved, CPU, rank=r, step=stop, world_size=2) for r in range(2)]
+    assert [m.local()["loss/epoch"].item() for m in resumed] == [m.local()["loss/epoch"].item() for m in ranks]
     assert before + train(resumed, stop + 1, len(RUN)) == pytest.approx(whole)
 
 
@@ -136,7 +137,7 @@ def test_a_meter_resumed_on_another_world_size_continues_the_sums_over_ranks(wor
     end_interval(ranks, 2, 2)
     step(ranks, [5.0, 6.0])  # step 3: in the epoch's sums only once the next exchange sees it
     saved = json.loads(json.dumps(ranks[0].to_state()))
-    resumed = [LossMeter.from_state(saved, CPU, rank=r, step=2) for r in range(world)]
+    resumed = [LossMeter.from_state(saved, CPU, rank=r, step=2, world_size=world) for r in range(world)]
     step(resumed, [5.0 + 6.0, *[0.0] * (world - 1)])  # step 3 again, its loss now summed over `world` ranks
     assert end_epoch(resumed, 3, 3) == pytest.approx((1 + 2 + 3 + 4 + 5 + 6) / 3)
 
