@@ -35,5 +35,6 @@ def test_eval_under_accelerate_launch_two_ranks(finished, tmp_path):
     two = json.loads(out.read_text())
     one = inference.evaluate(inference.load_model(run=run))
     assert two["processes"] == 2 and two["images"] == 500
-    assert two["kl_per_image"] == pytest.approx(one["kl_per_image"], rel=1e-5)  # KL needs no noise
-    assert two["recon_per_image"] == pytest.approx(one["recon_per_image"], rel=0.01)  # other noise draws
+    assert two["kl_per_image"] == pytest.approx(one["kl_per_image"], rel=1e-5)
+    # each digit's noise is its place's in the held-out set, whichever rank evaluates it
+    assert two["recon_per_image"] == pytest.approx(one["recon_per_image"], rel=1e-5)
