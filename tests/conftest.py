@@ -24,7 +24,6 @@ from support.mnist_full import mnist_full  # noqa: E402, F401  (the full MNIST s
 LAUNCH = Path(__file__).parent / "launch"
 
 
-
 @pytest.fixture
 def repo() -> Path:
     return REPO
