@@ -4,6 +4,9 @@ pure-torch version, capturable in a CUDA graph (no host syncs), with float32 sta
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -19,6 +22,13 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 input
 
 
+def _all_reduce(packed: torch.Tensor, group, on_collective: Callable[[float], None] | None) -> None:
+    started = time.perf_counter()
+    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+    if on_collective is not None:  # (on CPU the call returns when every rank has sent its part: time blocked on peers)
+        on_collective(time.perf_counter() - started)
+
+
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
     # A (N, 1, H, W) or (N, C, 1, 1) tensor is both; contiguous wins then, as for any elementwise op.
     if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
@@ -30,14 +40,14 @@ class _GlobalBatchNormFn(torch.autograd.Function):
     """Normalisation by the statistics of every rank's share; updates the running buffers in place."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, group):
+    def forward(ctx, x, weight, bias, running_mean, running_var, factor, eps, group, on_collective):
         fmt = _memory_format(x)
         x32 = x.to(_acc_dtype(x))
         c = x.shape[1]
         # count as a tensor (a shape, not a value: no sync): ranks with unequal shares weigh by their rows
         count = torch.full((1,), x.numel() // c, dtype=x32.dtype, device=x.device)
         packed = torch.cat([x32.sum(_DIMS), x32.square().sum(_DIMS), count])
-        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
+        _all_reduce(packed, group, on_collective)
         total_sum, total_sq, n = packed[:c], packed[c : 2 * c], packed[2 * c :]
         mean = total_sum / n
         var = (total_sq / n - mean.square()).clamp_min(0.0)  # E[x^2] - mean^2 can round below zero
@@ -53,7 +63,7 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         if bias is not None:
             y = y + _per_channel(bias.to(x32.dtype))
         ctx.save_for_backward(x, weight, mean, invstd, n)
-        ctx.group, ctx.bias_dtype = group, None if bias is None else bias.dtype
+        ctx.group, ctx.on_collective, ctx.bias_dtype = group, on_collective, None if bias is None else bias.dtype
         return y.to(x.dtype).contiguous(memory_format=fmt)
 
     @staticmethod
@@ -71,7 +81,7 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         if need_x:
             c = x.shape[1]
             packed = torch.cat([sum_dy, sum_dy_xhat])
-            dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=ctx.group)
+            _all_reduce(packed, ctx.group, ctx.on_collective)
             mean_dy, mean_dy_xhat = packed[:c] / n, packed[c:] / n
             scale = invstd if weight is None else invstd * weight.to(acc)
             g = (dy32 - _per_channel(mean_dy) - xhat * _per_channel(mean_dy_xhat)) * _per_channel(scale)
@@ -79,7 +89,7 @@ class _GlobalBatchNormFn(torch.autograd.Function):
         # The parameters' gradients stay local sums: DDP / DeepSpeed reduce parameter gradients themselves.
         grad_w = sum_dy_xhat.to(weight.dtype) if need_w and weight is not None else None
         grad_b = sum_dy.to(ctx.bias_dtype) if need_b and ctx.bias_dtype is not None else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 class GlobalBatchNorm2d(nn.BatchNorm2d):
@@ -89,6 +99,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     without torch.distributed it is nn.BatchNorm2d."""
 
     process_group: dist.ProcessGroup | None = None
+    on_collective: Callable[[float], None] | None = None  # telemetry: given the seconds of each all-reduce
 
     def __init__(self, *args, process_group: dist.ProcessGroup | None = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -121,6 +132,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
             factor,
             self.eps,
             self.process_group,
+            self.on_collective,
         )
 
 

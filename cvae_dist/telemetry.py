@@ -170,14 +170,23 @@ class StepTimer(NoTimer):
         super().__init__(per_rank_batch)
 
     def instrument(self, model: torch.nn.Module) -> None:
-        """Measure time blocked on peers in DDP: the buffer broadcast that opens each forward, and the gradient
-        all-reduce (DDP's own `allreduce_hook`, timed: the gradients are the same with telemetry on or off). Not
-        under DeepSpeed (no such hook) or a CUDA graph (hooks do not run in a replay)."""
+        """Measure time blocked on peers in DDP: the buffer broadcast that opens each forward, the gradient
+        all-reduce (DDP's own `allreduce_hook`, timed: the gradients are the same with telemetry on or off) and the
+        global BatchNorm's all-reduces (where a slow rank's peers wait first). Not under DeepSpeed (no such hook) or a
+        CUDA graph (hooks do not run in a replay)."""
+        from cvae_dist.batchnorm import GlobalBatchNorm2d
+
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return
+        for module in model.modules():
+            if isinstance(module, GlobalBatchNorm2d):
+                module.on_collective = self._blocked
         model.register_forward_pre_hook(self._forward_called)
         model.module.register_forward_pre_hook(self._inner_forward_started)
         model.register_comm_hook(self, _timed_allreduce)
+
+    def _blocked(self, seconds: float) -> None:
+        self.sync_wait += seconds
 
     def _forward_called(self, _module, _args) -> None:
         self._forward_at = time.perf_counter()
