@@ -16,7 +16,6 @@ from accelerate import Accelerator
 from accelerate.utils import AutocastKwargs, DistributedDataParallelKwargs, DistributedType, InitProcessGroupKwargs
 
 from cvae_dist.config import ConfigError, JobConfig, NonFinite, Precision
-from cvae_dist.data import batch_share
 
 
 class LaunchError(RuntimeError):
@@ -233,13 +232,6 @@ def _eager_reason(cfg: JobConfig, device: str, deepspeed: bool, precision: str, 
 
 
 # ---------------------------------------------------------------------------------------------- batches, DeepSpeed
-
-
-def per_rank_batch_size(cfg: JobConfig, world_size: int, rank: int) -> int:
-    """This rank's share of the recipe's global batch (`data.batch_share`). The loss is a sum and each rank's is scaled
-    by the world size before DDP averages, so the gradient is still exactly the sum over the global batch."""
-    share = batch_share(cfg.data.batch_size, world_size, rank)
-    return share.stop - share.start
 
 
 def is_deepspeed(accelerator: Accelerator) -> bool:

@@ -10,12 +10,13 @@ import pytest
 import torch
 from PIL import Image as PILImage
 
-from cvae_dist.config import ConfigError, DataConfig, load_config
+from cvae_dist.config import ConfigError, DataConfig
 from cvae_dist.data import (
     Batch,
     DataError,
     RankStream,
     _Decoded,
+    batch_share,
     decode_batch,
     fewest_rows,
     full_batches,
@@ -300,18 +301,15 @@ def test_model_input_is_in_unit_range_at_the_models_size():
 
 @pytest.mark.parametrize(("batch", "world"), [(128, 3), (128, 1), (128, 8), (100, 7), (5, 5), (64, 6)])
 def test_the_global_batch_is_shared_out_over_the_ranks(batch, world):
-    from cvae_dist.distributed import per_rank_batch_size
-
-    cfg = load_config(None, [f"data.batch_size={batch}"])
-    shares = [per_rank_batch_size(cfg, world, r) for r in range(world)]
+    slices = [batch_share(batch, world, r) for r in range(world)]
+    shares = [s.stop - s.start for s in slices]
     assert sum(shares) == batch and max(shares) - min(shares) <= 1
     assert shares == sorted(shares, reverse=True)  # the first ranks take the extra images
+    assert [s.start for s in slices] == [0, *itertools.accumulate(shares)][:-1]  # in rank order, back to back
     if (batch, world) == (128, 3):
         assert shares == [43, 43, 42]
 
 
 def test_a_global_batch_smaller_than_the_world_is_refused():
-    from cvae_dist.distributed import per_rank_batch_size
-
     with pytest.raises(ConfigError, match="data.batch_size=3 is smaller than the world size 4"):
-        per_rank_batch_size(load_config(None, ["data.batch_size=3"]), 4, 0)
+        batch_share(3, 4, 0)
