@@ -120,6 +120,20 @@ class StopSignal:
             self.restore()
 
 
+RUN_DIR_FILE_ENV = "CVAE_DIST_RUN_DIR_FILE"
+
+
+def tell_wrapper(run_dir: Path) -> None:
+    """Where a wrapper (slurm/job.sh) asks for it with $CVAE_DIST_RUN_DIR_FILE, write this attempt's run directory
+    (absolute) there once it exists: the wrapper then reads that run's `status.json`, whatever run_name or
+    output_dir the recipe and overrides gave. No file: this attempt was refused (or died) before its run started."""
+    target = os.environ.get(RUN_DIR_FILE_ENV)
+    if target:
+        tmp = Path(f"{target}.tmp")
+        tmp.write_text(f"{run_dir.resolve()}\n")
+        os.replace(tmp, target)
+
+
 def write_status(run_dir: Path, state: str, **extra) -> None:
     """`status.json`, replaced atomically. Where the disk is full it keeps its previous content and says so."""
     tmp = run_dir / ".status.json.tmp"

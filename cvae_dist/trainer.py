@@ -16,7 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, is_compiled_module, set_seed
 from tqdm.auto import tqdm
 
-from cvae_dist import checkpoint, distributed, evaluation, telemetry
+from cvae_dist import checkpoint, distributed, evaluation, faults, telemetry
 from cvae_dist.batchnorm import use_global_batchnorm
 from cvae_dist.checkpoint import Checkpointer, TrainerState
 from cvae_dist.config import ConfigError, JobConfig, NonFinite
@@ -44,6 +44,8 @@ def train(cfg: JobConfig) -> TrainResult:
         parts = prepare(cfg)  # everything that can be checked is, before the run directory is written
         try:
             checkpoint.write_run_dir(parts.dir, cfg, parts.setup.accelerator)
+            if parts.setup.accelerator.is_main_process:
+                faults.tell_wrapper(parts.dir)
             with run_status(parts.dir, parts.setup.accelerator.is_main_process):
                 stop.arm()
                 trainer = Trainer(parts)
