@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import socket
+import time
 import warnings
 from dataclasses import dataclass
 from datetime import timedelta
@@ -238,6 +239,25 @@ def is_deepspeed(accelerator: Accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def load_deepspeed_weights_only(engine) -> None:
+    """Make a DeepSpeed engine read its checkpoint shards with `torch.load(weights_only=True)`, allowing just the
+    classes its optimizer state holds (its own engine loads with weights_only=False: a `__reduce__` payload in a shard
+    would run). `checkpoint.check_pickles` has refused anything else before this loads."""
+    import deepspeed.runtime.fp16.loss_scaler as loss_scaler
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    allowed = [loss_scaler.LossScaler, ZeroStageEnum, fragment_address]
+
+    class WeightsOnly(TorchCheckpointEngine):
+        def load(self, path: str, map_location=None):
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+
+    engine.checkpoint_engine = WeightsOnly(engine._config)
+
+
 def configure_deepspeed(setup: Setup, cfg: JobConfig, per_rank_batch: int) -> None:
     """DeepSpeed's batch fields from ours, no gradient clipping, and mixed precision as torch autocast.
 
@@ -290,6 +310,30 @@ def exchange(accelerator: Accelerator, values: dict[str, torch.Tensor | float]) 
         parts.append(torch.tensor([float(values[n]) for n in on_host], dtype=torch.float32).to(device))
     gathered = accelerator.gather(torch.cat(parts)[None]).double().cpu()
     return {name: gathered[:, i] for i, name in enumerate(on_device + on_host)}
+
+
+class StopPoll:
+    """Whether any rank was asked to stop, between step lines too: every rank passes its answer in a one-collective
+    exchange about every POLL_S seconds, at steps all ranks work out alike (from the pace they gather), so a stop
+    request waits about that long whatever log.every_steps is. A step line's exchange carries it as well."""
+
+    POLL_S = 1.0
+
+    def __init__(self, step: int):
+        self.next, self.since, self.since_step = step + 1, time.perf_counter(), step
+
+    def due(self, step: int) -> bool:
+        return step >= self.next
+
+    def local(self, requested: bool) -> dict[str, float]:
+        return {"stop": float(requested), "poll/seconds": time.perf_counter() - self.since}
+
+    def polled(self, gathered: dict[str, torch.Tensor], step: int) -> bool:
+        """Schedule the next poll from the slowest rank's pace; true where some rank asked to stop."""
+        seconds_per_step = gathered["poll/seconds"].max().item() / max(step - self.since_step, 1)
+        self.next = step + max(1, int(self.POLL_S / max(seconds_per_step, 1e-6)))
+        self.since, self.since_step = time.perf_counter(), step
+        return bool(gathered["stop"].any())
 
 
 # ---------------------------------------------------------------------------------------------- who and where

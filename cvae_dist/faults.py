@@ -19,12 +19,12 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
 
 
 class Stopped(Exception):
-    """Every rank stopped on a signal after saving a checkpoint; rerun with resume=auto to continue."""
+    """Every rank stopped on a signal after saving a checkpoint; `command` continues the run."""
 
     state, exit_code = "preempted", REQUEUE_EXIT_CODE
 
-    def __init__(self, signal_name: str, step: int, checkpoint: str):
-        super().__init__(f"stopped on {signal_name} at step {step}; checkpoint {checkpoint}; rerun with resume=auto")
+    def __init__(self, signal_name: str, step: int, checkpoint: str, command: str):
+        super().__init__(f"stopped on {signal_name} at step {step}; checkpoint {checkpoint}; continue with: {command}")
         self.step, self.checkpoint = step, checkpoint
 
 
@@ -66,11 +66,12 @@ class StopSignal:
 
     def __init__(self) -> None:
         self.received: int | None = None
-        self.armed = False
+        self.armed, self.command = False, "the same command with run_name=<the run> resume=auto"
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
-    def arm(self) -> None:
-        self.armed = True
+    def arm(self, command: str) -> None:
+        """From now on a signal checkpoints; `command` is what continues the run (for the messages)."""
+        self.armed, self.command = True, command
 
     def _handle(self, signum: int, _frame) -> None:
         if not self.armed:
@@ -84,8 +85,8 @@ class StopSignal:
             if time.monotonic() - self.received_at > self.REPEAT_GRACE_S:
                 name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
                 with contextlib.suppress(OSError):
-                    os.write(2, f"{name} again: stopped at once, without a checkpoint (resume=auto continues from the "
-                                "last one)\n".encode())  # fmt: skip
+                    os.write(2, f"{name} again: stopped at once, without a checkpoint (continue from the last one "
+                                f"with: {self.command})\n".encode())  # fmt: skip
                 for path in list(_BEING_WRITTEN):
                     with contextlib.suppress(OSError):
                         path.unlink()
@@ -103,7 +104,8 @@ class StopSignal:
     def stopped(self, step: int, checkpoint: str) -> Stopped:
         """The exception that ends the run after the checkpoint a signal asked for."""
         kind = Interrupted if self.received == signal.SIGINT else Preempted
-        return kind(signal.Signals(self.received).name if self.received else "a peer's signal", step, checkpoint)
+        name = signal.Signals(self.received).name if self.received else "a peer's signal"
+        return kind(name, step, checkpoint, self.command)
 
     def restore(self) -> None:
         """Put back the handlers that were there before (the default where Python did not set one)."""

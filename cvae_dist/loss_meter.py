@@ -55,6 +55,10 @@ class LossMeter:
         """This rank's figures for the interval's exchange."""
         return dict(zip(self.NAMES, (self.interval, self.epoch, self.first_bad), strict=True))
 
+    def note(self, gathered: dict[str, torch.Tensor]) -> None:
+        """Between step lines: every rank's sums as of this exchange, for a checkpoint taken now."""
+        self.epoch_sums, self.interval_sums = gathered["loss/epoch"].tolist(), gathered["loss/interval"].tolist()
+
     def end_interval(self, gathered: dict[str, torch.Tensor], step: int, steps: int) -> float:
         """At a step line (after `steps` steps ending at `step`): check every rank's sums are finite and return the
         mean summed loss of the interval's trained steps."""

@@ -62,14 +62,16 @@ class RunLogger:
     ):
         self.is_main = rank == 0
         self.enabled = self.is_main or cfg.log.wandb_per_rank
-        self.wandb_run = None
+        self.wandb_run, self.file = None, None
         self.run_id = resume_id
         self.own_prefix = f"rank/{rank}/" if not self.is_main else None  # what a per-rank run logs
         if not self.enabled:
             return
-        if self.is_main and resume_step is not None:
-            _truncate_after(run_dir / "metrics.jsonl", resume_step)
         self.path = run_dir / "metrics.jsonl"
+        if self.is_main and resume_step is not None:
+            # a restart before the first checkpoint has no saved id: the run's first attempt logged it
+            self.run_id = resume_id = resume_id or _recorded_run_id(self.path)
+            _truncate_after(self.path, resume_step)
         self.file = self.path.open("ab", buffering=0) if self.is_main else None  # each line written whole, at once
         mode = resolve_wandb_mode(cfg.log.wandb)
         if mode != "disabled":
@@ -108,6 +110,11 @@ class RunLogger:
                 with contextlib.suppress(Exception):  # finished, or a later wandb.init in this process returns it
                     self.wandb_run.finish()
                 self.wandb_run = None
+
+    def note(self, record: dict[str, Any]) -> None:
+        """An event for metrics.jsonl alone (the run's own bookkeeping: how a launch started, what it changed)."""
+        if self.file is not None:
+            self._append(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
     def _append(self, line: str) -> None:
         """Append one whole line, or none: where the write fails (disk full) the part written is cut off again, and
@@ -230,6 +237,18 @@ def _truncate_after(path: Path, step: int) -> None:
                     path, len(lines) - len(kept), step)  # fmt: skip
 
 
+def _recorded_run_id(path: Path) -> str | None:
+    """The W&B run id an earlier attempt of this run logged in its "started" line, if any."""
+    if not path.is_file():
+        return None
+    for line in path.read_text().splitlines():
+        with contextlib.suppress(ValueError, AttributeError):
+            record = json.loads(line)
+            if record.get("event") == "started" and record.get("wandb_run_id"):
+                return str(record["wandb_run_id"])
+    return None
+
+
 def _step_of(line: str) -> int:
     try:
         return int(json.loads(line).get("step", 0))
@@ -242,13 +261,18 @@ class RankRecord:
     mode, precision, compute dtype, ZeRO stage, ...: the W&B config's), step counts, a digest of its final parameters
     and, with `log.sample_ids`, the example ids it trained on in each epoch."""
 
-    def __init__(self, run_dir: Path, facts: dict[str, Any], record_ids: bool):
+    def __init__(self, run_dir: Path, facts: dict[str, Any], record_ids: bool, state=None):
+        """`state`: a resumed run's (its counts continue from the record an earlier attempt wrote)."""
         self.path = run_dir / "ranks" / f"rank{facts['rank']}.json"
-        self.data: dict[str, Any] = {**facts, "steps": 0, "steps_per_epoch": []}
+        step, epoch = (state.step, state.epoch) if state is not None else (0, 1)
+        earlier = _read_record(self.path) if step else {}
+        done = earlier.get("steps_per_epoch", [])[: epoch - 1]
+        self.data: dict[str, Any] = {**facts, "steps": step, "steps_per_epoch": done}
         self.record_ids = record_ids
         self.epoch_ids: list[torch.Tensor] = []
         if record_ids:
-            self.data["ids"] = {}
+            ids = earlier.get("ids", {})
+            self.data["ids"] = {e: v for e, v in ids.items() if e.isdigit() and int(e) < epoch}
 
     def batch(self, ids: torch.Tensor) -> None:
         self.data["steps"] += 1
@@ -267,6 +291,14 @@ class RankRecord:
         self.data.update(fields)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_safely(lambda tmp: tmp.write_text(json.dumps(self.data)), self.path)  # whole, or a DiskError
+
+
+def _read_record(path: Path) -> dict:
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def parameter_digest(model: torch.nn.Module) -> str:

@@ -138,14 +138,19 @@ def make_step(setup, model, optimizer, cfg, share: slice, side_stream=None) -> E
     return GraphStep(eager, batch, warmup=11 if ddp else 3, side_stream=side_stream or torch.cuda.Stream())
 
 
-def apply_step_mode(optimizer: torch.optim.Optimizer, graph: bool, lr: float, device: torch.device) -> None:
-    """Set AdamW for this run's step mode. Call it after any `load_state`, which brings back every setting the
-    checkpoint was written with (`capturable` and `lr` included, whatever mode wrote it). A CUDA graph needs
+def apply_step_mode(
+    optimizer: torch.optim.Optimizer, graph: bool, lr: float, device: torch.device, weight_decay: float | None = None
+) -> None:
+    """Set AdamW for this run's step mode and settings. Call it after any `load_state`, which brings back every
+    setting the checkpoint was written with (`capturable`, `lr` and `weight_decay` included, whatever mode wrote it:
+    a resume that changes train.lr or train.weight_decay applies them here). A CUDA graph needs
     `capturable` and the lr as a device tensor that every replay reads (a float is baked into the captured kernel:
     change it in place, `group["lr"].fill_(x)`); eager steps are faster with neither."""
     for group in optimizer.param_groups:
         group["capturable"] = graph
         group["lr"] = torch.tensor(lr, dtype=torch.float32, device=device) if graph else lr
+        if weight_decay is not None:
+            group["weight_decay"] = weight_decay
 
 
 def _finite_gradients(optimizer: torch.optim.Optimizer) -> bool:

@@ -6,6 +6,9 @@ batches: `cvae-dist bench` times it as it is."""
 from __future__ import annotations
 
 import contextlib
+import os
+import shlex
+import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -47,11 +50,12 @@ def train(cfg: JobConfig) -> TrainResult:
             if parts.setup.accelerator.is_main_process:
                 faults.tell_wrapper(parts.dir)
             with run_status(parts.dir, parts.setup.accelerator.is_main_process):
-                stop.arm()
+                stop.arm(resume_command(parts.cfg))
                 trainer = Trainer(parts)
                 epoch_losses = trainer.fit(stop)
         finally:  # every way out (completed, preempted, interrupted, failed): no graph may outlive the process group
             parts.step.close()
+            parts.lock.release()
     parts.setup.accelerator.end_training()
     return TrainResult(parts.dir, epoch_losses, parts.state.step)
 
@@ -79,8 +83,10 @@ class Parts:
     global_batch: int
     steps_per_epoch: int  # agreed: the same on every rank
     bad_records: int  # skipped in each epoch (data.on_bad_record=skip), all ranks together
-    state: TrainerState  # a resumed run's, once checked against this one
-    resume_from: Path | None  # the checkpoint this run continues
+    lock: checkpoint.RunLock  # held from the first check to the run's end: no other launch trains into `dir`
+    state: TrainerState  # this launch's, at the resumed checkpoint's place in training where it continues one
+    resume: checkpoint.Resume | None  # the checkpoint this run continues
+    changed: dict[str, tuple[object, object]]  # settings the resume changes: {key: (as trained, now)}
     eval_pixels: torch.Tensor
     eval_labels: torch.Tensor
     prior: torch.Tensor  # fixed latent draws for the sample half of the figure
@@ -93,7 +99,15 @@ def prepare(cfg: JobConfig, setup: distributed.Setup | None = None) -> Parts:
     setup = setup or distributed.make_accelerator(cfg)
     accelerator = setup.accelerator
     threads = distributed.set_threads()
-    run_dir, resume = _locate_run(accelerator, cfg)
+    run_dir, lock, resume = _locate_run(accelerator, cfg)
+    with lock.released_on_error():
+        return _build(cfg, setup, threads, run_dir, lock, resume)
+
+
+def _build(cfg: JobConfig, setup: distributed.Setup, threads: int, run_dir: Path, lock: checkpoint.RunLock,
+           resume: checkpoint.Resume | None) -> Parts:  # fmt: skip
+    """`prepare`'s parts, once the run directory is agreed and locked."""
+    accelerator = setup.accelerator
     world, rank = accelerator.num_processes, accelerator.process_index
     accelerator.print(
         f"device {distributed.describe_device(accelerator)}, {world} process(es), "
@@ -124,21 +138,26 @@ def prepare(cfg: JobConfig, setup: distributed.Setup | None = None) -> Parts:
         model, optimizer = accelerator.prepare(model, optimizer)
     if setup.graph:
         torch.cuda.current_stream().wait_stream(side_stream)
+    if setup.deepspeed:
+        distributed.load_deepspeed_weights_only(model)
     state = TrainerState(world_size=world, per_rank_batch_size=batch, global_batch_size=global_batch,
                          data_path="resident" if stream.resident else "streamed", zero_stage=setup.zero_stage,
-                         model=cfg.model.shape(),
-                         data_workers=workers if stream.order_depends_on_workers else 0)  # fmt: skip
-    resume_from = None
+                         model=cfg.model.shape(), engine="deepspeed" if setup.deepspeed else "ddp",
+                         data_workers=workers if stream.order_depends_on_workers else 0,
+                         settings=checkpoint.flat_settings(cfg))  # fmt: skip
+    changed = {}
     if resume is not None:
-        resume_from, saved = resume
-        checkpoint.check_compatible(saved, resume_from, state)
-        state = saved
+        changed = checkpoint.check_compatible(resume.state, resume.path, state)
+        checkpoint.check_pickles(resume.path)
+        state = state.continued(resume.state)
+        if not resume.own:  # a new run from another run's checkpoint: its own W&B run
+            state.wandb_run_id = None
     eval_pixels, eval_labels = load_split(cfg.data.source, cfg.data.eval_split)
     prior = torch.randn(evaluation.GRID_IMAGES, cfg.model.latent_dim,
                         generator=torch.Generator().manual_seed(cfg.train.seed))  # fmt: skip
     step = make_step(setup, model, optimizer, cfg, share, side_stream)
     return Parts(cfg, setup, run_dir, model, optimizer, stream, step, batch, global_batch, steps_per_epoch,
-                 bad_records, state, resume_from, eval_pixels, eval_labels, prior)  # fmt: skip
+                 bad_records, lock, state, resume, changed, eval_pixels, eval_labels, prior)  # fmt: skip
 
 
 class Trainer:
@@ -160,14 +179,19 @@ class Trainer:
     def __init__(self, parts: Parts):
         self.parts = parts
         accelerator = parts.setup.accelerator
-        if parts.resume_from is not None:
-            accelerator.load_state(str(parts.resume_from))
-            accelerator.print(f"resumed from {parts.resume_from}: epoch {self.state.epoch}, step {self.state.step}")
-            if accelerator.is_main_process and parts.resume_from.parent == self.dir / "checkpoints":
-                for moved in checkpoint.set_aside_newer(self.dir, parts.resume_from):
-                    accelerator.print(f"moved the checkpoint that failed its checks aside: {moved}")
+        resume = parts.resume
+        if resume is not None:
+            accelerator.load_state(str(resume.path))
+            accelerator.print(f"resumed from {resume.path}: epoch {self.state.epoch}, step {self.state.step}")
+            if accelerator.is_main_process and resume.own:
+                for moved in checkpoint.set_aside_newer(self.dir, resume.state.step):
+                    why = "failed its checks" if moved.name.endswith(".corrupt") else "is newer than the one resumed"
+                    accelerator.print(f"set aside a checkpoint that {why}: {moved}")
             accelerator.wait_for_everyone()
-        apply_step_mode(self.optimizer, isinstance(self.step, GraphStep), self.cfg.train.lr, accelerator.device)
+        for key, (before, now) in parts.changed.items():
+            accelerator.print(f"resume changes {key}: {before!r} -> {now!r}")
+        train, graph = self.cfg.train, isinstance(self.step, GraphStep)
+        apply_step_mode(self.optimizer, graph, train.lr, accelerator.device, train.weight_decay)
         self.meter = LossMeter.from_state(self.state.loss, accelerator.device, accelerator.process_index,
                                           self.state.step, accelerator.num_processes)  # fmt: skip
         identity = distributed.rank_identity(accelerator)
@@ -199,8 +223,17 @@ class Trainer:
                                 # starts at step 0: the lost attempt's lines go too
                                 resume_step=None if self.cfg.resume is None else self.state.step)  # fmt: skip
         self.state.wandb_run_id = self.logger.run_id
-        self.checkpointer = Checkpointer(accelerator, self.dir, self.cfg.checkpoint, self.meter, self.logger.log)
-        self.record = RankRecord(self.dir, facts, self.cfg.log.sample_ids)  # what it ran as, readable without W&B
+        self.logger.note({"step": self.state.step, "epoch": self.state.epoch,
+                         "event": "resumed" if resume else "started", "from": str(resume.path) if resume else None,
+                         "changed": {k: list(v) for k, v in parts.changed.items()}, "wandb_run_id": self.logger.run_id,
+                         "world_size": accelerator.num_processes})  # fmt: skip
+        self.checkpointer = Checkpointer(accelerator, self.dir, self.cfg.checkpoint, self.meter, self.logger.log,
+                                         saved_step=resume.state.step if resume and resume.own else None)  # fmt: skip
+        # what it ran as, readable without W&B (a resumed run's steps counted from the start)
+        self.record = RankRecord(self.dir, facts, self.cfg.log.sample_ids, self.state)
+        self.poll = distributed.StopPoll(self.state.step)
+        self.stop_requested: Callable[[], bool] = lambda: False  # `fit` asks its StopSignal
+        self.stop_agreed = False
         accelerator.print(
             f"run {self.dir}: {parts.global_batch} images per step ({parts.batch} on this rank), "
             f"{parts.steps_per_epoch} steps per epoch ({parts.steps_per_epoch * parts.global_batch} images), "
@@ -216,12 +249,16 @@ class Trainer:
         """Every epoch left, then the export; returns the epochs' losses. On a signal, every rank checkpoints at
         the next step line and the run stops (`Stopped`)."""
         epoch_losses = []
+        self.stop_requested = lambda: stop.requested
         for epoch in range(self.state.epoch, self.cfg.train.epochs + 1):
-            if self.steps(self.epoch_batches(epoch), lambda: stop.requested).stopped:
+            stopped = self.steps(self.epoch_batches(epoch), self.stop_requested).stopped
+            if not stopped:
+                epoch_losses.append(self.end_epoch(epoch))
+                if self.steps_left() == 0 or epoch == self.cfg.train.epochs:
+                    break
+                stopped = self.stop_agreed  # asked at the epoch's end, or during its evaluation
+            if stopped:
                 raise stop.stopped(self.state.step, str(self.checkpointer.save(self.state, "signal")))
-            epoch_losses.append(self.end_epoch(epoch))
-            if self.steps_left() == 0:
-                break
         export_dir = self.finish()
         self.logger.summary({"final/train_loss": epoch_losses[-1] if epoch_losses else None,
                              "final/export": str(export_dir)})  # fmt: skip
@@ -264,12 +301,17 @@ class Trainer:
             state.batches_done += 1
             if state.step % every == 0:
                 gathered = distributed.exchange(
-                    self.accelerator, {**self.meter.local(), "stop": float(stop()), **self.timer.local()}
+                    self.accelerator, {**self.meter.local(), **self.poll.local(stop()), **self.timer.local()}
                 )  # the interval's one collective: every rank's loss sums, stop request and telemetry, by name
                 lines.append(self.step_line(gathered))
-                if gathered["stop"].any():  # some rank was asked to stop: all stop here, together
+                if self.poll.polled(gathered, state.step):  # some rank was asked to stop: all stop here, together
                     return Steps(True, lines)
                 self.checkpointer.at_step_line(state, epoch_over=state.batches_done >= self.epoch_steps())
+            elif self.poll.due(state.step):  # about once a second between step lines, however far apart they are
+                gathered = distributed.exchange(self.accelerator, {**self.meter.local(), **self.poll.local(stop())})
+                self.meter.note(gathered)  # a checkpoint taken here holds the loss sums up to this step
+                if self.poll.polled(gathered, state.step):
+                    return Steps(True, lines)
         return Steps(False, lines)
 
     def step_line(self, gathered: dict[str, torch.Tensor]) -> dict:
@@ -325,6 +367,9 @@ class Trainer:
         )
         state.epoch, state.batches_done, state.epoch_seconds = epoch + 1, 0, 0.0
         self.checkpointer.at_epoch_end(state, last)
+        # asked for since the last poll, the evaluation and figure included: the next epoch does not start
+        polled = distributed.exchange(accelerator, self.poll.local(self.stop_requested()))
+        self.stop_agreed = self.poll.polled(polled, state.step)
         return epoch_loss
 
     def save_figure(self, epoch: int, last: bool) -> dict[str, torch.Tensor]:
@@ -377,22 +422,43 @@ class Trainer:
             self.model.train()
 
 
-def _locate_run(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, tuple[Path, TrainerState] | None]:
-    """Agree on the run directory; a new run's must not exist yet (and be creatable), `resume` finds the
-    checkpoint to continue. Reads only."""
+def _locate_run(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, checkpoint.RunLock, checkpoint.Resume | None]:
+    """Agree on the run directory and lock it; a new run's must be empty (and creatable), `resume` finds the
+    checkpoint to continue. Writes nothing but the lock (gone again, with a directory it made, on a refusal)."""
+    timed = cfg.run_name is None or cfg.run_name.endswith("{time}")
+    if cfg.resume == "auto" and timed:
+        pattern = cfg.run_name or "run-{time}"
+        raise ConfigError(
+            f"resume=auto continues a named run, but run_name={pattern} names a new one at every launch: "
+            f"give the run's name, e.g. run_name={pattern.replace('{time}', time.strftime('%Y%m%d-%H%M%S'))}"
+        )
     if cfg.run_name is None:
         cfg.run_name = time.strftime("run-%Y%m%d-%H%M%S")
-    elif cfg.run_name.endswith("{time}"):
+    elif timed:
         cfg.run_name = cfg.run_name.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
     name = [cfg.run_name]
     broadcast_object_list(name, from_process=0)  # ranks may have started in different seconds
     cfg.run_name = name[0]
     run_dir = checkpoint.run_dir_for(cfg)
-    resume = checkpoint.resolve_resume(run_dir, cfg.resume, accelerator.print)  # every rank, same answer
-    if resume is None and cfg.resume is None:
-        checkpoint.check_new_run_dir(run_dir)
     checkpoint.check_writable(run_dir)
-    return run_dir, resume
+    lock = checkpoint.RunLock(accelerator, run_dir)
+    with lock.released_on_error():
+        resume = checkpoint.resolve_resume(run_dir, cfg.resume, accelerator.print)  # every rank, same answer
+        if cfg.resume is None or (resume is not None and not resume.own):
+            checkpoint.check_new_run_dir(run_dir)  # a new run, or one started from another run's checkpoint
+        else:
+            checkpoint.check_config_file(run_dir, cfg)
+    return run_dir, lock, resume
+
+
+def resume_command(cfg: JobConfig) -> str:
+    """The command that continues this run: this launch's arguments, with the run's name and resume=auto."""
+    args = sys.argv[1:]
+    args = args[args.index("train") + 1 :] if "train" in args else args
+    kept = [a for a in args if not a.startswith(("run_name=", "resume="))]
+    command = shlex.join(["cvae-dist", "train", *kept, f"run_name={cfg.run_name}", "resume=auto"])
+    launched = "LOCAL_RANK" in os.environ  # under accelerate launch / torchrun: the same launcher again
+    return f"{command} (under the same launcher)" if launched else command
 
 
 def _agree_on_steps(accelerator: Accelerator, stream: RankStream) -> tuple[int, int]:

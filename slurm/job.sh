@@ -2,9 +2,12 @@
 # What slurm/train.sbatch and slurm/train_multinode.sbatch share, sourced from the repo root they run in:
 # the job's settings (job_settings), the signal traps (trap_signals) and the end of the job, with the
 # requeue after a USR1 (finish_job). Each script defines `forward_usr1`: how its USR1 reaches the trainers.
+# Which run an attempt trained, the trainer says: its main process writes the run directory to
+# $CVAE_DIST_RUN_DIR_FILE once the run has started (whatever run_name / output_dir the recipe and overrides gave),
+# and finish_job reads that run's status.json.
 #
 # A job is one run: its name is stable (the job's, or the array task's, id) and every attempt passes
-# resume=auto, so a first attempt starts the run and any later one (a torchrun restart in the allocation, a
+# resume=allow, so a first attempt starts the run and any later one (a torchrun restart in the allocation, a
 # requeue onto other nodes) continues it from its newest checkpoint.
 
 # job_settings DEFAULT_JOB_NAME: the venv's tools and the job's names, port and trainer overrides.
@@ -35,9 +38,19 @@ job_settings() {
     GROUP=${LOG_GROUP:-$RUN}
     # a number, unique among running jobs: SLURM_JOB_ID is a task's own in an array
     PORT=$((20000 + slurm_id % 20000))
-    # resume=auto in every attempt: where the run has no checkpoint yet (the first attempt) it starts anew,
-    # else it continues from the newest valid one in the run directory
-    OVERRIDES=("run_name=$RUN" "log.group=$GROUP" "resume=auto")
+    # resume=allow in every attempt: where the run does not exist yet (the first attempt) it starts, else it
+    # continues from the newest valid checkpoint in the run directory (from step 0 where there is none yet)
+    OVERRIDES=("run_name=$RUN" "log.group=$GROUP" "resume=allow")
+    # This attempt's start, and where its trainer will say which run it started: on the submit directory, which
+    # every node sees (under the c10d rendezvous the main process need not run on this node). No file at the end:
+    # this attempt never started its run (refused, or died before). A copy left by an earlier attempt is removed.
+    ATTEMPT_START=$(date +%s)
+    RUN_DIR_FILE=$PWD/runs/.slurm/$JOB_ID.$RESTARTS.run_dir
+    if ! mkdir -p "${RUN_DIR_FILE%/*}" || ! rm -f "$RUN_DIR_FILE" "$RUN_DIR_FILE.tmp"; then
+        echo "error: cannot write ${RUN_DIR_FILE%/*} (the job script's state, under the submit directory)" >&2
+        exit 2
+    fi
+    export CVAE_DIST_RUN_DIR_FILE=$RUN_DIR_FILE
 }
 
 # pick_launch_config: GPUS (the GPUs nvidia-smi lists on this node) and LAUNCH_CONFIG (unless set: launch/ddp_gpu.yaml
@@ -71,11 +84,10 @@ trap_signals() {
     trap 'on_signal TERM' TERM
 }
 
-# finish_job PID TRAINER_ARGS...: wait for the training (PID), then requeue the job if the trainers stopped on a
-# USR1, else exit with their status.
+# finish_job PID: wait for the training (PID), then requeue the job if the trainers stopped on a USR1, else exit
+# with their status.
 finish_job() {
-    local pid=$1 rc arg out_dir=runs trainer_state
-    shift
+    local pid=$1 rc run_dir='' trainer_state=''
     # `wait` returns early when a trapped signal arrives: wait again until the process has really exited
     while :; do
         wait "$pid"
@@ -86,13 +98,21 @@ finish_job() {
 
     # The trainer exits 75 after checkpointing on a signal ("requeue me"); accelerate's torchrun launcher
     # reports any worker failure as 1, so the trainer's own word counts: status.json says "preempted" once
-    # every rank has checkpointed. Only USR1 leads to a requeue from here: SIGTERM means scancel, the time
-    # limit or Slurm's own preemption, where Slurm decides (it requeues preempted --requeue jobs itself) and
-    # a cancelled job must stay cancelled.
-    for arg in "$@"; do [[ $arg == output_dir=* ]] && out_dir=${arg#output_dir=}; done
-    trainer_state=$("$PYTHON" -c 'import json,sys; print(json.load(open(sys.argv[1]))["state"])' \
-        "$out_dir/$RUN/status.json" 2>/dev/null)
-    if [[ $SIGNAL != TERM && ($trainer_state == preempted || $rc == 75) ]]; then
+    # every rank has checkpointed. Only a run this attempt started is requeued (its trainer wrote RUN_DIR_FILE),
+    # and only its status.json written since this attempt started counts (an earlier attempt's "preempted" does
+    # not). Only USR1 leads to a requeue from here: SIGTERM means scancel, the time limit or Slurm's own
+    # preemption, where Slurm decides (it requeues preempted --requeue jobs itself) and a cancelled job must stay
+    # cancelled.
+    if [[ -s $RUN_DIR_FILE ]]; then
+        run_dir=$(<"$RUN_DIR_FILE")
+        trainer_state=$("$PYTHON" -c 'import json,sys; s=json.load(open(sys.argv[1])); print(s["state"] if s["time"] >= float(sys.argv[2]) else "stale")' \
+            "$run_dir/status.json" "$ATTEMPT_START" 2>/dev/null)
+        echo "$(date -Is) run $run_dir: status ${trainer_state:-unreadable}"
+    else
+        echo "$(date -Is) this attempt started no run (refused, or stopped before it began): no requeue"
+    fi
+    rm -f "$RUN_DIR_FILE"
+    if [[ -n $run_dir && $SIGNAL != TERM && ($trainer_state == preempted || $rc == 75) ]]; then
         if ((RESTARTS >= MAX_REQUEUES)); then
             echo "$(date -Is) stopped for requeue (exit $rc), but restart $RESTARTS reached MAX_REQUEUES=$MAX_REQUEUES: failing"
             exit 75

@@ -104,8 +104,8 @@ def test_ctrl_c_after_the_first_epoch_checkpoints_and_stops(tmp_path, ddp):
         assert f'File "{REPO / "cvae_dist"}' not in out, out[-4000:]
     else:
         assert proc.returncode == 130, out[-4000:]
-        assert f"stopped on SIGINT at step {step}; checkpoint {run_dir}/checkpoints/step-{step:09d}; rerun with " \
-               "resume=auto" in out  # fmt: skip
+        assert f"stopped on SIGINT at step {step}; checkpoint {run_dir}/checkpoints/step-{step:09d}; continue " \
+               f"with: cvae-dist train " in out and f"run_name={run_dir.name} resume=auto\n" in out  # fmt: skip
         assert "Traceback" not in out, out
 
 
@@ -146,6 +146,7 @@ def test_a_second_ctrl_c_more_than_3_s_later_exits_at_once(tmp_path):
     assert proc.returncode == 130, out[-4000:]
     assert elapsed < 3, f"took {elapsed:.1f} s after the second Ctrl-C"
     assert out.count("Ctrl-C: checkpointing at the next step line") == 1
-    assert out.rstrip().splitlines()[-1] == "Ctrl-C again: stopped at once, without a checkpoint (resume=auto " \
-                                           "continues from the last one)"  # fmt: skip
+    last = out.rstrip().splitlines()[-1]
+    assert last.startswith("Ctrl-C again: stopped at once, without a checkpoint (continue from the last one with: "
+                           "cvae-dist train ") and last.endswith("run_name=run resume=auto)"), last  # fmt: skip
     assert checkpoint_dirs(tmp_path / "run") == [] and not leftovers(tmp_path / "run")

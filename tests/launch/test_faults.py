@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import time
@@ -57,7 +58,7 @@ def test_sigterm_checkpoints_exits_for_requeue_and_resumes_exactly(tmp_path, uni
     resumed = launch(tmp_path, "preempted", DDP, [*RUN, "resume=auto"])
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped_at:09d}'}" in resumed.output
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
-    assert [r["steps"] for r in resumed.ranks()] == [35 - stopped_at] * 2  # this launch's own steps
+    assert [r["steps"] for r in resumed.ranks()] == [35] * 2  # the run's steps, the first launch's included
     straight = {r["rank"]: r["param_sha256"] for r in uninterrupted.ranks()}
     assert {r["rank"]: r["param_sha256"] for r in resumed.ranks()} == straight  # bit-identical parameters
     assert resumed.step_losses() == uninterrupted.step_losses()
@@ -80,7 +81,36 @@ def test_single_process_exits_with_the_requeue_code(tmp_path):
     proc.send_signal(signal.SIGUSR1)  # Slurm's --signal=B:USR1@<seconds> before the time limit
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == REQUEUE_EXIT_CODE, out[-3000:]
-    assert "rerun with resume=auto" in out
+    # the message names the command that continues this run (its name given: the default would start a new one)
+    command = shlex.split(out.split("continue with: ")[1].splitlines()[0])
+    assert command[:2] == ["cvae-dist", "train"] and command[-2:] == ["run_name=solo", "resume=auto"], command
+    resumed = subprocess.run([cmd[0], *command[1:]], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert json.loads((tmp_path / "solo" / "status.json").read_text())["state"] == "completed"
+
+
+QUIET = ["train.epochs=2", "log.every_steps=1000", "checkpoint.every_epoch=false"]  # 70 steps, no step line
+
+
+def test_a_signal_between_step_lines_checkpoints_there_and_resumes_exactly(tmp_path):
+    # Step lines 1000 steps apart (beyond the run): only the stop poll between them can see the signal in time.
+    straight = launch(tmp_path, "straight", DDP, QUIET)
+    proc = start(tmp_path, "quiet", QUIET)
+    run_dir = tmp_path / "quiet"
+    wait_for_step(run_dir, 0, proc)  # the run's "started" line
+    time.sleep(2)
+    os.kill(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=120)
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted", (tmp_path / "quiet.log").read_text()[-3000:]
+    stopped_at = status["step"]
+    assert 0 < stopped_at < 70 and verify_checkpoint(run_dir / "checkpoints" / f"step-{stopped_at:09d}")
+    resumed = launch(tmp_path, "quiet", DDP, [*QUIET, "resume=auto"])
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped_at:09d}'}" in resumed.output
+    # the loss sums up to the poll's step were in the checkpoint: the epochs' losses are the uninterrupted run's
+    assert [e["train/loss"] for e in resumed.epochs()] == [e["train/loss"] for e in straight.epochs()]
+    print(f"stopped at step {stopped_at} of 70 (no step line in the run)")
 
 
 def test_dead_rank_fails_the_job_within_the_timeout(tmp_path):

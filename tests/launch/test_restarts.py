@@ -1,4 +1,4 @@
-"""torchrun's restart loop: `accelerate launch --max_restarts N` with resume=auto and a stable run name. A rank that
+"""torchrun's restart loop: `accelerate launch --max_restarts N` with resume=allow and a stable run name. A rank that
 dies takes its group down; torchrun starts the group again, and the same command line continues the run from its
 newest checkpoint."""
 
@@ -17,7 +17,7 @@ LAUNCHER = [*DDP, "--max_restarts", "1"]
 # The 500 held-out digits in global batches of 32 (16 a rank): 15 steps an epoch, steps 1..30 over 2 epochs. A step
 # line every 2 steps, a checkpoint every 4 and at each epoch's end: steps 4 8 12 15 16 20 24 28 30.
 RUN = ["data.train_split=test", "data.batch_size=32", "train.epochs=2", "log.every_steps=2",
-       "checkpoint.every_steps=4", "train.precision=fp32", "resume=auto"]  # fmt: skip
+       "checkpoint.every_steps=4", "train.precision=fp32", "resume=allow"]  # fmt: skip
 STEPS, CHECKPOINT, KILL_AT = 30, 20, 23  # mid-epoch 2: after the checkpoint at 20 and the step line at 22, before 24
 # Measured: the restarted run's exported weights and logged losses equal the uninterrupted run's bit for bit (max
 # |diff| 0.0, in every run so far): the same world size, the same checkpoint, the same batches, fp32 on CPU. The

@@ -52,10 +52,12 @@ def one_line(err: str, *fragments: str) -> str:
 
 
 def snapshot(root: Path) -> dict[str, str]:
-    """Every file and folder under `root` and a digest of each file's bytes."""
+    """Every file and folder under `root` and a digest of each file's bytes (the run lock's note of who held it
+    last aside: any launch that takes the lock rewrites it)."""
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
         for p in sorted(root.rglob("*"))
+        if p.name != ".lock"
     }
 
 
