@@ -439,10 +439,11 @@ def verify_checkpoint(path: Path) -> TrainerState:
         raise CheckpointError(f"{manifest_file}: expected an object of file name -> sha256, as the trainer writes")
     if STATE_FILE not in manifest:
         raise CheckpointError(f"{path}: {MANIFEST_FILE} does not list {STATE_FILE}; not a cvae-dist checkpoint")
+    outside = [name for name in manifest if not (path / name).resolve().is_relative_to(path.resolve())]
+    if outside:
+        raise CheckpointError(f"{manifest_file}: {outside[0]} is outside the checkpoint")
     for name, digest in manifest.items():
-        file = (path / name).resolve()
-        if not file.is_relative_to(path.resolve()):
-            raise CheckpointError(f"{manifest_file}: {name} is outside the checkpoint")
+        file = path / name
         if not file.is_file():
             raise CheckpointError(f"{path}: {name} is missing")
         if _sha256(file) != digest:

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import enum
+import functools
+import math
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 from omegaconf import OmegaConf
@@ -124,38 +129,87 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs"
     run_name: str | None = None  # default: the recipe's file name and a timestamp
-    # None: a new run (its directory must not exist yet); "auto": continue the run directory's newest valid
-    # checkpoint (or start it if it has none); or the path of one checkpoint directory.
+    # None: a new run (its directory must not exist yet); "auto": continue the named run from its newest valid
+    # checkpoint (the run must exist); "allow": the same, or start the run where it does not exist yet (job scripts);
+    # or the path of one checkpoint directory (another run's: a new run starts from it).
     resume: str | None = None
 
     def validate(self) -> JobConfig:
-        m, d, t = self.model, self.data, self.train
-        positive = {
-            "model.image_size": m.image_size, "model.filters": m.filters, "model.latent_dim": m.latent_dim,
-            "data.batch_size": d.batch_size,
-            "train.epochs": t.epochs, "train.max_steps": t.max_steps, "log.every_steps": self.log.every_steps,
-            "checkpoint.keep": self.checkpoint.keep,
-        }  # fmt: skip
-        for key, value in positive.items():
-            if value is not None and value <= 0:
-                raise ConfigError(f"{key}={value}: must be positive")
-        if m.image_size % 8:
-            raise ConfigError(f"model.image_size={m.image_size}: must be a positive multiple of 8")
-        if m.filters % 4:
-            raise ConfigError(f"model.filters={m.filters}: must be a positive multiple of 4")
-        if m.batchnorm not in ("global", "local"):
-            raise ConfigError(f"model.batchnorm={m.batchnorm!r}: accepted: global, local")
-        if d.num_workers is not None and d.num_workers < 0:
-            raise ConfigError(f"data.num_workers={d.num_workers}: must be 0 or more (or null: automatic)")
-        if d.resident_mb < 0:
-            raise ConfigError(f"data.resident_mb={d.resident_mb}: must be 0 or more (0: always stream)")
+        """Every value against its key's rule (RULES), then the rules that tie keys together."""
+        for key, (holds, accepted) in RULES.items():
+            value = functools.reduce(getattr, key.split("."), self)
+            if not holds(value):
+                shown = repr(value) if isinstance(value, str) else value
+                raise ConfigError(f"{key}={shown}: must be {accepted}")
         every = self.checkpoint.every_steps
-        if every < 0 or every % self.log.every_steps:
+        if every % self.log.every_steps:
             raise ConfigError(
                 f"checkpoint.every_steps={every}: must be 0 or a multiple of "
                 f"log.every_steps={self.log.every_steps} (losses are checked at those steps)"
             )
         return self
+
+
+def _finite(at_least: float, above: bool = False) -> Callable[[float | None], bool]:
+    return lambda v: v is not None and math.isfinite(v) and (v > at_least if above else v >= at_least)
+
+
+def _words(v: str | None) -> bool:
+    return v is not None and v.strip() != "" and v == v.strip()
+
+
+def _splits(v: str) -> bool:
+    return all(_words(part) for part in v.split("+"))
+
+
+TIME_FORMAT = "%Y%m%d-%H%M%S"  # what a run_name's trailing {time} becomes (15 characters)
+
+
+def _directory_name(v: str | None) -> bool:
+    if v is None:
+        return True
+    expanded = v.replace("{time}", time.strftime(TIME_FORMAT))
+    return (
+        _words(v) and not v.startswith(".") and not any(c in v for c in "/\\")
+        and not any(ord(c) < 32 or ord(c) == 127 for c in v) and len(expanded.encode()) <= 255
+    )  # fmt: skip
+
+
+# One rule per key whose type alone does not say what is accepted (enums and booleans do: OmegaConf checks them):
+# (holds, what is accepted). A test checks that every other key has one.
+RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "model.latent_dim": (lambda v: v > 0, "positive"),
+    "model.filters": (lambda v: v > 0 and v % 4 == 0, "a positive multiple of 4"),
+    "model.image_size": (lambda v: v > 0 and v % 8 == 0, "a positive multiple of 8"),
+    "model.batchnorm": (lambda v: v in ("global", "local"), "one of: global, local"),
+    "data.source": (_words, "shipped, a directory of parquet shards or a hub dataset id"),
+    "data.train_split": (_splits, "split names, joined with + (e.g. train+test)"),
+    "data.eval_split": (_splits, "split names, joined with + (e.g. test)"),
+    "data.batch_size": (lambda v: v > 0, "positive"),
+    "data.shuffle_buffer": (lambda v: v >= 0, "0 or more (0: a streamed split is read in its stored order)"),
+    "data.resident_mb": (lambda v: v >= 0, "0 or more (0: always stream)"),
+    "data.num_workers": (lambda v: v is None or v >= 0, "0 or more (or null: automatic)"),
+    "train.epochs": (lambda v: v > 0, "positive"),
+    "train.max_steps": (lambda v: v is None or v > 0, "positive (or null: no limit)"),
+    "train.lr": (_finite(0, above=True), "a finite number above 0"),
+    "train.weight_decay": (_finite(0), "a finite number, 0 or more"),
+    "train.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 4294967295 (numpy's seed range)"),
+    "train.collective_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
+    "log.project": (_words, "a W&B project name"),
+    "log.group": (lambda v: v is None or _words(v), "a W&B group name (or null: none)"),
+    "log.every_steps": (lambda v: v > 0, "positive"),
+    "log.images_every_epochs": (lambda v: v > 0, "positive (the last epoch always saves its figure)"),
+    "log.peak_tflops": (lambda v: v is None or _finite(0, above=True)(v), "a finite number above 0 (or null)"),
+    "log.straggler_fraction": (lambda v: 0 < v <= 1, "above 0 and at most 1 (a fraction of the median img/s)"),
+    "log.straggler_intervals": (lambda v: v > 0, "positive"),
+    "log.straggler_alert_every_s": (_finite(0), "a finite number of seconds, 0 or more"),
+    "checkpoint.every_steps": (lambda v: v >= 0, "0 or more (0: at epoch ends only)"),
+    "checkpoint.keep": (lambda v: v > 0, "positive"),
+    "output_dir": (_words, "a directory path"),
+    "run_name": (_directory_name, "one directory name: no /, \\ or control characters, not . or .. or hidden (a "
+                 "leading .), at most 255 bytes with {time} expanded (or null: the recipe's name and the time)"),
+    "resume": (lambda v: v is None or _words(v), "auto, allow or a checkpoint directory (or null: a new run)"),
+}  # fmt: skip
 
 
 class _Loader(yaml.SafeLoader):
@@ -220,9 +274,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     layers = []
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise ConfigError(f"{path} is a directory: --config takes a YAML file")
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-        recipe = _parse(path.read_text(), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not a text YAML file (byte {e.start} is not UTF-8)") from None
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+        recipe = _parse(text, str(path))
         if recipe is not None and not isinstance(recipe, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, ...), not {recipe!r:.40}")
         layers.append(_drop_retired(recipe or {}, str(path)))

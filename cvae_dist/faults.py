@@ -58,7 +58,7 @@ def being_written(path: Path):
 
 class StopSignal:
     """Once armed (the run has a directory to checkpoint into), SIGINT (Ctrl-C), SIGTERM and SIGUSR1 ask for a
-    checkpoint and a clean exit at the next step line; a second one (more than REPEAT_GRACE_S later) exits at once.
+    checkpoint and a clean exit after the step in progress (`StopPoll`); a second one (more than REPEAT_GRACE_S later) exits at once.
     Before that, they stop the process at once: there is nothing to save yet."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
@@ -69,9 +69,9 @@ class StopSignal:
         self.armed, self.command = False, "the same command with run_name=<the run> resume=auto"
         self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
 
-    def arm(self, command: str) -> None:
+    def arm(self, command: str | None = None) -> None:
         """From now on a signal checkpoints; `command` is what continues the run (for the messages)."""
-        self.armed, self.command = True, command
+        self.armed, self.command = True, command or self.command
 
     def _handle(self, signum: int, _frame) -> None:
         if not self.armed:
@@ -94,7 +94,7 @@ class StopSignal:
             return
         self.received, self.received_at = signum, time.monotonic()
         if signum == signal.SIGINT:
-            print("\nCtrl-C: checkpointing at the next step line, then stopping (Ctrl-C again to quit at once)",
+            print("\nCtrl-C: checkpointing after the step in progress, then stopping (Ctrl-C again to quit at once)",
                   flush=True)  # fmt: skip
 
     @property

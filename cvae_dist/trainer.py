@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from cvae_dist import checkpoint, distributed, evaluation, faults, telemetry
 from cvae_dist.batchnorm import use_global_batchnorm
 from cvae_dist.checkpoint import Checkpointer, TrainerState
-from cvae_dist.config import ConfigError, JobConfig, NonFinite
+from cvae_dist.config import TIME_FORMAT, ConfigError, JobConfig, NonFinite
 from cvae_dist.data import Batch, DataError, RankStream, batch_share, load_split, to_model_input
 from cvae_dist.evaluation import fixed_noise
 from cvae_dist.faults import StopSignal, run_status
@@ -247,7 +247,7 @@ class Trainer:
 
     def fit(self, stop: StopSignal) -> list[float]:
         """Every epoch left, then the export; returns the epochs' losses. On a signal, every rank checkpoints at
-        the next step line and the run stops (`Stopped`)."""
+        the next stop poll (about a second later) and the run stops (`Stopped`)."""
         epoch_losses = []
         self.stop_requested = lambda: stop.requested
         for epoch in range(self.state.epoch, self.cfg.train.epochs + 1):
@@ -430,12 +430,12 @@ def _locate_run(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, checkpo
         pattern = cfg.run_name or "run-{time}"
         raise ConfigError(
             f"resume=auto continues a named run, but run_name={pattern} names a new one at every launch: "
-            f"give the run's name, e.g. run_name={pattern.replace('{time}', time.strftime('%Y%m%d-%H%M%S'))}"
+            f"give the run's name, e.g. run_name={pattern.replace('{time}', time.strftime(TIME_FORMAT))}"
         )
     if cfg.run_name is None:
-        cfg.run_name = time.strftime("run-%Y%m%d-%H%M%S")
+        cfg.run_name = "run-" + time.strftime(TIME_FORMAT)
     elif timed:
-        cfg.run_name = cfg.run_name.replace("{time}", time.strftime("%Y%m%d-%H%M%S"))
+        cfg.run_name = cfg.run_name.replace("{time}", time.strftime(TIME_FORMAT))
     name = [cfg.run_name]
     broadcast_object_list(name, from_process=0)  # ranks may have started in different seconds
     cfg.run_name = name[0]

@@ -167,3 +167,41 @@ def test_compiled_model_trains_and_exports_plain_weights(runs):
     final = load_file(checkpoint_dirs(run.run_dir)[-1] / "model.safetensors")
     assert exported.keys() == final.keys()
     assert all(torch.equal(exported[k].float(), final[k].float()) for k in final)
+
+
+class Payload:
+    """What a tampered checkpoint hides: unpickling it opens (creates) a file of the attacker's choice."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_deepspeed_resumes_weights_only_and_refuses_a_pickled_payload(runs):
+    import hashlib
+    import json
+
+    zero3 = ["--config_file", "launch/deepspeed.yaml", "--zero_stage", "3", "--num_processes", "2"]
+    tiny = ["train.epochs=1", "data.train_split=test", "data.batch_size=32", "train.max_steps=6", "log.every_steps=1",
+            "checkpoint.every_steps=3", "checkpoint.keep=5", "train.precision=fp32"]  # fmt: skip
+    first = launch(runs, "zero3-first", zero3, tiny)
+    step3 = first.run_dir / "checkpoints" / "step-000000003"
+    # DeepSpeed's own engine would load these shards with weights_only=False; the trainer's loads them weights-only
+    resumed = launch(runs, "zero3-resumed", zero3, [*tiny, f"resume={step3}"])
+    assert f"resumed from {step3}" in resumed.output
+    assert resumed.step_losses() == pytest.approx(first.step_losses()[3:], rel=1e-5)
+
+    shard = step3 / "pytorch_model" / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    marker = runs / "payload-ran"
+    state = torch.load(shard, weights_only=False)  # the test's own file: trusted here
+    state["optimizer_state_dict"]["hidden"] = Payload(marker)
+    torch.save(state, shard)
+    manifest = json.loads((step3 / "manifest.json").read_text())  # re-hashed: a checksum proves no origin
+    manifest[str(shard.relative_to(step3))] = hashlib.sha256(shard.read_bytes()).hexdigest()
+    (step3 / "manifest.json").write_text(json.dumps(manifest))
+    tampered = launch(runs, "zero3-tampered", zero3, [*tiny, f"resume={step3}"], check=False)
+    assert tampered.returncode != 0
+    assert f"{shard}: its pickle would call io.open on loading" in tampered.output, tampered.output[-3000:]
+    assert not marker.exists() and not (runs / "zero3-tampered").exists()  # nothing ran, nothing was written

@@ -151,7 +151,7 @@ faults.StopSignal().arm()
 
 def write(tmp):
     tmp.write_bytes(b"half an image")
-    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: checkpoint at the next step line
+    os.kill(os.getpid(), signal.SIGINT)  # the first Ctrl-C: checkpoint after this step
     time.sleep(0.05)
     os.kill(os.getpid(), signal.SIGINT)  # the second: stop at once, here, in the middle of the write
     time.sleep(5)
@@ -183,3 +183,29 @@ def test_resume_of_a_streamed_run_with_another_world_size_is_refused_and_changes
     assert "relaunch with 1 processes" in result.output
     assert f'File "{REPO / "cvae_dist"}' not in result.output, result.output[-4000:]  # no traceback of ours
     assert snapshot(run) == before
+
+
+def test_a_second_launch_into_a_running_run_is_refused_and_a_dead_runs_lock_is_not_in_the_way(tmp_path):
+    cvae_dist = str(REPO / ".venv/bin/cvae-dist") if (REPO / ".venv/bin/cvae-dist").exists() else "cvae-dist"
+    argv = [cvae_dist, "train", "--config", str(DEBUG), f"output_dir={tmp_path}", "run_name=busy", "log.wandb=disabled",
+            "data.train_split=test", "data.batch_size=32", "log.every_steps=5", "checkpoint.every_steps=5"]  # fmt: skip
+    first = subprocess.Popen([*argv, "train.epochs=1000"], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.STDOUT)  # fmt: skip
+    run_dir = tmp_path / "busy"
+    try:
+        wait_for_step(run_dir, 5, first)
+        second = subprocess.run([*argv, "train.epochs=1000", "resume=auto"], cwd=REPO, capture_output=True,
+                                text=True, timeout=300)  # fmt: skip
+        assert second.returncode == 2, second.stderr[-3000:]
+        (line,) = [x for x in second.stderr.splitlines() if x.strip()]
+        assert f"run {run_dir} is in use by pid {first.pid} on " in line and "one launch trains a run at a time" in line
+        assert first.poll() is None  # the first run trains on
+    finally:
+        first.kill()  # kill -9: no handler runs, the lock file stays behind
+        first.wait()
+    assert (run_dir / ".lock").is_file()
+    step = verify_checkpoint(checkpoint_dirs(run_dir)[-1]).step
+    third = subprocess.run([*argv, "resume=auto", f"train.max_steps={step + 1}"], cwd=REPO, capture_output=True,
+                           text=True, timeout=300)  # fmt: skip
+    assert third.returncode == 0, third.stderr[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"

@@ -98,7 +98,8 @@ def test_sigterm_mid_epoch_resumes_exactly_on_the_full_set(tmp_path, ddp, mnist_
     resumed = launch(tmp_path, "preempted", DDP2, [*overrides, "resume=auto"], timeout=LAUNCH_TIMEOUT, config=MNIST)
     assert f"resumed from {run_dir / 'checkpoints' / f'step-{stopped_at:09d}'}" in resumed.output
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
-    assert [r["steps"] for r in resumed.ranks()] == [STEPS - stopped_at] * 2  # this launch's own steps
+    assert [r["steps"] for r in resumed.ranks()] == [STEPS] * 2  # the run's, counted on from the checkpoint
+    # the interrupted epoch's ids: this launch's (the first launch's part of the epoch ended with it)
     assert [r["ids"]["1"] for r in resumed.ranks()] == [r["ids"]["1"][stopped_at * 64 :] for r in ddp.ranks()]
     straight = {r["rank"]: r["param_sha256"] for r in ddp.ranks()}
     assert {r["rank"]: r["param_sha256"] for r in resumed.ranks()} == straight  # bit-identical parameters

@@ -57,9 +57,9 @@ def test_killed_rank_restarts_the_group_and_the_run_continues_from_its_checkpoin
     assert kinds(restarted) == kinds(lines(straight.run_dir))
     assert [r["step"] for r in restarted if "train/step_loss" in r] == list(range(2, STEPS + 1, 2))
     assert restarted[-1]["step"] == STEPS
-    # each rank's record is the second start's: world size 2, the steps after the checkpoint
+    # each rank's record is the second start's, world size 2, its steps counted on from the checkpoint's: the run's
     ranks = [(r["rank"], r["world_size"], r["steps"]) for r in run.ranks()]
-    assert ranks == [(0, 2, STEPS - CHECKPOINT), (1, 2, STEPS - CHECKPOINT)]
+    assert ranks == [(0, 2, STEPS), (1, 2, STEPS)]
     assert run.wandb_config()["world_size"] == 2  # the newest W&B run: the second start's
 
     # the losses after the restart and the final weights are the uninterrupted run's

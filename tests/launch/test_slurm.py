@@ -91,8 +91,8 @@ def test_single_node_job(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     run = read_run(run_dir)
     assert run.config["world_size"] == 1
     assert run.group == f"cvae-train-{job.id}"
-    # the first attempt already has the stable name and resume=auto (a new run where nothing is saved yet)
-    assert (run.config["run_name"], run.config["resume"]) == (f"cvae-train-{job.id}", "auto"), run.config
+    # the first attempt already has the stable name and resume=allow (a new run where nothing is saved yet)
+    assert (run.config["run_name"], run.config["resume"]) == (f"cvae-train-{job.id}", "allow"), run.config
     assert "node node1 machine_rank 0" in log
     assert "training exited with 0" in log
 
@@ -113,7 +113,7 @@ def test_multinode_job(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     assert checkpoints(run_dir), f"no checkpoint under {run_dir / 'checkpoints'}"
     run = read_run(run_dir)
     assert run.config["world_size"] == 2
-    assert (run.config["run_name"], run.config["resume"]) == (f"cvae-multinode-{job.id}", "auto"), run.config
+    assert (run.config["run_name"], run.config["resume"]) == (f"cvae-multinode-{job.id}", "allow"), run.config
     # one launcher per node, on machine ranks 0 and 1 (srun --label prefixes each line with the task number)
     launchers = set(re.findall(r"^\d+: node (node\d) machine_rank (\d+)$", log, flags=re.M))
     assert launchers == {("node1", "0"), ("node2", "1")}, f"launcher lines {launchers}; log:\n{log[-6000:]}"
@@ -205,3 +205,61 @@ def test_dead_process_restarts_in_place_and_usr1_still_requeues(slurm_cluster: S
     assert "max_restarts 2" in log and "stopped for requeue" in log, log[-6000:]
     assert slurm_cluster.show(job.id).get("Restarts") == "1" and log.count("resumed from") == 2, log[-6000:]
     assert [line["epoch"] for line in epoch_lines(run_dir)] == [1] and max_step(run_dir) == 35
+
+
+def test_preempted_multirank_job_finds_a_renamed_run(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
+    # The run directory is the trainer's to decide: here a run_name= override (it wins over the script's) under an
+    # output_dir that only the recipe sets. Two ranks under torchrun, which reports their exit 75 as 1: only the
+    # run's status.json tells the job script that they stopped to be requeued.
+    out = tmp_path / "runs"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(f"output_dir: {out}\n")
+    job = slurm_cluster.submit(
+        "slurm/train.sbatch", str(recipe), *LONG, "run_name=renamed",
+        log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env={**job_env(), "NUM_PROCESSES": "2"},
+    )  # fmt: skip
+    run_dir = out / "renamed"
+    state = slurm_cluster.wait(job, timeout=180, until=lambda _job: training(run_dir))
+    assert state == "RUNNING", f"job {job.id} ended {state} before it could be preempted:\n{job.log_text()[-6000:]}"
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=30)
+    state = slurm_cluster.wait(job, timeout=360)
+    assert_completed(slurm_cluster, job, state)
+
+    log = job.log_text()
+    assert "2 processes" in log and "stopped for requeue (exit 1)" in log, log[-6000:]
+    assert f"job {job.id} (cvae-train) restart 1 " in log and "resumed from" in log, log[-6000:]
+    assert slurm_cluster.show(job.id).get("Restarts") == "1"
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"
+    assert read_run(run_dir).config["world_size"] == 2
+    assert [line["epoch"] for line in epoch_lines(run_dir)] == [1] and max_step(run_dir) == 35
+    assert sorted(p.name for p in out.iterdir()) == ["renamed"]
+
+
+def test_refused_restart_after_preemption_is_not_requeued(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
+    # The first attempt is preempted and requeued, leaving "preempted" in status.json. Meanwhile the recipe has
+    # changed the global batch, which the trainer refuses on resume (exit 2, before it starts the run): that
+    # status.json is the last attempt's, and the job must fail with the refusal, not requeue itself again. (It fails
+    # with exit 1: `accelerate launch`, with or without torchrun, reports any failure of its processes as 1.)
+    out = tmp_path / "runs"
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("data:\n  batch_size: 128\n")
+    job = slurm_cluster.submit(
+        "slurm/train.sbatch", str(recipe), *LONG, f"output_dir={out}",
+        log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env={**job_env(), "MAX_REQUEUES": "2"},
+    )  # fmt: skip
+    run_dir = out / f"cvae-train-{job.id}"
+    state = slurm_cluster.wait(job, timeout=120, until=lambda _job: training(run_dir))
+    assert state == "RUNNING", f"job {job.id} ended {state} before it could be preempted:\n{job.log_text()[-6000:]}"
+    recipe.write_text("data:\n  batch_size: 64\n")  # what the requeued attempt reads
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=30)
+    state = slurm_cluster.wait(job, timeout=300)
+
+    log = job.log_text()
+    show = slurm_cluster.show(job.id)
+    assert (state, show.get("ExitCode")) == ("FAILED", "1:0"), f"job {job.id} ended {state} {show}:\n{log[-6000:]}"
+    assert show.get("Restarts") == "1" and log.count("stopped for requeue") == 1, log[-6000:]
+    assert "resume with data.batch_size=128" in log and "this attempt started no run" in log, log[-6000:]
+    assert "exitcode  : 2 " in log and "training exited with 1" in log, log[-6000:]  # torchrun's summary
+    rows = slurm_cluster.accounting(job.id)  # one row per run: the requeued one, then the refused one
+    assert len(rows) == 2 and rows[-1] == "FAILED", rows
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"  # the refusal wrote nothing

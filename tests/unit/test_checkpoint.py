@@ -207,9 +207,14 @@ ZERO2 = {"zero_stage": 2}
       "partition and this trainer does not convert it (DeepSpeed's universal checkpoint): relaunch with 4"),
      (state(**ZERO2), state(), "written under DeepSpeed ZeRO-2, this launch runs DDP or one process"),
      (state(data_workers=2, **STREAMED), state(**STREAMED),
-      "written with 2 data worker(s) per rank, this launch has 0")],
+      "written with 2 data worker(s) per rank, this launch has 0"),
+     # DeepSpeed without ZeRO (stage 0) is told from DDP by the engine the checkpoint records
+     (state(engine="deepspeed"), state(engine="ddp"), "written under DeepSpeed ZeRO-0, this launch runs DDP"),
+     (state(settings={"train.seed": 0, "train.lr": 0.001}), state(settings={"train.seed": 1, "train.lr": 0.002}),
+      "train.seed=0 in the run, 1 here; the model, the data, its order and the seed cannot change within a run: "
+      "resume with train.seed=0")],
     ids=["model", "global-batch", "old-global-batch", "data-path", "streamed-world", "deepspeed-world", "engine",
-         "streamed-workers"],
+         "streamed-workers", "deepspeed-zero0", "seed"],
 )  # fmt: skip
 def test_an_incompatible_resume_is_refused_in_one_line(tmp_path, saved, current, refusal):
     with pytest.raises(CheckpointError) as err:
@@ -227,3 +232,86 @@ def test_a_resident_split_resumes_on_any_world_size(tmp_path):
 def test_a_compatible_resume_and_an_old_checkpoint_without_a_model_record_pass(tmp_path):
     check_compatible(state(), tmp_path, state())
     check_compatible(state(model={}), tmp_path, state())  # written before checkpoints recorded the model
+
+
+def test_a_resume_returns_the_settings_it_changes(tmp_path):
+    saved, now = (
+        state(settings={"train.lr": 0.001, "train.epochs": 2}),
+        state(settings={"train.lr": 0.002, "train.epochs": 2}),
+    )
+    assert check_compatible(saved, tmp_path, now) == {"train.lr": (0.001, 0.002)}
+    assert check_compatible(state(), tmp_path, now) == {}  # written before settings were recorded: nothing compared
+
+
+@pytest.mark.parametrize(
+    ("manifest", "refusal"),
+    [("[1, 2]", "expected an object of file name -> sha256"), ('{"a": 3}', "expected an object"),
+     ("{}", "expected an object"), ('{"model.bin": "x"}', "does not list trainer_state.json"),
+     ('{"trainer_state.json": "x", "../../etc/passwd": "y"}', "../../etc/passwd is outside the checkpoint"),
+     ("not json", "not JSON")],
+    ids=["list", "number", "empty", "no-state", "outside", "not-json"],
+)  # fmt: skip
+def test_a_manifest_of_the_wrong_shape_is_refused_in_one_line(tmp_path, manifest, refusal):
+    path = sealed(tmp_path / "step-000000001", {"trainer_state.json": "{}"})
+    (path / "manifest.json").write_text(manifest)
+    with pytest.raises(CheckpointError, match=None) as err:
+        verify_checkpoint(path)
+    assert refusal in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("state_json", "refusal"),
+    [
+        ("[]", "expected an object of fields"),
+        ('{"step": "12"}', "field 'step' is str, expected int"),
+        ('{"step": true}', "field 'step' is bool"),
+        ('{"loss": 3}', "field 'loss' is int, expected dict"),
+    ],
+)
+def test_a_trainer_state_of_the_wrong_shape_is_refused(tmp_path, state_json, refusal):
+    path = sealed(tmp_path / "step-000000001", {"trainer_state.json": state_json})
+    with pytest.raises(CheckpointError) as err:
+        verify_checkpoint(path)
+    assert f"trainer_state.json: not a trainer state ({refusal}" in str(err.value)
+
+
+class Payload:
+    """What an attacker hides in a checkpoint: unpickling it calls a function of their choice."""
+
+    def __reduce__(self):
+        return (print, ("this ran on unpickling",))
+
+
+def test_check_pickles_refuses_a_pickle_that_calls_a_function_and_passes_plain_state(tmp_path):
+    import numpy as np
+    import torch
+
+    ckpt = tmp_path / "step-000000001"
+    (ckpt / "pytorch_model").mkdir(parents=True)
+    torch.save({"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": [{"lr": 1e-3}]}, ckpt / "optimizer.bin")
+    torch.save({"numpy": np.random.get_state()}, ckpt / "random_states_0.pkl")
+    checkpoint.check_pickles(ckpt)  # tensors, plain data, numpy RNG state
+    torch.save({"optimizer_state_dict": Payload()}, ckpt / "pytorch_model" / "zero_pp_rank_0_optim_states.pt")
+    with pytest.raises(CheckpointError) as err:
+        checkpoint.check_pickles(ckpt)
+    assert "zero_pp_rank_0_optim_states.pt: its pickle would call builtins.print on loading" in str(err.value)
+    (ckpt / "pytorch_model" / "zero_pp_rank_0_optim_states.pt").write_bytes(b"\x80\x04not a torch archive")
+    with pytest.raises(CheckpointError, match="not a torch archive that can be checked"):
+        checkpoint.check_pickles(ckpt)
+
+
+def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(ConfigError) as err:
+        check_writable(tmp_path / "out" / "run")
+    assert str(err.value) == f"{tmp_path / 'out'} is a file, not a directory: output_dir and run_name must name a " \
+                             "directory"  # fmt: skip
+
+
+def test_newer_checkpoints_are_set_aside_by_step_number(tmp_path):
+    for step in (5, 6, 40):
+        sealed(tmp_path / "checkpoints" / f"step-{step:09d}", {"trainer_state.json": json.dumps({"step": step})})
+    (tmp_path / "checkpoints" / "step-000000040" / "manifest.json").write_text("{}")  # fails its checks
+    moved = checkpoint.set_aside_newer(tmp_path, 5)
+    assert [p.name for p in moved] == ["step-000000006.abandoned", "step-000000040.corrupt"]
+    assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000000005"]

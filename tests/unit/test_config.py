@@ -1,5 +1,7 @@
 """Recipes, overrides and their one-line errors (config.py)."""
 
+import enum
+
 import pytest
 from support.checks import one_line, run_cli
 from support.launching import DEBUG
@@ -125,3 +127,66 @@ def test_a_retired_setting_given_a_value_is_refused_saying_what_replaced_it(over
         load_config(None, [override])
     key = override.split("=")[0]
     assert str(err.value).startswith(f"override: {key} is no longer a setting; {instead}")
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["train.lr=-0.001", "train.lr=nan", "train.lr=0", "train.weight_decay=-1e-5", "train.weight_decay=nan",
+     "train.weight_decay=inf", "train.collective_timeout_s=-5", "train.seed=-1", "data.shuffle_buffer=-5",
+     "log.straggler_fraction=0", "log.straggler_fraction=1.5", "log.straggler_intervals=0",
+     "log.straggler_alert_every_s=-1", "log.images_every_epochs=0", "log.peak_tflops=0", "log.peak_tflops=nan",
+     "checkpoint.every_steps=-10", "output_dir=''", "data.train_split=train+", "log.project=' '", "resume=''",
+     f"run_name={'x' * 250}{{time}}", "run_name=..", "run_name=.", "run_name=../escaped", "run_name=a/b",
+     "run_name=.hidden", "run_name='a\\\\b'", "run_name='tab\there'"],
+)  # fmt: skip
+def test_every_value_out_of_its_range_is_refused_in_one_line_naming_key_value_and_what_is_accepted(override):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [override])
+    key = override.split("=")[0]
+    assert str(err.value).startswith(f"{key}=") and ": must be " in str(err.value) and "\n" not in str(err.value)
+
+
+def test_every_key_that_its_type_does_not_bound_has_a_rule():
+    from dataclasses import fields, is_dataclass
+
+    from cvae_dist.config import RULES, JobConfig
+
+    def leaves(node, prefix=""):
+        for f in fields(node):
+            value = getattr(node, f.name)
+            yield from leaves(value, f"{prefix}{f.name}.") if is_dataclass(value) else [(prefix + f.name, value)]
+
+    unbounded = {key for key, value in leaves(JobConfig()) if not isinstance(value, bool | enum.Enum)}
+    assert unbounded - RULES.keys() == set()
+    assert RULES.keys() - unbounded == set()
+
+
+def test_the_defaults_and_edge_values_that_mean_something_are_accepted():
+    cfg = load_config(None, ["data.shuffle_buffer=0", "train.weight_decay=0", "log.straggler_fraction=1",
+                             "train.seed=4294967295", "run_name=x{time}", "resume=allow"])  # fmt: skip
+    assert cfg.data.shuffle_buffer == 0 and cfg.train.seed == 2**32 - 1
+
+
+def test_a_run_name_that_escapes_or_is_too_long_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "runs"
+    out.mkdir()
+    for name in ("x" * 256, "../outside", "a/b"):
+        code, err = run_cli(capsys, ["train", "--config", DEBUG, f"output_dir={out}", f"run_name={name}"])
+        assert code == 2
+        one_line(err, "run_name=", "must be one directory name")
+    assert list(tmp_path.iterdir()) == [out] and list(out.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a text YAML file (byte 0 is not UTF-8)"),
+     (None, "is a directory: --config takes a YAML file")],
+    ids=["binary", "directory"],
+)  # fmt: skip
+def test_a_config_that_is_not_a_text_file_is_refused_in_one_line(tmp_path, capsys, content, expected):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.mkdir() if content is None else recipe.write_bytes(content)
+    code, err = run_cli(capsys, ["train", "--config", recipe, f"output_dir={tmp_path / 'runs'}"])
+    assert code == 2
+    one_line(err, str(recipe), expected)
+    assert not (tmp_path / "runs").exists()
