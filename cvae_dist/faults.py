@@ -58,8 +58,8 @@ def being_written(path: Path):
 
 class StopSignal:
     """Once armed (the run has a directory to checkpoint into), SIGINT (Ctrl-C), SIGTERM and SIGUSR1 ask for a
-    checkpoint and a clean exit after the step in progress (`StopPoll`); a second one (more than REPEAT_GRACE_S later) exits at once.
-    Before that, they stop the process at once: there is nothing to save yet."""
+    checkpoint and a clean exit after the step in progress (`StopPoll`); a second one (more than REPEAT_GRACE_S
+    later) exits at once. Before that, they stop the process at once: there is nothing to save yet."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
     REPEAT_GRACE_S = 3.0
