@@ -75,12 +75,33 @@ def parquet_files(source: str, split: str) -> list[str] | None:
         files += found
     for file in files:
         try:
-            pq.ParquetFile(file).close()
+            with pq.ParquetFile(file) as shard:
+                problem = shard_problem(shard.schema_arrow, shard.metadata.num_rows)
         except (pa.ArrowException, OSError) as e:
             raise DataError(
                 f"{file}: not a readable parquet file ({_first_line(e)}); replace or re-create it"
             ) from None
+        if problem:
+            raise DataError(f"{file}: {problem}; fix or re-create the split (e.g. with `cvae-dist prepare-data`)")
     return files
+
+
+def shard_problem(schema: pa.Schema, rows: int) -> str | None:
+    """What a shard's footer says is wrong with it for training (no rows, a missing column or one of the wrong
+    type), or None."""
+    if rows == 0:
+        return "holds no rows"
+    missing = [name for name in ("image", "label") if name not in schema.names]
+    if missing:
+        return f"lacks column(s) {missing}; expected 'image' (PNG bytes) and 'label' (integers 0..9)"
+    image, label = schema.field("image").type, schema.field("label").type
+    if not (pa.types.is_struct(image) and image.get_field_index("bytes") >= 0) and not pa.types.is_binary(image):
+        return f"column 'image' is {image}, expected PNG bytes (a struct with 'bytes', as datasets' Image writes)"
+    if not pa.types.is_integer(label):
+        return f"column 'label' is {label}, expected integers 0..9"
+    if "id" in schema.names and not pa.types.is_integer(schema.field("id").type):
+        return f"column 'id' is {schema.field('id').type}, expected integers"
+    return None
 
 
 def check_hub(source: str, timeout_s: float = 5.0) -> None:
@@ -162,6 +183,8 @@ def decode_row(image: dict | None, label) -> np.ndarray | str:
         return pixels
     if label is None:
         return "missing label"
+    if isinstance(label, bool) or not isinstance(label, int | np.integer):
+        return f"label {label!r} is not an integer"
     if not 0 <= int(label) <= 9:
         return f"label {label} outside 0..9"
     return pixels

@@ -101,6 +101,35 @@ def test_a_corrupt_shard_is_one_line_naming_it(tmp_path, capsys, how, on_bad_rec
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    ("case", "problem"),
+    [("no-rows", "holds no rows"), ("string-labels", "column 'label' is string, expected integers 0..9"),
+     ("no-label", "lacks column(s) ['label']"), ("float-ids", "column 'id' is double, expected integers")],
+)  # fmt: skip
+def test_a_shard_of_the_wrong_shape_is_named_with_its_cause(tmp_path, capsys, case, problem):
+    # A converter wrote an empty last shard, labels as text, no labels or float ids: the shard and the cause are
+    # named before anything is written (not "unreadable", not a traceback from the decoder).
+    source = tmp_path / "data"
+    source.mkdir()
+    shutil.copy(SHIPPED_DIR / SHARD, source / SHARD)
+    table = pq.read_table(SHIPPED_DIR / "train-00000-of-00008.parquet")
+    shard = source / "train-00001-of-00002.parquet"
+    pq.write_table(table, source / "train-00000-of-00002.parquet")
+    column = {"string-labels": "label", "float-ids": "id"}.get(case)
+    if case == "no-rows":
+        table = table.slice(0, 0)
+    elif case == "no-label":
+        table = table.drop_columns(["label"])
+    else:
+        cast = pa.string() if column == "label" else pa.float64()
+        table = table.set_column(table.schema.get_field_index(column), column, table[column].cast(cast))
+    pq.write_table(table, shard)
+    code, err = run_cli(capsys, train_argv(tmp_path, "run", f"data.source={source}", "data.train_split=train"))
+    assert code == 2
+    one_line(err, f"cvae-dist train: error: {shard}: {problem}")
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.parametrize("case", ["missing-source", "empty-source", "unknown-train-split", "unknown-eval-split",
                                   "corrupt-shard"])  # fmt: skip
 def test_a_config_error_leaves_no_run_directory_and_the_name_free(tmp_path, capsys, case):

@@ -1,5 +1,6 @@
 """The data pipeline in process: splits, streams, resident tables, shards, workers (data.py)."""
 
+import collections
 import io
 import itertools
 
@@ -251,6 +252,13 @@ def test_decode_batch_error_names_the_first_bad_record_and_its_problem(row, prob
     assert message.endswith("(data.on_bad_record=skip drops such records)")
 
 
+def test_a_label_that_is_not_an_integer_is_a_bad_record_not_a_traceback():
+    rows = {"image": [{"bytes": png(), "path": None}] * 3, "label": [1, "7", 2.0], "id": [0, 1, 2]}
+    with pytest.raises(DataError, match="^record id 1: label '7' is not an integer"):
+        decode_batch(rows, on_bad="error")
+    assert decode_batch(rows, on_bad="skip").batch.labels.tolist() == [1]
+
+
 def test_decode_batch_error_names_the_file_and_row_it_came_from(tmp_path):
     rows = bad_rows()
     shard = tmp_path / "train-00000-of-00001.parquet"
@@ -313,3 +321,30 @@ def test_the_global_batch_is_shared_out_over_the_ranks(batch, world):
 def test_a_global_batch_smaller_than_the_world_is_refused():
     with pytest.raises(ConfigError, match="data.batch_size=3 is smaller than the world size 4"):
         batch_share(3, 4, 0)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+@pytest.mark.parametrize("resident", [True, False])
+def test_ids_that_restart_in_every_shard_still_train_on_every_row_once_an_epoch(tmp_path, resident, world):
+    # A converter that numbers each shard's rows from 0: ids repeat eight times over the shipped split's shards.
+    # They are labels for audits, never keys: every row is trained on once an epoch, on every world size.
+    from cvae_dist.data import SHIPPED_DIR
+
+    source = tmp_path / "renumbered"
+    source.mkdir()
+    digits = []
+    for shard in sorted(SHIPPED_DIR.glob("*.parquet")):
+        table = pq.read_table(shard)
+        table = table.set_column(table.schema.get_field_index("id"), "id", pa.array(range(len(table)), pa.int64()))
+        pq.write_table(table, source / shard.name)
+        digits += [row["bytes"] for row in table["image"].to_pylist()] if shard.name.startswith("train") else []
+    cfg = DataConfig(source=str(source), resident_mb=DataConfig.resident_mb if resident else 0)
+    ranks = [RankStream(cfg, rank=r, world_size=world, seed=0) for r in range(world)]
+    trained = []
+    for shares in zip(*(s.epoch(1, s.local_steps) for s in ranks), strict=True):
+        trained += [bytes(p.numpy().tobytes()) for share in shares for p in share.pixels]
+    source_pixels = [decode_batch({"image": [{"bytes": d}], "label": [0]}).batch.pixels[0] for d in digits]
+    counts = collections.Counter(p.numpy().tobytes() for p in source_pixels)
+    assert len(trained) == ranks[0].local_steps * 128 >= 4480 - 128
+    too_often = collections.Counter(trained) - counts
+    assert not too_often, f"{len(too_often)} digits trained more often an epoch than they are stored"
