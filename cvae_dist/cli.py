@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from cvae_dist import bench, inference
-from cvae_dist.checkpoint import CheckpointError, DiskError
+from cvae_dist.checkpoint import CheckpointError, DiskError, write_safely
 from cvae_dist.config import ConfigError, JobConfig
 from cvae_dist.data import DataError, load_split
 from cvae_dist.distributed import LaunchError
@@ -176,14 +176,22 @@ def add_inference(sub) -> None:
     heldout = argparse.ArgumentParser(add_help=False)
     heldout.add_argument("--source", help="data source (default: the run's data.source)")
     heldout.add_argument("--split", help="split (default: the run's data.eval_split)")
+    overwrite = argparse.ArgumentParser(add_help=False)
+    overwrite.add_argument(
+        "--force", action="store_true", help="replace an existing output file (never one inside the model's run)"
+    )
 
-    p = sub.add_parser("eval", parents=[source, heldout], help="held-out loss (reconstruction, KL) of a trained model")
+    p = sub.add_parser(
+        "eval", parents=[source, heldout, overwrite], help="held-out loss (reconstruction, KL) of a trained model"
+    )
     p.add_argument("--seed", type=int, help="noise seed (default: the run's train.seed)")
     p.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32", help="autocast (default fp32)")
     p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
     p.set_defaults(func=_eval)
 
-    p = sub.add_parser("sample", parents=[source, device], help="a PNG grid of digits decoded from the N(0, I) prior")
+    p = sub.add_parser(
+        "sample", parents=[source, device, overwrite], help="a PNG grid of digits decoded from the N(0, I) prior"
+    )
     p.add_argument("--n", type=int, default=64, help="number of samples (default 64)")
     p.add_argument("--seed", type=int, default=0, help="prior draws seed (default 0)")
     p.add_argument("--columns", type=int, help="grid columns (default: a square grid)")
@@ -199,7 +207,9 @@ def add_inference(sub) -> None:
     p.set_defaults(func=_sample)
 
     p = sub.add_parser(
-        "reconstruct", parents=[source, heldout, device], help="held-out digits and their reconstructions side by side"
+        "reconstruct",
+        parents=[source, heldout, device, overwrite],
+        help="held-out digits and their reconstructions side by side",
     )
     p.add_argument("--n", type=int, default=32, help="number of held-out digits (default 32, the first ones)")
     p.add_argument("--columns", type=int, default=8, help="digits per row in each half (default 8)")
@@ -210,7 +220,7 @@ def add_inference(sub) -> None:
 
     p = sub.add_parser(
         "interpolate",
-        parents=[source, heldout, device],
+        parents=[source, heldout, device, overwrite],
         help="latent walks (along mu) between pairs of held-out digits",
     )
     p.add_argument("--pairs", type=int, default=4, help="rows: pairs of digits (default 4: 0-1, 2-3, 4-5, 6-7)")
@@ -242,8 +252,20 @@ def _at_most(images: int, what: str) -> None:
         )
 
 
-def _load(args: argparse.Namespace) -> inference.Loaded:
+def _load(args: argparse.Namespace, flag: str | None = None, suffix: str = ".png") -> inference.Loaded:
+    """The model, once the command's output file (option `flag`, if it writes one) and --device are checked: a
+    mistake in either is refused before anything is loaded or written."""
+    path = getattr(args, flag.lstrip("-")) if flag else None
+    if path is not None:
+        home = inference.model_home(args.run, args.checkpoint)
+        inference.check_output(path, suffix, args.force, home, flag)
+    if getattr(args, "device", None) is not None:
+        inference.check_device(args.device)
     return inference.load_model(args.run, args.checkpoint, args.config)
+
+
+def _save_png(image: torch.Tensor, path: Path) -> None:
+    write_safely(lambda tmp: save_grid(image, tmp), path)  # a crash leaves no half PNG
 
 
 def _heldout(args: argparse.Namespace, loaded: inference.Loaded, n: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,12 +279,11 @@ def _heldout(args: argparse.Namespace, loaded: inference.Loaded, n: int) -> tupl
 def _eval(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
-    result = inference.evaluate(_load(args), args.source, args.split, args.seed, args.precision)
+    result = inference.evaluate(_load(args, "--json", ".json"), args.source, args.split, args.seed, args.precision)
     if PartialState().is_main_process:  # every rank has the reduced figures; one reports them
         print(inference.summary_line(result))
         if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(result, indent=2) + "\n")
+            write_safely(lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"), args.json)
     return 0
 
 
@@ -272,7 +293,7 @@ def _sample(args: argparse.Namespace) -> int:
         _at_most(args.latent_grid**2, f"--latent-grid {args.latent_grid}")
     else:
         _at_most(args.n, f"--n {args.n}")
-    loaded = _load(args)
+    loaded = _load(args, "--out")
     if args.latent_grid is not None:
         images, columns = inference.latent_grid(loaded, args.latent_grid, device=args.device), args.latent_grid
         what = f"{args.latent_grid} x {args.latent_grid} latent grid over [-3, 3]^2"
@@ -280,7 +301,7 @@ def _sample(args: argparse.Namespace) -> int:
         images = inference.sample(loaded, args.n, args.seed, args.device)
         columns = args.columns or math.ceil(math.sqrt(args.n))
         what = f"{args.n} prior samples (seed {args.seed})"
-    save_grid(grid(images, columns), args.out)
+    _save_png(grid(images, columns), args.out)
     print(f"wrote {args.out}: {what} from {loaded.name}")
     return 0
 
@@ -288,10 +309,10 @@ def _sample(args: argparse.Namespace) -> int:
 def _reconstruct(args: argparse.Namespace) -> int:
     _positive(n=args.n, columns=args.columns)
     _at_most(args.n, f"--n {args.n}")
-    loaded = _load(args)
+    loaded = _load(args, "--out")
     pixels, _ = _heldout(args, loaded, args.n)
     x, recon = inference.reconstruct(loaded, pixels[: args.n], args.seed, args.mean, args.device)
-    save_grid(side_by_side(x, recon, min(args.columns, args.n)), args.out)
+    _save_png(side_by_side(x, recon, min(args.columns, args.n)), args.out)
     print(f"wrote {args.out}: {args.n} held-out digits (left) and their reconstructions (right) from {loaded.name}")
     return 0
 
@@ -301,10 +322,10 @@ def _interpolate(args: argparse.Namespace) -> int:
     if args.steps < 2:
         raise ConfigError(f"--steps={args.steps}: a walk needs at least 2 points (its two ends)")
     _at_most(args.pairs * (args.steps + 2), f"--pairs {args.pairs} --steps {args.steps}")
-    loaded = _load(args)
+    loaded = _load(args, "--out")
     pixels, labels = _heldout(args, loaded, 2)
     images = inference.interpolate(loaded, pixels, labels, args.pairs, args.steps, args.device)
-    save_grid(grid(images, args.steps + 2), args.out)
+    _save_png(grid(images, args.steps + 2), args.out)
     print(
         f"wrote {args.out}: {args.pairs} latent walks of {args.steps} steps between held-out digits from {loaded.name}"
     )
@@ -312,6 +333,7 @@ def _interpolate(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    inference.check_export_dir(args.out)  # before loading, as the other commands' outputs
     loaded = _load(args)
     out = inference.export(loaded, args.out, args.push_to_hub, args.private)
     pushed = f", pushed to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else ""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -112,12 +113,18 @@ def _checkpoint_weights(path: Path) -> tuple[Path, Path | None]:
             else:
                 hint = ""
             raise ConfigError(f"{path} holds no {WEIGHTS}{hint} ({ACCEPTED})")
-    d = weights.parent.resolve()
+    run = _run_of(weights.parent)
+    return weights, run / "config.yaml" if run is not None else None
+
+
+def _run_of(directory: Path) -> Path | None:
+    """The run directory that `directory` is the model/ export or a checkpoint of, if it is one."""
+    d = directory.resolve()
     if d.name == "model" and (d.parent / "config.yaml").is_file():  # runs/<run>/model
-        return weights, d.parent / "config.yaml"
+        return d.parent
     if d.parent.name == "checkpoints" and (d.parent.parent / "config.yaml").is_file():  # runs/<run>/checkpoints/x
-        return weights, d.parent.parent / "config.yaml"
-    return weights, None
+        return d.parent.parent
+    return None
 
 
 def _read_weights(path: Path) -> dict[str, torch.Tensor]:
@@ -171,6 +178,64 @@ def _device_model(loaded: Loaded, device: torch.device | str) -> CVAE:
 
 def _model_input(loaded: Loaded, pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return to_model_input(pixels.to(device), loaded.cfg.model.image_size, loaded.cfg.train.channels_last)
+
+
+# --------------------------------------------------------------------------------- outputs and devices
+
+
+def model_home(run: Path | None, checkpoint: Path | None) -> Path | None:
+    """The directory whose files belong to the model given: the run (`--run`, or the run a `--checkpoint` lies in),
+    else the `--checkpoint` directory; None for a lone weights file."""
+    if run is not None:
+        return Path(run)
+    path = Path(checkpoint)
+    directory = path if path.is_dir() else path.parent
+    return _run_of(directory) or (directory if path.is_dir() else None)
+
+
+def check_output(path: Path, suffix: str, force: bool, home: Path | None, flag: str = "--out") -> None:
+    """Refuse, in one line, a file that `flag` may not name: not a `suffix` file in an existing writable directory,
+    an existing file without `force`, or any existing file inside `home` (the model's run), `force` or not."""
+    path = Path(path)
+    accepted = f"accepted: a new {suffix} file in an existing, writable directory (an existing one with --force)"
+    if path.is_dir():
+        raise ConfigError(f"{flag} {path} is a directory; {accepted}")
+    if path.suffix.lower() != suffix:
+        raise ConfigError(f"{flag} {path}: must end in {suffix} (any case); {accepted}")
+    parent = path.parent
+    if not parent.is_dir():
+        there = parent if parent.exists() else next(p for p in parent.parents if p.exists())
+        if not there.is_dir():
+            raise ConfigError(f"{flag} {path}: {there} is a file, not a directory; {accepted}")
+        raise ConfigError(f"{flag} {path}: directory {parent} does not exist (create it first); {accepted}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConfigError(f"{flag} {path}: {parent} is not writable; {accepted}")
+    if not (path.exists() or path.is_symlink()):
+        return
+    # The file that gets replaced is the link itself, not what it points to: compare its real directory.
+    if home is not None and (parent.resolve() / path.name).is_relative_to(home.resolve()):
+        raise ConfigError(
+            f"{flag} {path} is a file in {home}, the model's run or checkpoint directory, whose files are never "
+            "replaced, even with --force; choose a new file name or a path outside it"
+        )
+    if not force:
+        raise ConfigError(f"{flag} {path} already exists; pass --force to replace it, or choose another path")
+
+
+def check_device(name: str) -> torch.device:
+    """`--device` as torch names it, if this machine has it; a one-line ConfigError saying what is accepted."""
+    gpus = torch.cuda.device_count()
+    mps = torch.backends.mps.is_available()
+    accepted = "accepted: cpu" + (f", cuda, cuda:N with N < {gpus}" if gpus else " (no CUDA device here)")
+    accepted += ", mps" if mps else ""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name} is not a torch device; {accepted}") from None
+    usable = {"cpu": True, "cuda": (device.index or 0) < gpus, "mps": mps}
+    if not usable.get(device.type, False):
+        raise ConfigError(f"--device {name} is not usable on this machine; {accepted}")
+    return device
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -321,8 +386,7 @@ def pair_indices(labels: torch.Tensor, pairs: int) -> tuple[list[int], list[int]
 def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: bool = False) -> Path:
     """`save_pretrained`: model.safetensors + config.json (+ a model card); optionally pushed to the hub."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise ConfigError(f"export directory {out} already exists and is not empty; pick a new or empty directory")
+    check_export_dir(out)
     model = loaded.model
     write_export(model, out)  # (moves it to the CPU, in eval mode)
     if push_to_hub:
@@ -334,6 +398,14 @@ def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: b
                 f"{_first_line(e)}); log in (`hf auth login` or HF_TOKEN) and run: hf upload {push_to_hub} {out}"
             ) from None
     return out
+
+
+def check_export_dir(out: Path) -> None:
+    """export's --out: a new or empty directory."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"export --out {out} is a file; --out names a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"export directory {out} already exists and is not empty; pick a new or empty directory")
 
 
 # ------------------------------------------------------------------------------------------------- CLI

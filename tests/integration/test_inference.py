@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
-from support.checks import copy_of, one_line, run_cli
+from support.checks import copy_of, one_line, read_only, run_cli, snapshot
 from support.launching import REPO, free_port
 
 from cvae_dist import inference
@@ -125,7 +125,7 @@ def test_sample_png_size_and_byte_identical_for_a_seed(run, tmp_path):
     assert Image.open(paths[0]).size == (8 * SIDE, 8 * SIDE)
     assert paths[0].read_bytes() == paths[1].read_bytes()
     assert paths[0].read_bytes() != paths[2].read_bytes()
-    assert main(["sample", "--run", str(run), "--n", "10", "--columns", "5", "--out", str(paths[2])]) == 0
+    assert main(["sample", "--run", str(run), "--n", "10", "--columns", "5", "--out", str(paths[2]), "--force"]) == 0
     assert Image.open(paths[2]).size == (5 * SIDE, 2 * SIDE)
 
 
@@ -338,3 +338,140 @@ def test_a_run_without_export_is_sampled_from_its_newest_good_checkpoint(finishe
     code, err = run_cli(capsys, ["sample", "--run", run, "--n", "4", "--out", tmp_path / "samples.png"])
     assert code == 0, err
     assert (tmp_path / "samples.png").is_file()
+
+
+# ---- where the outputs go: checked before the model loads, never over a file without --force, never over the run's
+
+# How each command is told where to write: its arguments before the path, the path's option and its suffix.
+OUTPUTS = {
+    "sample": (["sample", "--n", "4"], "--out", ".png"),
+    "reconstruct": (["reconstruct", "--n", "4"], "--out", ".png"),
+    "interpolate": (["interpolate", "--pairs", "1", "--steps", "2"], "--out", ".png"),
+    "eval": (["eval"], "--json", ".json"),
+}
+
+
+def writing(command: str, source: Path, path: Path, *extra: str) -> list:
+    """`command` on the run `source` writing to `path`."""
+    args, flag, _ = OUTPUTS[command]
+    return [*args, "--run", source, flag, path, *extra]
+
+
+@pytest.fixture
+def no_loading(monkeypatch):
+    """A refusal must come before the model loads: loading it fails the test."""
+
+    def load_model(*args, **kwargs):
+        pytest.fail("the model was loaded before the output or device was checked")
+
+    monkeypatch.setattr(inference, "load_model", load_model)
+
+
+@pytest.mark.parametrize("command", OUTPUTS)
+def test_an_existing_output_is_refused_without_force(finished, tmp_path, capsys, no_loading, command):
+    path = tmp_path / f"mine{OUTPUTS[command][2]}"
+    path.write_bytes(b"keep me")
+    code, err = run_cli(capsys, writing(command, finished, path))
+    assert code == 2
+    one_line(err, str(path), "already exists", "--force")
+    assert path.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("command", OUTPUTS)
+def test_force_replaces_an_existing_output_atomically(finished, tmp_path, capsys, command):
+    path = tmp_path / f"MINE{OUTPUTS[command][2].upper()}"  # the suffix in any case
+    path.write_bytes(b"replace me")
+    code, err = run_cli(capsys, writing(command, finished, path, "--force"))
+    assert code == 0, err
+    if command == "eval":
+        assert json.loads(path.read_text())["images"] == 500
+    else:
+        assert Image.open(path).format == "PNG"
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left beside it
+
+
+# Files of the run: never replaced, --force or not (config.yaml is also refused for its suffix; the run's JSON and
+# PNG files pass that check and meet the run rule). `--checkpoint` inside a run protects the same run.
+RUN_FILES = [
+    ("sample", "config.yaml", "--run", ".png"),
+    ("eval", "config.yaml", "--run", ".json"),
+    ("eval", "status.json", "--run", "never replaced"),
+    ("sample", "images/epoch_002.png", "--run", "never replaced"),
+    ("eval", "checkpoints/step-000000006/trainer_state.json", "--run", "never replaced"),
+    ("eval", "status.json", "--checkpoint", "never replaced"),
+]
+
+
+@pytest.mark.parametrize("force", [[], ["--force"]], ids=["plain", "force"])
+@pytest.mark.parametrize(("command", "target", "source", "said"), RUN_FILES)
+def test_a_file_of_the_run_is_never_replaced(finished, tmp_path, capsys, command, target, source, said, force):
+    run = copy_of(finished, tmp_path)
+    assert (run / target).is_file()
+    before = snapshot(run)
+    args, flag, _ = OUTPUTS[command]
+    where = run if source == "--run" else run / "model"
+    code, err = run_cli(capsys, [*args, source, where, flag, run / target, *force])
+    assert code == 2
+    one_line(err, str(run / target), said)
+    assert snapshot(run) == before
+
+
+def bad_paths(tmp_path: Path, suffix: str) -> dict[str, tuple[Path, str]]:
+    """Output paths that are refused, each with what the message says."""
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / f"a-dir{suffix}").mkdir()
+    (tmp_path / "read-only").mkdir()
+    wrong = ".jpg" if suffix == ".png" else ".txt"
+    return {
+        "suffix": (tmp_path / f"out{wrong}", f"must end in {suffix}"),
+        "missing-parent": (tmp_path / "nope" / f"out{suffix}", f"{tmp_path / 'nope'} does not exist"),
+        "parent-is-a-file": (tmp_path / "a-file" / f"out{suffix}", f"{tmp_path / 'a-file'} is a file"),
+        "is-a-directory": (tmp_path / f"a-dir{suffix}", "is a directory"),
+        "read-only-parent": (tmp_path / "read-only" / f"out{suffix}", f"{tmp_path / 'read-only'} is not writable"),
+    }
+
+
+@pytest.mark.parametrize("case", ["suffix", "missing-parent", "parent-is-a-file", "is-a-directory", "read-only-parent"])
+@pytest.mark.parametrize("command", OUTPUTS)
+def test_a_bad_output_path_is_refused_before_loading(finished, tmp_path, capsys, no_loading, command, case):
+    path, said = bad_paths(tmp_path, OUTPUTS[command][2])[case]
+    before = snapshot(tmp_path)
+    with read_only(tmp_path / "read-only"):
+        code, err = run_cli(capsys, writing(command, finished, path, "--force"))
+    assert code == 2
+    one_line(err, said)
+    assert snapshot(tmp_path) == before
+
+
+DEVICES = [
+    "banana",
+    "cuda:99",
+    pytest.param("cuda", marks=pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is usable here")),
+    pytest.param("mps", marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="MPS is usable here")),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("command", ["sample", "reconstruct", "interpolate"])
+def test_a_bad_device_is_refused_before_loading(finished, tmp_path, capsys, no_loading, command, device):
+    code, err = run_cli(capsys, writing(command, finished, tmp_path / "out.png", "--device", device))
+    assert code == 2
+    one_line(err, f"--device {device}", "accepted: cpu")
+    assert not list(tmp_path.iterdir())
+
+
+def test_cuda_devices_are_accepted_below_the_device_count(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)  # a machine with 2 GPUs, wherever this runs
+    for name in ("cpu", "cuda", "cuda:0", "cuda:1"):
+        assert inference.check_device(name) == torch.device(name)
+    with pytest.raises(ConfigError, match=r"--device cuda:2 is not usable .*accepted: cpu, cuda, cuda:N with N < 2"):
+        inference.check_device("cuda:2")
+
+
+def test_export_onto_a_file_says_it_is_a_file(finished, tmp_path, capsys):
+    path = tmp_path / "export"
+    path.write_text("keep me")
+    code, err = run_cli(capsys, ["export", "--run", finished, "--out", path])
+    assert code == 2
+    one_line(err, f"{path} is a file", "new or empty directory")
+    assert path.read_text() == "keep me"
