@@ -50,6 +50,16 @@ def training(run_dir: Path) -> bool:
     return metrics.exists() and metrics.read_text().count('"train/step_loss"') >= 2
 
 
+def preempt(cluster: SlurmCluster, job: Job, run_dir: Path, start_s: float, end_s: float, before=None) -> str:
+    """Wait until the job trains, (call `before`,) send its batch script USR1; the job's state once it has ended."""
+    state = cluster.wait(job, timeout=start_s, until=lambda _job: training(run_dir))
+    assert state == "RUNNING", f"job {job.id} ended {state} before it could be preempted:\n{job.log_text()[-6000:]}"
+    if before is not None:
+        before()
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=30)
+    return cluster.wait(job, timeout=end_s)
+
+
 def max_step(run_dir: Path) -> int:
     return max(json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines() if '"step"' in x)
 
@@ -134,10 +144,7 @@ def test_preempted_job_is_requeued_and_resumes(slurm_cluster: SlurmCluster, tmp_
         log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env=job_env(),
     )  # fmt: skip
     run_dir = out / f"cvae-train-{job.id}"
-    state = slurm_cluster.wait(job, timeout=120, until=lambda _job: training(run_dir))
-    assert state == "RUNNING", f"job {job.id} ended {state} before it could be preempted:\n{job.log_text()[-6000:]}"
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=30)
-    state = slurm_cluster.wait(job, timeout=300)
+    state = preempt(slurm_cluster, job, run_dir, 120, 300)
     assert_completed(slurm_cluster, job, state)
 
     log = job.log_text()
@@ -219,10 +226,7 @@ def test_preempted_multirank_job_finds_a_renamed_run(slurm_cluster: SlurmCluster
         log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env={**job_env(), "NUM_PROCESSES": "2"},
     )  # fmt: skip
     run_dir = out / "renamed"
-    state = slurm_cluster.wait(job, timeout=180, until=lambda _job: training(run_dir))
-    assert state == "RUNNING", f"job {job.id} ended {state} before it could be preempted:\n{job.log_text()[-6000:]}"
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=30)
-    state = slurm_cluster.wait(job, timeout=360)
+    state = preempt(slurm_cluster, job, run_dir, 180, 360)
     assert_completed(slurm_cluster, job, state)
 
     log = job.log_text()
@@ -248,11 +252,8 @@ def test_refused_restart_after_preemption_is_not_requeued(slurm_cluster: SlurmCl
         log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env={**job_env(), "MAX_REQUEUES": "2"},
     )  # fmt: skip
     run_dir = out / f"cvae-train-{job.id}"
-    state = slurm_cluster.wait(job, timeout=120, until=lambda _job: training(run_dir))
-    assert state == "RUNNING", f"job {job.id} ended {state} before it could be preempted:\n{job.log_text()[-6000:]}"
-    recipe.write_text("data:\n  batch_size: 64\n")  # what the requeued attempt reads
-    subprocess.run(["scancel", "--signal=USR1", "--batch", job.id], check=True, timeout=30)
-    state = slurm_cluster.wait(job, timeout=300)
+    changed = lambda: recipe.write_text("data:\n  batch_size: 64\n")  # noqa: E731  (what the requeued attempt reads)
+    state = preempt(slurm_cluster, job, run_dir, 120, 300, before=changed)
 
     log = job.log_text()
     show = slurm_cluster.show(job.id)
