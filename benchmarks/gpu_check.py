@@ -27,6 +27,8 @@ import time
 import traceback
 from pathlib import Path
 
+from cvae_dist import strict_json
+
 REPO = Path(__file__).resolve().parents[1]
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]  # the lent machine has no `accelerate` executable
 TRAIN = [sys.executable, "-m", "cvae_dist.cli", "train"]
@@ -380,7 +382,7 @@ def run_one(name: str, out: Path, dry_run: bool) -> int:
         traceback.print_exc()
     record = {"check": name, "status": status, "seconds": round(time.perf_counter() - start, 1),
               "figures": figures, "error": error, "written_at": time.time()}  # fmt: skip
-    (out / f"{name}.json").write_text(json.dumps(record, indent=1, default=str) + "\n")
+    (out / f"{name}.json").write_text(strict_json.dumps(record, indent=1, default=str) + "\n")
     return 0 if status == "PASS" else 1
 
 
@@ -447,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
         if record.get("written_at") and ended - record["written_at"] > EXIT_WITHIN_S:
             record |= {"status": "FAIL", "error": f"exited {ended - record['written_at']:.0f} s after its result"}
         record["wall_s"] = round(time.perf_counter() - start, 1)
-        path.write_text(json.dumps(record, indent=1, default=str) + "\n")
+        path.write_text(strict_json.dumps(record, indent=1, default=str) + "\n")
         results.append(record)
         say(f"{record['status']} {name} ({record['wall_s']} s): {record.get('error') or _brief(record['figures'])}")
     say("\n| check | result | s | figures / error |\n|---|---|---|---|")

@@ -48,6 +48,7 @@ from pathlib import Path
 
 import torch
 
+from cvae_dist import strict_json
 from cvae_dist.telemetry import compute_dtype
 
 PRECISIONS = {"fp32": "fp32", "bf16": "bf16"}
@@ -129,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
     result["environment"]["loadavg_end"] = list(os.getloadavg())
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        args.json.write_text(strict_json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
     return 0
 
@@ -360,7 +361,7 @@ def _worker(args: argparse.Namespace) -> int:
         args, cfg, setup
     )
     if accelerator.is_main_process and args.out:
-        args.out.write_text(json.dumps(figures, indent=2) + "\n")
+        args.out.write_text(strict_json.dumps(figures, indent=2) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 
+from cvae_dist import strict_json
 from cvae_dist.config import CheckpointConfig, ConfigError, JobConfig, load_config, to_dict, to_yaml
 from cvae_dist.distributed import is_deepspeed
 from cvae_dist.faults import being_written
@@ -406,10 +407,10 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
         error, failed = write_failure(partial, e), failed + 1
     if accelerator.reduce(failed, "sum").item() == 0 and accelerator.is_main_process:
         try:
-            (partial / STATE_FILE).write_text(json.dumps(asdict(state), indent=1))
+            (partial / STATE_FILE).write_text(strict_json.dumps(asdict(state), indent=1))
             files = sorted(p for p in partial.rglob("*") if p.is_file())
             manifest = {str(p.relative_to(partial)): _sha256(p) for p in files}
-            (partial / MANIFEST_FILE).write_text(json.dumps(manifest, indent=1))
+            (partial / MANIFEST_FILE).write_text(strict_json.dumps(manifest, indent=1))
             os.replace(partial, final)
         except OSError as e:
             error = e

@@ -10,6 +10,8 @@ the phases are CUDA events, read (one synchronize) only at the log point.
 
 from __future__ import annotations
 
+import functools
+import math
 import resource
 import statistics
 import time
@@ -58,9 +60,21 @@ def count_flops_per_image(model_cfg, batch: int = 8) -> float:
     return counter.get_total_flops() / batch
 
 
+# FLOPs per cycle per core by the widest units a CPU's flags name, (fp32, bf16/fp16): two fused multiply-add
+# pipes of that width, as the fastest cores have (AMX: 1,024 bf16 FLOPs a cycle). An upper bound whatever the core
+# really issues (Zen 4 runs 512-bit FMAs in two halves): MFU on a CPU errs low, never high.
+CPU_FLOPS_PER_CYCLE = (
+    ("amx_bf16", 64, 1024),
+    ("avx512_bf16", 64, 128),
+    ("avx512f", 64, 64),
+    ("avx2", 32, 32),
+)
+
+
 def peak_flops(device: torch.device, precision: str, configured_tflops: float | None) -> tuple[float, str]:
-    """The device's peak FLOP/s in `precision` (fp32 | bf16 | fp16): configured, from the GPU table, or measured on
-    a CPU (the best of several large matmuls in that dtype on this process's threads)."""
+    """The device's peak FLOP/s in `precision` (fp32 | bf16 | fp16): configured, from the GPU table, or on a CPU
+    from its flags, its clock and this process's threads (never measured: a busy machine would make it low and
+    every MFU after it high). NaN where it is not known: MFU is then null."""
     if configured_tflops:
         return configured_tflops * 1e12, "configured"
     if device.type == "cuda":
@@ -71,28 +85,22 @@ def peak_flops(device: torch.device, precision: str, configured_tflops: float | 
                     return half * 1e12, f"table:{key}:{precision}"
                 tf32_used = torch.backends.cudnn.allow_tf32
                 return (tf32 if tf32_used else fp32) * 1e12, f"table:{key}:{'tf32' if tf32_used else 'fp32'}"
-    # The faster of the dtypes the run may use is its peak. A CPU without native bf16 emulates it, slower than fp32
-    # (and a 1024^3 bf16 matmul takes ~1 s there): fp32 is then the peak, measured alone.
-    from cvae_dist.distributed import hardware_bf16
-
-    dtypes = [torch.float32] + ([torch.bfloat16] if precision == "bf16" and hardware_bf16(device.type) else [])
-    return max(_measured_matmul_peak(device, dtype) for dtype in dtypes)
+        return float("nan"), f"unknown: {name} is not in the GPU table (set log.peak_tflops)"
+    return cpu_peak_flops(precision, torch.get_num_threads())
 
 
-def _measured_matmul_peak(device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
-    n, best = 1024, 0.0
-    with torch.random.fork_rng(devices=[]):  # leave the training RNG stream untouched (exact resume)
-        a = torch.randn(n, n).to(device=device, dtype=dtype)
-    torch.mm(a, a)
-    for _ in range(5):
-        k, start = 0, time.perf_counter()
-        while time.perf_counter() - start < 0.04:
-            torch.mm(a, a)
-            k += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        best = max(best, 2 * n**3 * k / (time.perf_counter() - start))
-    return best, f"measured:{str(dtype).removeprefix('torch.')}-matmul"
+def cpu_peak_flops(precision: str, threads: int) -> tuple[float, str]:
+    """`threads` cores x the clock /proc/cpuinfo reports (the highest of its cores) x CPU_FLOPS_PER_CYCLE."""
+    from cvae_dist.distributed import _cpuinfo, cpu_flags, hardware_bf16
+
+    flags = cpu_flags()
+    flag, fp32, half = next((row for row in CPU_FLOPS_PER_CYCLE if row[0] in flags), ("sse", 8, 8))
+    per_cycle = half if precision != "fp32" and hardware_bf16("cpu") else fp32
+    clocks = [float(line.split(":")[1]) for line in _cpuinfo().splitlines() if line.startswith("cpu MHz")]
+    if not clocks:
+        return float("nan"), "unknown: no CPU clock in /proc/cpuinfo (set log.peak_tflops)"
+    ghz = max(clocks) / 1e3
+    return threads * ghz * 1e9 * per_cycle, f"cpu:{flag}:{threads}x{ghz:.2f}GHz:{per_cycle}flop/cycle"
 
 
 def compute_dtype(model: torch.nn.Module, run_forward) -> str:
@@ -269,7 +277,7 @@ def summarise(gathered: dict[str, torch.Tensor], step: int, global_batch: int) -
         series |= {
             "throughput/min_rank_busy_img_per_s": min(busy),
             "throughput/straggler_ratio": min(busy) / median if median else 1.0,
-            "throughput/mfu": gathered["mfu"].mean().item(),
+            "throughput/mfu": gathered["mfu"].nanmean().item(),
             "throughput/data_wait_frac": gathered["data_wait_frac"].max().item(),
         }
     return series
@@ -310,36 +318,42 @@ class StragglerDetector:
 
 
 class RankTable:
-    """Per-rank means over the run's intervals, printed at the end: rank, host, img/s, data wait, MFU, peak memory."""
+    """Per-rank means over the run's intervals, printed at the end: rank, host, img/s, data wait, MFU, peak memory.
+    A figure an interval could not give (NaN: no known peak) is left out of its mean; none at all prints n/a."""
 
     def __init__(self, identities: list[dict]):
         self.identities = identities
-        self.totals = [dict.fromkeys(RANK_FIELDS, 0.0) | {"intervals": 0} for _ in identities]
+        self.sums = [dict.fromkeys(RANK_FIELDS, 0.0) for _ in identities]
+        self.counts = [dict.fromkeys(RANK_FIELDS, 0) for _ in identities]
 
     def add(self, gathered: dict[str, torch.Tensor]) -> None:
         for name in (n for n in RANK_FIELDS if n in gathered):
             for r, value in enumerate(gathered[name].tolist()):
-                self.totals[r][name] += value
-        for t in self.totals:
-            t["intervals"] += 1
+                if math.isfinite(value):
+                    self.sums[r][name] += value
+                    self.counts[r][name] += 1
+
+    def mean(self, rank: int, name: str) -> float:
+        count = self.counts[rank][name]
+        return self.sums[rank][name] / count if count else float("nan")
 
     def render(self) -> str:
         lines = [
             f"{'rank':>4}  {'host':<16} {'img/s':>9} {'busy img/s':>10} {'data wait':>9} {'MFU':>7} {'peak mem':>10}"
         ]
-        for r, (ident, t) in enumerate(zip(self.identities, self.totals, strict=True)):
-            n = max(t["intervals"], 1)
+        for r, ident in enumerate(self.identities):
+            mean = functools.partial(self.mean, r)
+            mfu = f"{100 * mean('mfu'):>6.2f}%" if math.isfinite(mean("mfu")) else f"{'n/a':>7}"
             lines.append(
-                f"{r:>4}  {ident['node'][:16]:<16} {t['img_per_s'] / n:>9,.0f} {t['busy_img_per_s'] / n:>10,.0f} "
-                f"{100 * t['data_wait_frac'] / n:>8.1f}% {100 * t['mfu'] / n:>6.2f}% "
-                f"{t['peak_mem_mb'] / n:>7,.0f} MB"
+                f"{r:>4}  {ident['node'][:16]:<16} {mean('img_per_s'):>9,.0f} {mean('busy_img_per_s'):>10,.0f} "
+                f"{100 * mean('data_wait_frac'):>8.1f}% {mfu} {mean('peak_mem_mb'):>7,.0f} MB"
             )
         return "\n".join(lines)
 
 
 def _at_most_one(mfu: float) -> float:
-    """An MFU above 1 means the peak it was measured against is wrong (a CPU's matmul rate is a lower bound of what
-    its convolutions can reach): no figure (NaN) rather than one that cannot be true."""
+    """An MFU above 1 means the peak is wrong (a clock /proc/cpuinfo under-reports, a GPU the table misnames): no
+    figure (NaN, null in the JSON files) rather than one that cannot be true."""
     return mfu if mfu <= 1 else float("nan")
 
 

@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 import tempfile
@@ -40,6 +41,25 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(reset_partial_state=True)
     GradientState._reset_state()
+
+
+@pytest.fixture(autouse=True)
+def strict_json_files(request):
+    """Every JSON file a test's run wrote (metrics.jsonl, status.json, ranks/, checkpoints, the bench's, eval's) is
+    strict JSON: no NaN or Infinity, which jq and JSON.parse reject. W&B's own files are W&B's; a file that is not
+    JSON at all is one a test damaged on purpose."""
+    tmp_path = request.getfixturevalue("tmp_path") if "tmp_path" in request.fixturenames else None  # (kept to the end)
+    yield
+    if tmp_path is None:
+        return
+    from support.launching import strict_loads
+
+    for path in tmp_path.rglob("*.json*"):
+        if path.suffix in (".json", ".jsonl") and "wandb" not in path.parts and path.is_file():
+            text = path.read_text(errors="replace")
+            for line in text.splitlines() if path.suffix == ".jsonl" else [text]:
+                with contextlib.suppress(ValueError):  # not JSON at all: a file a test broke on purpose
+                    strict_loads(line, path)  # (NaN and Infinity raise AssertionError)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -4,7 +4,6 @@ files before and after, read-only directories and full disks, and the lr a run's
 import contextlib
 import gc
 import hashlib
-import json
 import os
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from cvae_dist.checkpoint import checkpoint_dirs
 from cvae_dist.config import load_config
 from cvae_dist.data import SHIPPED_DIR
 from cvae_dist.model import CVAE
-from support.launching import DEBUG
+from support.launching import DEBUG, lines, strict_loads  # noqa: F401  (lines: for the tests)
 from support.wandb_offline import read_run
 
 SMALL = ["train.epochs=1", "data.train_split=test", "log.every_steps=1", "log.wandb=disabled"]
@@ -66,10 +65,6 @@ def leftovers(root: Path) -> list[str]:
     return [str(p) for p in root.rglob("*") if ".partial" in p.name or p.name.endswith(".tmp")]
 
 
-def lines(run_dir: Path) -> list[dict]:
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def step_losses(run_dir):
     """Every logged step's loss, by step."""
     return {r["step"]: r["train/step_loss"] for r in lines(run_dir) if "train/step_loss" in r}
@@ -81,7 +76,7 @@ def epoch_losses(run_dir):
 
 
 def status(run_dir: Path) -> dict:
-    return json.loads((run_dir / "status.json").read_text())
+    return strict_loads((run_dir / "status.json").read_text(), run_dir / "status.json")
 
 
 def same_weights(a: Path, b: Path) -> bool:

@@ -19,6 +19,20 @@ DEBUG = REPO / "configs" / "debug.yaml"  # the debug recipe by absolute path: te
 ACCELERATE_LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]
 
 
+def strict_loads(text: str, where: Path | str = "JSON"):
+    """`json.loads` as strict readers (jq, JSON.parse) read: NaN, Infinity and -Infinity are errors."""
+
+    def refuse(constant: str):
+        raise AssertionError(f"{where}: {constant} is not JSON (write null for a figure that is not finite)")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def lines(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    return [strict_loads(x, path) for x in path.read_text().splitlines()]
+
+
 @dataclass
 class LaunchResult:
     returncode: int
@@ -27,15 +41,13 @@ class LaunchResult:
 
     def ranks(self) -> list[dict]:
         files = sorted((self.run_dir / "ranks").glob("rank*.json"), key=lambda p: int(p.stem[4:]))
-        return [json.loads(p.read_text()) for p in files]
+        return [strict_loads(p.read_text(), p) for p in files]
 
     def epochs(self) -> list[dict]:
-        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
-        return [r for r in map(json.loads, lines) if "train/loss" in r]
+        return [r for r in lines(self.run_dir) if "train/loss" in r]
 
     def step_losses(self) -> list[float]:
-        lines = (self.run_dir / "metrics.jsonl").read_text().splitlines()
-        return [r["train/step_loss"] for r in map(json.loads, lines) if "train/step_loss" in r]
+        return [r["train/step_loss"] for r in lines(self.run_dir) if "train/step_loss" in r]
 
     def wandb_config(self) -> dict:
         return read_run(self.run_dir).config

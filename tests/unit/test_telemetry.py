@@ -189,3 +189,39 @@ def test_step_timer_on_cpu_measures_every_phase_of_the_interval(monkeypatch):
 def test_an_mfu_above_one_is_no_figure():
     assert _at_most_one(0.25) == 0.25 and _at_most_one(1.0) == 1.0
     assert math.isnan(_at_most_one(1.5))
+
+
+def test_rank_table_leaves_an_unknown_figure_out_of_its_mean_and_prints_n_a_for_none():
+    table = RankTable([{"node": "a"}, {"node": "b"}])
+    for mfu in ([0.2, math.nan], [math.nan, math.nan], [0.4, math.nan]):
+        table.add(gathered_from([figures(1000.0, 1000.0, mfu=m) for m in mfu]))
+    _, rank0, rank1 = table.render().splitlines()
+    assert "30.00%" in rank0 and "nan" not in rank0  # the mean of 0.2 and 0.4
+    assert rank1.split()[5] == "n/a" and "nan" not in rank1
+
+
+CPUINFO = "processor\t: {i}\ncpu MHz\t\t: {mhz}\nflags\t\t: fpu sse2 avx2 fma {extra}\n\n"
+
+
+@pytest.mark.parametrize(
+    ("extra", "precision", "per_cycle"),
+    [("avx512f avx512_bf16", "bf16", 128), ("avx512f avx512_bf16", "fp32", 64), ("avx512f", "bf16", 64),
+     ("", "fp32", 32), ("avx512f avx512_bf16 amx_bf16", "bf16", 1024)],
+)  # fmt: skip
+def test_a_cpus_peak_comes_from_its_flags_clock_and_threads_not_from_how_busy_it_is(
+    monkeypatch, extra, precision, per_cycle
+):
+    from cvae_dist import distributed
+
+    text = "".join(CPUINFO.format(i=i, mhz=mhz, extra=extra) for i, mhz in enumerate((2000.0, 2600.0)))
+    monkeypatch.setattr(distributed, "_cpuinfo", lambda: text)
+    peak, source = telemetry.cpu_peak_flops(precision, threads=2)
+    assert peak == pytest.approx(2 * 2.6e9 * per_cycle) and source.endswith(f"2x2.60GHz:{per_cycle}flop/cycle")
+
+
+def test_a_cpu_whose_clock_is_not_known_has_no_peak_and_so_no_mfu(monkeypatch):
+    from cvae_dist import distributed
+
+    monkeypatch.setattr(distributed, "_cpuinfo", lambda: "")
+    peak, source = telemetry.cpu_peak_flops("fp32", threads=2)
+    assert math.isnan(peak) and source.startswith("unknown") and "log.peak_tflops" in source

@@ -1,0 +1,23 @@
+"""JSON that every reader accepts (jq, JavaScript's JSON.parse, pandas): a figure that is not finite is `null`."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinite float inside it (dicts, lists, tuples) replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [finite(v) for v in value]
+    return value
+
+
+def dumps(value: Any, **kwargs: Any) -> str:
+    """`json.dumps` that writes `null` for a non-finite figure, never `NaN` or `Infinity`."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
