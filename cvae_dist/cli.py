@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import math
 import sys
@@ -16,12 +15,12 @@ from pathlib import Path
 
 import torch
 
-from cvae_dist import bench, inference
+from cvae_dist import bench, inference, strict_json
 from cvae_dist.checkpoint import CheckpointError, DiskError, write_safely
 from cvae_dist.config import ConfigError, JobConfig
 from cvae_dist.data import DataError, load_split
 from cvae_dist.distributed import LaunchError
-from cvae_dist.faults import INTERRUPTED_EXIT_CODE, NonFiniteLoss, Stopped
+from cvae_dist.faults import INTERRUPTED_EXIT_CODE, NonFiniteLoss, OutOfMemory, Stopped
 from cvae_dist.images import grid, save_grid, side_by_side
 from cvae_dist.prepare_data import DataFormatError
 
@@ -48,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"cvae-dist {args.command}: error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteLoss, DiskError) as e:
+    except (NonFiniteLoss, DiskError, OutOfMemory) as e:
         print(f"cvae-dist {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
@@ -283,7 +282,7 @@ def _eval(args: argparse.Namespace) -> int:
     if PartialState().is_main_process:  # every rank has the reduced figures; one reports them
         print(inference.summary_line(result))
         if args.json:
-            write_safely(lambda tmp: tmp.write_text(json.dumps(result, indent=2) + "\n"), args.json)
+            write_safely(lambda tmp: tmp.write_text(strict_json.dumps(result, indent=2) + "\n"), args.json)
     return 0
 
 

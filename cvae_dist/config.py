@@ -107,10 +107,20 @@ class LogConfig:
     wandb_per_rank: bool = False  # also one W&B run per rank (same group), for W&B's per-process system charts
     sample_ids: bool = False  # record each rank's example ids per epoch in ranks/rank<r>.json (data audits)
     telemetry: bool = True  # per-step phase timers and DDP wait hooks; off: step lines keep loss and img/s only
-    peak_tflops: float | None = None  # device peak for MFU; default: GPU table, or measured on CPU
+    peak_tflops: float | None = None  # device peak for MFU; default: GPU table, or the CPU's flags, clock, threads
     straggler_fraction: float = 0.8  # a rank below this fraction of the median img/s ...
     straggler_intervals: int = 3  # ... for this many intervals in a row is flagged
-    straggler_alert_every_s: float = 300.0  # at most one W&B alert per this many seconds
+    straggler_alert_every_s: float = 300.0  # at most one W&B alert (and straggler profile) per this many seconds
+    # Profiling (cvae_dist/profiling.py): "A-B" records steps A..B on every rank with torch.profiler (a warm-up step
+    # before A) into profiles/ in the run directory; SIGUSR2 (to any rank) profiles the next `profile_len` steps on
+    # every rank; a rank flagged as a straggler is profiled with the median rank (`profile_stragglers`).
+    profile_steps: str | None = None
+    profile_len: int = 5
+    profile_stragglers: bool = True
+    # On CUDA, record the allocator's history (Python stacks, the last 100,000 events) from the start, so that the
+    # memory snapshot written on an out-of-memory error shows what led to it (costs time per allocation). Off: the
+    # snapshot holds the allocator's state at the error (and profile windows record their own history).
+    memory_history: bool = False
 
 
 @dataclass
@@ -158,6 +168,15 @@ def _words(v: str | None) -> bool:
     return v is not None and v.strip() != "" and v == v.strip()
 
 
+def step_range(v: str | None) -> tuple[int, int] | None:
+    """`log.profile_steps`' "A-B" as (A, B), 1 <= A <= B; None for null or anything else."""
+    match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", v) if isinstance(v, str) else None
+    if match is None:
+        return None
+    first, last = int(match[1]), int(match[2])
+    return (first, last) if 1 <= first <= last else None
+
+
 def _splits(v: str) -> bool:
     return all(_words(part) for part in v.split("+"))
 
@@ -203,6 +222,9 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log.straggler_fraction": (lambda v: 0 < v <= 1, "above 0 and at most 1 (a fraction of the median img/s)"),
     "log.straggler_intervals": (lambda v: v > 0, "positive"),
     "log.straggler_alert_every_s": (_finite(0), "a finite number of seconds, 0 or more"),
+    "log.profile_steps": (lambda v: v is None or step_range(v) is not None,
+                          "a step range A-B with 1 <= A <= B, e.g. 20-25 (or null: no fixed range)"),
+    "log.profile_len": (lambda v: v > 0, "a positive number of steps"),
     "checkpoint.every_steps": (lambda v: v >= 0, "0 or more (0: at epoch ends only)"),
     "checkpoint.keep": (lambda v: v > 0, "positive"),
     "output_dir": (_words, "a directory path"),

@@ -118,11 +118,13 @@ def hardware_bf16(device: str) -> bool:
     """What the hardware has, whatever CVAE_DIST_FAST_BF16 says (for timing it: emulated bf16 is slow)."""
     if device == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
-    try:
-        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-    except (OSError, StopIteration):
-        return False
-    return bool({"avx512_bf16", "amx_bf16"} & set(flags.split()))
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's instruction-set flags (/proc/cpuinfo; empty where there is none)."""
+    line = next((line for line in _cpuinfo().splitlines() if line.startswith("flags")), "flags:")
+    return set(line.split(":", 1)[1].split())
 
 
 def resolve_precision(requested: Precision, device: str) -> tuple[str, str]:
@@ -315,24 +317,33 @@ def exchange(accelerator: Accelerator, values: dict[str, torch.Tensor | float]) 
 class StopPoll:
     """Whether any rank was asked to stop, between step lines too: every rank passes its answer in a one-collective
     exchange about every POLL_S seconds, at steps all ranks work out alike (from the pace they gather), so a stop
-    request waits about that long whatever log.every_steps is. A step line's exchange carries it as well."""
+    request waits about that long whatever log.every_steps is. A step line's exchange carries it as well.
+
+    `requests` rides along in the same exchanges (a `profiling.Profiler`): its `local()` fields are added to this
+    rank's part, and `agree(gathered, step)` sees every rank's at the same step on every rank, so a SIGUSR2 to one
+    rank becomes a profile of the same steps on all of them without a collective of its own."""
 
     POLL_S = 1.0
 
-    def __init__(self, step: int):
+    def __init__(self, step: int, requests=None):
         self.next, self.since, self.since_step = step + 1, time.perf_counter(), step
+        self.requests = requests
 
     def due(self, step: int) -> bool:
         return step >= self.next
 
     def local(self, requested: bool) -> dict[str, float]:
-        return {"stop": float(requested), "poll/seconds": time.perf_counter() - self.since}
+        extra = self.requests.local() if self.requests is not None else {}
+        return {"stop": float(requested), "poll/seconds": time.perf_counter() - self.since, **extra}
 
     def polled(self, gathered: dict[str, torch.Tensor], step: int) -> bool:
-        """Schedule the next poll from the slowest rank's pace; true where some rank asked to stop."""
+        """Schedule the next poll from the slowest rank's pace (and agree on the requests); true where some rank
+        asked to stop."""
         seconds_per_step = gathered["poll/seconds"].max().item() / max(step - self.since_step, 1)
         self.next = step + max(1, int(self.POLL_S / max(seconds_per_step, 1e-6)))
         self.since, self.since_step = time.perf_counter(), step
+        if self.requests is not None:
+            self.requests.agree(gathered, step)
         return bool(gathered["stop"].any())
 
 

@@ -1,14 +1,16 @@
-"""Stopping cleanly: signals (Ctrl-C, preemption), the exit codes that say what happened, `status.json`."""
+"""Stopping cleanly: signals (Ctrl-C, preemption; SIGUSR2 asks for a profile), the exit codes that say what happened,
+`status.json`."""
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import signal
 import time
 from pathlib import Path
+
+from cvae_dist import strict_json
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ class Interrupted(Stopped):
 
 class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or inf; names the steps and ranks."""
+
+
+class OutOfMemory(RuntimeError):
+    """CUDA ran out of memory; names the step, the rank and the memory snapshot written before the run failed."""
 
 
 _BEING_WRITTEN: set[Path] = set()  # temporary files a write is filling right now (see `being_written`)
@@ -122,6 +128,36 @@ class StopSignal:
             self.restore()
 
 
+class ProfileSignal:
+    """SIGUSR2 asks for a profile of the next `log.profile_len` steps: the handler only notes it (`take`), and the
+    trainer's next exchange carries the request to every rank, which then profile the same steps
+    (`profiling.Profiler`). Before the handler is installed, and after `restore`, SIGUSR2's default action ends the
+    process: install it first thing."""
+
+    SIGNAL = signal.SIGUSR2
+
+    def __init__(self) -> None:
+        self.pending = False
+        self.previous = signal.signal(self.SIGNAL, self._handle)
+
+    def _handle(self, _signum: int, _frame) -> None:
+        self.pending = True
+
+    def take(self) -> bool:
+        """Whether SIGUSR2 arrived since the last call (then it is taken: one request per signal burst)."""
+        pending, self.pending = self.pending, False
+        return pending
+
+    def restore(self) -> None:
+        signal.signal(self.SIGNAL, signal.SIG_DFL if self.previous is None else self.previous)
+
+    def __enter__(self) -> ProfileSignal:
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.restore()
+
+
 RUN_DIR_FILE_ENV = "CVAE_DIST_RUN_DIR_FILE"
 
 
@@ -140,7 +176,7 @@ def write_status(run_dir: Path, state: str, **extra) -> None:
     """`status.json`, replaced atomically. Where the disk is full it keeps its previous content and says so."""
     tmp = run_dir / ".status.json.tmp"
     try:
-        tmp.write_text(json.dumps({"state": state, "time": time.time(), **extra}))
+        tmp.write_text(strict_json.dumps({"state": state, "time": time.time(), **extra}))
         os.replace(tmp, run_dir / "status.json")
     except OSError as e:
         with contextlib.suppress(OSError):

@@ -12,6 +12,8 @@ import json
 import logging
 import netrc
 import os
+import re
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -19,6 +21,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from cvae_dist import strict_json
 from cvae_dist.config import JobConfig, WandbMode, to_dict
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,7 @@ class RunLogger:
         resume_step: int | None = None,
     ):
         self.is_main = rank == 0
+        self.run_name = run_dir.name
         self.enabled = self.is_main or cfg.log.wandb_per_rank
         self.wandb_run, self.file = None, None
         self.run_id = resume_id
@@ -96,7 +100,7 @@ class RunLogger:
                 return
             images = None
         if self.file is not None:
-            self._append(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            self._append(strict_json.dumps({"time": round(time.time(), 3), **record}) + "\n")
         if self.wandb_run is not None:
             try:
                 import wandb
@@ -114,7 +118,7 @@ class RunLogger:
     def note(self, record: dict[str, Any]) -> None:
         """An event for metrics.jsonl alone (the run's own bookkeeping: how a launch started, what it changed)."""
         if self.file is not None:
-            self._append(json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            self._append(strict_json.dumps({"time": round(time.time(), 3), **record}) + "\n")
 
     def _append(self, line: str) -> None:
         """Append one whole line, or none: where the write fails (disk full) the part written is cut off again, and
@@ -155,6 +159,25 @@ class RunLogger:
                 self.wandb_run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
             except Exception as e:  # noqa: BLE001
                 log.warning("W&B alert failed: %s", e)
+
+    def artifact(self, kind: str, files: dict[str, Path], metadata: dict[str, Any], aliases: list[str] = ()) -> None:
+        """A W&B artifact `<kind>-<run>` of type `kind` holding `files` ({name in the artifact: path}; those this
+        process cannot see are left out), with `metadata`; a new version each call. Offline runs record it too."""
+        if not self.is_main or self.wandb_run is None:
+            return
+        present = {name: path for name, path in files.items() if Path(path).is_file()}
+        if not present:
+            return
+        try:
+            import wandb
+
+            name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{kind}-{self.run_name}")[:128]
+            artifact = wandb.Artifact(name, type=kind, metadata=_plain_tree(metadata))
+            for entry, path in present.items():
+                artifact.add_file(str(path), name=entry)
+            self.wandb_run.log_artifact(artifact, aliases=list(aliases))
+        except Exception as e:  # noqa: BLE001 - W&B must never stop training
+            log.warning("W&B artifact %s failed: %s", kind, e)
 
     def summary(self, values: dict[str, Any]) -> None:
         if self.is_main and self.wandb_run is not None:
@@ -220,6 +243,29 @@ def _plain(v: Any) -> Any:
     if isinstance(v, float):
         return round(v, 6)
     return v
+
+
+def _plain_tree(v: Any) -> Any:
+    """`v` with every tensor a number and every key a string (JSON for W&B metadata)."""
+    if isinstance(v, dict):
+        return {str(k): _plain_tree(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain_tree(x) for x in v]
+    return _plain(v)
+
+
+def code_commit() -> dict[str, Any]:
+    """The commit of the checkout this package runs from (`git rev-parse HEAD`) and whether tracked files differ
+    from it; commit None outside a git checkout (an installed package) or without git."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()  # fmt: skip
+        changed = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": bool(changed)}
 
 
 def _truncate_after(path: Path, step: int) -> None:
@@ -290,7 +336,7 @@ class RankRecord:
 
         self.data.update(fields)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_safely(lambda tmp: tmp.write_text(json.dumps(self.data)), self.path)  # whole, or a DiskError
+        write_safely(lambda tmp: tmp.write_text(strict_json.dumps(self.data)), self.path)  # whole, or a DiskError
 
 
 def _read_record(path: Path) -> dict:

@@ -19,16 +19,16 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, is_compiled_module, set_seed
 from tqdm.auto import tqdm
 
-from cvae_dist import checkpoint, distributed, evaluation, faults, telemetry
+from cvae_dist import checkpoint, distributed, evaluation, faults, profiling, telemetry
 from cvae_dist.batchnorm import use_global_batchnorm
 from cvae_dist.checkpoint import Checkpointer, TrainerState
-from cvae_dist.config import TIME_FORMAT, ConfigError, JobConfig, NonFinite
-from cvae_dist.data import Batch, DataError, RankStream, batch_share, load_split, to_model_input
+from cvae_dist.config import TIME_FORMAT, ConfigError, JobConfig, NonFinite, to_dict
+from cvae_dist.data import Batch, DataError, RankStream, batch_share, decoded_cache, load_split, to_model_input
 from cvae_dist.evaluation import fixed_noise
-from cvae_dist.faults import StopSignal, run_status
+from cvae_dist.faults import ProfileSignal, StopSignal, run_status
 from cvae_dist.images import save_grid
 from cvae_dist.loss_meter import LossMeter
-from cvae_dist.metrics import RankRecord, RunLogger, buffer_digest, parameter_digest
+from cvae_dist.metrics import RankRecord, RunLogger, buffer_digest, code_commit, parameter_digest
 from cvae_dist.model import CVAE, count_parameters
 from cvae_dist.step import EagerStep, GraphStep, apply_step_mode, make_step
 from cvae_dist.telemetry import NoTimer, RankTable, StepTimer, StragglerDetector, compute_dtype
@@ -43,7 +43,7 @@ class TrainResult:
 
 def train(cfg: JobConfig) -> TrainResult:
     """Train `cfg` on however many processes `accelerate launch` started."""
-    with StopSignal() as stop:
+    with StopSignal() as stop, ProfileSignal() as profile_signal:  # SIGUSR2: profile the next steps
         parts = prepare(cfg)  # everything that can be checked is, before the run directory is written
         try:
             checkpoint.write_run_dir(parts.dir, cfg, parts.setup.accelerator)
@@ -51,8 +51,9 @@ def train(cfg: JobConfig) -> TrainResult:
                 faults.tell_wrapper(parts.dir)
             with run_status(parts.dir, parts.setup.accelerator.is_main_process):
                 stop.arm(resume_command(parts.cfg))
-                trainer = Trainer(parts)
-                epoch_losses = trainer.fit(stop)
+                trainer = Trainer(parts, profile_signal.take)
+                with trainer.profiler:  # a CUDA out-of-memory error writes its memory snapshot; no profiler outlives
+                    epoch_losses = trainer.fit(stop)
         finally:  # every way out (completed, preempted, interrupted, failed): no graph may outlive the process group
             parts.step.close()
             parts.lock.release()
@@ -176,7 +177,8 @@ class Trainer:
     step = property(lambda self: self.parts.step)
     stream = property(lambda self: self.parts.stream)
 
-    def __init__(self, parts: Parts):
+    def __init__(self, parts: Parts, profile_requests: Callable[[], bool] | None = None):
+        """`profile_requests()`: whether SIGUSR2 asked this rank for a profile since the last call."""
         self.parts = parts
         accelerator = parts.setup.accelerator
         resume = parts.resume
@@ -231,7 +233,13 @@ class Trainer:
                                          saved_step=resume.state.step if resume and resume.own else None)  # fmt: skip
         # what it ran as, readable without W&B (a resumed run's steps counted from the start)
         self.record = RankRecord(self.dir, facts, self.cfg.log.sample_ids, self.state)
-        self.poll = distributed.StopPoll(self.state.step)
+        self.profiler = profiling.Profiler(
+            self.cfg.log, self.dir, accelerator.process_index, accelerator.device, self.state.step + 1,
+            self.last_step(), gather=lambda summary: gather_object([summary]), logger=self.logger,
+            say=accelerator.print, requested=profile_requests, now=lambda: self.state.step,
+            graph=isinstance(self.step, GraphStep),
+        )  # fmt: skip
+        self.poll = distributed.StopPoll(self.state.step, self.profiler)  # its exchanges carry profile requests too
         self.stop_requested: Callable[[], bool] = lambda: False  # `fit` asks its StopSignal
         self.stop_agreed = False
         accelerator.print(
@@ -262,8 +270,15 @@ class Trainer:
         export_dir = self.finish()
         self.logger.summary({"final/train_loss": epoch_losses[-1] if epoch_losses else None,
                              "final/export": str(export_dir)})  # fmt: skip
+        if self.accelerator.is_main_process:
+            self.logger.artifact("model", {p.name: p for p in sorted(export_dir.iterdir())}, self.provenance())
         self.logger.close()
         return epoch_losses
+
+    def last_step(self) -> int:
+        """The run's last step: its epochs' steps, or `train.max_steps` where that is fewer."""
+        last = self.cfg.train.epochs * self.parts.steps_per_epoch
+        return last if self.cfg.train.max_steps is None else min(last, self.cfg.train.max_steps)
 
     def steps_left(self) -> int | None:
         """Steps before `train.max_steps` ends the run (None: it runs all its epochs)."""
@@ -294,7 +309,8 @@ class Trainer:
         state, every, device = self.state, self.cfg.log.every_steps, self.accelerator.device
         lines = []
         for batch in self.timer.timed(batches):
-            self.step(batch.pixels.to(device, non_blocking=True), self.timer, self.meter)
+            with self.profiler.step(state.step + 1):  # nothing, outside a profile window
+                self.step(batch.pixels.to(device, non_blocking=True), self.timer, self.meter)
             self.timer.step_done()
             self.record.batch(batch.ids)
             state.step += 1
@@ -324,16 +340,23 @@ class Trainer:
         self.table.add(gathered)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{step_loss:,.0f}")
-        self.report_stragglers(self.stragglers.update(gathered))
+        self.report_stragglers(self.stragglers.update(gathered), gathered)
         state.epoch_seconds = time.perf_counter() - self.epoch_started
         return line
 
-    def report_stragglers(self, ranks: list[int]) -> None:
+    def report_stragglers(self, ranks: list[int], gathered: dict[str, torch.Tensor]) -> None:
+        """Name the ranks just flagged (console, metrics.jsonl, a W&B alert) and, with `log.profile_stragglers`, the
+        traces that they and the median rank record of the next steps."""
         if not ranks:
             return
         text = self.stragglers.describe(ranks, self.state.step, self.identities)
+        window = self.profiler.on_stragglers(ranks, gathered, self.state.step)
+        traces = self.profiler.traces(window) if window else []
+        if window:
+            text += (f"; profiling steps {window.first}-{window.last} on ranks {', '.join(map(str, window.ranks))} "
+                     f"(with the median rank, to compare): {', '.join(traces)}")  # fmt: skip
         self.accelerator.print(f"straggler: {text}")
-        self.logger.log({"step": self.state.step, "event": "straggler", "ranks": ranks})
+        self.logger.log({"step": self.state.step, "event": "straggler", "ranks": ranks, "traces": traces})
         if self.stragglers.alert_due():
             self.logger.alert("cvae-dist straggler", text)
 
@@ -409,6 +432,16 @@ class Trainer:
         flops = telemetry.count_flops_per_image(self.cfg.model)
         peak, source = telemetry.peak_flops(self.accelerator.device, self.setup.precision, self.cfg.log.peak_tflops)
         return {"flops_per_image": flops, "peak_flops": peak, "peak_flops_source": source}
+
+    def provenance(self) -> dict:
+        """What made the final model, for its W&B artifact: the resolved config, the code's commit, the training
+        data (its digest: the one the decode cache is keyed by, of the shards' bytes; None for a hub dataset)."""
+        cache = decoded_cache(self.stream.files, self.cfg.data.on_bad_record.value)
+        return {
+            "config": to_dict(self.cfg), **code_commit(), "step": self.state.step,
+            "data": {"source": self.cfg.data.source, "split": self.cfg.data.train_split,
+                     "digest": cache.stem.removeprefix("decoded-") if cache else None},
+        }  # fmt: skip
 
     def compute_dtype(self) -> str:
         """What the prepared model computes in (the mu head's output dtype in one probe forward, in eval mode so

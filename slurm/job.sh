@@ -1,7 +1,8 @@
 # shellcheck shell=bash disable=SC2034  # sourced: the variables set here are the sourcing script's
 # What slurm/train.sbatch and slurm/train_multinode.sbatch share, sourced from the repo root they run in:
 # the job's settings (job_settings), the signal traps (trap_signals) and the end of the job, with the
-# requeue after a USR1 (finish_job). Each script defines `forward_usr1`: how its USR1 reaches the trainers.
+# requeue after a USR1 (finish_job). Each script defines `forward_usr1` and `forward_usr2`: how its USR1 (checkpoint
+# and stop) and USR2 (profile the next steps, then train on) reach the trainers.
 # Which run an attempt trained, the trainer says: its main process writes the run directory to
 # $CVAE_DIST_RUN_DIR_FILE once the run has started (whatever run_name / output_dir the recipe and overrides gave),
 # and finish_job reads that run's status.json.
@@ -67,8 +68,10 @@ pick_launch_config() {
 }
 
 # trap_signals: USR1 (the timed signal, or scancel --signal=USR1 --batch) reaches only the batch script, which
-# passes it on (`forward_usr1`); the trainers checkpoint and exit 75. SIGTERM (scancel, the time limit,
-# Slurm's preemption) reaches every process of the job from Slurm itself: it is only noted here.
+# passes it on (`forward_usr1`); the trainers checkpoint and exit 75. USR2 (scancel --signal=USR2 --batch) is passed
+# on the same way (`forward_usr2`): every trainer profiles the next log.profile_len steps and trains on; it is no stop
+# and never leads to a requeue (SIGNAL is left as it was). SIGTERM (scancel, the time limit, Slurm's preemption)
+# reaches every process of the job from Slurm itself: it is only noted here.
 SIGNAL=
 on_signal() {
     SIGNAL=$1
@@ -79,9 +82,14 @@ on_signal() {
         echo "$(date -Is) got SIG$1 (Slurm signals every process of the job): waiting for the training processes"
     fi
 }
+on_usr2() {
+    echo "$(date -Is) got SIGUSR2: asking the training processes to profile their next steps"
+    forward_usr2
+}
 trap_signals() {
     trap 'on_signal USR1' USR1
     trap 'on_signal TERM' TERM
+    trap on_usr2 USR2
 }
 
 # finish_job PID: wait for the training (PID), then requeue the job if the trainers stopped on a USR1, else exit
@@ -95,6 +103,7 @@ finish_job() {
         kill -0 "$pid" 2>/dev/null || break
     done
     trap - USR1 TERM
+    trap '' USR2  # nothing left to profile: a late USR2 must not end the script before it has finished
 
     # The trainer exits 75 after checkpointing on a signal ("requeue me"); accelerate's torchrun launcher
     # reports any worker failure as 1, so the trainer's own word counts: status.json says "preempted" once

@@ -1,0 +1,279 @@
+"""Profile windows (which steps, on which ranks, agreed how), the step-range key, SIGUSR2, and a window recorded in
+process on a tiny computation: the trace, its step markers, no profiler outside the window."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from cvae_dist import profiling
+from cvae_dist.config import ConfigError, LogConfig, load_config, step_range
+from cvae_dist.distributed import StopPoll
+from cvae_dist.faults import OutOfMemory, ProfileSignal
+from cvae_dist.metrics import code_commit
+from cvae_dist.profiling import Profiler, Window, median_rank, next_window, range_window
+
+
+@pytest.mark.parametrize(("text", "expected"), [("3-5", (3, 5)), ("20-25", (20, 25)), ("7-7", (7, 7)),
+                                                (" 1 - 2 ", (1, 2)), ("5-3", None), ("0-2", None), ("3", None),
+                                                ("3-", None), ("a-b", None), ("", None), (None, None)])  # fmt: skip
+def test_step_range_reads_a_to_b(text, expected):
+    assert step_range(text) == expected
+
+
+@pytest.mark.parametrize("value", ["5-3", "0-2", "3", "3-", "x", "1-2-3"])
+def test_a_bad_step_range_is_one_line_naming_the_key_and_the_accepted_form(value):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [f"log.profile_steps={value}"])
+    message = str(err.value)
+    assert message.startswith(f"log.profile_steps='{value}': must be a step range A-B with 1 <= A <= B, e.g. 20-25")
+    assert "\n" not in message
+
+
+def test_profile_len_must_be_positive_and_the_defaults_profile_nothing_fixed():
+    with pytest.raises(ConfigError, match=r"^log.profile_len=0: must be a positive number of steps$"):
+        load_config(None, ["log.profile_len=0"])
+    log = load_config(None, []).log
+    assert (log.profile_steps, log.profile_len, log.profile_stragglers, log.memory_history) == (None, 5, True, False)
+    assert load_config(None, ["log.profile_steps=20-25"]).log.profile_steps == "20-25"
+
+
+def test_a_range_window_records_its_steps_after_a_warmup_step_and_is_cut_at_the_runs_end():
+    assert range_window(None, 1, 100) == (None, None)
+    assert range_window("20-25", 1, 100) == (Window(20, 25, "log.profile_steps=20-25", None, True), None)
+    window, note = range_window("1-3", 1, 100)  # no step before the first to warm up on
+    assert (window.start, window.first, window.warmup, note) == (1, 1, False, None)
+    window, note = range_window("90-120", 1, 100)
+    assert (window.first, window.last) == (90, 100) and note.endswith("profiling steps 90-100")
+    assert range_window("120-130", 1, 100) == (
+        None,
+        "log.profile_steps=120-130: not profiled: the run ends at step 100",
+    )
+    window, note = range_window("20-25", 20, 100)  # resumed at step 19: step 20 is next, no warm-up before it
+    assert (window.first, window.warmup) == (20, False) and note is None
+    assert range_window("20-25", 30, 100)[0] is None  # resumed past it
+    assert "this run continues from step 29" in range_window("20-25", 30, 100)[1]
+
+
+def test_a_requested_window_warms_up_on_the_next_step_and_records_the_steps_after_it():
+    assert next_window(10, 5, 100, "SIGUSR2") == Window(12, 16, "SIGUSR2", None, True)
+    assert next_window(10, 5, 14, "SIGUSR2") == Window(12, 14, "SIGUSR2", None, True)
+    assert next_window(10, 5, 11, "SIGUSR2") == Window(11, 11, "SIGUSR2", None, False)
+    assert next_window(10, 5, 10, "SIGUSR2") is None
+    w = next_window(4, 2, 15, "straggler", (0, 2))
+    assert (w.start, w.first, w.last, w.records(2), w.records(1)) == (5, 6, 7, True, False)
+    assert w.trace(2) == "profiles/rank2-steps6-7.pt.trace.json.gz"
+
+
+@pytest.mark.parametrize(
+    ("rates", "flagged", "expected"),
+    [([10.0, 3.0], [1], 0), ([10.0, 5.0, 9.0], [1], 2), ([9.0, 10.0, 2.0, 9.5], [2], 0), ([5.0, 5.0, 1.0], [2], 0)],
+)
+def test_the_median_rank_is_the_unflagged_one_nearest_the_median(rates, flagged, expected):
+    assert median_rank(rates, flagged) == expected
+
+
+class Recorder:
+    """A RunLogger's note / artifact, and the gather, as the main process of a 1-rank world sees them."""
+
+    def __init__(self):
+        self.notes, self.artifacts, self.gathered, self.said = [], [], [], []
+
+    def note(self, record):
+        self.notes.append(record)
+
+    def artifact(self, kind, files, metadata, aliases=()):
+        self.artifacts.append((kind, files, metadata, list(aliases)))
+
+    def gather(self, obj):
+        self.gathered.append(obj)
+        return [obj]
+
+
+def make(tmp_path, recorder, steps=None, last=20, rank=0, **kw) -> Profiler:
+    return Profiler(LogConfig(profile_steps=steps, **kw), tmp_path, rank, torch.device("cpu"), 1, last,
+                    gather=recorder.gather, logger=recorder, say=recorder.said.append)  # fmt: skip
+
+
+def tiny_step():
+    x = torch.randn(2, 1, 8, 8, requires_grad=True)
+    torch.nn.functional.conv2d(x, torch.randn(3, 1, 3, 3)).sum().backward()
+
+
+def test_a_window_records_exactly_its_steps_and_no_profiler_lives_outside_it(tmp_path):
+    rec = Recorder()
+    profiler = make(tmp_path, rec, "3-4")
+    alive, made = {}, []
+    for n in range(1, 8):
+        with profiler.step(n):
+            tiny_step()
+            alive[n] = (profiler.prof is not None, torch.autograd.profiler._is_profiler_enabled)
+            if profiler.prof is not None and not made:
+                made.append(weakref.ref(profiler.prof))
+    assert alive == {
+        1: (False, False),
+        2: (True, False),
+        3: (True, True),
+        4: (True, True),
+        5: (False, False),
+        6: (False, False),
+        7: (False, False),
+    }  # fmt: skip  (2: the warm-up, nothing recorded)
+    assert profiler.step(6) is profiler.step(7) is profiling._NOTHING  # one shared null context, nothing made
+    assert made[0]() is None  # the profiler object itself is gone (collected at the window's end)
+    path = tmp_path / "profiles" / "rank0-steps3-4.pt.trace.json.gz"
+    events = json.loads(gzip.decompress(path.read_bytes()))["traceEvents"]
+    markers = sorted(e["name"] for e in events if e.get("cat") == "user_annotation")
+    assert markers == ["step 3", "step 4"]
+    assert sum(e["name"] == "aten::conv2d" for e in events) == 2  # one per recorded step
+    (summary,) = rec.gathered  # one gather, at the window's end
+    assert summary["trace"] == "profiles/rank0-steps3-4.pt.trace.json.gz" and summary["memory"] is None
+    assert any("conv" in row["op"] or "convolution" in row["op"] for row in summary["top_ops"])
+    (note,) = rec.notes
+    assert (note["event"], note["step"], note["steps"], note["ranks"]) == ("profile", 4, [3, 4], [0])
+    ((kind, files, meta, aliases),) = rec.artifacts
+    assert (kind, list(files), meta["steps"], aliases) == ("trace", [path.name], [3, 4], ["steps3-4"])
+    assert rec.said[0].startswith(f"profile of steps 3-4 (log.profile_steps=3-4) on rank 0: {path}")
+    assert "top ops by self CPU time, steps 3-4" in rec.said[0]
+
+
+def test_a_rank_outside_the_windows_ranks_only_joins_the_gather_at_its_last_step(tmp_path):
+    rec = Recorder()
+    profiler = make(tmp_path, rec, rank=1)
+    profiler.window = Window(3, 4, "straggler", (0, 2))
+    for n in range(1, 6):
+        with profiler.step(n):
+            assert profiler.prof is None
+    assert rec.gathered == [None] and not (tmp_path / "profiles").exists()
+    assert profiler.window is None and rec.notes[0]["ranks"] == []
+
+
+def test_a_failure_inside_a_window_writes_nothing_and_gathers_nothing(tmp_path):
+    rec = Recorder()
+    profiler = make(tmp_path, rec, "2-4")
+    with profiler.step(1):
+        tiny_step()
+    with pytest.raises(ZeroDivisionError), profiler.step(2):
+        1 / 0  # noqa: B018
+    assert profiler.prof is None and profiler.window is None and rec.gathered == []
+    assert not torch.autograd.profiler._is_profiler_enabled and not (tmp_path / "profiles").exists()
+    with profiler.step(3):  # training would go on without a profiler
+        assert profiler.prof is None
+
+
+def gathered(profile=(0.0, 0.0), clock=0.0, busy=(100.0, 100.0)) -> dict[str, torch.Tensor]:
+    n = len(profile)
+    return {"profile": torch.tensor(profile, dtype=torch.float64), "busy_img_per_s": torch.tensor(busy),
+            "profile/clock": torch.tensor([clock] + [0.0] * (n - 1))}  # fmt: skip
+
+
+def test_a_request_on_any_rank_gives_every_rank_the_same_window_once(tmp_path):
+    recs = [Recorder(), Recorder()]
+    profilers = [make(tmp_path, recs[r], rank=r, last=100) for r in (0, 1)]
+    for p in profilers:
+        p.agree(gathered(), 10)
+        assert p.window is None
+        p.agree(gathered((0.0, 1.0)), 10)  # SIGUSR2 reached rank 1 only
+    assert profilers[0].window == profilers[1].window == Window(12, 16, "SIGUSR2", None, True)
+    assert recs[0].said == ["SIGUSR2 (rank 1) at step 10: profiling steps 12-16 on every rank into "
+                            f"{tmp_path / 'profiles'}"]  # fmt: skip
+    profilers[0].agree(gathered((1.0, 0.0)), 11)
+    assert profilers[0].window.first == 12 and "already due" in recs[0].said[-1]
+    p = make(tmp_path, Recorder(), last=10)
+    p.agree(gathered((1.0, 0.0)), 10)
+    assert p.window is None
+
+
+def test_a_straggler_window_names_its_traces_and_comes_at_most_once_per_alert_interval(tmp_path):
+    rec = Recorder()
+    p = make(tmp_path, rec, last=100, straggler_alert_every_s=300.0)
+    busy = (100.0, 95.0, 20.0)
+    w = p.on_stragglers([2], gathered((0.0,) * 3, clock=50.0, busy=busy), 20)
+    assert w == Window(22, 26, "straggler", (1, 2), True)  # the median rank (95 of 100, 95, 20) and the straggler
+    assert p.traces(w) == [str(tmp_path / f"profiles/rank{r}-steps22-26.pt.trace.json.gz") for r in (1, 2)]
+    assert p.on_stragglers([1], gathered((0.0,) * 3, clock=60.0, busy=busy), 21) is None  # one is due already
+    p.window = None  # (as its end leaves it)
+    assert p.on_stragglers([2], gathered((0.0,) * 3, clock=349.0, busy=busy), 40) is None  # 299 s later: too soon
+    assert p.on_stragglers([2], gathered((0.0,) * 3, clock=351.0, busy=busy), 41) is not None
+    off = make(tmp_path, rec, profile_stragglers=False)
+    assert off.on_stragglers([2], gathered((0.0,) * 3, clock=1e6, busy=busy), 20) is None
+    assert p.on_stragglers([], gathered((0.0,) * 3), 50) is None
+
+
+def test_the_stop_poll_carries_the_requests_and_agrees_on_them_at_its_step(tmp_path):
+    p = make(tmp_path, Recorder(), last=100)
+    p.requested = iter([True, False]).__next__
+    poll = StopPoll(0, p)
+    mine = poll.local(False)
+    assert set(mine) == {"stop", "poll/seconds", "profile", "profile/clock"} and mine["profile"] == 1.0
+    assert poll.local(False)["profile"] == 0.0  # the signal was taken once
+    both = {k: torch.tensor([v, 0.0], dtype=torch.float64) for k, v in mine.items()}
+    assert poll.polled(both, 7) is False and p.window == Window(9, 13, "SIGUSR2", None, True)
+    assert set(StopPoll(0).local(True)) == {"stop", "poll/seconds"}
+
+
+def test_sigusr2_is_a_flag_taken_once_and_the_default_comes_back_after(tmp_path):
+    before = signal.getsignal(signal.SIGUSR2)
+    with ProfileSignal() as usr2:
+        assert not usr2.take()
+        os.kill(os.getpid(), signal.SIGUSR2)
+        os.kill(os.getpid(), signal.SIGUSR2)
+        assert usr2.take() and not usr2.take()
+    assert signal.getsignal(signal.SIGUSR2) == before
+
+
+def test_a_cuda_out_of_memory_error_writes_the_snapshot_and_names_it_in_one_line(tmp_path, monkeypatch):
+    # No GPU here: the snapshot writer is stood in for (torch.cuda.memory._dump_snapshot needs CUDA).
+    monkeypatch.setattr(profiling.torch.cuda.memory, "_dump_snapshot", lambda path: Path(path).write_bytes(b"x"))
+    p = Profiler(LogConfig(), tmp_path, 3, torch.device("cpu"), 1, 100, gather=lambda o: [o], logger=Recorder(),
+                 say=lambda _s: None, now=lambda: 42)  # fmt: skip
+    with pytest.raises(OutOfMemory) as err, p:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
+    snapshot = tmp_path / "profiles" / "rank3-oom-step42.memory.pickle"
+    assert snapshot.read_bytes() == b"x"
+    assert str(err.value) == (
+        f"CUDA out of memory at step 42 on rank 3: CUDA out of memory. Tried to allocate 2.00 GiB.; memory snapshot "
+        f"{snapshot} (open it at https://pytorch.org/memory_viz)"
+    )
+    assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
+    with pytest.raises(ValueError), p:  # any other error passes through as it is
+        raise ValueError("x")
+
+
+def test_the_out_of_memory_error_reaches_the_user_as_one_line_and_exit_1(monkeypatch, capsys):
+    from cvae_dist import cli, trainer
+
+    message = "CUDA out of memory at step 42 on rank 3: ...; memory snapshot x.memory.pickle"
+
+    def out_of_memory(_cfg):
+        raise OutOfMemory(message)
+
+    monkeypatch.setattr(trainer, "train", out_of_memory)
+    assert cli.main(["train"]) == 1
+    err = capsys.readouterr().err
+    assert err == f"cvae-dist train: error: {message}\n"
+
+
+def test_the_commit_is_the_checkouts_head_or_none_outside_one(monkeypatch):
+    repo = Path(__file__).resolve().parents[2]
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert code_commit()["commit"] == (head.stdout.strip() if head.returncode == 0 else None)
+    monkeypatch.setenv("PATH", "/nonexistent")  # no git
+    assert code_commit() == {"commit": None, "dirty": None}
+
+
+def test_the_profile_event_and_trace_metadata_are_strict_json(tmp_path):
+    rec = Recorder()
+    p = make(tmp_path, rec, "1-1")
+    with p.step(1):
+        tiny_step()
+    json.dumps(rec.notes[0], allow_nan=False)
+    json.dumps(rec.artifacts[0][2], allow_nan=False)
