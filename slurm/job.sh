@@ -17,6 +17,9 @@ job_settings() {
         echo "error: $PWD is not the cvae-dist repo root; submit from the repo root" >&2
         exit 2
     fi
+    # sbatch exports the submitting shell's environment: a W&B service running there (a notebook's, a test
+    # runner's) is not the job's, and trainers that connected to it would write their runs through it
+    unset WANDB_SERVICE
     ACCELERATE=accelerate
     PYTHON=python3
     [[ -x .venv/bin/accelerate ]] && ACCELERATE=$PWD/.venv/bin/accelerate && PYTHON=$PWD/.venv/bin/python

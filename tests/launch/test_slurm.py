@@ -25,7 +25,7 @@ LONG = ("train.epochs=1", "log.every_steps=1", "log.wandb=offline")
 
 
 def job_env() -> dict[str, str]:
-    env = dict(os.environ)
+    env = dict(os.environ)  # (with the W&B service in-process tests started here: job.sh must not use it)
     env["WANDB_MODE"] = "offline"
     env["MAIN_ADDR"] = "127.0.0.1"  # the emulated nodes are all this host
     env.pop("RUN_NAME", None)

@@ -73,7 +73,8 @@ def launch_command(tmp_path: Path, name: str, launcher_args, overrides=(), confi
             f"output_dir={tmp_path}", f"run_name={name}", "log.wandb=offline", *overrides]  # fmt: skip
 
 
-ENV = {**os.environ, "PYTHONUNBUFFERED": "1"}
+# (without a W&B service an in-process test may have started: each launch's runs start their own)
+ENV = {**{k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}, "PYTHONUNBUFFERED": "1"}
 
 
 def launch(
