@@ -1,9 +1,9 @@
 """MNIST as a Hugging Face `datasets` stream: one path for the hub, local parquet and the shipped digits.
 
 Resident (the decoded split fits `data.resident_mb`; all of MNIST is 55 MB): the stream is decoded once per machine
-into a uint8 table (cached, keyed by the shards' bytes), kept on each rank's device. Each epoch one seeded
-permutation of its rows is the global order; global batch i is its i-th slice of `data.batch_size` rows, and each
-rank takes its share of it. The world size decides only who computes which rows.
+into a uint8 table (cached, keyed by the shards' bytes, trusted only if it matches its content digest), kept on each
+rank's device. Each epoch one seeded permutation of its rows is the global order; global batch i is its i-th slice of
+`data.batch_size` rows, and each rank takes its share of it. The world size decides only who computes which rows.
 
 Streamed (larger splits): shards -> `load_dataset(..., streaming=True)` -> `split_dataset_by_node(rank, world)` ->
 seeded shuffle (`set_epoch`) -> batches -> uint8 digits, decoded every epoch (in worker processes if configured).
@@ -19,7 +19,9 @@ import contextlib
 import hashlib
 import io
 import itertools
+import logging
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -34,14 +36,18 @@ import torch.nn.functional as F
 from datasets import ClassLabel, Features, Image, Value
 from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from cvae_dist.config import ConfigError
 
 SHIPPED_DIR = Path(__file__).parent / "assets" / "mnist5k"
 DIGIT_SIZE = 28
 FEATURES = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)]), "id": Value("int64")})
+NOT_FILES = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
+             stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
+
+log = logging.getLogger(__name__)
 
 
 class DataError(ValueError):
@@ -74,6 +80,8 @@ def parquet_files(source: str, split: str) -> list[str] | None:
             raise DataError(f"data split {name!r}: no '{name}-*.parquet' files in {root} (or in a folder below it)")
         files += found
     for file in files:
+        if kind := not_a_file(file):
+            raise DataError(f"{file} is {kind}; shards are read only from regular parquet files (or links to them)")
         try:
             with pq.ParquetFile(file) as shard:
                 problem = shard_problem(shard.schema_arrow, shard.metadata.num_rows)
@@ -84,6 +92,15 @@ def parquet_files(source: str, split: str) -> list[str] | None:
         if problem:
             raise DataError(f"{file}: {problem}; fix or re-create the split (e.g. with `cvae-dist prepare-data`)")
     return files
+
+
+def not_a_file(path: str) -> str | None:
+    """What `path` is when it is not a regular file (opening a FIFO would wait forever for a writer), else None."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError as e:
+        return f"an entry that cannot be opened ({e.strerror})"
+    return None if stat.S_ISREG(mode) else NOT_FILES.get(stat.S_IFMT(mode), "a special file")
 
 
 def shard_problem(schema: pa.Schema, rows: int) -> str | None:
@@ -121,6 +138,18 @@ def check_hub(source: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
+def check_hub_cache(source: str) -> None:
+    """A hub dataset needs datasets' cache folder: refuse in one line where it cannot be written (a read-only home)."""
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    with contextlib.suppress(OSError):
+        cache.mkdir(parents=True, exist_ok=True)
+    if not os.access(cache, os.W_OK):
+        raise DataError(
+            f"data.source={source}: datasets' cache {cache} is not writable; set HF_HOME (or HF_DATASETS_CACHE) to a "
+            "writable directory, or convert the data with `cvae-dist prepare-data` and set data.source=<that directory>"
+        )
+
+
 @contextlib.contextmanager
 def reading(files: list[str] | None):
     """Turn a shard that breaks while being read (a corrupt page behind a good footer) into one line naming it."""
@@ -147,10 +176,14 @@ def open_stream(source: str, split: str) -> datasets.IterableDataset:
     """The split as an undecoded `IterableDataset` (image bytes are decoded in batches later)."""
     files = parquet_files(source, split)
     if files is None:
+        check_hub_cache(source)
         check_hub(source)
         ds = datasets.load_dataset(source, split=split, streaming=True)
     else:
-        ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True)
+        # A stream of local files caches nothing, but datasets makes its cache folder (~/.cache/huggingface, maybe
+        # read-only on a cluster) for a lock file: give it a throwaway one.
+        with tempfile.TemporaryDirectory(prefix="cvae-dist-datasets-") as scratch:
+            ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True, cache_dir=scratch)
     missing = {"image", "label"} - set(ds.column_names or [])
     if missing:
         raise DataError(f"{source}:{split} lacks column(s) {sorted(missing)}; expected 'image' (PNG) and 'label'")
@@ -291,7 +324,7 @@ class RankStream:
         self.resident = 0 < total * DIGIT_SIZE**2 <= cfg.resident_mb * 2**20
         if self.resident:
             with decode_first(), reading(self.files):
-                self.table = ResidentTable.load(split, self.on_bad_record, self.files, device, num_workers)
+                self.table = ResidentTable.load(split, self.on_bad_record, self.files, device, num_workers, total)
             self.bad_rows, self.local_rows = self.table.bad, len(self.table.labels)
             self.local_steps = self.local_rows // self.global_batch
             return
@@ -368,30 +401,19 @@ class ResidentTable:
         self.source = source  # how this rank got it: "decoded" (and cached, where it could be) or "cache"
 
     @classmethod
-    def load(cls, split, on_bad: str, files: list[str] | None, device, num_workers: int) -> ResidentTable:
+    def load(cls, split, on_bad: str, files: list[str] | None, device, num_workers: int, rows: int) -> ResidentTable:
         """From this machine's cache of the same shards' decode, else decoded now (and cached for the next rank or
-        run). A hub dataset's shards are not local files: it is decoded every time."""
+        run). A hub dataset's shards are not local files: it is decoded every time. `rows`: the split's."""
         cache = decoded_cache(files, on_bad)
         if cache is not None and cache.is_file():
-            try:
-                t = load_file(str(cache))
+            t, problem = read_cache(cache, rows)
+            if problem is None:
                 return cls(t["pixels"], t["labels"], t["ids"], int(t["bad"]), device, source="cache")
-            except (SafetensorError, OSError, KeyError):
-                pass  # unreadable (a foreign or damaged file): decode again and replace it
+            log.warning("%s: %s; decoding the split again and replacing it", cache, problem)
         table = cls.decode(split, on_bad, files, num_workers)
         if cache is not None:
-            with contextlib.suppress(OSError, SafetensorError):  # an unwritable cache only costs the next rank time
-                cache.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=cache.parent, prefix=f".{cache.stem}.", suffix=".partial")
-                os.close(fd)
-                try:
-                    tensors = {"pixels": table.pixels, "labels": table.labels, "ids": table.ids,
-                               "bad": torch.tensor(table.bad)}  # fmt: skip
-                    save_file(tensors, tmp)
-                    os.replace(tmp, cache)
-                finally:
-                    with contextlib.suppress(OSError):
-                        os.unlink(tmp)
+            write_cache(cache, {"pixels": table.pixels, "labels": table.labels, "ids": table.ids,
+                                "bad": torch.tensor(table.bad)})  # fmt: skip
         return cls(table.pixels, table.labels, table.ids, table.bad, device)
 
     @classmethod
@@ -423,6 +445,59 @@ def decoded_cache(files: list[str] | None, on_bad: str) -> Path | None:
             h.update(hashlib.file_digest(f, "sha256").digest())
     root = Path(os.environ.get("CVAE_DIST_CACHE") or Path.home() / ".cache" / "cvae-dist")
     return root / f"decoded-{h.hexdigest()}.safetensors"
+
+
+def read_cache(path: Path, rows: int) -> tuple[dict[str, torch.Tensor], str | None]:
+    """A cached decode's tensors and what makes them unusable for a split of `rows` rows (None if nothing)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            digest = (f.metadata() or {}).get("digest")
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
+    except (SafetensorError, OSError) as e:
+        return {}, f"unreadable ({_first_line(e)})"
+    return t, cache_problem(t, digest, rows)
+
+
+def cache_problem(t: dict[str, torch.Tensor], digest: str | None, rows: int) -> str | None:
+    """What makes a cached decode not one of a split of `rows` rows (another layout or row count, content that does
+    not match its digest), or None."""
+    n = t["labels"].numel() if "labels" in t else 0
+    layout = {"pixels": (torch.uint8, (n, 1, DIGIT_SIZE, DIGIT_SIZE)), "labels": (torch.int64, (n,)),
+              "ids": (torch.int64, (n,)), "bad": (torch.int64, ())}  # fmt: skip
+    if set(t) != set(layout):
+        return f"holds {sorted(t)}, expected {sorted(layout)}"
+    for name, (dtype, shape) in layout.items():
+        if t[name].dtype != dtype or tuple(t[name].shape) != shape:
+            return f"'{name}' is {t[name].dtype} {tuple(t[name].shape)}, expected {dtype} {shape}"
+    if n + int(t["bad"]) != rows:
+        return f"holds {n} digits and {int(t['bad'])} bad records, the split has {rows} rows"
+    if digest != content_digest(t):
+        return "its content does not match its digest" if digest else "it has no content digest"
+    return None
+
+
+def write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a decode atomically, with a digest of its content; an unwritable cache only costs the next rank time."""
+    with contextlib.suppress(OSError, SafetensorError):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial")
+        os.close(fd)
+        try:
+            save_file(tensors, tmp, metadata={"digest": content_digest(tensors)})
+            os.replace(tmp, path)
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+
+
+def content_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A digest of the tensors' names, layouts and bytes (sha256 of all of MNIST's: about 0.1 s)."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.numpy())
+    return h.hexdigest()
 
 
 class _DecodedChunks(torch.utils.data.IterableDataset):

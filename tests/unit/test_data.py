@@ -3,6 +3,8 @@
 import collections
 import io
 import itertools
+import json
+import logging
 
 import numpy as np
 import pyarrow as pa
@@ -10,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image as PILImage
+from safetensors.torch import load_file, save_file
 
 from cvae_dist.config import ConfigError, DataConfig
 from cvae_dist.data import (
@@ -105,6 +108,57 @@ def test_the_decode_cache_is_keyed_by_the_shards_bytes_and_a_damaged_one_is_repl
     assert data.decoded_cache([str(shard)], "error") != cache
     assert RankStream(DataConfig(source=str(source)), 0, 1, seed=0).local_rows == 300
     assert data.decoded_cache([str(shard)], "skip") != data.decoded_cache([str(shard)], "error")
+
+
+def flip_a_pixel(cache) -> None:
+    """One byte of the cached pixels flipped (bit rot, a bad copy): the file still parses, its digest does not fit."""
+    raw = bytearray(cache.read_bytes())
+    header = int.from_bytes(raw[:8], "little")
+    start, _ = json.loads(raw[8 : 8 + header])["pixels"]["data_offsets"]
+    raw[8 + header + start + 1000] ^= 0xFF
+    cache.write_bytes(bytes(raw))
+
+
+# Files of the cache's name that are not this split's decode, each with what the one warning line says of it
+FOREIGN = {
+    "not-safetensors": (lambda t: b"damaged", "unreadable"),
+    "all-zero-digits": (lambda t: {**t, "pixels": torch.zeros_like(t["pixels"])}, "it has no content digest"),
+    "non-scalar-bad": (lambda t: {**t, "bad": torch.zeros(2, dtype=torch.int64)}, "'bad' is torch.int64 (2,)"),
+    "3-d-pixels": (lambda t: {**t, "pixels": t["pixels"][:, 0]}, "'pixels' is torch.uint8 (500, 28, 28)"),
+    "float-pixels": (lambda t: {**t, "pixels": t["pixels"].float()}, "'pixels' is torch.float32"),
+    "fewer-rows": (lambda t: {k: v[:300] if v.dim() else v for k, v in t.items()}, "holds 300 digits"),
+    "another-key": (lambda t: {**t, "extra": torch.zeros(1)}, "expected ['bad', 'ids', 'labels', 'pixels']"),
+    "flipped-pixel": (None, "its content does not match its digest"),
+}
+
+
+@pytest.mark.parametrize("case", FOREIGN)
+def test_a_cache_file_that_is_not_this_splits_decode_is_decoded_again_saying_so(monkeypatch, tmp_path, caplog, case):
+    # A file of the cache's name is trusted only for its layout, row count and a digest of its content: anything
+    # else (all-zero digits once trained silently; a non-scalar `bad` or 3-D pixels ended in a traceback) is decoded
+    # again and replaced, with one line saying so.
+    from cvae_dist import data
+
+    monkeypatch.setenv("CVAE_DIST_CACHE", str(tmp_path / "cache"))
+    first = stream(train_split="test")
+    cache = data.decoded_cache(first.files, "error")
+    make, problem = FOREIGN[case]
+    if make is None:
+        flip_a_pixel(cache)
+    elif isinstance(foreign := make(load_file(cache)), bytes):
+        cache.write_bytes(foreign)
+    else:
+        save_file(foreign, cache)
+    caplog.set_level(logging.WARNING, logger="cvae_dist.data")
+    again = stream(train_split="test")
+    assert again.table.source == "decoded" and again.local_rows == 500 and again.bad_rows == 0
+    for name in ("pixels", "labels", "ids"):
+        assert torch.equal(getattr(again.table, name), getattr(first.table, name))
+    warnings = [r.getMessage() for r in caplog.records if r.name == "cvae_dist.data"]
+    assert len(warnings) == 1 and "\n" not in warnings[0], warnings
+    assert warnings[0].startswith(f"{cache}: ") and problem in warnings[0], warnings[0]
+    assert warnings[0].endswith("decoding the split again and replacing it")
+    assert stream(train_split="test").table.source == "cache"  # replaced by a good decode, read as it is
 
 
 @pytest.mark.parametrize("world", [2, 3])
