@@ -21,10 +21,10 @@ from accelerate.utils import broadcast_object_list
 from safetensors import SafetensorError
 
 from cvae_dist import strict_json
-from cvae_dist.config import CheckpointConfig, ConfigError, JobConfig, load_config, to_dict, to_yaml
+from cvae_dist.config import CheckpointConfig, ConfigError, JobConfig, load_config, model_shape, to_dict, to_yaml
 from cvae_dist.distributed import is_deepspeed
 from cvae_dist.faults import being_written
-from cvae_dist.model import CVAE, portable
+from cvae_dist.model import CVAE, WEIGHTS, portable, weights_mismatch
 
 
 class CheckpointError(ValueError):
@@ -354,10 +354,10 @@ class Checkpointer:
         self.accelerator, self.run_dir, self.cfg, self.meter, self.log = accelerator, run_dir, cfg, meter, log
         self.saved_step = saved_step  # the step of this run's checkpoint that holds the state as it is now
 
-    def at_step_line(self, state: TrainerState, epoch_over: bool) -> Path | None:
+    def due_at_step_line(self, state: TrainerState, epoch_over: bool) -> bool:
         """Every `checkpoint.every_steps` steps, except at an epoch's last step (the epoch-end checkpoint takes its
         place)."""
-        return self.save(state, "steps") if _every(self.cfg.every_steps, state.step) and not epoch_over else None
+        return _every(self.cfg.every_steps, state.step) and not epoch_over
 
     def at_epoch_end(self, state: TrainerState, last: bool) -> Path | None:
         """At every epoch's end with `checkpoint.every_epoch`; always after the run's last step; and where
@@ -450,9 +450,26 @@ def verify_checkpoint(path: Path) -> TrainerState:
         if _sha256(file) != digest:
             raise CheckpointError(f"{path}: {name} does not match its checksum (corrupt or truncated)")
     try:
-        return TrainerState.from_json((path / STATE_FILE).read_text())
+        state = TrainerState.from_json((path / STATE_FILE).read_text())
     except (ValueError, TypeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path / STATE_FILE}: not a trainer state ({e})") from None
+    _check_weights(path, state)
+    return state
+
+
+def _check_weights(path: Path, state: TrainerState) -> None:
+    """The weights' shapes (from the safetensors header) are those of the model the checkpoint records: whole files
+    of another model would otherwise fail only in load_state, after the run directory was written. (DeepSpeed keeps
+    its weights in pickled shards, whose shapes are not read: only the recorded model is checked.)"""
+    if not state.model:  # written before the model was recorded
+        return
+    try:
+        cfg = model_shape(state.model, f"{path / STATE_FILE}: model")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    mismatch = weights_mismatch(cfg, path / WEIGHTS) if (path / WEIGHTS).is_file() else None
+    if mismatch:
+        raise CheckpointError(f"{path}: the weights are not the model it records ({mismatch})")
 
 
 def find_resumable(run_dir: Path, warn) -> tuple[Path, TrainerState] | None:

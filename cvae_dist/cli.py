@@ -13,16 +13,19 @@ import math
 import sys
 from pathlib import Path
 
-import torch
+from cvae_dist.faults import INTERRUPTED_EXIT_CODE, NonFiniteLoss, OutOfMemory, Stopped, hold_profile_requests
 
-from cvae_dist import bench, inference, strict_json
-from cvae_dist.checkpoint import CheckpointError, DiskError, write_safely
-from cvae_dist.config import ConfigError, JobConfig
-from cvae_dist.data import DataError, load_split
-from cvae_dist.distributed import LaunchError
-from cvae_dist.faults import INTERRUPTED_EXIT_CODE, NonFiniteLoss, OutOfMemory, Stopped
-from cvae_dist.images import grid, save_grid, side_by_side
-from cvae_dist.prepare_data import DataFormatError
+hold_profile_requests()  # first: the imports below take seconds, and SIGUSR2 would end the process meanwhile
+
+import torch  # noqa: E402
+
+from cvae_dist import bench, inference, strict_json  # noqa: E402
+from cvae_dist.checkpoint import CheckpointError, DiskError, write_safely  # noqa: E402
+from cvae_dist.config import RULES, ConfigError, JobConfig  # noqa: E402
+from cvae_dist.data import DataError, load_split  # noqa: E402
+from cvae_dist.distributed import LaunchError  # noqa: E402
+from cvae_dist.images import grid, save_grid, side_by_side  # noqa: E402
+from cvae_dist.prepare_data import DataFormatError  # noqa: E402
 
 # Mistakes in what the user gave us: one line on stderr, exit 2. Anything else keeps its traceback.
 USER_ERRORS = (
@@ -244,6 +247,12 @@ def _positive(**values: int | None) -> None:
             raise ConfigError(f"--{name.replace('_', '-')}={value}: must be a positive integer")
 
 
+def _seed(seed: int | None) -> None:
+    holds, accepted = RULES["train.seed"]  # the trainer's seeds: eval and reconstruct default to the run's
+    if seed is not None and not holds(seed):
+        raise ConfigError(f"--seed={seed}: must be {accepted}")
+
+
 def _at_most(images: int, what: str) -> None:
     if images > inference.MAX_IMAGES:
         raise ConfigError(
@@ -278,6 +287,7 @@ def _heldout(args: argparse.Namespace, loaded: inference.Loaded, n: int) -> tupl
 def _eval(args: argparse.Namespace) -> int:
     from accelerate import PartialState
 
+    _seed(args.seed)
     result = inference.evaluate(_load(args, "--json", ".json"), args.source, args.split, args.seed, args.precision)
     if PartialState().is_main_process:  # every rank has the reduced figures; one reports them
         print(inference.summary_line(result))
@@ -288,6 +298,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _sample(args: argparse.Namespace) -> int:
     _positive(n=args.n, columns=args.columns, latent_grid=args.latent_grid)
+    _seed(args.seed)
     if args.latent_grid is not None:
         _at_most(args.latent_grid**2, f"--latent-grid {args.latent_grid}")
     else:
@@ -307,6 +318,7 @@ def _sample(args: argparse.Namespace) -> int:
 
 def _reconstruct(args: argparse.Namespace) -> int:
     _positive(n=args.n, columns=args.columns)
+    _seed(args.seed)
     _at_most(args.n, f"--n {args.n}")
     loaded = _load(args, "--out")
     pixels, _ = _heldout(args, loaded, args.n)

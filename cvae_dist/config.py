@@ -6,9 +6,9 @@ import enum
 import functools
 import math
 import re
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -181,13 +181,15 @@ def _splits(v: str) -> bool:
     return all(_words(part) for part in v.split("+"))
 
 
-TIME_FORMAT = "%Y%m%d-%H%M%S"  # what a run_name's trailing {time} becomes (15 characters)
+# What a run_name's trailing {time} becomes (22 characters): to the microsecond, so that launches started together (a
+# sweep in a loop) get names of their own; the trainer also skips any name a directory already has.
+TIME_FORMAT = "%Y%m%d-%H%M%S-%f"
 
 
 def _directory_name(v: str | None) -> bool:
     if v is None:
         return True
-    expanded = v.replace("{time}", time.strftime(TIME_FORMAT))
+    expanded = v.replace("{time}", datetime.now().strftime(TIME_FORMAT))
     return (
         _words(v) and not v.startswith(".") and not any(c in v for c in "/\\")
         and not any(ord(c) < 32 or ord(c) == 127 for c in v) and len(expanded.encode()) <= 255
@@ -213,7 +215,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.lr": (_finite(0, above=True), "a finite number above 0"),
     "train.weight_decay": (_finite(0), "a finite number, 0 or more"),
     "train.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 4294967295 (numpy's seed range)"),
-    "train.collective_timeout_s": (lambda v: v > 0, "a positive number of seconds"),
+    # far larger ones overflow torch's deadlines (1e10 s: the store times out at once; 1e14 s: OverflowError)
+    "train.collective_timeout_s": (lambda v: 0 < v <= 604_800, "a positive number of seconds, at most 604800 (a week)"),
     "log.project": (_words, "a W&B project name"),
     "log.group": (lambda v: v is None or _words(v), "a W&B group name (or null: none)"),
     "log.every_steps": (lambda v: v > 0, "positive"),
@@ -238,6 +241,19 @@ class _Loader(yaml.SafeLoader):
     """YAML with YAML 1.2 booleans: only true/false are booleans, so `no`, `off`, `yes`, `on` stay words (an enum
     key's error names the word given, not False; boolean keys still accept them, OmegaConf converts the words)."""
 
+    def compose_node(self, parent, index):
+        # OmegaConf copies what an alias names at each use: 200 bytes of nested aliases make billions of values (minutes
+        # of CPU) before any key is checked. A recipe has no need for them.
+        if self.check_event(yaml.AliasEvent):
+            alias = self.peek_event()
+            raise _Refused(problem=f"YAML alias *{alias.anchor}: aliases are not accepted; write the value out",
+                           problem_mark=alias.start_mark)  # fmt: skip
+        return super().compose_node(parent, index)
+
+
+class _Refused(yaml.MarkedYAMLError):
+    """Valid YAML that a recipe may not use."""
+
 
 _Loader.yaml_implicit_resolvers = {
     first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
@@ -254,7 +270,8 @@ def _parse(text: str, where: str):
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         at = f"{where}:{mark.line + 1}:{mark.column + 1}" if mark else where
-        raise ConfigError(f"{at}: YAML syntax error: {e.problem or e.context}") from None
+        what = "" if isinstance(e, _Refused) else "YAML syntax error: "
+        raise ConfigError(f"{at}: {what}{e.problem or e.context}") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{where}: YAML syntax error: {str(e).splitlines()[0]}") from None
 
@@ -265,6 +282,9 @@ def _from_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=2")
+        if "" in key.split("."):
+            raise ConfigError(f"override {item!r}: {key!r} has an empty name between dots; expected section.key=value, "
+                              "e.g. train.epochs=2")  # fmt: skip
         *parents, leaf = key.split(".")
         node = tree
         for part in parents:
@@ -291,6 +311,16 @@ def _drop_retired(layer: dict, where: str) -> dict:
     return layer
 
 
+def _no_environment(name: str, *_default) -> str:
+    raise ConfigError(f"${{oc.env:{name}}}: a recipe may not read the environment (config.yaml, checkpoints and W&B "
+                      "keep every value); write the value itself")  # fmt: skip
+
+
+# Interpolation stays (`${train.lr}` is that key's value), but no resolver reads the environment: a recipe would copy
+# WANDB_API_KEY or HF_TOKEN into every file the run writes. (OmegaConf 2.4 renamed register_new_resolver.)
+getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)("oc.env", _no_environment, replace=True)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> JobConfig:
     """Load a YAML recipe onto the typed defaults, then apply `section.key=value` overrides."""
     layers = []
@@ -298,8 +328,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         path = Path(path)
         if path.is_dir():
             raise ConfigError(f"{path} is a directory: --config takes a YAML file")
-        if not path.is_file():
+        if not path.exists():
             raise ConfigError(f"config file not found: {path}")
+        if not path.is_file():  # every rank reads the recipe, and a pipe's text goes to the first reader
+            kind = "a pipe" if path.is_fifo() else "a socket" if path.is_socket() else "a device"
+            raise ConfigError(f"{path} is {kind}, not a regular file: --config takes a YAML file")
         try:
             text = path.read_text(encoding="utf-8")
         except UnicodeDecodeError as e:
@@ -333,9 +366,32 @@ def to_yaml(cfg: JobConfig) -> str:
 def _one_line(e: OmegaConfBaseException) -> str:
     key = getattr(e, "full_key", None)
     msg = str(getattr(e, "msg", None) or e).splitlines()[0].strip()
+    msg = msg.removeprefix("ConfigError raised while resolving interpolation: ")  # ours: _no_environment
     if "not in" in msg and key:
         parent = key.rsplit(".", 1)[0] if "." in key else ""
         node = OmegaConf.select(OmegaConf.structured(JobConfig), parent) if parent else None
         accepted = sorted(node.keys()) if node is not None else sorted(OmegaConf.structured(JobConfig).keys())
         return f"unknown config key '{key}'; accepted keys{' in ' + parent if parent else ''}: {', '.join(accepted)}"
+    for kind, what, brackets in (("DictConfig", "mapping", "{...}"), ("ListConfig", "list", "[...]")):
+        if kind in msg and key:  # e.g. run_name={time}: YAML reads the mapping {time: null}
+            example = "{time}" if key == "run_name" else brackets
+            return (f"config key '{key}': got a YAML {what}, not one value (YAML reads an unquoted {brackets} as a "
+                    f"{what}); quote it for YAML, e.g. \"{key}='{example}'\" in a shell")  # fmt: skip
     return f"config key '{key}': {msg}" if key else msg
+
+
+def model_shape(fields: object, where: str) -> ModelConfig:
+    """The model an export's `config.json` (or a checkpoint's record) describes: exactly `ModelConfig.shape`'s
+    fields, integers, each under its RULES entry; else a one-line ConfigError naming `where`."""
+    names = list(ModelConfig().shape())
+    accepted = f"accepted: an object of {', '.join(names)} (integers), as the trainer writes it"
+    if not isinstance(fields, dict):
+        raise ConfigError(f"{where}: not an object but {type(fields).__name__}; {accepted}")
+    unknown, missing = sorted(map(str, set(fields) - set(names))), [n for n in names if n not in fields]
+    if unknown or missing:
+        raise ConfigError(f"{where}: {f'unknown key {unknown[0]!r}' if unknown else f'no {missing[0]}'}; {accepted}")
+    for name in names:
+        holds, rule = RULES[f"model.{name}"]
+        if type(fields[name]) is not int or not holds(fields[name]):  # (not bool, not 32.7, not 1e9)
+            raise ConfigError(f"{where}: {name}={fields[name]!r}: must be an integer, {rule}")
+    return ModelConfig(**fields)

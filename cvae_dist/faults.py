@@ -1,5 +1,5 @@
-"""Stopping cleanly: signals (Ctrl-C, preemption; SIGUSR2 asks for a profile), the exit codes that say what happened,
-`status.json`."""
+"""Stopping cleanly: signals (Ctrl-C, preemption, a closed terminal; SIGUSR2 asks for a profile), the exit codes that
+say what happened, `status.json`."""
 
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class Preempted(Stopped):
 
 
 class Interrupted(Stopped):
-    """SIGINT: Ctrl-C. Exit 130."""
+    """SIGINT (Ctrl-C), or SIGHUP (the terminal or ssh session closed). Exit 130."""
 
     state, exit_code = "interrupted", INTERRUPTED_EXIT_CODE
 
@@ -63,23 +63,28 @@ def being_written(path: Path):
 
 
 class StopSignal:
-    """Once armed (the run has a directory to checkpoint into), SIGINT (Ctrl-C), SIGTERM and SIGUSR1 ask for a
-    checkpoint and a clean exit after the step in progress (`StopPoll`); a second one (more than REPEAT_GRACE_S
-    later) exits at once. Before that, they stop the process at once: there is nothing to save yet."""
+    """Once armed (the run has a directory to checkpoint into), SIGINT (Ctrl-C), SIGTERM, SIGUSR1 and SIGHUP (a
+    closed terminal) ask for a checkpoint and a clean exit after the step in progress (`StopPoll`); a second one (more
+    than REPEAT_GRACE_S later) exits at once. Before that, they stop the process at once: there is nothing to save
+    yet. A SIGHUP that nohup ignores stays ignored."""
 
-    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
     REPEAT_GRACE_S = 3.0
 
     def __init__(self) -> None:
         self.received: int | None = None
         self.armed, self.command = False, "the same command with run_name=<the run> resume=auto"
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS}
+        nohup = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
+                         if not (nohup and sig == signal.SIGHUP)}  # fmt: skip
 
     def arm(self, command: str | None = None) -> None:
         """From now on a signal checkpoints; `command` is what continues the run (for the messages)."""
         self.armed, self.command = True, command or self.command
 
     def _handle(self, signum: int, _frame) -> None:
+        if signum == signal.SIGHUP:
+            _leave_closed_terminal()
         if not self.armed:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
@@ -109,7 +114,9 @@ class StopSignal:
 
     def stopped(self, step: int, checkpoint: str) -> Stopped:
         """The exception that ends the run after the checkpoint a signal asked for."""
-        kind = Interrupted if self.received == signal.SIGINT else Preempted
+        # A hangup is the user's side ending the run, as Ctrl-C: "interrupted" (130), continued by the user; never 75,
+        # which has the Slurm scripts requeue the job.
+        kind = Interrupted if self.received in (signal.SIGINT, signal.SIGHUP) else Preempted
         name = signal.Signals(self.received).name if self.received else "a peer's signal"
         return kind(name, step, checkpoint, self.command)
 
@@ -128,16 +135,30 @@ class StopSignal:
             self.restore()
 
 
+def _leave_closed_terminal() -> None:
+    """After a hangup every write to the closed terminal fails (EIO): the next print would end the run before its
+    checkpoint. stdout and stderr, where they were that terminal, go to /dev/null instead."""
+    with contextlib.suppress(OSError):
+        null = os.open(os.devnull, os.O_WRONLY)
+        for fd in (1, 2):
+            try:
+                os.write(fd, b"")  # a file or a live terminal takes it
+            except OSError:
+                os.dup2(null, fd)
+        os.close(null)
+
+
 class ProfileSignal:
     """SIGUSR2 asks for a profile of the next `log.profile_len` steps: the handler only notes it (`take`), and the
     trainer's next exchange carries the request to every rank, which then profile the same steps
-    (`profiling.Profiler`). Before the handler is installed, and after `restore`, SIGUSR2's default action ends the
-    process: install it first thing."""
+    (`profiling.Profiler`). SIGUSR2's default action ends a process: `hold_profile_requests` handles it from the
+    command line's start, and a request that came before the trainer was ready is taken over here."""
 
     SIGNAL = signal.SIGUSR2
+    early = False  # a request noted by `hold_profile_requests`' handler
 
     def __init__(self) -> None:
-        self.pending = False
+        self.pending, ProfileSignal.early = ProfileSignal.early, False
         self.previous = signal.signal(self.SIGNAL, self._handle)
 
     def _handle(self, _signum: int, _frame) -> None:
@@ -156,6 +177,16 @@ class ProfileSignal:
 
     def __exit__(self, *_exc) -> None:
         self.restore()
+
+
+def hold_profile_requests() -> None:
+    """Note SIGUSR2 from now on (for `ProfileSignal`): call it before the heavy imports, which take seconds in which
+    the signal's default action would end the process. USR2 is never a stop."""
+
+    def note(_signum: int, _frame) -> None:
+        ProfileSignal.early = True
+
+    signal.signal(ProfileSignal.SIGNAL, note)
 
 
 RUN_DIR_FILE_ENV = "CVAE_DIST_RUN_DIR_FILE"

@@ -19,7 +19,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from cvae_dist.checkpoint import checkpoint_dirs, write_export
-from cvae_dist.config import ConfigError, JobConfig, ModelConfig, Precision, load_config
+from cvae_dist.config import ConfigError, JobConfig, ModelConfig, Precision, load_config, model_shape
 from cvae_dist.data import load_split, to_model_input
 from cvae_dist.model import CVAE, portable
 
@@ -117,6 +117,11 @@ def _checkpoint_weights(path: Path) -> tuple[Path, Path | None]:
     return weights, run / "config.yaml" if run is not None else None
 
 
+def _is_run_dir(d: Path) -> bool:
+    """A trainer's run directory: its config.yaml beside the status.json or checkpoints/ every run writes."""
+    return (d / "config.yaml").is_file() and ((d / "status.json").is_file() or (d / "checkpoints").is_dir())
+
+
 def _run_of(directory: Path) -> Path | None:
     """The run directory that `directory` is the model/ export or a checkpoint of, if it is one."""
     d = directory.resolve()
@@ -137,10 +142,9 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
 def _read_export_config(path: Path) -> ModelConfig:
     try:
         fields = json.loads(path.read_text())
-        return ModelConfig(**{name: int(fields[name]) for name in ModelConfig().shape()})
-    except (ValueError, KeyError, TypeError) as e:
-        names = ", ".join(ModelConfig().shape())
-        raise ConfigError(f"{path}: expected a JSON object with {names} ({type(e).__name__}: {e})") from None
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{path}: not a readable JSON file ({_first_line(e)})") from None
+    return model_shape(fields, str(path))  # what CVAE.from_pretrained checks too
 
 
 def shape_of(state: dict[str, torch.Tensor], where: Path | str = "weights") -> ModelConfig:
@@ -401,7 +405,19 @@ def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: b
 
 
 def check_export_dir(out: Path) -> None:
-    """export's --out: a new or empty directory."""
+    """export's --out: a new or empty directory outside every run directory (a run's checkpoint rotation, resume and
+    final export delete or replace what is there)."""
+    out = Path(out)
+    run = next((d for d in (out.resolve(), *out.resolve().parents) if _is_run_dir(d)), None)
+    if run is not None:
+        raise ConfigError(
+            f"export --out {out} is inside run directory {run}, where the trainer deletes, renames and replaces "
+            "what it wrote (checkpoint rotation, resumes, the final export); accepted: a new or empty directory "
+            "outside every run directory"
+        )
+    if out.is_symlink() and not out.exists():  # (the export cannot create a directory there)
+        raise ConfigError(f"export --out {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
+                          "--out names a new or empty directory")  # fmt: skip
     if out.exists() and not out.is_dir():
         raise ConfigError(f"export --out {out} is a file; --out names a new or empty directory")
     if out.is_dir() and any(out.iterdir()):

@@ -9,11 +9,14 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
+from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
+from safetensors import SafetensorError, safe_open
 from torch import nn
 from torch.nn.modules.utils import consume_prefix_in_state_dict_if_present
 
-from cvae_dist.config import ModelConfig
+from cvae_dist.config import ConfigError, ModelConfig, model_shape
+
+WEIGHTS = "model.safetensors"
 
 
 class ConvBlock(nn.Sequential):
@@ -93,7 +96,8 @@ class CVAE(
     """
 
     def __init__(self, cfg: ModelConfig | None = None, **fields: int):
-        # `fields` (latent_dim=..., filters=..., image_size=...) is how `from_pretrained` passes config.json.
+        # `fields` (latent_dim=..., filters=..., image_size=...): with them in the signature, the hub mixin passes
+        # config.json's fields on to `_from_pretrained` (which checks them).
         super().__init__()
         cfg = ModelConfig(**(cfg if cfg is not None else ModelConfig(**fields)).shape())  # the weights' shape only
         self.config = cfg
@@ -126,14 +130,22 @@ class CVAE(
     @classmethod
     def _from_pretrained(cls, *, model_id: str, map_location: str = "cpu", strict: bool = True, **kwargs):
         """Strict by default: a checkpoint that misses or renames a weight is an error, not a half-loaded model.
-        (A local directory is read here: the mixin's own path prints a line on stdout.)"""
-        if not Path(model_id).is_dir():  # a hub repo id: the mixin downloads it
-            return (
-                super()._from_pretrained(model_id=model_id, map_location=map_location, strict=strict, **kwargs).eval()
-            )
-        hub_args = ("revision", "cache_dir", "force_download", "local_files_only", "token")
-        model = cls(**{k: v for k, v in kwargs.items() if k not in hub_args})
-        return cls._load_as_safetensor(model, str(Path(model_id) / "model.safetensors"), map_location, strict).eval()
+        config.json (the mixin passes its fields in `kwargs`) is checked against RULES, then against the weights'
+        shapes in their safetensors header, before anything is built: a one-line ConfigError otherwise. (The
+        mixin's own loader builds first, and prints a line on stdout for a local directory.)"""
+        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "force_download", "local_files_only", "token")
+               if k in kwargs}  # fmt: skip
+        local = Path(model_id).is_dir()
+        where = str(Path(model_id) / "config.json") if local else f"{model_id} (hub): config.json"
+        if local and not Path(where).is_file():
+            raise ConfigError(f"{model_id} has no config.json; accepted: an export directory (model.safetensors + "
+                              "config.json) or a hub repo id")  # fmt: skip
+        cfg = model_shape(kwargs, where)
+        weights = Path(model_id) / WEIGHTS if local else hf_hub_download(model_id, WEIGHTS, **hub)
+        mismatch = weights_mismatch(cfg, weights, strict)
+        if mismatch:
+            raise ConfigError(f"{where} does not fit the weights beside it: {mismatch}")
+        return cls._load_as_safetensor(cls(cfg), str(weights), map_location, strict).eval()
 
     @staticmethod
     def shape_of(state_dict: dict[str, torch.Tensor]) -> ModelConfig:
@@ -165,6 +177,31 @@ def portable(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     for prefix in ("module.", "_orig_mod."):
         consume_prefix_in_state_dict_if_present(state_dict, prefix)
     return {k: v.detach().float().contiguous().cpu() for k, v in state_dict.items()}
+
+
+def weights_mismatch(cfg: ModelConfig, path: str | Path, strict: bool = True) -> str | None:
+    """What in the safetensors file `path` does not fit a CVAE of `cfg` (a missing, extra or other-shaped tensor;
+    wrappers' prefixes aside), or None. Reads the file's header only, and builds the model on the meta device: no
+    memory or time, however large `cfg`."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            have = OrderedDict((k, list(f.get_slice(k).get_shape())) for k in f.keys())  # noqa: SIM118 (not iterable)
+    except (SafetensorError, OSError) as e:
+        return f"{path} is not a readable safetensors file ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+    for prefix in ("module.", "_orig_mod."):
+        consume_prefix_in_state_dict_if_present(have, prefix)
+    model = ", ".join(f"{k}={v}" for k, v in cfg.shape().items())
+    try:
+        with torch.device("meta"):
+            want = {k: list(v.shape) for k, v in CVAE(cfg).state_dict().items()}
+    except (RuntimeError, TypeError, OverflowError) as e:  # sizes past int64 (meta tensors still count their bytes)
+        return f"a CVAE of {model} cannot be built ({' '.join(str(e).split())[:200]})"
+    for k in sorted(want.keys() | have.keys() if strict else want.keys() & have.keys()):
+        if want.get(k) != have.get(k):
+            return (f"{path} holds {k} with shape {have[k]}" if k in have else f"{path} has no tensor {k}") + (
+                f", where a CVAE of {model} has {want[k]}" if k in want else f", which a CVAE of {model} does not have"
+            )
+    return None
 
 
 def count_parameters(model: nn.Module) -> int:

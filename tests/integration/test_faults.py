@@ -58,3 +58,22 @@ def test_signal_handlers_are_given_back_however_the_run_ends(tmp_path):
     with pytest.raises(DataError, match="no such directory"):  # fails inside train(), with its handlers installed
         train(load_config(DEBUG, [f"output_dir={tmp_path}", "run_name=x", f"data.source={tmp_path}/no"]))
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_sighup_is_a_stop_signal_unless_nohup_ignores_it():
+    # A closed terminal sends SIGHUP, whose default action ends the trainer with no checkpoint; under nohup it is
+    # ignored, and must stay so (the user asked the run to outlive the terminal).
+    import signal
+
+    from cvae_dist.faults import StopSignal
+
+    before = signal.getsignal(signal.SIGHUP)
+    try:
+        with StopSignal() as stop:
+            assert signal.getsignal(signal.SIGHUP) == stop._handle
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+        with StopSignal():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)

@@ -1,11 +1,16 @@
-"""Ctrl-C (SIGINT) on real `cvae-dist train` processes and 2-process launches."""
+"""Ctrl-C (SIGINT), a closed terminal (SIGHUP) and SIGUSR2 at start-up on real `cvae-dist train` processes and
+2-process launches."""
 
 import contextlib
+import fcntl
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 
@@ -151,3 +156,82 @@ def test_a_second_ctrl_c_more_than_3_s_later_exits_at_once(tmp_path):
     assert last.startswith("Ctrl-C again: stopped at once, without a checkpoint (continue from the last one with: "
                            "cvae-dist train ") and last.endswith("run_name=run resume=auto)"), last  # fmt: skip
     assert checkpoint_dirs(tmp_path / "run") == [] and not leftovers(tmp_path / "run")
+
+
+def start_on_a_terminal(tmp_path: Path, name: str, overrides: list[str]) -> tuple[subprocess.Popen, int]:
+    """`cvae-dist train` in a session of its own whose controlling terminal is a pseudo-terminal, as a login shell's
+    job is (an ssh session's, a terminal window's); returns the process and the terminal's other end (close it: the
+    terminal hangs up and the kernel sends SIGHUP to the session's leader, the trainer)."""
+    master, terminal = os.openpty()
+    STARTED.append(subprocess.Popen([CVAE_DIST, *train_argv(tmp_path, name, *overrides)], cwd=REPO, env=ENV,
+                                    stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
+                                    preexec_fn=lambda: fcntl.ioctl(1, termios.TIOCSCTTY, 0)))  # fmt: skip
+    os.close(terminal)
+    return STARTED[-1], master
+
+
+def read_terminal(master: int) -> bool:
+    """Read what the trainer wrote to its terminal so far (a full terminal would block its writes); False."""
+    while select.select([master], [], [], 0)[0] and os.read(master, 65536):
+        pass
+    return False
+
+
+@pytest.mark.parametrize("how", ["terminal-closed", "kill-hup", "ddp-2-processes"])
+def test_a_hangup_checkpoints_and_stops_as_ctrl_c_does(tmp_path, how):
+    # The terminal or ssh session the run was started from is closed. `terminal-closed`: its pseudo-terminal hangs
+    # up, which sends SIGHUP, and every later write to it fails (EIO), so the run cannot print its way out.
+    # `kill-hup`: the signal alone, its messages kept. `ddp-2-processes`: the launcher gets it and passes it on.
+    overrides = ["train.epochs=2", "data.batch_size=32"]  # 15 steps an epoch
+    run_dir = tmp_path / "run"
+    if how == "terminal-closed":
+        proc, master = start_on_a_terminal(tmp_path, "run", overrides)
+        wait_until(proc, "step 2", lambda: read_terminal(master) or logged(run_dir, lambda r: r.get("step", 0) >= 2))
+        os.close(master)
+    else:
+        proc = start(tmp_path, "run", overrides, ddp=how == "ddp-2-processes")
+        wait_until(proc, "step 2", lambda: logged(run_dir, lambda r: r.get("step", 0) >= 2))
+        if how == "ddp-2-processes":  # the terminal's session: the launcher, which passes it on to the ranks
+            os.killpg(proc.pid, signal.SIGHUP)
+        else:
+            proc.send_signal(signal.SIGHUP)
+    proc.wait(timeout=120)
+    step = assert_interrupted(run_dir, 15)  # stopped in epoch 1: status.json says interrupted, exit code 130
+    if how == "terminal-closed":
+        assert proc.returncode == 130
+        return
+    out = output(tmp_path, "run")
+    said = f"cvae-dist train: stopped on SIGHUP at step {step}; checkpoint {run_dir}/checkpoints/step-{step:09d}"
+    if how == "ddp-2-processes":
+        assert proc.returncode != 0 and out.count(said) == 2, out[-4000:]
+    else:
+        assert proc.returncode == 130 and out.rstrip().splitlines()[-1].startswith(said), out[-4000:]
+        assert "Traceback" not in out, out
+
+
+def test_sigusr2_during_start_up_does_not_stop_the_run(tmp_path):
+    # USR2 asks for a profile and is never a stop, also while the command line still imports torch and the rest
+    # (seconds): the request is kept and profiles the first steps.
+    proc = start(tmp_path, "run", ["data.batch_size=32"])  # 15 steps
+    proc_dir = Path(f"/proc/{proc.pid}")
+
+    def handled_or_importing() -> bool:  # (the handler must come before the heavy imports: then USR2 is safe)
+        if b"run_name=run" not in (proc_dir / "cmdline").read_bytes():  # not yet the trainer (before its exec)
+            return False
+        caught = int(re.search(r"SigCgt:\s*(\w+)", (proc_dir / "status").read_text())[1], 16) >> (signal.SIGUSR2 - 1)
+        return bool(caught & 1) or "libtorch" in (proc_dir / "maps").read_text()
+
+    deadline = time.monotonic() + 60
+    while not handled_or_importing():
+        assert proc.poll() is None and time.monotonic() < deadline, "no start within 60 s"
+        time.sleep(0.005)
+    sent = 0
+    while not (tmp_path / "run").exists() and proc.poll() is None:  # all through the start-up
+        proc.send_signal(signal.SIGUSR2)
+        sent += 1
+        time.sleep(0.5)
+    proc.wait(timeout=300)
+    out = output(tmp_path, "run")
+    assert proc.returncode == 0 and sent >= 2, out[-4000:]
+    assert status(tmp_path / "run")["state"] == "completed"
+    assert re.search(r"SIGUSR2 \(rank 0\) at step \d+: profiling steps", out), out[-4000:]

@@ -44,8 +44,8 @@ def run_checkpoints(monkeypatch, tmp_path, cfg: CheckpointConfig, epochs: int, s
         for _ in range(steps):
             state.step += 1
             state.batches_done += 1
-            if state.step % every == 0:
-                keeper.at_step_line(state, epoch_over=state.batches_done >= steps)
+            if state.step % every == 0 and keeper.due_at_step_line(state, epoch_over=state.batches_done >= steps):
+                keeper.save(state, "steps")
         keeper.at_epoch_end(state, last=epoch == epochs)
     assert [e["step"] for e in logged] == saved  # every save is logged
     return [(e["step"], e["event"].removeprefix("checkpoint:")) for e in logged]

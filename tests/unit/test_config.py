@@ -1,6 +1,10 @@
 """Recipes, overrides and their one-line errors (config.py)."""
 
 import enum
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from support.checks import one_line, run_cli
@@ -36,6 +40,13 @@ def test_overrides_are_typed(repo):
         ("model.image_size=30", "model.image_size=30: must be a positive multiple of 8"),
         ("data.num_workers=-2", "data.num_workers=-2: must be 0 or more (or null: automatic)"),
         ("train.epochs", "override 'train.epochs': expected section.key=value"),
+        # issue 32: each names what is wrong (not "unknown key 'train'", not "Cannot convert 'DictConfig'")
+        ("train..epochs=1", "override 'train..epochs=1': 'train..epochs' has an empty name between dots; expected "),
+        (
+            "run_name={time}",
+            "config key 'run_name': got a YAML mapping, not one value (YAML reads an unquoted {...} as "
+            "a mapping); quote it for YAML, e.g. \"run_name='{time}'\" in a shell",
+        ),
     ],
 )
 def test_bad_config_gives_one_line_error(override, expected):
@@ -132,7 +143,8 @@ def test_a_retired_setting_given_a_value_is_refused_saying_what_replaced_it(over
 @pytest.mark.parametrize(
     "override",
     ["train.lr=-0.001", "train.lr=nan", "train.lr=0", "train.weight_decay=-1e-5", "train.weight_decay=nan",
-     "train.weight_decay=inf", "train.collective_timeout_s=-5", "train.seed=-1", "data.shuffle_buffer=-5",
+     "train.weight_decay=inf", "train.collective_timeout_s=-5", "train.collective_timeout_s=604801",
+     "train.collective_timeout_s=100000000000000", "train.seed=-1", "data.shuffle_buffer=-5",
      "log.straggler_fraction=0", "log.straggler_fraction=1.5", "log.straggler_intervals=0",
      "log.straggler_alert_every_s=-1", "log.images_every_epochs=0", "log.peak_tflops=0", "log.peak_tflops=nan",
      "checkpoint.every_steps=-10", "output_dir=''", "data.train_split=train+", "log.project=' '", "resume=''",
@@ -190,3 +202,54 @@ def test_a_config_that_is_not_a_text_file_is_refused_in_one_line(tmp_path, capsy
     assert code == 2
     one_line(err, str(recipe), expected)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "pipe"])
+def test_a_config_that_is_a_pipe_is_named_as_one(tmp_path, capsys, kind):
+    # `--config /dev/stdin` fed by a pipe (/dev/stdin is /proc/self/fd/0), or a named pipe: not "not found"
+    if kind == "fifo":
+        recipe = tmp_path / "recipe.yaml"
+        os.mkfifo(recipe)
+    else:
+        read, write = os.pipe()
+        recipe = Path(f"/proc/self/fd/{read}")
+    try:
+        code, err = run_cli(capsys, ["train", "--config", recipe, f"output_dir={tmp_path / 'runs'}"])
+    finally:
+        if kind == "pipe":
+            os.close(read)
+            os.close(write)
+    assert code == 2
+    one_line(err, f"{recipe} is a pipe, not a regular file: --config takes a YAML file")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
+    # Six levels of `&b [*a, ...]` in 254 bytes: OmegaConf would copy 9**6 values (minutes of CPU) before it refused the
+    # unknown keys. Aliases are refused as the YAML is read (checked in a process of its own: today's code would hang).
+    rows = ['a: &a ["x","x","x","x","x","x","x","x","x"]']
+    rows += [f"{n}: &{n} [{','.join([f'*{p}'] * 9)}]" for p, n in zip("abcdef", "bcdefg", strict=True)]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(rows) + "\n")
+    load = f"from cvae_dist.config import ConfigError, load_config\ntry: load_config({str(bomb)!r})\n"
+    proc = subprocess.run([sys.executable, "-c", load + "except ConfigError as e: print(e)"], capture_output=True,
+                          text=True, timeout=30)  # fmt: skip
+    assert proc.stdout == f"{bomb}:2:8: YAML alias *a: aliases are not accepted; write the value out\n", proc.stderr
+    with pytest.raises(ConfigError, match=r"^override 'log.group=\*a':1:1: YAML alias \*a: aliases are not accepted"):
+        load_config(None, ["log.group=*a"])
+
+
+def test_a_recipe_cannot_read_the_environment(tmp_path, monkeypatch):
+    # ${oc.env:...} would copy a variable (WANDB_API_KEY, HF_TOKEN) into config.yaml, checkpoints and W&B: refused,
+    # however the interpolation is spelt; interpolation of other keys stays.
+    monkeypatch.setenv("CVAE_DIST_TEST_SECRET", "s3cret")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("log:\n  group: ${oc.env:CVAE_DIST_TEST_SECRET}\n")
+    for path, override in [(recipe, None), (None, "log.project=${oc.env:CVAE_DIST_TEST_SECRET,x}"),
+                           (None, "log.group=${oc.decode:'\\${oc.env:CVAE_DIST_TEST_SECRET}'}")]:  # fmt: skip
+        with pytest.raises(ConfigError) as err:
+            load_config(path, [override] if override else [])
+        message = str(err.value)
+        assert "${oc.env:CVAE_DIST_TEST_SECRET}: a recipe may not read the environment" in message, message
+        assert "s3cret" not in message and "\n" not in message
+    assert load_config(None, ["log.group=${log.project}-x"]).log.group == "cvae-dist-x"
