@@ -3,10 +3,14 @@
     python3 benchmarks/gpu_check.py --out DIR             # on the GPU machine (benchmarks/gpu_check.sh sets it up)
     python3 benchmarks/gpu_check.py --dry-run --out DIR   # on a CPU, tiny sizes: every check's code runs (CI)
 
-Each check runs in a process of its own with its own timeout and writes DIR/<check>.json as it ends (status, the
-figures it asserted on, the error); DIR/log.txt gets a line per check and the last lines are a PASS / FAIL table.
-Exit status 0 only when every check passed. No pytest and no W&B: the lent machine has neither (and every run here
-is `log.wandb=disabled`); what a run ran as is read from its `ranks/rank0.json`.
+Each check runs in a process of its own (a session of its own: a timeout ends it with everything it started) with
+its own timeout; its runs and logs go to a fresh folder in /tmp. DIR gets three files, rewritten as each check ends
+(a lent machine returns only a few): log.txt, a line per check and at the end a PASS / FAIL table; results.json,
+every check's record (status, the figures it asserted on, the error: a crash's first traceback line); logs.tar.gz,
+every log the checks wrote (no checkpoints or models). First a preflight imports what the checks need from the
+machine's image and the carried wheels. Exit status 0 only when every check passed. No pytest and no W&B: the lent
+machine has neither (and every run here is `log.wandb=disabled`); what a run ran as is read from its
+`ranks/rank0.json`.
 
 A dry run exercises the same code on the CPU: eager steps where a GPU would capture a graph (each check says so in
 its figures), gloo where it would use NCCL, small digits, few steps; the figures' bars (tolerances, the 0.9 ratio)
@@ -17,19 +21,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import traceback
 from pathlib import Path
 
-from cvae_dist import strict_json
-
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[1]  # (cvae_dist is imported where used: run directly, it is on sys.path then)
 LAUNCH = [sys.executable, "-m", "accelerate.commands.launch"]  # the lent machine has no `accelerate` executable
 TRAIN = [sys.executable, "-m", "cvae_dist.cli", "train"]
 
@@ -51,10 +56,49 @@ class Sizes:
 
 # Tolerances a correct implementation meets with train.deterministic=true (per step, relative): graph and eager
 # run the same kernels on the same data and noise; bf16 rounds the activations, so its trajectories drift more.
-TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2}
+def tolerance(precision: str) -> float:
+    """The step's own bar (`cvae_dist.step.TOLERANCE`, which a graph's first replay is held to), per step."""
+    from cvae_dist.step import TOLERANCE
+
+    return TOLERANCE[precision]
 
 
 # ---------------------------------------------------------------------------------------------- helpers
+
+
+def run_in_session(cmd: list[str], log: Path, timeout: float, grace: float = 5) -> int | None:
+    """`cmd` from the repo root in a session of its own, its output in `log`; its exit status, None past `timeout`.
+    On every way out its whole process group goes (a launcher's ranks, a bench's workers): SIGTERM, up to `grace`
+    seconds, SIGKILL."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+    try:
+        return proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        return None
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # raised once the group is empty
+            os.killpg(proc.pid, signal.SIGTERM)
+            for _ in range(int(grace * 10)):
+                proc.poll()  # (reaps the leader: a zombie still counts as a member)
+                os.killpg(proc.pid, 0)
+                time.sleep(0.1)
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def first_error(log: Path) -> str:
+    """The root error in a log: the first traceback's exception line, or an earlier `cvae-dist ...: error:` line (a
+    launch prints its ranks' errors before torchrun's own traceback); else the last non-empty line."""
+    text = log.read_text(errors="replace").splitlines()
+    lines = [x.split("]:", 1)[-1].removeprefix(" ") if x.startswith("[rank") else x for x in text]  # ("[rank0]: ")
+    for i, line in enumerate(lines):
+        if line.startswith("cvae-dist") and ": error: " in line:
+            return line.strip()
+        if line.startswith("Traceback (most recent call last):"):
+            return next((x.strip() for x in lines[i + 1 :] if x.strip() and not x[0].isspace()), line)
+    return next((x.strip() for x in reversed(lines) if x.strip()), "(empty log)")
 
 
 def train(out: Path, name: str, sizes: Sizes, *overrides: str, launcher: list[str] | None = None,
@@ -66,15 +110,10 @@ def train(out: Path, name: str, sizes: Sizes, *overrides: str, launcher: list[st
     runs = out / "runs"
     cmd = [*(LAUNCH + launcher + ["-m", "cvae_dist.cli", "train"] if launcher else TRAIN), *sizes.recipe,
            f"output_dir={runs}", f"run_name={name}", *overrides]  # fmt: skip
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(out / f"{log_name}.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
-    assert proc.returncode == 0, f"{log_name}: exit {proc.returncode}: {_tail(out / f'{log_name}.log')}"
+    code = run_in_session(cmd, out / f"{log_name}.log", timeout)
+    ended = f"no exit within {timeout:.0f} s" if code is None else f"exit {code}"
+    assert code == 0, f"{log_name}: {ended}: {first_error(out / f'{log_name}.log')}"
     return runs / name
-
-
-def _tail(path: Path, lines: int = 3) -> str:
-    return " | ".join(path.read_text().strip().splitlines()[-lines:])
 
 
 def step_losses(run_dir: Path) -> dict[int, float]:
@@ -114,13 +153,13 @@ def graph_matches_eager(out: Path, sizes: Sizes, precision: str) -> dict:
     a, b = step_losses(graph), step_losses(eager)
     assert len(a) == sizes.steps and max(a) > sizes.per_epoch, "the steps must cross an epoch boundary"
     worst = max_relative_difference(a, b)
-    assert worst <= TOLERANCE[precision], (
-        f"graph vs eager: worst step differs by {worst:.2e} (> {TOLERANCE[precision]})"
+    assert worst <= tolerance(precision), (
+        f"graph vs eager: worst step differs by {worst:.2e} (> {tolerance(precision)})"
     )
     return {
         "steps": len(a),
         "max_rel_diff": worst,
-        "tolerance": TOLERANCE[precision],
+        "tolerance": tolerance(precision),
         "step_mode": facts(graph)["step_mode"],
     }
 
@@ -128,13 +167,15 @@ def graph_matches_eager(out: Path, sizes: Sizes, precision: str) -> dict:
 def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
     """In one process, through the trainer's own parts: the graph really trains (BatchNorm's count, AdamW's device
     step and the meter's step all equal the step count), reads its lr from a tensor (lr 0 set in place: the weights
-    stay), draws fresh noise each replay (two replays on one input at lr 0 give different losses), and between step
-    lines nothing waits for the GPU (`torch.cuda.set_sync_debug_mode("error")`)."""
+    stay), draws fresh noise each replay (two replays on one input at lr 0 give different losses), its first replay
+    matched the eager step, and between step lines nothing waits for the GPU (`torch.cuda.set_sync_debug_mode
+    ("error")`; the stop poll kept out of that window and its own send checked apart: it enqueues, only its read
+    waits)."""
     import itertools
 
     import torch
 
-    from cvae_dist import checkpoint, trainer
+    from cvae_dist import checkpoint, distributed, trainer
     from cvae_dist.config import load_config
 
     cfg = load_config(REPO / "configs" / "debug.yaml", [*sizes.recipe[2:], f"output_dir={out / 'runs'}",
@@ -146,15 +187,14 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
         batches = run.stream.epoch(1, parts.steps_per_epoch)
         warm = 5 if sizes.gpu else 2  # on a GPU past the graph's warm-up (3 eager steps) and its capture
         run.steps(itertools.islice(batches, warm), lambda: False)
+        run.settle()  # (the warm-up's last exchange)
         steady = min(20, parts.steps_per_epoch - warm - 1)  # (and one batch left for the two steps below)
+        run.poll.next = run.state.step + steady + 1  # no step line and no stop poll in the window: they read
         sync_checked = torch.cuda.is_available()
-        if sync_checked:
-            torch.cuda.set_sync_debug_mode("error")  # any call that waits for the GPU raises
-        try:
-            run.steps(itertools.islice(batches, steady), lambda: False)  # no step line in here
-        finally:
-            if sync_checked:
-                torch.cuda.set_sync_debug_mode("default")
+        with sync_errors(sync_checked):  # any call that waits for the GPU raises
+            run.steps(itertools.islice(batches, steady), lambda: False)
+            read = distributed.send(run.accelerator, {**run.meter.local(), **run.poll.local(False, run.state.step)})
+        assert read()["stop"].tolist() == [0.0]  # the exchange's read is where it waits, and only there
         steps = warm + steady
         model = run.accelerator.unwrap_model(run.model)
         counts = {
@@ -167,7 +207,7 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
         # lr 0, set where the step reads it (in place: a graph reads that very tensor), then the same input twice:
         # the weights must stay as they are (the lr is not baked into the graph) and the losses differ (new noise;
         # BatchNorm normalises with the batch's own statistics, so nothing else can change the loss)
-        lrs = [g["lr"] for g in run.optimizer.param_groups]
+        lrs = [g["lr"].clone() if isinstance(g["lr"], torch.Tensor) else g["lr"] for g in run.optimizer.param_groups]
         for group in run.optimizer.param_groups:
             if isinstance(group["lr"], torch.Tensor):
                 group["lr"].fill_(0.0)
@@ -177,19 +217,38 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
         pixels, losses = next(batches).pixels, []
         for _ in range(2):
             before = float(run.meter.interval)
-            run.step(pixels, run.timer, run.meter)
+            run.step(pixels, run.meter)
             losses.append(float(run.meter.interval) - before)
         moved = [n for (n, p), w in zip(model.named_parameters(), weights, strict=True) if not torch.equal(p, w)]
         assert not moved, f"with lr 0 set in place the step still moved {moved[:3]}: the lr is baked in"
         assert losses[0] != losses[1], f"two steps on one input gave the same loss {losses[0]}: the noise is frozen"
         for group, lr in zip(run.optimizer.param_groups, lrs, strict=True):
-            group["lr"] = lr
-        return {"steps": steps, "step_mode": type(run.step).__name__, "sync_debug_mode": sync_checked,
+            if isinstance(lr, torch.Tensor):
+                group["lr"].copy_(lr)  # the values, into the tensor the graph reads
+            else:
+                group["lr"] = lr
+        assert run.step.mode == expected_mode(sizes), f"the step ran as {run.step.mode}: {run.step.check}"
+        return {"steps": steps, "step_mode": run.step.mode, "graph_check": run.step.check,
+                "sync_debug_mode": sync_checked,
                 "capturable": [g["capturable"] for g in run.optimizer.param_groups],
                 "lr_is_tensor": isinstance(lrs[0], torch.Tensor), "two_losses_at_lr0": losses}  # fmt: skip
     finally:
         parts.step.close()
         parts.setup.accelerator.end_training()
+
+
+@contextlib.contextmanager
+def sync_errors(on: bool):
+    """`torch.cuda.set_sync_debug_mode("error")` inside the block, where `on`."""
+    import torch
+
+    if on:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        if on:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def resume_mid_epoch(out: Path, sizes: Sizes) -> dict:
@@ -208,7 +267,7 @@ def resume_mid_epoch(out: Path, sizes: Sizes) -> dict:
     a, b = step_losses(resumed), step_losses(full)
     assert max(a) == max(b) == sizes.steps
     worst = max_relative_difference(a, b)
-    assert worst <= TOLERANCE["fp32"], f"resumed trajectory differs by {worst:.2e}"
+    assert worst <= tolerance("fp32"), f"resumed trajectory differs by {worst:.2e}"
     return {
         "resumed_at": sizes.cut,
         "steps": sizes.steps,
@@ -232,22 +291,26 @@ def eager_checkpoint_into_graph(out: Path, sizes: Sizes) -> dict:
 
 
 def ddp_capture_one_rank(out: Path, sizes: Sizes) -> dict:
-    """A world of one NCCL rank with the model wrapped in DDP (accelerate does not wrap DDP at one process): the
-    step with DDP's all-reduce captures, its gradients match the unwrapped model's, and the process tears the group
-    down promptly after (the driver times the exit)."""
+    """A world of one NCCL rank with the model wrapped in DDP (accelerate does not wrap DDP at one process) and its
+    BatchNorm over the world (GlobalBatchNorm2d, as the trainer's at world > 1): the step with DDP's and BatchNorm's
+    all-reduces captures; it trains as the unwrapped model does (the same BatchNorm: same gradients and weights after
+    14 steps); at lr 0 (the weights stay, so the states stay equal) its gradients and BatchNorm statistics are plain
+    nn.BatchNorm2d's. The process tears the group down promptly after (the driver times the exit)."""
     import torch
     import torch.distributed as dist
     from accelerate import Accelerator
 
+    from cvae_dist.batchnorm import GlobalBatchNorm2d, use_global_batchnorm
     from cvae_dist.config import DataConfig, ModelConfig
     from cvae_dist.data import RankStream
     from cvae_dist.distributed import set_determinism
     from cvae_dist.loss_meter import LossMeter
     from cvae_dist.model import CVAE
     from cvae_dist.step import EagerStep, GraphStep, SampleNoise
-    from cvae_dist.telemetry import NoTimer
 
     set_determinism(True)
+    # fp32 convolutions: TF32's rounding would magnify the last-bit differences of the two BatchNorms compared below
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     accelerator = Accelerator()
     device = accelerator.device
     backend = "nccl" if device.type == "cuda" else "gloo"
@@ -257,50 +320,86 @@ def ddp_capture_one_rank(out: Path, sizes: Sizes) -> dict:
                       device=device)  # fmt: skip
     batches = [b.pixels for b in data.epoch(1, 6)]
 
-    def trajectory(wrap: bool):
+    def trajectory(wrap: bool, global_bn: bool, lr: float) -> dict:
         torch.manual_seed(0)
         model = CVAE(ModelConfig(image_size=image)).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-5, fused=True,
+        if global_bn:
+            model = use_global_batchnorm(model)
+        grads = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+        for n, p in model.named_parameters():
+
+            def keep(p: torch.Tensor, into: torch.Tensor = grads[n]) -> None:  # a replay's too: the copy is captured
+                into.copy_(p.grad)
+
+            p.register_post_accumulate_grad_hook(keep)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5, fused=True,
                                       capturable=device.type == "cuda")  # fmt: skip
         side = torch.cuda.Stream() if device.type == "cuda" else None
         with torch.cuda.stream(side) if side else contextlib.nullcontext():
-            net = torch.nn.parallel.DistributedDataParallel(model) if wrap else model
+            # (no buffer broadcast, as in the trainer: BatchNorm's statistics are the world's already)
+            net = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False) if wrap else model
         if side:
             torch.cuda.current_stream().wait_stream(side)
         noise = SampleNoise(1, 64, 8, slice(0, 64), device)
         eager = EagerStep(accelerator, net, optimizer, noise, image, channels_last=False, skip_nonfinite=False)
-        step = GraphStep(eager, 64, warmup=11, side_stream=side) if side else eager
+        step = GraphStep(eager, 64, warmup=11, side_stream=side, tolerance=tolerance("fp32")) if side else eager
         meter = LossMeter(device, 0, 0)
         torch.manual_seed(1)
         for i in range(14):  # 11 warm-up steps, the capture, replays
-            step(batches[i % len(batches)], NoTimer(64), meter)
-        # the last replay's gradients stay in the graph's tensors (eager steps set them to None)
-        grads = [p.grad.detach().clone() for p in model.parameters() if p.grad is not None]
-        weights = [p.detach().clone() for p in model.parameters()]
-        captured = isinstance(step, GraphStep) and step.graph is not None
+            if i == 13:  # the gradients compared are the last step's (on a GPU, a replay's)
+                torch._foreach_zero_(list(grads.values()))
+            step(batches[i % len(batches)], meter)
+        run = {
+            "grads": {n: g.clone() for n, g in grads.items()},
+            "weights": {n: p.detach().clone() for n, p in model.named_parameters()},
+            "stats": {n: b.detach().clone() for n, b in model.named_buffers()},  # running_mean, _var, the counts
+            "global": [m._global() for m in model.modules() if isinstance(m, GlobalBatchNorm2d)],
+            "captured": isinstance(step, GraphStep) and step.graph is not None,
+            "check": step.check,  # the graph's first replay against the eager step (or why it fell back)
+            "loss": float(meter.epoch),
+        }
         step.close()
-        return grads, weights, float(meter.epoch), captured
+        return run
 
-    ddp_grads, ddp_weights, ddp_loss, captured = trajectory(wrap=True)
-    plain_grads, plain_weights, plain_loss, _ = trajectory(wrap=False)
+    def worst(a: dict, b: dict, skip: frozenset = frozenset()) -> float:
+        assert list(a) == list(b), f"{list(a)} vs {list(b)}"
+        return max(float((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-12)) for n in a if n not in skip)
 
-    def worst(a: list, b: list) -> float:
-        return max((float((x - y).abs().max() / y.abs().max().clamp_min(1e-12)) for x, y in zip(a, b, strict=True)),
-                   default=0.0)  # fmt: skip
-
-    assert captured or sizes.dry_run, "the DDP step was not captured"
-    assert len(ddp_grads) == len(plain_grads) == (len(ddp_weights) if captured else 0)
-    grads, weights = worst(ddp_grads, plain_grads), worst(ddp_weights, plain_weights)
+    ddp, unwrapped = trajectory(True, True, 1e-3), trajectory(False, True, 1e-3)
+    ddp0, plain0 = trajectory(True, True, 0.0), trajectory(False, False, 0.0)
+    for run in (ddp, ddp0):
+        assert run["captured"] or sizes.dry_run, f"the DDP step was not captured: {run['check']}"
+        assert run["global"] and all(run["global"]), f"BatchNorm is not over the world: {run['global']}"
+    grads, weights = worst(ddp["grads"], unwrapped["grads"]), worst(ddp["weights"], unwrapped["weights"])
     assert grads <= 1e-3, f"DDP's gradients differ from the unwrapped model's by {grads:.2e} (of the largest)"
     assert weights <= 1e-4, f"DDP's weights after 14 steps differ from the unwrapped model's by {weights:.2e}"
-    assert abs(ddp_loss - plain_loss) <= 1e-3 * abs(plain_loss)
+    assert abs(ddp["loss"] - unwrapped["loss"]) <= 1e-3 * abs(unwrapped["loss"])
+    # Against nn.BatchNorm2d, at lr 0: with updates, the two BatchNorms' rounding would set the trajectories apart
+    # (AdamW turns the rounding noise of a zero gradient into steps of lr). A conv bias before a BatchNorm has no
+    # gradient in exact arithmetic (the mean is taken out): its noise is left out.
+    noise = frozenset(n for n in ddp0["grads"] if n.endswith(".conv.bias"))
+    assert noise, "no conv bias before a BatchNorm found: the model's names changed?"
+    for run in (ddp, ddp0):
+        silent = [n for n, g in run["grads"].items() if n not in noise and not g.any()]
+        assert not silent, f"the last step left no gradient in {silent[:3]}"
+    counts = {n: (int(t), int(plain0["stats"][n])) for n, t in ddp0["stats"].items() if t.dtype == torch.long}
+    assert counts and all(a == b == 14 for a, b in counts.values()), f"BatchNorm counted (global, plain): {counts}"
+    stats = {n: t for n, t in ddp0["stats"].items() if n not in counts}
+    bn_grads = worst(ddp0["grads"], plain0["grads"], noise)
+    bn_stats = worst(stats, {n: plain0["stats"][n] for n in stats})
+    assert bn_grads <= 1e-3, f"with the global BatchNorm, gradients differ from nn.BatchNorm2d's by {bn_grads:.2e}"
+    assert bn_stats <= 1e-3, f"the global BatchNorm's running statistics differ from nn.BatchNorm2d's by {bn_stats:.2e}"
     start = time.perf_counter()
     dist.destroy_process_group()
     return {
         "backend": backend,
-        "captured": captured,
+        "captured": ddp["captured"] and ddp0["captured"],
+        "first_replay": ddp["check"],
+        "global_batchnorms": len(ddp["global"]),
         "max_rel_grad_diff": grads,
         "max_rel_weight_diff": weights,
+        "vs_batchnorm2d_max_rel_grad_diff": bn_grads,
+        "vs_batchnorm2d_max_rel_stats_diff": bn_stats,
         "destroy_s": time.perf_counter() - start,
     }
 
@@ -327,20 +426,22 @@ def zero_bf16(out: Path, sizes: Sizes, stage: int) -> dict:
 
 def trainer_vs_hand_graph(out: Path, sizes: Sizes) -> dict:
     """`cvae-dist bench` at batch 128, bf16, channels_last: the trainer's graph mode against the hand-written graph
-    in the same process (>= 0.9 of it) with data wait < 5 %. A dry run has no graph row: its eager row is read."""
+    in the same process (>= 0.9 of it) with data wait < 5 %, and the share of time the GPU idles between steps (step
+    lines included: reported). A dry run has no graph row: its eager row is read."""
     result = out / "bench.json"
     cmd = [sys.executable, "-m", "cvae_dist.cli", "bench", "--sections", "compare", "--precisions", "bf16",
            "--layouts", "channels_last", "--json", str(result),
            *(["--trials", "1", "--seconds", "0.5", "--warmup", "0.2", "model.image_size=32"] if sizes.dry_run
              else ["--trials", "3", "--seconds", "2", "--warmup", "1"])]  # fmt: skip
-    with open(out / "bench.log", "w") as log:
-        proc = subprocess.run(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, timeout=240)
-    assert proc.returncode == 0, f"bench: exit {proc.returncode}: {_tail(out / 'bench.log')}"
+    code = run_in_session(cmd, out / "bench.log", timeout=240)
+    ended = "no exit within 240 s" if code is None else f"exit {code}"
+    assert code == 0, f"bench: {ended}: {first_error(out / 'bench.log')}"
     rows = {row["mode"]: row for row in json.loads(result.read_text())["configs"]}
     row = rows.get("graph") or rows["eager"]
     assert sizes.dry_run or "graph" in rows, "no graph row on a GPU"
     ratio, wait = row["median_ratio"], row["framework"]["median_data_wait_frac"]
     figures = {"mode": row["mode"], "ratio": ratio, "data_wait_frac": wait,
+               "idle_frac": row["framework"]["telemetry"].get("idle_frac"),
                "trainer_img_per_s": row["framework"]["median_img_per_s"],
                "hand_img_per_s": (row.get("hand_graph") or row["hand"])["median_img_per_s"]}  # fmt: skip
     if sizes.gpu:
@@ -356,7 +457,7 @@ CHECKS = [
     ("graph_trains_no_host_sync", 60, graph_trains_without_host_syncs),
     ("resume_mid_epoch", 100, resume_mid_epoch),
     ("eager_checkpoint_into_graph", 90, eager_checkpoint_into_graph),
-    ("ddp_capture_one_rank", 60, ddp_capture_one_rank),
+    ("ddp_capture_one_rank", 90, ddp_capture_one_rank),
     ("zero1_bf16", 80, lambda out, s: zero_bf16(out, s, 1)),
     ("zero2_bf16", 80, lambda out, s: zero_bf16(out, s, 2)),
     ("zero3_bf16", 80, lambda out, s: zero_bf16(out, s, 3)),
@@ -371,6 +472,8 @@ EXIT_WITHIN_S = 30  # after a check's result is written, its process must be gon
 
 def run_one(name: str, out: Path, dry_run: bool) -> int:
     """Run one check in this process and write out/<name>.json."""
+    from cvae_dist import strict_json
+
     fn = dict((n, f) for n, _, f in CHECKS)[name]
     work = out / name
     work.mkdir(parents=True, exist_ok=True)
@@ -386,6 +489,27 @@ def run_one(name: str, out: Path, dry_run: bool) -> int:
     return 0 if status == "PASS" else 1
 
 
+# What the checks import beyond torch and accelerate: the GPU machine's image brings the first three (transformers:
+# accelerate imports it for every DeepSpeed launch), the carried wheels (.gpu/whl) the rest.
+PREFLIGHT = ("pandas", "torchvision", "transformers", "datasets", "omegaconf", "deepspeed")
+LOGS = (".log", ".txt", ".json", ".jsonl", ".yaml")  # what logs.tar.gz takes (never from checkpoints/ or model/)
+
+
+def preflight() -> tuple[bool, str]:
+    """Whether everything in PREFLIGHT imports, and one line that names each that does not (or every version)."""
+    found, missing = [], []
+    for name in PREFLIGHT:
+        try:
+            found.append(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+        except Exception as e:  # noqa: BLE001 - absent, or there but broken (built for another torch, say)
+            missing.append(f"{name} ({type(e).__name__}: {str(e).strip().partition(chr(10))[0][:120]})")
+    if not missing:
+        return True, f"gpu_check: preflight: {', '.join(found)}"
+    return False, (f"gpu_check: preflight: cannot import {'; '.join(missing)} (pandas, torchvision and transformers "
+                   "come with the machine's image; datasets, omegaconf and deepspeed with the wheels of "
+                   "benchmarks/gpu_wheels.sh: carry .gpu)")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="where results go (default: a new temporary directory)")
@@ -395,7 +519,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     out = args.out or Path(tempfile.mkdtemp(prefix="gpu-check-"))
     out.mkdir(parents=True, exist_ok=True)
-    if args.one:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds run_in_session: the groups it started go too
+    if args.one:  # (`out` is the driver's work folder)
         return run_one(args.one, out, args.dry_run)
     names = [n for n, _, _ in CHECKS]
     chosen = names if not args.only else [n.strip() for n in args.only.split(",")]
@@ -403,6 +528,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         print(f"gpu_check: error: unknown check(s) {unknown}; accepted: {', '.join(names)}", file=sys.stderr)
         return 2
+    from cvae_dist import strict_json
+
     log = open(out / "log.txt", "a")  # noqa: SIM115 - kept open for the whole check
 
     def say(line: str) -> None:
@@ -414,10 +541,25 @@ def main(argv: list[str] | None = None) -> int:
 
     card = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU (dry run on the CPU)"
     say(f"gpu_check: {card}; torch {torch.__version__}; {'dry run' if args.dry_run else 'full'}; results in {out}")
+    complete, line = preflight()
+    say(line)
+    if not args.dry_run and not complete:
+        return 2
     if not args.dry_run and not torch.cuda.is_available():
         say("gpu_check: error: no CUDA GPU here; on a CPU use --dry-run")
         return 2
+    work = Path(tempfile.mkdtemp(prefix="gpu-check-work-"))  # runs, checkpoints, logs: `out` gets 3 files
     results = []
+
+    def save() -> None:
+        """results.json and logs.tar.gz as they stand (a lent machine's call may end before the check)."""
+        (out / "results.json").write_text(strict_json.dumps(results, indent=1, default=str) + "\n")
+        with tarfile.open(out / "logs.tar.gz", "w:gz") as tar:
+            for path in sorted(work.rglob("*")):
+                parts = set(path.relative_to(work).parts)
+                if path.suffix in LOGS and path.is_file() and not parts & {"checkpoints", "model"}:
+                    tar.add(path, arcname=str(path.relative_to(work)))
+
     deadline = time.perf_counter() + BUDGET_S * (DRY_RUN_SLOWER if args.dry_run else 1)
     for name, timeout, _ in CHECKS:
         if name not in chosen:
@@ -430,33 +572,31 @@ def main(argv: list[str] | None = None) -> int:
             results.append(record)
             say(f"FAIL {name}: {record['error']}")
             continue
-        cmd = [sys.executable, __file__, "--one", name, "--out", str(out)] + (["--dry-run"] if args.dry_run else [])
-        with open(out / f"{name}.txt", "w") as child_log:
-            try:
-                proc = subprocess.run(cmd, cwd=REPO, stdout=child_log, stderr=subprocess.STDOUT, timeout=timeout)
-                code = proc.returncode
-            except subprocess.TimeoutExpired:
-                code = None
+        cmd = [sys.executable, __file__, "--one", name, "--out", str(work)] + (["--dry-run"] if args.dry_run else [])
+        child_log = work / f"{name}.txt"
+        code = run_in_session(cmd, child_log, timeout, grace=10)  # (on SIGTERM the child ends its own groups: 5 s)
         ended = time.time()
-        path = out / f"{name}.json"
+        path = work / f"{name}.json"
         record = json.loads(path.read_text()) if path.exists() else {"check": name, "figures": {}}
         if code is None:
-            record |= {"status": "FAIL", "error": f"no result within {timeout:.0f} s (a hang?); see {name}.txt"}
+            record |= {"status": "FAIL", "error": f"no result within {timeout:.0f} s: {first_error(child_log)}"}
         elif code != 0 and record.get("status") == "PASS":
-            record |= {"status": "FAIL", "error": f"exit {code} after passing; see {name}.txt"}
+            record |= {"status": "FAIL", "error": f"exit {code} after passing: {first_error(child_log)}"}
         elif "status" not in record:
-            record |= {"status": "FAIL", "error": f"exit {code} without a result; see {name}.txt"}
+            record |= {"status": "FAIL", "error": f"exit {code} without a result: {first_error(child_log)}"}
         if record.get("written_at") and ended - record["written_at"] > EXIT_WITHIN_S:
             record |= {"status": "FAIL", "error": f"exited {ended - record['written_at']:.0f} s after its result"}
         record["wall_s"] = round(time.perf_counter() - start, 1)
-        path.write_text(strict_json.dumps(record, indent=1, default=str) + "\n")
         results.append(record)
+        save()
         say(f"{record['status']} {name} ({record['wall_s']} s): {record.get('error') or _brief(record['figures'])}")
     say("\n| check | result | s | figures / error |\n|---|---|---|---|")
     for r in results:
         say(f"| {r['check']} | {r['status']} | {r['wall_s']} | {r.get('error') or _brief(r['figures'])} |")
     passed = sum(r["status"] == "PASS" for r in results)
     say(f"gpu_check: {passed} of {len(results)} checks passed")
+    save()
+    shutil.rmtree(work, ignore_errors=True)
     return 0 if passed == len(results) else 1
 
 

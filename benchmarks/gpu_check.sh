@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (benchmarks/gpu_check.py) on a lent GPU machine, or its CPU dry run:
-#   bash benchmarks/gpu_check.sh             on the GPU machine: at most 8 minutes, results in $OUT (or a new folder)
+#   bash benchmarks/gpu_check.sh             on the GPU machine: at most 8 minutes; log.txt, results.json and
+#                                            logs.tar.gz in $OUT (unset: benchmarks/gpu-<date>-<time>)
 #   bash benchmarks/gpu_check.sh --dry-run   on a CPU (CI runs this): every check with tiny sizes
 # With the project's .venv it runs there; without one (the lent machine has torch and accelerate, not datasets,
 # omegaconf or DeepSpeed) it installs the wheels `bash benchmarks/gpu_wheels.sh` put in .gpu/whl (carry `.gpu`)

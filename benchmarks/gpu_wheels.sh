@@ -2,10 +2,11 @@
 # Fill .gpu/whl with the wheels a lent GPU machine lacks, so the project runs there from source (no network there):
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl
 #   export PYTHONPATH=/tmp/site:$PWD
-# That machine (Python 3.12) already has torch, torchvision, accelerate, transformers, huggingface-hub, pyarrow, pandas,
-# pillow, numpy, pyyaml, packaging, psutil, tqdm, safetensors, filelock, jinja2, sympy, networkx. It lacks datasets,
-# omegaconf and DeepSpeed; this set is those plus their dependency closure minus what is there. wandb and pytest are
-# left out on purpose: the GPU check runs with log.wandb=disabled and without pytest.
+# That machine (Python 3.12) already has torch 2.11.0+cu130, torchvision 0.26.0, accelerate, transformers,
+# huggingface-hub, pyarrow, pandas, pillow, numpy, pyyaml, packaging, psutil, tqdm, safetensors, filelock, jinja2,
+# sympy, networkx. It lacks datasets, omegaconf and DeepSpeed; this set is those plus their dependency closure minus
+# what is there. wandb and pytest are left out on purpose: the GPU check runs with log.wandb=disabled and without
+# pytest.
 # Run from the repo root on a machine that reaches PyPI, after scripts/setup.sh (DeepSpeed, an sdist, is built into a
 # pure-Python wheel, no compiled ops, with .venv's pip and torch). Pins are the versions in .venv.
 #   GPU_WHEELS_PYTHON  target Python version (default 3.12; 3.11 makes a twin set to test on this machine)

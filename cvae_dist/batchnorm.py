@@ -4,8 +4,9 @@ pure-torch version, capturable in a CUDA graph (no host syncs), with float32 sta
 
 from __future__ import annotations
 
-import time
+import contextlib
 from collections.abc import Callable
+from contextlib import AbstractContextManager as ContextManager
 
 import torch
 import torch.distributed as dist
@@ -22,11 +23,9 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)  # float32, or float64 for float64 input
 
 
-def _all_reduce(packed: torch.Tensor, group, on_collective: Callable[[float], None] | None) -> None:
-    started = time.perf_counter()
-    dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
-    if on_collective is not None:  # (on CPU the call returns when every rank has sent its part: time blocked on peers)
-        on_collective(time.perf_counter() - started)
+def _all_reduce(packed: torch.Tensor, group, on_collective: Callable[[], ContextManager] | None) -> None:
+    with on_collective() if on_collective is not None else contextlib.nullcontext():  # telemetry: time it
+        dist.all_reduce(packed, op=dist.ReduceOp.SUM, group=group)
 
 
 def _memory_format(x: torch.Tensor) -> torch.memory_format:
@@ -95,23 +94,20 @@ class _GlobalBatchNormFn(torch.autograd.Function):
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """nn.BatchNorm2d whose training statistics cover every rank of `process_group` (None: the world).
 
-    Same parameters, buffers and state-dict keys as nn.BatchNorm2d; outside training, in a one-rank group, or
-    without torch.distributed it is nn.BatchNorm2d."""
+    Same parameters, buffers and state-dict keys as nn.BatchNorm2d; outside training or without an initialised
+    torch.distributed it is nn.BatchNorm2d. A one-rank group takes the global path too (its all-reduces are sums of
+    one), so that path can be tested, and captured in a CUDA graph, on one device; training runs are unchanged by it,
+    as the trainer converts a model only at world > 1 (`Setup.global_batchnorm`)."""
 
     process_group: dist.ProcessGroup | None = None
-    on_collective: Callable[[float], None] | None = None  # telemetry: given the seconds of each all-reduce
+    on_collective: Callable[[], ContextManager] | None = None  # telemetry: a context around each all-reduce
 
     def __init__(self, *args, process_group: dist.ProcessGroup | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.process_group = process_group
 
     def _global(self) -> bool:
-        return (
-            self.training
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size(self.process_group) > 1
-        )
+        return self.training and dist.is_available() and dist.is_initialized()
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         if not self._global():

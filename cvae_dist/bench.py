@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from cvae_dist import strict_json
+from cvae_dist.strict_json import known, shown
 from cvae_dist.telemetry import compute_dtype
 
 PRECISIONS = {"fp32": "fp32", "bf16": "bf16"}
@@ -101,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     }
     print(f"cvae-dist bench: {_env_line(result['environment'])}")
     print(f"FLOPs per image (fwd+bwd) {flops:,.0f}; peak " + ", ".join(
-        f"{p} {peak / 1e12:.3f} TFLOP/s ({source})" for p, (peak, source) in peaks.items()))  # fmt: skip
+        f"{p} {shown(peak, '.3f', 1e-12)} TFLOP/s ({source})" for p, (peak, source) in peaks.items()))  # fmt: skip
     if "compare" in sections:
         result["configs"] = [
             row
@@ -112,7 +113,7 @@ def run(args: argparse.Namespace) -> int:
             peak = result["peak_flops"][row["precision"]]
             for side in ("hand", "hand_graph", "framework"):
                 if row.get(side):
-                    row[side]["mfu"] = row[side]["median_img_per_s"] * flops / peak
+                    row[side]["mfu"] = _ratio(row[side]["median_img_per_s"], peak / flops)
         print(compare_table(result["configs"]))
     if "data" in sections:
         result["data"] = data_section(args, cfg, device, result.get("configs"))
@@ -120,10 +121,7 @@ def run(args: argparse.Namespace) -> int:
     if "telemetry" in sections:
         t = _run_worker(args, "telemetry", [f"train.precision={precisions[-1]}", _layout(layouts[-1])])
         result["telemetry_overhead"] = t
-        print(
-            f"telemetry ({t['config']}): on {t['on_img_per_s']:,.0f} img/s, off {t['off_img_per_s']:,.0f} img/s, "
-            f"on/off {t['ratio']:.3f} (medians of {args.trials} interleaved trials)"
-        )
+        print(telemetry_line(t))
     if "scaling" in sections:
         result["scaling"] = scaling_section(args)
         print(scaling_table(result["scaling"]))
@@ -168,8 +166,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+def _over(reduce: Callable[[list], float], values) -> float:
+    """`reduce(values)` (a median, max, min), or NaN where a value is unknown or there are none: never a crash."""
+    values = list(values)
+    return reduce(values) if values and all(map(known, values)) else float("nan")
+
+
+def _median(values) -> float:
+    return _over(statistics.median, values)
+
+
+def _ratio(a, b) -> float:
+    return a / b if known(a) and known(b) and b else float("nan")
 
 
 def environment(device: torch.device, threads: int) -> dict:
@@ -327,21 +335,31 @@ class TrainerLoop:
         return self.trainer.compute_dtype()
 
     def trial(self, seconds: float) -> dict:
-        trainer, first = self.trainer, self.trainer.state.step
+        """Steps until the trial has had a step line of its own with telemetry (on a GPU a line's timings are the
+        interval before it: two lines), then until `seconds` are up. Its telemetry figures are medians over its
+        lines' known figures, NaN (JSON: null, tables: n/a) where it has none, as with `log.telemetry=false`."""
+        trainer, first, every = self.trainer, self.trainer.state.step, self.trainer.cfg.log.every_steps
+        lines_needed = 2 if self.device.type == "cuda" else 1
         trainer.timer.restart()
         _sync(self.device)
         start = time.perf_counter()
-        lines = trainer.steps(self.batches, lambda: time.perf_counter() - start >= seconds).lines
+
+        def done() -> bool:  # asked at step lines and stop polls: the step lines, and the time is up
+            enough = trainer.state.step // every >= first // every + lines_needed
+            return enough and time.perf_counter() - start >= seconds
+
+        lines = trainer.steps(self.batches, done).lines
         _sync(self.device)
         elapsed = time.perf_counter() - start
         steps, rank = trainer.state.step - first, trainer.accelerator.process_index
-        names = ("data_wait_frac", "sync_wait_frac", "mfu", "step_time_s", "fwd_bwd_s", "optimizer_s")
+        names = ("data_wait_frac", "idle_frac", "sync_wait_frac", "mfu", "step_time_s", "fwd_bwd_s", "optimizer_s")
         lines = lines if trainer.cfg.log.telemetry else []
+        figures = {name: [v for r in lines if known(v := r[f"rank/{rank}/{name}"])] for name in names}
         return {
             "img_per_s": steps * self.batch / elapsed,
             "steps": steps,
             "seconds": elapsed,
-            "telemetry": {name: _median([r[f"rank/{rank}/{name}"] for r in lines]) for name in names},
+            "telemetry": {name: _median(values) for name, values in figures.items()},
         }
 
 
@@ -433,8 +451,8 @@ def compare_worker(args, cfg, setup) -> dict:
     for t in range(args.trials):
         for side in names[t % len(names) :] + names[: t % len(names)]:  # rotate the order every trial
             trials[side].append(sides[side](args.seconds))
-        accelerator.print(f"  {label:<20} trial {t + 1}/{args.trials}: " + ", ".join(
-            f"{side} {trials[side][-1]['img_per_s']:,.0f}" for side in names) + " img/s", flush=True)  # fmt: skip
+        rates = ", ".join(f"{side} {shown(trials[side][-1]['img_per_s'], ',.0f')}" for side in names)
+        accelerator.print(f"  {label:<20} trial {t + 1}/{args.trials}: {rates} img/s", flush=True)
     ceiling = trials.get("hand/graph")  # the eager row shows it too, in its own column
     rows = [
         _summarise(label, mode, trials[f"hand/{mode}"], trials[f"framework/{mode}"], dtypes, batch, ceiling)
@@ -455,7 +473,7 @@ def _summarise(label: str, mode: str, hand: list[dict], framework: list[dict], d
     """One row: the trainer in `mode` against the hand loop in the same mode (a graph row: the graph ceiling)."""
     precision, layout = label.split("/")
     h, f = [r["img_per_s"] for r in hand], [r["img_per_s"] for r in framework]
-    ratios = [b / a for a, b in zip(h, f, strict=True)]
+    ratios = [_ratio(b, a) for a, b in zip(h, f, strict=True)]
     waits = [r["telemetry"]["data_wait_frac"] for r in framework]
     side = lambda trials, rates: {"trials": trials, "img_per_s": rates, "median_img_per_s": _median(rates)}  # noqa: E731
     row = {
@@ -472,7 +490,7 @@ def _summarise(label: str, mode: str, hand: list[dict], framework: list[dict], d
         },
         "ratio": ratios,  # per trial: framework / hand (a graph row: / the hand loop's graph)
         "median_ratio": _median(ratios),
-        "ratio_of_medians": _median(f) / _median(h),
+        "ratio_of_medians": _ratio(_median(f), _median(h)),
     }  # fmt: skip
     if mode == "graph":
         row["hand_graph"], row["hand"] = row["hand"], None
@@ -488,12 +506,12 @@ def compare_table(configs: list[dict]) -> str:
         f"{'data wait':>9}  {'autocast':>8}",
     ]
     for c in configs:
-        hand, graph = (f"{c[s]['median_img_per_s']:,.0f}" if c.get(s) else "-" for s in ("hand", "hand_graph"))
+        hand, graph = (shown(c[s]["median_img_per_s"], ",.0f") if c.get(s) else "-" for s in ("hand", "hand_graph"))
+        fw = c["framework"]
         lines.append(
-            f"{_row_label(c):<26} {hand:>11} {graph:>11} "
-            f"{c['framework']['median_img_per_s']:>16,.0f} {c['median_ratio']:>6.3f} "
-            f"{100 * c['framework']['mfu']:>6.2f}% "
-            f"{100 * c['framework']['median_data_wait_frac']:>8.1f}%  {c['autocast_dtype']['framework']:>8}"
+            f"{_row_label(c):<26} {hand:>11} {graph:>11} {shown(fw['median_img_per_s'], ',.0f'):>16} "
+            f"{shown(c['median_ratio'], '.3f'):>6} {shown(fw['mfu'], '.2f', 100, '%'):>7} "
+            f"{shown(fw['median_data_wait_frac'], '.1f', 100, '%'):>9}  {c['autocast_dtype']['framework']:>8}"
         )
     lines.append("(medians over trials; ratio = the median of per-trial framework / hand ratios, against the hand "
                  "loop in the same mode: a graph row against the hand graph; MFU against the peak above)")  # fmt: skip
@@ -518,7 +536,13 @@ def telemetry_worker(args, cfg, setup) -> dict:
     on, off = _median(rates["on"]), _median(rates["off"])
     layout = "channels_last" if cfg.train.channels_last else "nchw"
     return {"config": f"{setup.precision}/{layout}", "on_img_per_s": on, "off_img_per_s": off,
-            "ratio": on / off, "trials": rates}  # fmt: skip
+            "ratio": _ratio(on, off), "trials": rates}  # fmt: skip
+
+
+def telemetry_line(t: dict) -> str:
+    return (f"telemetry ({t['config']}): on {shown(t['on_img_per_s'], ',.0f')} img/s, off "
+            f"{shown(t['off_img_per_s'], ',.0f')} img/s, on/off {shown(t['ratio'], '.3f')} "
+            f"(medians of {len(t['trials']['on'])} interleaved trials)")  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -581,17 +605,17 @@ def data_section(args, cfg, device, configs: list[dict] | None) -> dict:
     out: dict = {"num_workers": data_workers(cfg.data.num_workers, device), "streams": streams}
     single = {s["path"]: s["median_img_per_s"] for s in streams if s["world"] == 1}
     # after the first epoch a batch needs its epoch's order and a lookup in the table: the slower of the two
-    single["after"] = min(single["resident"], single["resident-order"])
+    single["after"] = _over(min, [single["resident"], single["resident-order"]])
     out["rank_img_per_s"] = single
     if configs:
         train = {_row_label(c): c["framework"]["median_img_per_s"] for c in configs}
         out["train_img_per_s"] = train
         for when, path in (("first_epoch", "resident-build"), ("streamed", "stream"), ("after", "after")):
-            out[f"data_to_train_ratio_{when}"] = {k: single[path] / v for k, v in train.items()}
-            out[f"min_data_to_train_ratio_{when}"] = min(out[f"data_to_train_ratio_{when}"].values())
+            out[f"data_to_train_ratio_{when}"] = {k: _ratio(single[path], v) for k, v in train.items()}
+            out[f"min_data_to_train_ratio_{when}"] = _over(min, out[f"data_to_train_ratio_{when}"].values())
         waits = {_row_label(c): c["framework"]["median_data_wait_frac"] for c in configs}
         out["data_wait_frac"] = waits
-        out["max_data_wait_frac"] = max(waits.values())
+        out["max_data_wait_frac"] = _over(max, waits.values())
     return out
 
 
@@ -612,11 +636,12 @@ def data_table(data: dict) -> str:
     lines = ["", f"data pipeline (RankStream, data.num_workers={data['num_workers']}):"]
     for s in data["streams"]:
         lines.append(f"  rank {s['rank']} of {s['world']} (batch {s['batch']:>4}) {DATA_PATHS[s['path']]:<38} "
-                     f"{s['median_img_per_s']:>12,.0f} img/s")  # fmt: skip
+                     f"{shown(s['median_img_per_s'], ',.0f'):>12} img/s")  # fmt: skip
     for k, wait in data.get("data_wait_frac", {}).items():
         first, after = data["data_to_train_ratio_first_epoch"][k], data["data_to_train_ratio_after"][k]
-        lines.append(f"  {k:<26} data/train {first:6.1f}x first epoch, {after:8.1f}x after   "
-                     f"data wait {100 * wait:4.1f}% of step time")  # fmt: skip
+        lines.append(f"  {k:<26} data/train {shown(first, '.1f', unit='x'):>7} first epoch, "
+                     f"{shown(after, '.1f', unit='x'):>9} after   "
+                     f"data wait {shown(wait, '.1f', 100, '%'):>5} of step time")  # fmt: skip
     lines.append("  (resident: the split decoded once into a table on the rank's device; after the first epoch a "
                  "batch needs the epoch's order and a table lookup, so its rate is the slower of the two)")  # fmt: skip
     return "\n".join(lines)
@@ -649,15 +674,15 @@ def scaling_section(args) -> dict:
                             "--num_processes", str(processes), "--main_process_port", str(_free_port())]  # fmt: skip
             extra, env = [f"model.batchnorm={batchnorm}"], {"OMP_NUM_THREADS": str(threads)}
             runs.append({"batchnorm": batchnorm, **_run_worker(args, "scaling", extra, launcher, env)})
-            rate = runs[-1]["median_img_per_s"]
             norm = f", {batchnorm} BatchNorm" if processes > 1 else ""
-            print(f"  scaling {processes} process(es) x {threads} thread(s){norm}: {rate:,.0f} img/s", flush=True)
+            rate = shown(runs[-1]["median_img_per_s"], ",.0f")
+            print(f"  scaling {processes} process(es) x {threads} thread(s){norm}: {rate} img/s", flush=True)
     rate = {(r["processes"], r["threads"], r["batchnorm"]): r["median_img_per_s"] for r in runs}
     return {
         "runs": runs,
-        "efficiency": rate[(2, 1, "global")] / rate[(1, 2, "global")],
-        "per_core_efficiency": rate[(2, 1, "global")] / (2 * rate[(1, 1, "global")]),
-        "global_to_local_batchnorm": rate[(2, 1, "global")] / rate[(2, 1, "local")],
+        "efficiency": _ratio(rate[(2, 1, "global")], rate[(1, 2, "global")]),
+        "per_core_efficiency": _ratio(rate[(2, 1, "global")], rate[(1, 1, "global")]) / 2,
+        "global_to_local_batchnorm": _ratio(rate[(2, 1, "global")], rate[(2, 1, "local")]),
     }
 
 
@@ -700,11 +725,12 @@ def scaling_table(s: dict) -> str:
         norm = f", {r['batchnorm']} BatchNorm" if r["processes"] > 1 else ""
         lines.append(
             f"  {r['processes']} process(es) x {r['threads']} thread(s) ({r['backend']}, batch {r['per_rank_batch']}"
-            f"/rank{norm}): {r['median_img_per_s']:>8,.0f} img/s, "
-            f"sync wait {100 * r['median_sync_wait_frac']:.1f}%"
+            f"/rank{norm}): {shown(r['median_img_per_s'], ',.0f'):>8} img/s, "
+            f"sync wait {shown(r['median_sync_wait_frac'], '.1f', 100, '%')}"
         )
     lines.append(
-        f"  efficiency 2x1 / 1x2 = {s['efficiency']:.3f}; per-core 2x1 / (2 x 1x1) = {s['per_core_efficiency']:.3f}; "
-        f"2x1 global / local BatchNorm = {s['global_to_local_batchnorm']:.3f}"
+        f"  efficiency 2x1 / 1x2 = {shown(s['efficiency'], '.3f')}; per-core 2x1 / (2 x 1x1) = "
+        f"{shown(s['per_core_efficiency'], '.3f')}; 2x1 global / local BatchNorm = "
+        f"{shown(s['global_to_local_batchnorm'], '.3f')}"
     )
     return "\n".join(lines)

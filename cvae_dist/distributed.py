@@ -8,6 +8,7 @@ import os
 import socket
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -90,7 +91,7 @@ def set_determinism(deterministic: bool) -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.use_deterministic_algorithms(deterministic)
     torch.backends.cudnn.deterministic = deterministic
-    torch.backends.cudnn.benchmark = False
+    torch.backends.cudnn.benchmark = not deterministic  # graph-safe: capture follows the warm-up steps
 
 
 def device_type() -> str:
@@ -297,11 +298,19 @@ def configure_deepspeed(setup: Setup, cfg: JobConfig, per_rank_batch: int) -> No
 
 
 def exchange(accelerator: Accelerator, values: dict[str, torch.Tensor | float]) -> dict[str, torch.Tensor]:
-    """All-gather named scalars in one collective: {name: this rank's value} -> {name: (world,) float64 CPU tensor,
-    indexed by rank}. Every rank must pass the same names in the same order.
+    """All-gather named scalars in one collective and wait for it: {name: this rank's value} -> {name: (world,)
+    float64 CPU tensor, indexed by rank}. Every rank must pass the same names in the same order."""
+    return send(accelerator, values)()
 
-    Tensors stay where they are until the gather (a loss sum on the GPU is stacked there); the host's numbers go to
-    the device in one copy, and the result comes back in one: no scalar-by-scalar copies that each wait for the GPU."""
+
+def send(accelerator: Accelerator, values: dict[str, torch.Tensor | float]) -> Callable[[], dict[str, torch.Tensor]]:
+    """`exchange`, in two halves: the all-gather is enqueued now, before anything waits for the device, and the
+    returned `read()` waits for it and returns what `exchange` returns.
+
+    Device tensors are stacked where they are; the host's numbers go over from pinned memory without a sync. So a
+    rank that reads only gathers it sent earlier never waits for the device without a deadline: a peer that dies
+    leaves that gather incomplete, and NCCL's watchdog (train.collective_timeout_s) ends the wait. A pageable copy or
+    an event's synchronize before the gather would wait on a graph's collectives, which no watchdog sees."""
     device = accelerator.device
     on_device = [name for name, v in values.items() if isinstance(v, torch.Tensor)]
     on_host = [name for name in values if name not in on_device]
@@ -309,15 +318,23 @@ def exchange(accelerator: Accelerator, values: dict[str, torch.Tensor | float]) 
     if on_device:
         parts.append(torch.stack([values[n].detach().to(device, torch.float32).reshape(()) for n in on_device]))
     if on_host:
-        parts.append(torch.tensor([float(values[n]) for n in on_host], dtype=torch.float32).to(device))
-    gathered = accelerator.gather(torch.cat(parts)[None]).double().cpu()
-    return {name: gathered[:, i] for i, name in enumerate(on_device + on_host)}
+        host = torch.tensor([float(values[n]) for n in on_host], dtype=torch.float32, pin_memory=device.type == "cuda")
+        parts.append(host.to(device, non_blocking=True))
+    gathered = accelerator.gather(torch.cat(parts)[None])
+    names = on_device + on_host
+
+    def read() -> dict[str, torch.Tensor]:
+        host = gathered.double().cpu()
+        return {name: host[:, i] for i, name in enumerate(names)}
+
+    return read
 
 
 class StopPoll:
-    """Whether any rank was asked to stop, between step lines too: every rank passes its answer in a one-collective
-    exchange about every POLL_S seconds, at steps all ranks work out alike (from the pace they gather), so a stop
-    request waits about that long whatever log.every_steps is. A step line's exchange carries it as well.
+    """Whether any rank was asked to stop, between step lines too: every rank sends its answer in a one-collective
+    exchange about every POLL_S seconds, at steps all ranks work out alike (from the slowest rank's pace, as
+    gathered), so a stop request waits about that long whatever log.every_steps is. A step line's exchange carries it
+    as well.
 
     `requests` rides along in the same exchanges (a `profiling.Profiler`): its `local()` fields are added to this
     rank's part, and `agree(gathered, step)` sees every rank's at the same step on every rank, so a SIGUSR2 to one
@@ -326,22 +343,25 @@ class StopPoll:
     POLL_S = 1.0
 
     def __init__(self, step: int, requests=None):
-        self.next, self.since, self.since_step = step + 1, time.perf_counter(), step
+        self.next, self.gap = step + 1, 1  # the first poll learns the pace
+        self.since, self.since_step = time.perf_counter(), step
         self.requests = requests
 
     def due(self, step: int) -> bool:
         return step >= self.next
 
-    def local(self, requested: bool) -> dict[str, float]:
+    def local(self, requested: bool, step: int) -> dict[str, float]:
+        """This rank's part of the exchange sent at `step`; the next poll is due `gap` steps on."""
+        now = time.perf_counter()
+        pace = (now - self.since) / max(step - self.since_step, 1)
+        self.since, self.since_step, self.next = now, step, step + self.gap
         extra = self.requests.local() if self.requests is not None else {}
-        return {"stop": float(requested), "poll/seconds": time.perf_counter() - self.since, **extra}
+        return {"stop": float(requested), "poll/seconds_per_step": pace, **extra}
 
     def polled(self, gathered: dict[str, torch.Tensor], step: int) -> bool:
-        """Schedule the next poll from the slowest rank's pace (and agree on the requests); true where some rank
-        asked to stop."""
-        seconds_per_step = gathered["poll/seconds"].max().item() / max(step - self.since_step, 1)
-        self.next = step + max(1, int(self.POLL_S / max(seconds_per_step, 1e-6)))
-        self.since, self.since_step = time.perf_counter(), step
+        """An exchange read at `step`: the polls' spacing from the slowest rank's pace (and the requests agreed);
+        true where some rank asked to stop."""
+        self.gap = max(1, int(self.POLL_S / max(gathered["poll/seconds_per_step"].max().item(), 1e-6)))
         if self.requests is not None:
             self.requests.agree(gathered, step)
         return bool(gathered["stop"].any())

@@ -59,14 +59,19 @@ class LossMeter:
         """Between step lines: every rank's sums as of this exchange, for a checkpoint taken now."""
         self.epoch_sums, self.interval_sums = gathered["loss/epoch"].tolist(), gathered["loss/interval"].tolist()
 
-    def end_interval(self, gathered: dict[str, torch.Tensor], step: int, steps: int) -> float:
-        """At a step line (after `steps` steps ending at `step`): check every rank's sums are finite and return the
-        mean summed loss of the interval's trained steps."""
-        check_finite(gathered["loss/interval"], gathered["loss/first_bad"], step - steps + 1, step)
-        step_loss = gathered["loss/interval"].sum().item() / max(steps - self.interval_skipped, 1)
-        self.epoch_sums, self.interval_sums, self.interval_skipped = gathered["loss/epoch"].tolist(), [], 0
+    def start_interval(self) -> int:
+        """A step line's exchange has taken this interval's sums: the next interval starts from zero (in place, on
+        the device). Returns the steps the ended interval skipped."""
         self.interval.zero_()
-        return step_loss
+        skipped, self.interval_skipped = self.interval_skipped, 0
+        return skipped
+
+    def end_interval(self, gathered: dict[str, torch.Tensor], step: int, steps: int, skipped: int) -> float:
+        """A step line's exchange, read (its interval: `steps` steps ending at `step`, `skipped` of them dropped):
+        check every rank's sums are finite and return the mean summed loss of the interval's trained steps."""
+        check_finite(gathered["loss/interval"], gathered["loss/first_bad"], step - steps + 1, step)
+        self.epoch_sums, self.interval_sums = gathered["loss/epoch"].tolist(), []
+        return gathered["loss/interval"].sum().item() / max(steps - skipped, 1)
 
     def end_epoch(self, gathered: dict[str, torch.Tensor], step: int, steps: int) -> float:
         """At an epoch's end (after its `steps` steps): check, and return the epoch's loss, the mean per-batch summed

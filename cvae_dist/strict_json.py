@@ -1,4 +1,5 @@
-"""JSON that every reader accepts (jq, JavaScript's JSON.parse, pandas): a figure that is not finite is `null`."""
+"""Figures a reader can trust: in JSON that every reader accepts (jq, JavaScript's JSON.parse, pandas) a figure that
+is not finite is `null`, and in a table it is `n/a`."""
 
 from __future__ import annotations
 
@@ -21,3 +22,13 @@ def finite(value: Any) -> Any:
 def dumps(value: Any, **kwargs: Any) -> str:
     """`json.dumps` that writes `null` for a non-finite figure, never `NaN` or `Infinity`."""
     return json.dumps(finite(value), allow_nan=False, **kwargs)
+
+
+def known(value: Any) -> bool:
+    """Whether `value` is a figure: not None (JSON brings NaN back as None) and finite."""
+    return value is not None and math.isfinite(value)
+
+
+def shown(value: Any, spec: str, scale: float = 1, unit: str = "") -> str:
+    """A figure as table text (align the result in its column): `n/a` where it is unknown."""
+    return f"{scale * value:{spec}}{unit}" if known(value) else "n/a"

@@ -4,13 +4,15 @@ img/s only); the trainer's one gather per log interval (`exchange`) carries the 
 `RankTable` keeps the means for the end-of-run table. FLOP and peak figures are plain functions, computed once by the
 trainer and only when telemetry is on.
 
-Timing is honest without syncing every step: on CPU the step is synchronous, so wall clocks are exact; on CUDA
-the phases are CUDA events, read (one synchronize) only at the log point.
+Timing never syncs: on CPU the step is synchronous, so wall clocks are exact; on CUDA the phases are CUDA events
+from a pool, read once the device has passed them (the figures of the interval before a step line's).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import itertools
 import math
 import resource
 import statistics
@@ -18,6 +20,8 @@ import time
 from collections.abc import Iterable, Iterator
 
 import torch
+
+from cvae_dist.strict_json import shown
 
 # Dense tensor-core peaks in TFLOP/s by a substring of torch.cuda.get_device_name(): (bf16 = fp16, tf32, fp32).
 # An fp32 run is measured against TF32 when cuDNN may use it for convolutions (PyTorch's default), else plain fp32.
@@ -34,10 +38,11 @@ GPU_PEAK_TFLOPS = {
 # This rank's figures, as gathered each interval (`rank/<r>/<name>` in the logs).
 RANK_FIELDS = (
     "img_per_s",  # images / wall time: what this rank delivered (ranks in one DDP job move in lockstep)
-    "busy_img_per_s",  # images / (wall - time waiting for peers): what this rank could do alone; names stragglers
+    "busy_img_per_s",  # images / (wall - time blocked on peers): what this rank could do alone; names stragglers
     "step_time_s",
     "data_wait_frac",
-    "sync_wait_frac",  # time blocked on peers (DDP buffer broadcast + gradient all-reduce)
+    "idle_frac",  # the device's time between steps (the loop's own work: data, step lines, polls)
+    "sync_wait_frac",  # time blocked on peers (DDP buffer broadcast, global BatchNorm, gradient all-reduce)
     "fwd_bwd_s",  # forward + backward (under a CUDA graph: the whole replayed step)
     "optimizer_s",  # (under a CUDA graph: 0, it is part of the replay)
     "peak_mem_mb",
@@ -119,21 +124,47 @@ def compute_dtype(model: torch.nn.Module, run_forward) -> str:
     return str(seen[0]).removeprefix("torch.") if seen else "unknown"
 
 
-class _Clock:
-    """Wall clock on CPU; CUDA events on GPU (elapsed times read at the interval's end)."""
+class _Marks:
+    """Points on the device's timeline: host clock readings on a CPU (its steps are synchronous); on CUDA, timing
+    events from a small pool, read once they have completed and never waited for."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
+        self.pool: list = []
 
     def now(self):
         if not self.cuda:
             return time.perf_counter()
-        event = torch.cuda.Event(enable_timing=True)
+        event = self.pool.pop() if self.pool else torch.cuda.Event(enable_timing=True)
         event.record()
         return event
 
+    def done(self, mark) -> bool:
+        return not self.cuda or mark.query()
+
     def seconds(self, a, b) -> float:
         return a.elapsed_time(b) / 1000 if self.cuda else b - a
+
+    def release(self, marks: Iterable) -> None:
+        if self.cuda:
+            self.pool.extend(m for m in marks if m is not None)
+
+
+class _Interval:
+    """One log interval on this rank: host figures taken when it closes, device marks read once they complete."""
+
+    def __init__(self):
+        self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
+        self.wall = self.peak_mem = math.nan
+        self.steps_marks: list[tuple] = []  # (ready, backward done or None, step done) per step
+        self.waits: list[tuple] = []  # (arrived, went on) around each collective this rank waited in
+
+    def marks(self) -> list:
+        return [m for t in (*self.steps_marks, *self.waits) for m in t]
+
+    def last(self):
+        """Its last mark on the device's timeline (None: it took no step)."""
+        return self.steps_marks[-1][2] if self.steps_marks else None
 
 
 class NoTimer:
@@ -143,7 +174,7 @@ class NoTimer:
         self.batch = per_rank_batch
         self.restart()
 
-    def instrument(self, model: torch.nn.Module) -> None:
+    def instrument(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
         """Nothing to hook."""
 
     def restart(self) -> None:
@@ -151,9 +182,6 @@ class NoTimer:
 
     def timed(self, batches: Iterable) -> Iterable:
         return batches
-
-    def backward_done(self) -> None:
-        pass
 
     def step_done(self) -> None:
         self.steps += 1
@@ -165,53 +193,70 @@ class NoTimer:
         return figures
 
 
-class StepTimer(NoTimer):
-    """This rank's meters over a log interval: data wait, the step's phases, time blocked on peers, peak memory and
-    MFU (`flops_per_image` against the device's `peak_flops`).
+class StepTimer:
+    """This rank's meters over a log interval: data wait, the step's phases, time between steps, time blocked on
+    peers, peak memory and MFU (`flops_per_image` against the device's `peak_flops`).
 
-    Timing is honest without syncing every step: on CPU the step is synchronous, so wall clocks are exact; on CUDA
-    the phases are CUDA events, read (one synchronize) only at the log point."""
+    Honest without syncing: on a CPU the step is synchronous, so clock readings are exact; on CUDA the marks are
+    events, and `local()` reports the newest interval whose events have all completed. The trainer calls it after
+    reading the previous interval's exchange, which the device has passed: so on a GPU the figures describe the
+    interval before the step line's (the first line has none: null). Time blocked on peers is timed around the
+    collectives that a rank waits in, where hooks can see them (DDP, the global BatchNorm): `blocked_unknown` says
+    why it cannot be (a replayed CUDA graph, DeepSpeed's engine), and then it and the busy rate are null."""
 
-    def __init__(self, device: torch.device, per_rank_batch: int, flops_per_image: float, peak_flops: float):
-        self.device, self.flops_per_image, self.peak = device, flops_per_image, peak_flops
-        self.clock = _Clock(device)
-        super().__init__(per_rank_batch)
+    def __init__(self, device: torch.device, per_rank_batch: int, flops_per_image: float, peak_flops: float,
+                 blocked_unknown: str | None = None):  # fmt: skip
+        self.device, self.batch, self.flops_per_image, self.peak = device, per_rank_batch, flops_per_image, peak_flops
+        self.blocked_unknown = blocked_unknown
+        self.marks = _Marks(device)
+        self.closed: list[_Interval] = []
+        self.restart()
 
-    def instrument(self, model: torch.nn.Module) -> None:
-        """Measure time blocked on peers in DDP: the buffer broadcast that opens each forward, the gradient
-        all-reduce (DDP's own `allreduce_hook`, timed: the gradients are the same with telemetry on or off) and the
-        global BatchNorm's all-reduces (where a slow rank's peers wait first). Not under DeepSpeed (no such hook) or a
-        CUDA graph (hooks do not run in a replay)."""
+    def instrument(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        """Mark the end of backward (AdamW's step pre-hook) and, under DDP, time what this rank waits for peers in:
+        the buffer broadcast that opens each forward, the global BatchNorm's all-reduces, and the end of backward
+        after its last gradient bucket went out (DDP's own `allreduce_hook`: the gradients are the same with
+        telemetry on or off). Not for a CUDA graph: no hook runs in a replay."""
         from cvae_dist.batchnorm import GlobalBatchNorm2d
 
+        while hasattr(optimizer, "optimizer"):
+            optimizer = optimizer.optimizer  # accelerate's wrapper, DeepSpeed's ZeRO optimizer: the AdamW inside
+        if isinstance(optimizer, torch.optim.Optimizer):
+            optimizer.register_step_pre_hook(lambda *_: self._backward_done())
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return
         for module in model.modules():
             if isinstance(module, GlobalBatchNorm2d):
-                module.on_collective = self._blocked
-        model.register_forward_pre_hook(self._forward_called)
-        model.module.register_forward_pre_hook(self._inner_forward_started)
+                module.on_collective = self.waiting
+        model.register_forward_pre_hook(lambda *_: setattr(self, "_arrived", self.marks.now()))
+        model.module.register_forward_pre_hook(lambda *_: self._went_on())
         model.register_comm_hook(self, _timed_allreduce)
 
-    def _blocked(self, seconds: float) -> None:
-        self.sync_wait += seconds
+    @contextlib.contextmanager
+    def waiting(self):
+        """Time a collective this rank waits in."""
+        arrived = self.marks.now()
+        yield
+        self.current.waits.append((arrived, self.marks.now()))
 
-    def _forward_called(self, _module, _args) -> None:
-        self._forward_at = time.perf_counter()
+    def _went_on(self) -> None:
+        if self._arrived is not None:
+            self.current.waits.append((self._arrived, self.marks.now()))
+            self._arrived = None
 
-    def _inner_forward_started(self, _module, _args) -> None:
-        if self._forward_at is not None:
-            self.sync_wait += time.perf_counter() - self._forward_at
-            self._forward_at = None
+    def _backward_done(self) -> None:
+        self._backward = self.marks.now()
+        if self._arrived is not None:  # the last gradient bucket went out at `_arrived`; backward ends with it
+            self.current.waits.append((self._arrived, self._backward))
+            self._arrived = None
 
     def restart(self) -> None:
-        """Start a new measuring interval now."""
-        super().restart()
-        self.sync_wait = 0.0
-        self._forward_at = None
-        self.data_wait = 0.0
-        self.phases: list[tuple] = []  # (batch ready, backward done or None, step done) per step
-        if self.clock.cuda:
+        """Start a new measuring interval now (the ones not yet read are dropped)."""
+        for interval in self.closed:
+            self.marks.release(interval.marks())
+        self.current, self.closed = _Interval(), []
+        self._arrived = self._backward = None
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def timed(self, batches: Iterable) -> Iterator:
@@ -223,41 +268,51 @@ class StepTimer(NoTimer):
                 batch = next(it)
             except StopIteration:
                 return
-            self.data_wait += time.perf_counter() - t0
-            self._ready, self._backward = self.clock.now(), None
+            self.current.data_wait += time.perf_counter() - t0
+            self._ready, self._backward = self.marks.now(), None
             yield batch
 
-    def backward_done(self) -> None:
-        self._backward = self.clock.now()
-
     def step_done(self) -> None:
-        self.steps += 1
-        self.phases.append((self._ready, self._backward, self.clock.now()))
+        self.current.steps += 1
+        self.current.steps_marks.append((self._ready, self._backward, self.marks.now()))
 
     def local(self) -> dict[str, float]:
-        """This rank's figures since the last `local()` (or `restart()`), named as RANK_FIELDS; restarts the meters."""
-        if self.clock.cuda and self.phases:
-            self.phases[-1][-1].synchronize()  # the interval's last event: every earlier one has completed too
-        wall = max(time.perf_counter() - self.start, 1e-9)
-        images, steps = self.steps * self.batch, max(self.steps, 1)
-        fwd_bwd = opt = 0.0
-        for ready, backward, done in self.phases:
-            fwd_bwd += self.clock.seconds(ready, backward or done)
-            opt += self.clock.seconds(backward, done) if backward is not None else 0.0
-        busy = max(wall - self.sync_wait, 1e-9)
-        figures = {
-            "img_per_s": images / wall,
-            "busy_img_per_s": images / busy,
-            "step_time_s": wall / steps,
-            "data_wait_frac": self.data_wait / wall,
-            "sync_wait_frac": self.sync_wait / wall,
+        """Close this interval (its host figures now) and return the figures of the newest interval whose marks
+        have all completed, named as RANK_FIELDS (NaN: none has yet)."""
+        closing, self.current = self.current, _Interval()
+        closing.wall = max(time.perf_counter() - closing.start, 1e-9)
+        closing.peak_mem = _peak_memory_mb(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.closed.append(closing)
+        ready = [i for i in self.closed if i.last() is None or self.marks.done(i.last())]
+        figures = self._figures(ready[-1]) if ready else dict.fromkeys(RANK_FIELDS, math.nan)
+        newest = self.closed.index(ready[-1]) + 1 if ready else 0
+        for interval in self.closed[:newest]:
+            self.marks.release(interval.marks())
+        self.closed = self.closed[newest:]
+        return figures
+
+    def _figures(self, i: _Interval) -> dict[str, float]:
+        seconds = self.marks.seconds
+        images, steps = i.steps * self.batch, max(i.steps, 1)
+        fwd_bwd = sum(seconds(ready, backward or done) for ready, backward, done in i.steps_marks)
+        opt = sum(seconds(backward, done) for _, backward, done in i.steps_marks if backward is not None)
+        between = sum(seconds(a[2], b[0]) for a, b in itertools.pairwise(i.steps_marks))
+        blocked = math.nan if self.blocked_unknown else sum(seconds(a, b) for a, b in i.waits)
+        img_per_s = images / i.wall
+        return {
+            "img_per_s": img_per_s,
+            "busy_img_per_s": math.nan if math.isnan(blocked) else images / max(i.wall - blocked, 1e-9),
+            "step_time_s": i.wall / steps,
+            "data_wait_frac": i.data_wait / i.wall,
+            "idle_frac": between / i.wall,
+            "sync_wait_frac": blocked / i.wall,
             "fwd_bwd_s": fwd_bwd / steps,
             "optimizer_s": opt / steps,
-            "peak_mem_mb": _peak_memory_mb(self.device),
-            "mfu": _at_most_one(images / busy * self.flops_per_image / self.peak),
+            "peak_mem_mb": i.peak_mem,
+            "mfu": _at_most_one(img_per_s * self.flops_per_image / self.peak),
         }
-        self.restart()
-        return figures
 
 
 # ---- all ranks: what the gathered figures say
@@ -343,10 +398,10 @@ class RankTable:
         ]
         for r, ident in enumerate(self.identities):
             mean = functools.partial(self.mean, r)
-            mfu = f"{100 * mean('mfu'):>6.2f}%" if math.isfinite(mean("mfu")) else f"{'n/a':>7}"
             lines.append(
-                f"{r:>4}  {ident['node'][:16]:<16} {mean('img_per_s'):>9,.0f} {mean('busy_img_per_s'):>10,.0f} "
-                f"{100 * mean('data_wait_frac'):>8.1f}% {mfu} {mean('peak_mem_mb'):>7,.0f} MB"
+                f"{r:>4}  {ident['node'][:16]:<16} {shown(mean('img_per_s'), ',.0f'):>9} "
+                f"{shown(mean('busy_img_per_s'), ',.0f'):>10} {shown(mean('data_wait_frac'), '.1f', 100, '%'):>9} "
+                f"{shown(mean('mfu'), '.2f', 100, '%'):>7} {shown(mean('peak_mem_mb'), ',.0f', unit=' MB'):>10}"
             )
         return "\n".join(lines)
 
@@ -365,14 +420,10 @@ def _peak_memory_mb(device: torch.device) -> float:
 
 
 def _timed_allreduce(timer: StepTimer, bucket):  # no return annotation: DDP checks it literally
-    """DDP's default all-reduce (`allreduce_hook`: the mean over the default group), timing how long this rank waits
-    for it to complete."""
+    """DDP's default all-reduce (`allreduce_hook`: the mean over the default group), noting when this bucket went
+    out: the last one's mark starts the wait that ends with backward."""
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    start = time.perf_counter()
-
-    def done(fut):
-        timer.sync_wait += time.perf_counter() - start
-        return fut.value()
-
-    return allreduce_hook(None, bucket).then(done)
+    timer.marks.release([timer._arrived])
+    timer._arrived = timer.marks.now()
+    return allreduce_hook(None, bucket)

@@ -12,6 +12,7 @@ import sys
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from datetime import datetime  # (TIME_FORMAT counts microseconds, which time.strftime cannot)
 from pathlib import Path
 
 import torch
@@ -55,8 +56,10 @@ def train(cfg: JobConfig) -> TrainResult:
                 with trainer.profiler:  # a CUDA out-of-memory error writes its memory snapshot; no profiler outlives
                     epoch_losses = trainer.fit(stop)
         finally:  # every way out (completed, preempted, interrupted, failed): no graph may outlive the process group
-            parts.step.close()
-            parts.lock.release()
+            try:
+                parts.step.close()  # (bounded, and it never raises: the error that ended the run is the one to see)
+            finally:
+                parts.lock.release()
     parts.setup.accelerator.end_training()
     return TrainResult(parts.dir, epoch_losses, parts.state.step)
 
@@ -67,6 +70,17 @@ class Steps:
 
     stopped: bool
     lines: list[dict]
+
+
+@dataclass(frozen=True)
+class Sent:
+    """An exchange on its way: sent at `step` (a step line's, or a stop poll's), read by `read()`."""
+
+    step: int
+    epoch: int
+    line: bool
+    skipped: int  # a step line's: the steps of its interval (log.every_steps) dropped for non-finite gradients
+    read: Callable[[], dict[str, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -198,15 +212,17 @@ class Trainer:
                                           self.state.step, accelerator.num_processes)  # fmt: skip
         identity = distributed.rank_identity(accelerator)
         self.identities = gather_object([identity])  # once, at start: host and machine of every rank
+        blocked_unknown = self.blocked_unknown()
         if self.cfg.log.telemetry:
             mfu_facts = self.mfu_facts()
-            self.timer = StepTimer(
-                accelerator.device, parts.batch, mfu_facts["flops_per_image"], mfu_facts["peak_flops"]
-            )
+            self.timer = StepTimer(accelerator.device, parts.batch, mfu_facts["flops_per_image"],
+                                   mfu_facts["peak_flops"], blocked_unknown)  # fmt: skip
         else:  # images over wall time only: no hooks, no FLOP count, no peak benchmark
             mfu_facts, self.timer = {}, NoTimer(parts.batch)
         if not isinstance(self.step, GraphStep):  # hooks do not run inside a replayed CUDA graph
-            self.timer.instrument(self.model)
+            self.timer.instrument(self.model, self.optimizer)
+        if self.cfg.log.telemetry and blocked_unknown:
+            accelerator.print(f"straggler detection: off ({blocked_unknown}); busy img/s and sync wait are n/a")
         self.stragglers = StragglerDetector(self.cfg.log, accelerator.num_processes)
         self.table = RankTable(self.identities)
         facts = {
@@ -214,6 +230,7 @@ class Trainer:
             "per_rank_batch_size": parts.batch, "global_batch_size": parts.global_batch,
             "steps_per_epoch": parts.steps_per_epoch, "threads_per_rank": torch.get_num_threads(),
             "step_mode": type(self.step).__name__, "global_batchnorm": self.setup.global_batchnorm,
+            "straggler_detection": (blocked_unknown or "on") if self.cfg.log.telemetry else "off (log.telemetry=false)",
             "data_path": self.state.data_path, "data_table": self.stream.table.source if self.stream.resident else None,
             **identity, **mfu_facts,
             "hosts": [i["host"] for i in self.identities], "nodes": [i["node"] for i in self.identities],
@@ -242,6 +259,8 @@ class Trainer:
         self.poll = distributed.StopPoll(self.state.step, self.profiler)  # its exchanges carry profile requests too
         self.stop_requested: Callable[[], bool] = lambda: False  # `fit` asks its StopSignal
         self.stop_agreed = False
+        self.sent: Sent | None = None  # the exchange on its way, read at the next one
+        self.lines: list[dict] = []  # the step lines of the `steps` call in progress
         accelerator.print(
             f"run {self.dir}: {parts.global_batch} images per step ({parts.batch} on this rank), "
             f"{parts.steps_per_epoch} steps per epoch ({parts.steps_per_epoch * parts.global_batch} images), "
@@ -254,12 +273,22 @@ class Trainer:
     # ---- the run, top to bottom
 
     def fit(self, stop: StopSignal) -> list[float]:
-        """Every epoch left, then the export; returns the epochs' losses. On a signal, every rank checkpoints at
-        the next stop poll (about a second later) and the run stops (`Stopped`)."""
+        """Every epoch left, then the export; returns the epochs' losses. On a signal, every rank checkpoints about a
+        second or two later, at the same step, and the run stops (`Stopped`). A run that `train.max_steps` ends
+        inside an epoch checkpoints there, with no epoch line: a resume with more steps continues that epoch."""
         epoch_losses = []
         self.stop_requested = lambda: stop.requested
         for epoch in range(self.state.epoch, self.cfg.train.epochs + 1):
+            if self.steps_left() is not None and self.steps_left() <= 0:
+                self.accelerator.print(f"train.max_steps={self.cfg.train.max_steps}: nothing left to train (the run "
+                                       f"is at step {self.state.step})")  # fmt: skip
+                break
             stopped = self.steps(self.epoch_batches(epoch), self.stop_requested).stopped
+            if not stopped and self.state.batches_done < self.parts.steps_per_epoch:  # max_steps, mid-epoch
+                stopped = self.settle()
+                self.checkpointer.save(self.state, "max_steps")
+                if not stopped:
+                    break
             if not stopped:
                 epoch_losses.append(self.end_epoch(epoch))
                 if self.steps_left() == 0 or epoch == self.cfg.train.epochs:
@@ -305,58 +334,86 @@ class Trainer:
 
     def steps(self, batches: Iterable[Batch], stop: Callable[[], bool]) -> Steps:
         """Train on `batches`, with a step line every `log.every_steps` steps, until they run out or the ranks agree
-        at a step line to stop (`stop()` was true on some rank)."""
+        to stop (`stop()` was true on some rank). Checkpoints and a stop see the state as of their step."""
         state, every, device = self.state, self.cfg.log.every_steps, self.accelerator.device
-        lines = []
+        self.lines = []
         for batch in self.timer.timed(batches):
             with self.profiler.step(state.step + 1):  # nothing, outside a profile window
-                self.step(batch.pixels.to(device, non_blocking=True), self.timer, self.meter)
+                self.step(batch.pixels.to(device, non_blocking=True), self.meter)
             self.timer.step_done()
             self.record.batch(batch.ids)
             state.step += 1
             state.batches_done += 1
-            if state.step % every == 0:
-                gathered = distributed.exchange(
-                    self.accelerator, {**self.meter.local(), **self.poll.local(stop()), **self.timer.local()}
-                )  # the interval's one collective: every rank's loss sums, stop request and telemetry, by name
-                lines.append(self.step_line(gathered))
-                if self.poll.polled(gathered, state.step):  # some rank was asked to stop: all stop here, together
-                    return Steps(True, lines)
-                self.checkpointer.at_step_line(state, epoch_over=state.batches_done >= self.epoch_steps())
-            elif self.poll.due(state.step):  # about once a second between step lines, however far apart they are
-                gathered = distributed.exchange(self.accelerator, {**self.meter.local(), **self.poll.local(stop())})
-                self.meter.note(gathered)  # a checkpoint taken here holds the loss sums up to this step
-                if self.poll.polled(gathered, state.step):
-                    return Steps(True, lines)
-        return Steps(False, lines)
+            line = state.step % every == 0
+            # about once a second between step lines, however far apart they are
+            if not line and not self.poll.due(state.step):
+                continue
+            stopping = self.exchange(line, stop)
+            checkpoint = line and self.checkpointer.due_at_step_line(state, state.batches_done >= self.epoch_steps())
+            if stopping or checkpoint:
+                stopping |= self.settle()
+            if stopping:  # some rank was asked to stop: all stop here, together
+                return Steps(True, self.lines)
+            if checkpoint:
+                self.checkpointer.save(state, "steps")
+        return Steps(False, self.lines)
 
-    def step_line(self, gathered: dict[str, torch.Tensor]) -> dict:
+    def exchange(self, line: bool, stop: Callable[[], bool]) -> bool:
+        """The interval's one collective, double-buffered: the previous exchange (its gather has had an interval to
+        complete while the device kept working) is read and acted on, then this rank's figures go out (gathered
+        without a wait: read at the next exchange). True where the previous one says some rank asked to stop."""
+        previous, self.sent = self.sent, None
+        stopping = previous is not None and self.act(previous, previous.read())
+        values = {**self.meter.local(), **self.poll.local(stop(), self.state.step)}
+        if line:
+            values |= self.timer.local()  # (after the read above: on a GPU the previous interval's events are done)
+        read = distributed.send(self.accelerator, values)
+        skipped = self.meter.start_interval() if line else 0
+        self.sent = Sent(self.state.step, self.state.epoch, line, skipped, read)
+        return stopping
+
+    def settle(self) -> bool:
+        """Read the exchange just sent and act on it: the meter's sums as of this step (for a checkpoint or the
+        epoch's end), and its step line written. True where it says some rank asked to stop."""
+        sent, self.sent = self.sent, None
+        return sent is not None and self.act(sent, sent.read())
+
+    def act(self, sent: Sent, gathered: dict[str, torch.Tensor]) -> bool:
+        """An exchange read: a step line's (loss check, line, stragglers) or a poll's (the sums for a checkpoint);
+        the stop requests and the polls' pace, agreed by every rank at this same step."""
+        if sent.line:
+            self.step_line(sent, gathered)
+        else:
+            self.meter.note(gathered)
+        return self.poll.polled(gathered, self.state.step)
+
+    def step_line(self, sent: Sent, gathered: dict[str, torch.Tensor]) -> dict:
         """The loss check (it raises on a non-finite loss), the step line, and straggler reports; returns the line."""
-        state = self.state
-        step_loss = self.meter.end_interval(gathered, state.step, self.cfg.log.every_steps)
-        line = {"step": state.step, "epoch": state.epoch, "train/step_loss": step_loss,
-                **telemetry.summarise(gathered, state.step, self.parts.global_batch)}  # fmt: skip
+        step_loss = self.meter.end_interval(gathered, sent.step, self.cfg.log.every_steps, sent.skipped)
+        line = {"step": sent.step, "epoch": sent.epoch, "train/step_loss": step_loss,
+                **telemetry.summarise(gathered, sent.step, self.parts.global_batch)}  # fmt: skip
         self.logger.log(line)
+        self.lines.append(line)
         self.table.add(gathered)
         if self.progress is not None:
             self.progress.set_postfix(loss=f"{step_loss:,.0f}")
-        self.report_stragglers(self.stragglers.update(gathered), gathered)
-        state.epoch_seconds = time.perf_counter() - self.epoch_started
+        self.report_stragglers(self.stragglers.update(gathered), gathered, sent.step)
+        self.state.epoch_seconds = time.perf_counter() - self.epoch_started
         return line
 
-    def report_stragglers(self, ranks: list[int], gathered: dict[str, torch.Tensor]) -> None:
+    def report_stragglers(self, ranks: list[int], gathered: dict[str, torch.Tensor], step: int) -> None:
         """Name the ranks just flagged (console, metrics.jsonl, a W&B alert) and, with `log.profile_stragglers`, the
         traces that they and the median rank record of the next steps."""
         if not ranks:
             return
-        text = self.stragglers.describe(ranks, self.state.step, self.identities)
+        text = self.stragglers.describe(ranks, step, self.identities)
         window = self.profiler.on_stragglers(ranks, gathered, self.state.step)
         traces = self.profiler.traces(window) if window else []
         if window:
             text += (f"; profiling steps {window.first}-{window.last} on ranks {', '.join(map(str, window.ranks))} "
                      f"(with the median rank, to compare): {', '.join(traces)}")  # fmt: skip
         self.accelerator.print(f"straggler: {text}")
-        self.logger.log({"step": self.state.step, "event": "straggler", "ranks": ranks, "traces": traces})
+        self.logger.log({"step": step, "event": "straggler", "ranks": ranks, "traces": traces})
         if self.stragglers.alert_due():
             self.logger.alert("cvae-dist straggler", text)
 
@@ -364,6 +421,7 @@ class Trainer:
         """The epoch's line (train and held-out loss, throughput), the figure when due, and the epoch-end checkpoint;
         returns the epoch's loss (mean per-batch summed loss, the Lux.jl / MLX examples' figure)."""
         cfg, state, accelerator, global_batch = self.cfg, self.state, self.accelerator, self.parts.global_batch
+        self.stop_agreed = self.settle()  # the epoch's last step line
         seconds, steps = time.perf_counter() - self.epoch_started, state.batches_done
         self.record.end_epoch(epoch, steps)
         skipped = self.meter.epoch_skipped
@@ -391,8 +449,8 @@ class Trainer:
         state.epoch, state.batches_done, state.epoch_seconds = epoch + 1, 0, 0.0
         self.checkpointer.at_epoch_end(state, last)
         # asked for since the last poll, the evaluation and figure included: the next epoch does not start
-        polled = distributed.exchange(accelerator, self.poll.local(self.stop_requested()))
-        self.stop_agreed = self.poll.polled(polled, state.step)
+        polled = distributed.exchange(accelerator, self.poll.local(self.stop_requested(), state.step))
+        self.stop_agreed |= self.poll.polled(polled, state.step)
         return epoch_loss
 
     def save_figure(self, epoch: int, last: bool) -> dict[str, torch.Tensor]:
@@ -415,7 +473,8 @@ class Trainer:
         export_dir = checkpoint.export_final(accelerator, self.model, self.dir, self.cfg)
         zero3 = self.setup.zero_stage == 3  # ZeRO-3 ranks hold only their parameter partition
         self.record.finish(param_sha256=None if zero3 else parameter_digest(self.model),
-                           buffer_sha256=buffer_digest(self.model))  # fmt: skip
+                           buffer_sha256=buffer_digest(self.model), step_mode=self.step.mode,
+                           graph_check=self.step.check)  # fmt: skip
         return export_dir
 
     # ---- helpers
@@ -426,6 +485,16 @@ class Trainer:
         return to_model_input(
             pixels.to(device, non_blocking=True), self.cfg.model.image_size, self.cfg.train.channels_last
         )
+
+    def blocked_unknown(self) -> str | None:
+        """Why this rank's time blocked on peers cannot be measured (None: it is, or there are no peers)."""
+        if self.accelerator.num_processes == 1:
+            return None
+        if isinstance(self.step, GraphStep):
+            return "a replayed CUDA graph runs no hooks to time its collectives; train.cuda_graph=false times them"
+        if not isinstance(self.model, torch.nn.parallel.DistributedDataParallel):
+            return "DeepSpeed's engine has no hook to time its collectives"
+        return None
 
     def mfu_facts(self) -> dict:
         """FLOPs per image and the device's peak (on a CPU a matmul benchmark): MFU's terms, measured once."""
@@ -459,18 +528,22 @@ def _locate_run(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, checkpo
     """Agree on the run directory and lock it; a new run's must be empty (and creatable), `resume` finds the
     checkpoint to continue. Writes nothing but the lock (gone again, with a directory it made, on a refusal)."""
     timed = cfg.run_name is None or cfg.run_name.endswith("{time}")
+    pattern = cfg.run_name or "run-{time}"
+
+    def expanded() -> str:
+        return pattern.replace("{time}", datetime.now().strftime(TIME_FORMAT))
+
     if cfg.resume == "auto" and timed:
-        pattern = cfg.run_name or "run-{time}"
         raise ConfigError(
             f"resume=auto continues a named run, but run_name={pattern} names a new one at every launch: "
-            f"give the run's name, e.g. run_name={pattern.replace('{time}', time.strftime(TIME_FORMAT))}"
+            f"give the run's name, e.g. run_name={expanded()}"
         )
-    if cfg.run_name is None:
-        cfg.run_name = "run-" + time.strftime(TIME_FORMAT)
-    elif timed:
-        cfg.run_name = cfg.run_name.replace("{time}", time.strftime(TIME_FORMAT))
+    if timed:  # a new run at every launch, even launches started together: never a name a directory has
+        cfg.run_name = expanded()
+        while checkpoint.run_dir_for(cfg).exists():
+            cfg.run_name = expanded()
     name = [cfg.run_name]
-    broadcast_object_list(name, from_process=0)  # ranks may have started in different seconds
+    broadcast_object_list(name, from_process=0)  # rank 0's: ranks start at different moments
     cfg.run_name = name[0]
     run_dir = checkpoint.run_dir_for(cfg)
     checkpoint.check_writable(run_dir)

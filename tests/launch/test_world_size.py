@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.checks import copy_of, step_losses
+from support.checks import copy_of, epoch_losses, step_losses
 from support.launching import launch
 
 from cvae_dist.checkpoint import checkpoint_dirs
@@ -127,3 +127,16 @@ def test_a_two_rank_checkpoint_resumes_on_another_world_size(runs, by_world, wor
     assert not beyond(gaps(after, step_losses(two.run_dir)), float_order_bound(by_world))
     control_weights = weight_gap(weights(by_world["control"].run_dir), weights(by_world[1].run_dir))
     assert weight_gap(weights(run_dir), weights(two.run_dir)) <= 2 * control_weights
+
+
+def test_a_two_rank_run_ended_by_max_steps_inside_an_epoch_resumes_there_on_one_rank(runs, by_world):
+    # train.max_steps=20 ends the run inside epoch 1: no epoch line, and a resume on another world size trains the
+    # rest of that epoch, on the trajectory of the run that was never stopped
+    part = launch(runs, "max-steps", [*DDP, "2"], [*SAME, "train.max_steps=20"], timeout=600)
+    assert epoch_losses(part.run_dir) == {}
+    launch(runs, "max-steps", ONE, [*SAME, "resume=auto"], timeout=600)
+    losses = step_losses(part.run_dir)
+    assert sorted(losses) == list(range(1, STEPS + 1))
+    after = {s: loss for s, loss in losses.items() if s > 20}
+    assert not beyond(gaps(after, step_losses(by_world[2].run_dir)), float_order_bound(by_world))
+    assert epoch_losses(part.run_dir).keys() == {1, 2}

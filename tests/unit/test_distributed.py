@@ -124,3 +124,40 @@ def test_exchange_returns_every_value_by_name_as_float64_on_the_host():
     for name, value in gathered.items():
         assert value.dtype == torch.float64 and value.device.type == "cpu" and value.shape == (1,)
         assert not value.requires_grad and value.item() == expected[name]
+
+
+def test_an_exchange_is_enqueued_before_anything_waits_for_the_device_and_read_later(monkeypatch):
+    """A rank must not wait for the device before its gather is enqueued: behind a dead peer's captured collective
+    that wait has no deadline, while the gather is watched by NCCL's watchdog. `send` enqueues; only `read` waits."""
+    from cvae_dist.distributed import send
+
+    accelerator = Accelerator(cpu=True)
+    waits = []  # what waited for the device, in order
+    gather = accelerator.gather
+    monkeypatch.setattr(accelerator, "gather", lambda t: waits.append("gather") or gather(t))
+    for name in ("cpu", "item", "tolist", "numpy"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor, name, lambda self, *a, _r=real, _n=name, **k: waits.append(_n) or _r(self, *a, **k)
+        )
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: waits.append("synchronize"))
+    read = send(accelerator, {"loss/interval": torch.tensor(3.5), "stop": 1.0, "poll/seconds_per_step": 0.25})
+    assert waits == ["gather"]
+    gathered = read()
+    assert waits[0] == "gather" and "cpu" in waits
+    assert {k: v.tolist() for k, v in gathered.items()} == {"loss/interval": [3.5], "stop": [1.0],
+                                                             "poll/seconds_per_step": [0.25]}  # fmt: skip
+
+
+def test_stop_polls_are_spaced_by_the_slowest_ranks_pace_and_never_due_at_once_after_a_send():
+    from cvae_dist.distributed import StopPoll
+
+    poll = StopPoll(step=10)
+    assert poll.due(11)  # the first poll learns the pace
+    poll.local(False, 11)
+    assert not poll.due(11) and poll.due(12)
+    gathered = {"stop": torch.tensor([0.0, 0.0]), "poll/seconds_per_step": torch.tensor([0.01, 0.02])}
+    assert poll.polled(gathered, 12) is False  # read at the next exchange: 50 steps a second on the slowest rank
+    poll.local(False, 12)
+    assert not poll.due(61) and poll.due(62)
+    assert poll.polled({**gathered, "stop": torch.tensor([0.0, 1.0])}, 62) is True

@@ -29,8 +29,10 @@ def step(ranks: list[LossMeter], losses: list[float] | None) -> None:
 
 
 def end_interval(ranks: list[LossMeter], at: int, steps: int) -> float:
+    """A step line: its exchange is sent (the meters start a new interval) and then read."""
     gathered = gather(ranks)
-    results = {m.end_interval(gathered, at, steps) for m in ranks}
+    (skipped,) = {m.start_interval() for m in ranks}  # every rank skipped the same steps
+    results = {m.end_interval(gathered, at, steps, skipped) for m in ranks}
     assert len(results) == 1  # every rank logs the same figure
     return results.pop()
 
@@ -154,7 +156,7 @@ def test_a_non_finite_interval_stops_naming_its_steps_and_the_rank_it_began_on()
     for x in ([1.0, 1.0, 1.0], [1.0, 1.0, 1.0], [1.0, NAN, 1.0], [INF, NAN, NAN]):  # steps 5..8
         step(ranks, x)
     with pytest.raises(NonFiniteLoss) as err:
-        ranks[0].end_interval(gather(ranks), 8, 4)
+        ranks[0].end_interval(gather(ranks), 8, 4, 0)
     message = str(err.value)
     assert "steps 5-8" in message and "first at step 7 on rank(s) [1]" in message and "[0, 1, 2]" in message
 

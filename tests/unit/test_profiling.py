@@ -212,12 +212,12 @@ def test_the_stop_poll_carries_the_requests_and_agrees_on_them_at_its_step(tmp_p
     p = make(tmp_path, Recorder(), last=100)
     p.requested = iter([True, False]).__next__
     poll = StopPoll(0, p)
-    mine = poll.local(False)
-    assert set(mine) == {"stop", "poll/seconds", "profile", "profile/clock"} and mine["profile"] == 1.0
-    assert poll.local(False)["profile"] == 0.0  # the signal was taken once
+    mine = poll.local(False, 3)
+    assert set(mine) == {"stop", "poll/seconds_per_step", "profile", "profile/clock"} and mine["profile"] == 1.0
+    assert poll.local(False, 5)["profile"] == 0.0  # the signal was taken once
     both = {k: torch.tensor([v, 0.0], dtype=torch.float64) for k, v in mine.items()}
     assert poll.polled(both, 7) is False and p.window == Window(9, 13, "SIGUSR2", None, True)
-    assert set(StopPoll(0).local(True)) == {"stop", "poll/seconds"}
+    assert set(StopPoll(0).local(True, 1)) == {"stop", "poll/seconds_per_step"}
 
 
 def test_sigusr2_is_a_flag_taken_once_and_the_default_comes_back_after(tmp_path):

@@ -1,4 +1,6 @@
-"""The step's optimizer settings: the run's step mode decides them, also after a checkpoint brings back its own."""
+"""The steps: eager (one AdamW update on the summed loss), the noise by place in the global batch, the optimizer's
+settings by step mode, and a CUDA graph that proves itself on its first replay or falls back to eager (driven on a CPU
+with stand-in captures through the same code)."""
 
 import copy
 
@@ -10,8 +12,7 @@ from cvae_dist.config import ModelConfig
 from cvae_dist.data import batch_share, to_model_input
 from cvae_dist.loss_meter import LossMeter
 from cvae_dist.model import CVAE, vae_loss
-from cvae_dist.step import EagerStep, SampleNoise, _finite_gradients, apply_step_mode
-from cvae_dist.telemetry import NoTimer
+from cvae_dist.step import EagerStep, GraphStep, SampleNoise, _finite_gradients, apply_step_mode
 
 
 def prepared_adamw():
@@ -99,7 +100,7 @@ def test_an_eager_step_is_one_adamw_update_on_the_summed_loss():
     loss = vae_loss(model(x, SampleNoise(3, 6, 2, slice(0, 6), torch.device("cpu")).draw()), x).total
     loss.backward()
     optimizer.step()
-    step(pixels(), NoTimer(6), meter)
+    step(pixels(), meter)
     assert meter.local()["loss/epoch"].item() == pytest.approx(loss.item(), rel=1e-6)
     trained = dict(step.model.named_parameters())
     for (name, p), p0 in zip(model.named_parameters(), start.parameters(), strict=True):
@@ -119,7 +120,7 @@ def test_skip_mode_drops_a_step_whose_gradients_are_not_finite():
     step, _ = tiny_cvae_step(skip_nonfinite=True)
     before = poison(step)
     meter = LossMeter(torch.device("cpu"), rank=0, step=0)
-    step(pixels(), NoTimer(6), meter)
+    step(pixels(), meter)
     for name, p in step.model.named_parameters():
         assert torch.equal(p.nan_to_num(7.0), before[name].nan_to_num(7.0)), name  # not updated
     assert meter.epoch_skipped == 1 and meter.local()["loss/first_bad"].item() < 0
@@ -130,7 +131,7 @@ def test_error_mode_takes_the_step_and_the_meter_sees_the_bad_loss():
     step, _ = tiny_cvae_step(skip_nonfinite=False)
     before = poison(step)
     meter = LossMeter(torch.device("cpu"), rank=0, step=4)
-    step(pixels(), NoTimer(6), meter)
+    step(pixels(), meter)
     assert meter.epoch_skipped == 0 and meter.local()["loss/first_bad"].item() == 5  # for the check at the step line
     assert step.model.encoder.mu.weight.isnan().all() and not before["encoder.mu.weight"].isnan().any()
 
@@ -170,3 +171,70 @@ def test_a_resumed_epoch_continues_its_noise_and_epochs_differ():
     noise.start_epoch(4)
     assert not torch.equal(noise.draw(), draws[0])
     assert not torch.equal(SampleNoise(1, 8, 2, slice(0, 8), cpu).draw(), SampleNoise(0, 8, 2, slice(0, 8), cpu).draw())
+
+
+class Replays:
+    """A stand-in for `cuda_graph` on a CPU: capture records the step's body without running it (as CUDA capture
+    does) and a replay runs it, gradients written afresh (as a captured backward does); `wrong`: every replay also
+    nudges the weights (a graph that trains wrongly); `fails`: capture raises."""
+
+    def __init__(self, wrong: bool = False, fails: bool = False):
+        self.wrong, self.fails, self.replays, self.weights = wrong, fails, 0, []
+
+    def __call__(self, body, _stream, _generator):
+        if self.fails:
+            raise RuntimeError("operation not permitted when stream is capturing\n(the rest of the message)")
+        replays = self
+
+        class Graph:
+            def replay(self):
+                replays.replays += 1
+                for w in replays.weights:
+                    w.grad = None
+                body()
+                if replays.wrong:
+                    with torch.no_grad():
+                        for w in replays.weights:
+                            w.mul_(1.01)
+
+            def reset(self):
+                pass
+
+        return Graph()
+
+
+def batches(n: int) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(5)
+    return [torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8, generator=g) for _ in range(n)]
+
+
+def train_five(step, model) -> tuple[dict[str, torch.Tensor], LossMeter]:
+    meter = LossMeter(torch.device("cpu"), rank=0, step=0)
+    for b in batches(5):
+        step(b, meter)
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}, meter
+
+
+@pytest.mark.parametrize(("capture", "mode", "said"), [
+    (Replays(), "GraphStep", "CUDA graph: the first replay matches the eager step"),
+    (Replays(wrong=True), "EagerStep", "CUDA graph: not used, its first replay differs from the eager step by"),
+    (Replays(fails=True), "EagerStep", "CUDA graph: not used, capture failed: RuntimeError: operation not permitted "
+                                       "when stream is capturing; training on with eager steps"),
+], ids=["agrees", "disagrees", "capture-raises"])  # fmt: skip
+def test_a_graph_proves_itself_on_its_first_replay_or_the_run_trains_on_eagerly(capsys, capture, mode, said):
+    eager, _ = tiny_cvae_step(skip_nonfinite=False)
+    eager_weights, eager_meter = train_five(eager, eager.model)
+    inner, _ = tiny_cvae_step(skip_nonfinite=False)
+    step = GraphStep(inner, batch=6, warmup=2, side_stream=None, tolerance=1e-3, capture=capture)
+    capture.weights = list(inner.model.parameters())
+    weights, meter = train_five(step, inner.model)
+    assert step.mode == mode and said in capsys.readouterr().out
+    if mode == "GraphStep":  # captured at step 3, checked, replayed for steps 3-5
+        assert step.check["max_rel_diff"] <= 1e-6 and capture.replays == 3
+    else:
+        assert step.check["fallback"].startswith(said.split("not used, ")[1][:20])
+    # whatever happened, the run trained as the eager step does: a bad replay's result is never kept
+    for name, w in eager_weights.items():
+        assert torch.allclose(weights[name], w, rtol=1e-5, atol=1e-6), name
+    assert meter.local()["loss/epoch"].item() == pytest.approx(eager_meter.local()["loss/epoch"].item(), rel=1e-6)
+    assert int(meter.step) == 5

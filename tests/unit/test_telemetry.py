@@ -151,11 +151,29 @@ def test_without_telemetry_a_rank_reports_img_per_s_only(monkeypatch):
     timer = NoTimer(per_rank_batch=32)
     for _ in timer.timed(range(5)):
         clock.now += 0.5
-        timer.backward_done()
         timer.step_done()
     assert timer.local() == {"img_per_s": 5 * 32 / 2.5}
     clock.now += 1
     assert timer.local() == {"img_per_s": 0.0}  # it restarted
+
+
+def timed_steps(timer, clock, steps: int = 4, data: float = 0.1, compute: float = 0.3, update: float = 0.1):
+    """`steps` steps through `timer`: `data` s waiting for each batch, `compute` s forward + backward, `update` s in
+    the optimizer (its step pre-hook marks the end of backward, as for AdamW in a run)."""
+    model = torch.nn.Linear(1, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    timer.instrument(model, optimizer)
+
+    def batches():
+        for b in range(steps):
+            clock.now += data
+            yield b
+
+    for _ in timer.timed(batches()):
+        clock.now += compute
+        optimizer.step()
+        clock.now += update
+        timer.step_done()
 
 
 def test_step_timer_on_cpu_measures_every_phase_of_the_interval(monkeypatch):
@@ -163,27 +181,96 @@ def test_step_timer_on_cpu_measures_every_phase_of_the_interval(monkeypatch):
     monkeypatch.setattr(telemetry, "time", clock)
     # 4 steps of 0.1 s waiting for data, 0.3 s forward + backward, 0.1 s in the optimizer: 2 s in all
     timer = StepTimer(torch.device("cpu"), per_rank_batch=16, flops_per_image=1e9, peak_flops=128e9)
-
-    def batches():
-        for b in range(4):
-            clock.now += 0.1
-            yield b
-
-    for _ in timer.timed(batches()):
-        clock.now += 0.3
-        timer.backward_done()
-        clock.now += 0.1
-        timer.step_done()
+    timed_steps(timer, clock)
     local = timer.local()
     assert set(local) == set(RANK_FIELDS)
     img_per_s = 4 * 16 / 2.0
     expected = {"img_per_s": img_per_s, "busy_img_per_s": img_per_s, "step_time_s": 0.5, "data_wait_frac": 0.2,
-                "sync_wait_frac": 0.0, "fwd_bwd_s": 0.3, "optimizer_s": 0.1,
+                "idle_frac": 0.15, "sync_wait_frac": 0.0, "fwd_bwd_s": 0.3, "optimizer_s": 0.1,
                 "mfu": img_per_s * 1e9 / 128e9}  # fmt: skip
-    assert {k: local[k] for k in expected} == pytest.approx(expected)
+    assert {k: local[k] for k in expected} == pytest.approx(expected)  # (idle: the 3 waits between 4 steps)
     assert local["peak_mem_mb"] > 0  # the process's peak resident set
     clock.now += 1
     assert timer.local()["img_per_s"] == 0  # the meters restarted
+
+
+def test_time_blocked_in_a_collective_is_timed_around_it_and_null_where_it_cannot_be(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(telemetry, "time", clock)
+    measured = StepTimer(torch.device("cpu"), per_rank_batch=16, flops_per_image=1e9, peak_flops=128e9)
+    for _ in measured.timed([0]):
+        with measured.waiting():  # the global BatchNorm's all-reduce, say: 0.5 s until the peers arrive
+            clock.now += 0.5
+        clock.now += 1.5
+        measured.step_done()
+    local = measured.local()
+    assert local["sync_wait_frac"] == pytest.approx(0.25) and local["busy_img_per_s"] == pytest.approx(16 / 1.5)
+    # a replayed CUDA graph or DeepSpeed: no figure that looks fine, none at all (and MFU stays: it is wall-clock)
+    unknown = StepTimer(torch.device("cpu"), 16, 1e9, 128e9, blocked_unknown="a replayed CUDA graph ...")
+    for _ in unknown.timed([0]):
+        with unknown.waiting():
+            clock.now += 0.5
+        unknown.step_done()
+    local = unknown.local()
+    assert math.isnan(local["sync_wait_frac"]) and math.isnan(local["busy_img_per_s"])
+    assert local["img_per_s"] > 0 and local["mfu"] > 0
+
+
+class FakeEvents:
+    """CUDA events as the timer uses them: recorded marks at the clock's time, complete when the test says."""
+
+    def __init__(self, clock):
+        self.clock, self.made, self.pool = clock, 0, []
+
+    class Mark:
+        def __init__(self, t):
+            self.t, self.complete = t, False
+
+    cuda = True
+
+    def now(self):
+        self.made += 0 if self.pool else 1
+        mark = self.pool.pop() if self.pool else self.Mark(0.0)
+        mark.t, mark.complete = self.clock.now, False
+        return mark
+
+    def done(self, mark) -> bool:
+        return mark.complete
+
+    def seconds(self, a, b) -> float:
+        assert a.complete and b.complete, "a mark read before the device passed it (that would wait)"
+        return b.t - a.t
+
+    def release(self, marks) -> None:
+        self.pool.extend(m for m in marks if m is not None)
+
+
+def test_on_a_gpu_a_step_line_reports_the_newest_interval_the_device_has_passed_and_never_waits(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(telemetry, "time", clock)
+    monkeypatch.setattr(telemetry, "_peak_memory_mb", lambda _device: 1.0)
+    timer = StepTimer(torch.device("cpu"), per_rank_batch=16, flops_per_image=1e9, peak_flops=128e9)
+    events = timer.marks = FakeEvents(clock)
+    marks: list = []
+    real_now = events.now
+    events.now = lambda: marks.append(real_now()) or marks[-1]
+
+    timed_steps(timer, clock, steps=2, compute=0.3, update=0.1)  # interval 1: 2 steps of 0.5 s
+    first = timer.local()  # the device is still busy with it: nothing to report, and no wait
+    assert all(math.isnan(v) for v in first.values())
+    for m in marks:
+        m.complete = True  # the previous exchange was read: the device passed interval 1
+    marks.clear()
+    timed_steps(timer, clock, steps=2, compute=0.6, update=0.2)  # interval 2: slower steps, still on the device
+    second = timer.local()
+    assert second["fwd_bwd_s"] == pytest.approx(0.3) and second["optimizer_s"] == pytest.approx(0.1)  # interval 1's
+    made = events.made
+    for m in marks:
+        m.complete = True
+    marks.clear()
+    timed_steps(timer, clock, steps=2)
+    assert timer.local()["fwd_bwd_s"] == pytest.approx(0.6)  # interval 2's
+    assert events.made == made  # its events came back to the pool: no new ones per step
 
 
 def test_an_mfu_above_one_is_no_figure():
