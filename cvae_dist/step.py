@@ -179,6 +179,8 @@ class GraphStep:
         graph, failure = None, None
         try:
             graph = self.capture(lambda: self._body(meter), self.side_stream, self.noise.generator)
+            with self.noise.forked():  # the check below copies the generator a graph now advances
+                pass
         except Exception as e:  # noqa: BLE001 - any failure to capture: train on eagerly, saying why
             failure = f"capture failed: {type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
         if self._any_rank(failure is not None, 0.0)[0]:
