@@ -89,8 +89,11 @@ class RunLogger:
                 self.run_id = self.wandb_run.id
                 print(f"W&B: {_where(self.wandb_run)}", flush=True)
 
-    def log(self, record: dict[str, Any], images: dict[str, torch.Tensor] | None = None) -> None:
-        """Write `record` (scalars; must hold `step`) to metrics.jsonl and W&B; images go to W&B only."""
+    def log(
+        self, record: dict[str, Any], images: dict[str, torch.Tensor] | None = None, at: float | None = None
+    ) -> None:
+        """Write `record` (scalars; must hold `step`) to metrics.jsonl, stamped with the time `at` (default: now), and
+        W&B; images go to W&B only."""
         if not self.enabled:
             return
         record = {k: _plain(v) for k, v in record.items()}
@@ -100,7 +103,7 @@ class RunLogger:
                 return
             images = None
         if self.file is not None:
-            self._append(strict_json.dumps({"time": round(time.time(), 3), **record}) + "\n")
+            self._append(strict_json.dumps({"time": round(at or time.time(), 3), **record}) + "\n")
         if self.wandb_run is not None:
             try:
                 import wandb

@@ -79,6 +79,7 @@ class Sent:
     step: int
     epoch: int
     line: bool
+    time: float  # when it was sent (time.time())
     skipped: int  # a step line's: the steps of its interval (log.every_steps) dropped for non-finite gradients
     read: Callable[[], dict[str, torch.Tensor]]
 
@@ -285,6 +286,7 @@ class Trainer:
                 break
             stopped = self.steps(self.epoch_batches(epoch), self.stop_requested).stopped
             if not stopped and self.state.batches_done < self.parts.steps_per_epoch:  # max_steps, mid-epoch
+                self.record.end_epoch(epoch, self.state.batches_done)  # (what this rank trained of it)
                 stopped = self.settle()
                 self.checkpointer.save(self.state, "max_steps")
                 if not stopped:
@@ -369,7 +371,7 @@ class Trainer:
             values |= self.timer.local()  # (after the read above: on a GPU the previous interval's events are done)
         read = distributed.send(self.accelerator, values)
         skipped = self.meter.start_interval() if line else 0
-        self.sent = Sent(self.state.step, self.state.epoch, line, skipped, read)
+        self.sent = Sent(self.state.step, self.state.epoch, line, time.time(), skipped, read)
         return stopping
 
     def settle(self) -> bool:
@@ -392,7 +394,7 @@ class Trainer:
         step_loss = self.meter.end_interval(gathered, sent.step, self.cfg.log.every_steps, sent.skipped)
         line = {"step": sent.step, "epoch": sent.epoch, "train/step_loss": step_loss,
                 **telemetry.summarise(gathered, sent.step, self.parts.global_batch)}  # fmt: skip
-        self.logger.log(line)
+        self.logger.log(line, at=sent.time)  # (stamped with its interval's end, not the later moment it is read)
         self.lines.append(line)
         self.table.add(gathered)
         if self.progress is not None:

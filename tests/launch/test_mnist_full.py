@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import math
 import os
 import signal
 import subprocess
@@ -71,8 +70,7 @@ def test_two_ranks_full_set_equal_steps_disjoint_ids_loss_falls_export(ddp, mnis
     assert all(0 <= i < 60_000 for i in ids[0] + ids[1])  # the official training digits' ids
     losses = ddp.step_losses()
     assert len(losses) == STEPS // 10 and losses[-1] < 0.6 * losses[0]  # it learns
-    (epoch,) = ddp.epochs()
-    assert epoch["train/epoch_steps"] == STEPS and math.isfinite(epoch["eval/loss_per_image"])
+    assert ddp.epochs() == []  # train.max_steps ends the run inside epoch 1: no epoch line for it
     assert (ddp.run_dir / "model" / "model.safetensors").is_file() and (ddp.run_dir / "model" / "config.json").is_file()
     assert len({r["param_sha256"] for r in ranks}) == 1
 

@@ -173,8 +173,9 @@ def test_sigusr2_to_one_rank_of_a_live_job_profiles_the_same_steps_on_both_and_t
 
 
 def test_a_straggler_and_the_median_rank_are_profiled_and_the_alert_names_their_traces(tmp_path):
-    # 3 ranks, rank 2 sleeps 0.3 s in every step: flagged after 2 slow intervals of 2 steps (step 4); it and the
-    # median rank record steps 6-7 (a warm-up at 5); the third rank records nothing
+    # 3 ranks, rank 2 sleeps 0.3 s in every step: flagged after 2 slow intervals of 2 steps (the line of step 4); it
+    # and the median rank record the 2 steps after a warm-up step that follows the exchange where every rank read that
+    # line (the next one: a stop poll's or step 6's); the third rank records nothing
     overrides = [*QUICK, "log.every_steps=2", "log.straggler_intervals=2", "log.profile_len=2"]
     three = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "3"]
     run = launch(tmp_path, "straggler", three, overrides, fault=("slow", 2, 0.3))
@@ -182,18 +183,21 @@ def test_a_straggler_and_the_median_rank_are_profiled_and_the_alert_names_their_
     (flagged,) = [r for r in lines(run_dir) if r.get("event") == "straggler"]
     assert flagged["step"] == 4 and flagged["ranks"] == [2]
     traces = sorted((run_dir / "profiles").iterdir())
-    assert len(traces) == 2 and traces[1].name == "rank2-steps6-7.pt.trace.json.gz", traces
+    assert len(traces) == 2 and traces[1].name.startswith("rank2-steps"), traces
+    first, last = map(int, traces[1].name.removeprefix("rank2-steps").removesuffix(".pt.trace.json.gz").split("-"))
+    assert 6 <= first <= 8 and last == first + 1, traces  # read at step 5 or 6, a warm-up step, then 2 steps
+    window = f"steps{first}-{last}"
     median = int(traces[0].name.removeprefix("rank").split("-")[0])
-    assert median in (0, 1)
+    assert median in (0, 1) and traces[0].name == f"rank{median}-{window}.pt.trace.json.gz"
     for path in traces:
-        assert_trace_of_steps(path, range(6, 8))
-    assert flagged["traces"] == [str(run_dir / f"profiles/rank{r}-steps6-7.pt.trace.json.gz") for r in (median, 2)]
+        assert_trace_of_steps(path, range(first, last + 1))
+    assert flagged["traces"] == [str(run_dir / f"profiles/rank{r}-{window}.pt.trace.json.gz") for r in (median, 2)]
     (alert,) = read_run(run_dir).alerts
     for path in flagged["traces"]:
         assert path in alert["text"]
-    assert f"profiling steps 6-7 on ranks {median}, 2" in alert["text"]
+    assert f"profiling steps {first}-{last} on ranks {median}, 2" in alert["text"]
     (event,) = [r for r in lines(run_dir) if r.get("event") == "profile"]
-    assert event["trigger"] == "straggler" and event["ranks"] == [median, 2] and event["steps"] == [6, 7]
+    assert event["trigger"] == "straggler" and event["ranks"] == [median, 2] and event["steps"] == [first, last]
     # the slow rank's own trace shows where its time went: the sleep sits inside its steps, not in an operator
     marked = steps_in(trace_events(traces[1]))
     assert all(end - start >= 0.3e6 for start, end in marked.values()), marked
