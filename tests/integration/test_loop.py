@@ -1,6 +1,9 @@
 """The loop's events in one process: when exchanges are read, where `train.max_steps` leaves a run, what every way
 out releases, and what the end-of-run table says of a run too short to measure (trainer.py)."""
 
+import subprocess
+import sys
+
 import pytest
 from support.checks import epoch_losses, step_losses
 from support.launching import DEBUG
@@ -57,10 +60,14 @@ def test_the_run_lock_is_released_when_closing_the_step_raises(tmp_path, monkeyp
         raise RuntimeError("close failed")
 
     monkeypatch.setattr(step_module.EagerStep, "close", close)
-    with pytest.raises(RuntimeError, match="close failed"):
+    with pytest.raises(RuntimeError, match="close failed") as failed:
         run(tmp_path, "locked", "train.max_steps=2")
+    # another process could take the lock now (a lock this process held would be its own to take again)
+    take = "import fcntl, sys; fcntl.lockf(open(sys.argv[1], 'a'), fcntl.LOCK_EX | fcntl.LOCK_NB)"
+    assert subprocess.run([sys.executable, "-c", take, str(tmp_path / "locked" / ".lock")]).returncode == 0
+    del failed  # (its traceback holds the run's parts)
     monkeypatch.undo()
-    run(tmp_path, "locked", "train.max_steps=4", "resume=auto")  # the lock is free: the run continues
+    run(tmp_path, "locked", "train.max_steps=4", "resume=auto")  # and the run continues
 
 
 def test_a_run_too_short_for_a_step_line_prints_n_a_not_nan(tmp_path, capsys):
