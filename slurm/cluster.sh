@@ -152,6 +152,22 @@ all_up() {
     munged_pid >/dev/null && ctld_pid >/dev/null && slurmd_pid node1 >/dev/null && slurmd_pid node2 >/dev/null
 }
 
+# A start killed with its jobs (a CI runner's session ended) leaves them RUNNING in the saved state: the new
+# slurmctld recovers them and holds their nodes for good, while slurmd has purged their scripts. Cancel each
+# recovered job whose batch step (a "slurmstepd: [ID.batch]" process) is gone; a job that still runs stays.
+cancel_orphans() {
+    local ids="" i id
+    for i in $(seq 100); do # the new controller answers within a few seconds
+        ids=$(squeue -h -t running,completing,configuring -o '%A' 2>/dev/null) && break
+        sleep 0.3
+    done
+    for id in $ids; do
+        pgrep -f "^slurmstepd: \\[$id\\." >/dev/null && continue
+        say "cancelling job $id: recovered from an earlier start, its batch step is gone"
+        scancel "$id" 2>/dev/null || true
+    done
+}
+
 cmd_start() {
     [[ $(id -u) -eq 0 ]] || die "the test cluster runs its daemons as root: run as root" 3
     mkdir -p "$STATE"/{state,log,spool/node1,spool/node2}
@@ -164,9 +180,11 @@ cmd_start() {
     fi
     install_slurm
     # rewrite the config only while slurmctld is down: a running controller keeps the one it read
-    ctld_pid >/dev/null || write_conf
+    local fresh=0
+    ctld_pid >/dev/null || { write_conf; fresh=1; }
     start_munge
     start_daemons
+    ((fresh)) && cancel_orphans
     wait_ready
     say "running: node1 and node2 idle (config $CONF, logs $STATE/log)"
 }

@@ -11,10 +11,11 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
-from support.slurm_cluster import Job, SlurmCluster, slurm_cluster  # noqa: F401  (the fixture)
+from support.slurm_cluster import Job, SlurmCluster, cluster_sh, slurm_cluster  # noqa: F401  (the fixture)
 from support.wandb_offline import read_run
 
 pytestmark = pytest.mark.slurm
@@ -264,3 +265,34 @@ def test_refused_restart_after_preemption_is_not_requeued(slurm_cluster: SlurmCl
     rows = slurm_cluster.accounting(job.id)  # one row per run: the requeued one, then the refused one
     assert len(rows) == 2 and rows[-1] == "FAILED", rows
     assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"  # the refusal wrote nothing
+
+
+def test_a_start_after_a_killed_one_frees_the_nodes_its_jobs_held(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
+    # A test session killed with a job running (a CI runner's session ended) leaves the job RUNNING in the saved
+    # state; the next start recovered it and node1 stayed allocated for good, so a 2-node job never started.
+    def submit(*sbatch: str) -> str:
+        cmd = ["sbatch", "--parsable", f"--output={tmp_path}/%j.out", *sbatch]
+        return subprocess.run(cmd, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+    held = submit("-w", "node1", "--wrap", "sleep 617")
+    slurm_cluster.wait(
+        Job(held, tmp_path / f"{held}.out"), timeout=60, until=lambda j: slurm_cluster.state(j.id) == "RUNNING"
+    )
+    # the job's processes and the slurmds die at once, as in a killed session; slurmctld saves its state on TERM
+    state_dir = Path(os.environ.get("CVAE_SLURM_DIR", "/tmp/cvae-slurm"))
+    ctld, *slurmds = (
+        int((state_dir / f"{name}.pid").read_text()) for name in ("slurmctld", "slurmd-node1", "slurmd-node2")
+    )
+    steps = subprocess.run(["pgrep", "-f", rf"^slurmstepd: \[{held}\.|^sleep 617$"], capture_output=True, text=True)
+    for pid in slurmds + [int(p) for p in steps.stdout.split()]:
+        os.kill(pid, signal.SIGKILL)
+    os.kill(ctld, signal.SIGTERM)
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{ctld}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+    res = cluster_sh("start", 300)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"cancelling job {held}" in res.stdout, res.stdout
+    both = submit("-N", "2", "--wrap", "true")
+    assert slurm_cluster.wait(Job(both, tmp_path / f"{both}.out"), timeout=90) == "COMPLETED"

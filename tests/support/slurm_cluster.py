@@ -22,7 +22,7 @@ CANNOT_HOST = 3  # cluster.sh: "this machine cannot host the cluster"
 TERMINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 
 
-def _cluster(action: str, timeout: float) -> subprocess.CompletedProcess:
+def cluster_sh(action: str, timeout: float) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", str(CLUSTER_SH), action], capture_output=True, text=True, timeout=timeout, cwd=REPO)
 
 
@@ -91,8 +91,8 @@ def slurm_cluster():
         pytest.skip("no bash: the local Slurm cluster cannot be set up")
     if os.geteuid() != 0 and shutil.which("slurmctld") is None:
         pytest.skip("Slurm is not installed and installing it (apt-get) needs root")
-    was_running = _cluster("status", 60).returncode == 0
-    res = _cluster("start", 300)
+    was_running = cluster_sh("status", 60).returncode == 0
+    res = cluster_sh("start", 300)
     if res.returncode == CANNOT_HOST:
         pytest.skip(f"this machine cannot host the local Slurm cluster: {(res.stderr or res.stdout).strip()}")
     if res.returncode != 0:
@@ -101,4 +101,4 @@ def slurm_cluster():
         yield SlurmCluster()
     finally:
         if not was_running:
-            _cluster("stop", 120)
+            cluster_sh("stop", 120)
