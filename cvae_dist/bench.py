@@ -407,7 +407,8 @@ def _run_worker(args, kind: str, extra: list[str], launcher: list[str] | None = 
                *(["--compile", args.compile] if args.compile else []),
                *(["--batch", str(args.batch)] if args.batch is not None else []), *args.overrides, *extra,
                f"output_dir={tmp}"]  # fmt: skip
-        timeout = 300 + (args.trials + 1) * (args.seconds + args.warmup) * 6
+        # (a hang's bound, not a speed bar: a trial also runs until its step lines, 15 s and more in emulated bf16)
+        timeout = 300 + (args.trials + 1) * (args.seconds + args.warmup + 60) * 6
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0 or not out.is_file():
