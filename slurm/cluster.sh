@@ -2,7 +2,8 @@
 # A local Slurm cluster for testing the sbatch scripts: one host, two emulated nodes (node1, node2).
 #
 #   bash slurm/cluster.sh start    # install slurm-wlm + munge if missing, write the config, start the daemons,
-#                                  # wait until `sinfo` shows node1 and node2 idle; a no-op when already up
+#                                  # cancel the jobs a killed earlier start left "running", wait until `sinfo`
+#                                  # shows node1 and node2 idle; a no-op when already up
 #   bash slurm/cluster.sh status   # the daemons and `sinfo`; exit 0 when all are up, 1 otherwise
 #   bash slurm/cluster.sh stop     # stop the daemons by pid; a no-op when stopped (jobs' steps are left alone)
 #

@@ -102,7 +102,9 @@ def test_ctrl_c_after_the_first_epoch_checkpoints_and_stops(tmp_path, ddp):
     proc.wait(timeout=120)
     out = output(tmp_path, "run")
     step = assert_interrupted(run_dir, 45)
-    assert step > 15, "stopped in epoch 2, after the signal"
+    # after the signal: at epoch 1's end (it landed between the epoch line and the epoch's stop poll, a window that
+    # a busy machine widens) or in epoch 2
+    assert step >= 15, "stopped before the signal"
     assert "Ctrl-C: checkpointing after the step in progress" in out
     if ddp:  # torchrun exits 1 whatever its workers said: status.json carries the code
         assert proc.returncode != 0
