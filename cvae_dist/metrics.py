@@ -103,7 +103,7 @@ class RunLogger:
                 return
             images = None
         if self.file is not None:
-            self._append(strict_json.dumps({"time": round(at or time.time(), 3), **record}) + "\n")
+            self._append(strict_json.dumps({"time": round(time.time() if at is None else at, 3), **record}) + "\n")
         if self.wandb_run is not None:
             try:
                 import wandb
