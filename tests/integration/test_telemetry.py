@@ -1,12 +1,14 @@
 """MFU a user can trust: a machine busy while the run starts does not inflate it (telemetry.py)."""
 
 import contextlib
+import json
 import math
 import os
 import subprocess
 import sys
 import time
 
+import pytest
 from support.checks import lines
 from support.launching import DEBUG
 
@@ -30,7 +32,8 @@ def cpu_hogs(n: int):
 
 def test_a_machine_busy_while_the_run_starts_does_not_inflate_mfu(tmp_path, monkeypatch):
     # Twice as many spinning processes as cores while the trainer works out the device's peak (at start, once),
-    # then a quiet machine for the training: MFU stays what this model reaches on a CPU (about 0.1-0.35), below 0.4,
+    # then a quiet machine for the training: every MFU is the line's img/s against the peak a quiet machine gives
+    # (a quiet 2-core EPYC reached 0.44 in CI, 2026-12-07: an absolute bound only measured the CPU's boost clock),
     # and every figure is a number or null (the autouse strict_json_files check reads every file strictly).
     peak_flops, busy = telemetry.peak_flops, []
 
@@ -44,7 +47,10 @@ def test_a_machine_busy_while_the_run_starts_does_not_inflate_mfu(tmp_path, monk
                                        "log.wandb=disabled", f"output_dir={tmp_path}", "run_name=run"]))  # fmt: skip
     mfu = [r[k] for r in lines(result.run_dir) for k in r if k.endswith("/mfu")]
     assert len(mfu) == 2 * 3 and all(m is not None for m in mfu), mfu  # rank/0/mfu and throughput/mfu per step line
-    assert all(0 < m < 0.4 for m in mfu), mfu
-    assert all(math.isfinite(m) for m in mfu)
+    assert all(math.isfinite(m) and 0 < m <= 1 for m in mfu), mfu
     (args, (peak, source)), *_ = busy
     assert peak_flops(*args) == (peak, source) and source.startswith("cpu:"), source  # the same on a quiet machine
+    flops = json.loads((result.run_dir / "ranks" / "rank0.json").read_text())["flops_per_image"]
+    for r in lines(result.run_dir):
+        if "rank/0/mfu" in r:
+            assert r["rank/0/mfu"] == pytest.approx(r["rank/0/img_per_s"] * flops / peak, rel=1e-4), r
