@@ -175,35 +175,43 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
 
     import torch
 
-    from cvae_dist import checkpoint, distributed, trainer
+    from cvae_dist import build, distributed
     from cvae_dist.config import load_config
+    from cvae_dist.faults import StopSignal
 
     cfg = load_config(REPO / "configs" / "debug.yaml", [*sizes.recipe[2:], f"output_dir={out / 'runs'}",
                       "run_name=in-process", "log.every_steps=1000", "train.precision=bf16"])  # fmt: skip
-    parts = trainer.prepare(cfg)
-    checkpoint.write_run_dir(parts.dir, cfg, parts.setup.accelerator)
-    run = trainer.Trainer(parts)
-    try:
-        batches = run.stream.epoch(1, parts.steps_per_epoch)
+    run = build.build(cfg)
+    with contextlib.ExitStack() as finally_:
+        finally_.callback(run.accelerator.end_training)
+        stop = finally_.enter_context(StopSignal())
+        finally_.enter_context(run.opened(stop))
+        batches = run.stream.epoch(1, run.steps_per_epoch)
+
+        def steps(n: int) -> None:  # the loop's work of each step, as `train` does it
+            for batch in run.monitor.batches(itertools.islice(batches, n), 1, run.steps_per_epoch, 0):
+                with run.monitor.step(run.state.step + 1):
+                    run.step(batch.pixels.to(run.accelerator.device, non_blocking=True), run.meter)
+                run.monitor.stepped(batch.ids)
+                run.state.step += 1
+
         warm = 5 if sizes.gpu else 2  # on a GPU past the graph's warm-up (3 eager steps) and its capture
-        run.steps(itertools.islice(batches, warm), lambda: False)
-        run.settle()  # (the warm-up's last exchange)
-        steady = min(20, parts.steps_per_epoch - warm - 1)  # (and one batch left for the two steps below)
-        run.poll.next = run.state.step + steady + 1  # no step line and no stop poll in the window: they read
+        steps(warm)
+        steady = min(20, run.steps_per_epoch - warm - 1)  # (and one batch left for the two steps below)
         sync_checked = torch.cuda.is_available()
         with sync_errors(sync_checked):  # any call that waits for the GPU raises
-            run.steps(itertools.islice(batches, steady), lambda: False)
+            steps(steady)
             read = distributed.send(run.accelerator, {**run.meter.local(), **run.poll.local(False, run.state.step)})
         assert read()["stop"].tolist() == [0.0]  # the exchange's read is where it waits, and only there
-        steps = warm + steady
+        taken = warm + steady
         model = run.accelerator.unwrap_model(run.model)
         counts = {
             name: int(m.num_batches_tracked) for name, m in model.named_modules() if hasattr(m, "num_batches_tracked")
         }
         adam_steps = {int(s["step"]) for s in run.optimizer.state_dict()["state"].values()}
-        assert set(counts.values()) == {steps}, f"BatchNorm counted {counts}, not {steps}"
-        assert adam_steps == {steps}, f"AdamW's step is {adam_steps}, not {steps}"
-        assert int(run.meter.step) == steps, f"the meter counted {int(run.meter.step)}, not {steps}"
+        assert set(counts.values()) == {taken}, f"BatchNorm counted {counts}, not {taken}"
+        assert adam_steps == {taken}, f"AdamW's step is {adam_steps}, not {taken}"
+        assert int(run.meter.step) == taken, f"the meter counted {int(run.meter.step)}, not {taken}"
         # lr 0, set where the step reads it (in place: a graph reads that very tensor), then the same input twice:
         # the weights must stay as they are (the lr is not baked into the graph) and the losses differ (new noise;
         # BatchNorm normalises with the batch's own statistics, so nothing else can change the loss)
@@ -228,13 +236,10 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
             else:
                 group["lr"] = lr
         assert run.step.mode == expected_mode(sizes), f"the step ran as {run.step.mode}: {run.step.check}"
-        return {"steps": steps, "step_mode": run.step.mode, "graph_check": run.step.check,
+        return {"steps": taken, "step_mode": run.step.mode, "graph_check": run.step.check,
                 "sync_debug_mode": sync_checked,
                 "capturable": [g["capturable"] for g in run.optimizer.param_groups],
                 "lr_is_tensor": isinstance(lrs[0], torch.Tensor), "two_losses_at_lr0": losses}  # fmt: skip
-    finally:
-        parts.step.close()
-        parts.setup.accelerator.end_training()
 
 
 @contextlib.contextmanager

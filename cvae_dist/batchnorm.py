@@ -99,12 +99,11 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
     one), so that path can be tested, and captured in a CUDA graph, on one device; training runs are unchanged by it,
     as the trainer converts a model only at world > 1 (`Setup.global_batchnorm`)."""
 
-    process_group: dist.ProcessGroup | None = None
-    on_collective: Callable[[], ContextManager] | None = None  # telemetry: a context around each all-reduce
-
-    def __init__(self, *args, process_group: dist.ProcessGroup | None = None, **kwargs):
+    def __init__(self, *args, process_group: dist.ProcessGroup | None = None,
+                 on_collective: Callable[[], ContextManager] | None = None, **kwargs):  # fmt: skip
+        """`on_collective`: a context around each all-reduce (telemetry times what this rank waits in)."""
         super().__init__(*args, **kwargs)
-        self.process_group = process_group
+        self.process_group, self.on_collective = process_group, on_collective
 
     def _global(self) -> bool:
         return self.training and dist.is_available() and dist.is_initialized()
@@ -132,7 +131,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         )
 
 
-def use_global_batchnorm(module: nn.Module) -> nn.Module:
+def use_global_batchnorm(module: nn.Module, on_collective: Callable[[], ContextManager] | None = None) -> nn.Module:
     """Replace every nn.BatchNorm2d under `module` in place by a GlobalBatchNorm2d sharing its parameter and buffer
     tensors; returns `module` (a new GlobalBatchNorm2d if `module` itself is one nn.BatchNorm2d)."""
     if isinstance(module, nn.BatchNorm2d) and not isinstance(module, GlobalBatchNorm2d):
@@ -143,6 +142,7 @@ def use_global_batchnorm(module: nn.Module) -> nn.Module:
             module.affine,
             module.track_running_stats,
             device="meta",  # every tensor is replaced by the old module's below
+            on_collective=on_collective,
         )
         for name, tensor in (*module._parameters.items(), *module._buffers.items()):
             setattr(new, name, tensor)
@@ -151,7 +151,7 @@ def use_global_batchnorm(module: nn.Module) -> nn.Module:
             new.qconfig = module.qconfig
         return new
     for name, child in module.named_children():
-        converted = use_global_batchnorm(child)
+        converted = use_global_batchnorm(child, on_collective)
         if converted is not child:
             setattr(module, name, converted)
     return module

@@ -103,7 +103,7 @@ def config_sections() -> str:
 
 def _train(args: argparse.Namespace) -> int:
     from cvae_dist.config import load_config
-    from cvae_dist.trainer import train
+    from cvae_dist.train import train
 
     train(load_config(args.config, args.overrides))
     return 0

@@ -104,23 +104,15 @@ class LogConfig:
     group: str | None = None
     every_steps: int = 10  # console / metrics.jsonl step-line interval
     images_every_epochs: int = 1
-    wandb_per_rank: bool = False  # also one W&B run per rank (same group), for W&B's per-process system charts
     sample_ids: bool = False  # record each rank's example ids per epoch in ranks/rank<r>.json (data audits)
     telemetry: bool = True  # per-step phase timers and DDP wait hooks; off: step lines keep loss and img/s only
-    peak_tflops: float | None = None  # device peak for MFU; default: GPU table, or the CPU's flags, clock, threads
+    peak_tflops: float | None = None  # device peak for MFU; default: the GPU table (a CPU: MFU is n/a)
     straggler_fraction: float = 0.8  # a rank below this fraction of the median img/s ...
     straggler_intervals: int = 3  # ... for this many intervals in a row is flagged
-    straggler_alert_every_s: float = 300.0  # at most one W&B alert (and straggler profile) per this many seconds
-    # Profiling (cvae_dist/profiling.py): "A-B" records steps A..B on every rank with torch.profiler (a warm-up step
-    # before A) into profiles/ in the run directory; SIGUSR2 (to any rank) profiles the next `profile_len` steps on
-    # every rank; a rank flagged as a straggler is profiled with the median rank (`profile_stragglers`).
+    # torch.profiler: "A-B" records steps A..B on every rank into profiles/; SIGUSR2 to any rank profiles the next
+    # `profile_len` steps on every rank.
     profile_steps: str | None = None
     profile_len: int = 5
-    profile_stragglers: bool = True
-    # On CUDA, record the allocator's history (Python stacks, the last 100,000 events) from the start, so that the
-    # memory snapshot written on an out-of-memory error shows what led to it (costs time per allocation). Off: the
-    # snapshot holds the allocator's state at the error (and profile windows record their own history).
-    memory_history: bool = False
 
 
 @dataclass
@@ -224,7 +216,6 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log.peak_tflops": (lambda v: v is None or _finite(0, above=True)(v), "a finite number above 0 (or null)"),
     "log.straggler_fraction": (lambda v: 0 < v <= 1, "above 0 and at most 1 (a fraction of the median img/s)"),
     "log.straggler_intervals": (lambda v: v > 0, "positive"),
-    "log.straggler_alert_every_s": (_finite(0), "a finite number of seconds, 0 or more"),
     "log.profile_steps": (lambda v: v is None or step_range(v) is not None,
                           "a step range A-B with 1 <= A <= B, e.g. 20-25 (or null: no fixed range)"),
     "log.profile_len": (lambda v: v > 0, "a positive number of steps"),

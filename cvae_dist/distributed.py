@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib.metadata
 import os
 import socket
-import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -200,6 +199,9 @@ def make_accelerator(cfg: JobConfig) -> Setup:
             f"{accelerator.distributed_type.value}); on a CPU-only machine use launch/ddp_cpu.yaml"
         )
     deepspeed = is_deepspeed(accelerator)
+    if deepspeed and cfg.train.on_nonfinite is NonFinite.skip:
+        raise ConfigError("train.on_nonfinite=skip is not available under DeepSpeed (its engine steps inside "
+                          "backward); accepted there: error")  # fmt: skip
     zero = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else 0
     dynamo = accelerator.state.dynamo_plugin.backend.value
     eager_reason = _eager_reason(cfg, accelerator.device.type, deepspeed, precision, dynamo)
@@ -330,41 +332,21 @@ def send(accelerator: Accelerator, values: dict[str, torch.Tensor | float]) -> C
     return read
 
 
-class StopPoll:
-    """Whether any rank was asked to stop, between step lines too: every rank sends its answer in a one-collective
-    exchange about every POLL_S seconds, at steps all ranks work out alike (from the slowest rank's pace, as
-    gathered), so a stop request waits about that long whatever log.every_steps is. A step line's exchange carries it
-    as well.
+class Exchange:
+    """The interval's one collective, double-buffered: `send` enqueues this interval's figures and `settle` reads
+    the last one sent (by the next interval its gather has completed while the device kept working), with the tags
+    it was sent with."""
 
-    `requests` rides along in the same exchanges (a `profiling.Profiler`): its `local()` fields are added to this
-    rank's part, and `agree(gathered, step)` sees every rank's at the same step on every rank, so a SIGUSR2 to one
-    rank becomes a profile of the same steps on all of them without a collective of its own."""
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator, self.pending = accelerator, None
 
-    POLL_S = 1.0
+    def send(self, values: dict[str, torch.Tensor | float], tags) -> None:
+        self.pending = (tags, send(self.accelerator, values))
 
-    def __init__(self, step: int, requests=None):
-        self.next, self.gap = step + 1, 1  # the first poll learns the pace
-        self.since, self.since_step = time.perf_counter(), step
-        self.requests = requests
-
-    def due(self, step: int) -> bool:
-        return step >= self.next
-
-    def local(self, requested: bool, step: int) -> dict[str, float]:
-        """This rank's part of the exchange sent at `step`; the next poll is due `gap` steps on."""
-        now = time.perf_counter()
-        pace = (now - self.since) / max(step - self.since_step, 1)
-        self.since, self.since_step, self.next = now, step, step + self.gap
-        extra = self.requests.local() if self.requests is not None else {}
-        return {"stop": float(requested), "poll/seconds_per_step": pace, **extra}
-
-    def polled(self, gathered: dict[str, torch.Tensor], step: int) -> bool:
-        """An exchange read at `step`: the polls' spacing from the slowest rank's pace (and the requests agreed);
-        true where some rank asked to stop."""
-        self.gap = max(1, int(self.POLL_S / max(gathered["poll/seconds_per_step"].max().item(), 1e-6)))
-        if self.requests is not None:
-            self.requests.agree(gathered, step)
-        return bool(gathered["stop"].any())
+    def settle(self):
+        """(tags, every rank's figures) of the exchange on its way, or None where none is."""
+        pending, self.pending = self.pending, None
+        return None if pending is None else (pending[0], pending[1]())
 
 
 # ---------------------------------------------------------------------------------------------- who and where

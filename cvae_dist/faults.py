@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -146,6 +148,44 @@ def _leave_closed_terminal() -> None:
             except OSError:
                 os.dup2(null, fd)
         os.close(null)
+
+
+def resume_command(cfg) -> str:
+    """The command that continues this run: this launch's arguments, with the run's name and resume=auto."""
+    args = sys.argv[1:]
+    args = args[args.index("train") + 1 :] if "train" in args else args
+    kept = [a for a in args if not a.startswith(("run_name=", "resume="))]
+    command = shlex.join(["cvae-dist", "train", *kept, f"run_name={cfg.run_name}", "resume=auto"])
+    launched = "LOCAL_RANK" in os.environ  # under accelerate launch / torchrun: the same launcher again
+    return f"{command} (under the same launcher)" if launched else command
+
+
+class StopPoll:
+    """Whether any rank was asked to stop, between step lines too: every rank sends its answer in a one-collective
+    exchange about every POLL_S seconds, at steps all ranks work out alike (from the slowest rank's pace, as
+    gathered), so a stop request waits about that long whatever log.every_steps is. A step line's exchange carries it
+    as well."""
+
+    POLL_S = 1.0
+
+    def __init__(self, step: int):
+        self.next, self.gap = step + 1, 1  # the first poll learns the pace
+        self.since, self.since_step = time.perf_counter(), step
+
+    def due(self, step: int) -> bool:
+        return step >= self.next
+
+    def local(self, requested: bool, step: int) -> dict[str, float]:
+        """This rank's part of the exchange sent at `step`; the next poll is due `gap` steps on."""
+        now = time.perf_counter()
+        pace = (now - self.since) / max(step - self.since_step, 1)
+        self.since, self.since_step, self.next = now, step, step + self.gap
+        return {"stop": float(requested), "poll/seconds_per_step": pace}
+
+    def polled(self, gathered: dict) -> bool:
+        """An exchange read: the polls' spacing from the slowest rank's pace; true where some rank asked to stop."""
+        self.gap = max(1, int(self.POLL_S / max(gathered["poll/seconds_per_step"].max().item(), 1e-6)))
+        return bool(gathered["stop"].any())
 
 
 class ProfileSignal:

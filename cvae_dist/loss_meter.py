@@ -14,7 +14,7 @@ class LossMeter:
     not finite, and the steps dropped by `train.on_nonfinite=skip`; plus every rank's sums as of the last
     exchange, which is what a checkpoint saves (`to_state`) and a resumed run starts from (`from_state`)."""
 
-    NAMES = ("loss/interval", "loss/epoch", "loss/first_bad")
+    NAMES = ("loss/interval", "loss/epoch", "loss/first_bad")  # (and loss/skipped, a host count)
 
     def __init__(self, device: torch.device, rank: int, step: int, state: dict | None = None, world_size: int = 1):
         state = state or {}
@@ -53,25 +53,25 @@ class LossMeter:
 
     def local(self) -> dict[str, torch.Tensor]:
         """This rank's figures for the interval's exchange."""
-        return dict(zip(self.NAMES, (self.interval, self.epoch, self.first_bad), strict=True))
+        sums = dict(zip(self.NAMES, (self.interval, self.epoch, self.first_bad), strict=True))
+        return sums | {"loss/skipped": float(self.interval_skipped)}  # (the same on every rank: a global verdict)
 
     def note(self, gathered: dict[str, torch.Tensor]) -> None:
         """Between step lines: every rank's sums as of this exchange, for a checkpoint taken now."""
         self.epoch_sums, self.interval_sums = gathered["loss/epoch"].tolist(), gathered["loss/interval"].tolist()
 
-    def start_interval(self) -> int:
+    def start_interval(self) -> None:
         """A step line's exchange has taken this interval's sums: the next interval starts from zero (in place, on
-        the device). Returns the steps the ended interval skipped."""
+        the device)."""
         self.interval.zero_()
-        skipped, self.interval_skipped = self.interval_skipped, 0
-        return skipped
+        self.interval_skipped = 0
 
-    def end_interval(self, gathered: dict[str, torch.Tensor], step: int, steps: int, skipped: int) -> float:
-        """A step line's exchange, read (its interval: `steps` steps ending at `step`, `skipped` of them dropped):
-        check every rank's sums are finite and return the mean summed loss of the interval's trained steps."""
+    def end_interval(self, gathered: dict[str, torch.Tensor], step: int, steps: int) -> float:
+        """A step line's exchange, read (its interval: `steps` steps ending at `step`): check every rank's sums are
+        finite and return the mean summed loss of the interval's trained steps."""
         check_finite(gathered["loss/interval"], gathered["loss/first_bad"], step - steps + 1, step)
         self.epoch_sums, self.interval_sums = gathered["loss/epoch"].tolist(), []
-        return gathered["loss/interval"].sum().item() / max(steps - skipped, 1)
+        return gathered["loss/interval"].sum().item() / max(steps - int(gathered["loss/skipped"].max()), 1)
 
     def end_epoch(self, gathered: dict[str, torch.Tensor], step: int, steps: int) -> float:
         """At an epoch's end (after its `steps` steps): check, and return the epoch's loss, the mean per-batch summed

@@ -48,11 +48,8 @@ def resolve_wandb_mode(mode: WandbMode) -> str:
 
 
 class RunLogger:
-    """Appends one JSON object per event to metrics.jsonl and mirrors scalars and images to W&B.
-
-    The main process writes metrics.jsonl and the job's W&B run. With `log.wandb_per_rank`, every rank also
-    has a W&B run of its own in the job's group (W&B's per-process system charts), logging its `rank/<r>/*`.
-    """
+    """Appends one JSON object per event to metrics.jsonl and mirrors scalars and images to W&B (main process
+    only: on the other ranks every method does nothing)."""
 
     def __init__(
         self,
@@ -63,29 +60,23 @@ class RunLogger:
         resume_id: str | None = None,
         resume_step: int | None = None,
     ):
-        self.is_main = rank == 0
+        self.is_main = self.enabled = rank == 0
         self.run_name = run_dir.name
-        self.enabled = self.is_main or cfg.log.wandb_per_rank
         self.wandb_run, self.file = None, None
         self.run_id = resume_id
-        self.own_prefix = f"rank/{rank}/" if not self.is_main else None  # what a per-rank run logs
         if not self.enabled:
             return
         self.path = run_dir / "metrics.jsonl"
-        if self.is_main and resume_step is not None:
+        if resume_step is not None:
             # a restart before the first checkpoint has no saved id: the run's first attempt logged it
             self.run_id = resume_id = resume_id or _recorded_run_id(self.path)
             _truncate_after(self.path, resume_step)
-        self.file = self.path.open("ab", buffering=0) if self.is_main else None  # each line written whole, at once
+        self.file = self.path.open("ab", buffering=0)  # each line written whole, at once
         mode = resolve_wandb_mode(cfg.log.wandb)
         if mode != "disabled":
-            name, run_id = run_dir.name, resume_id
-            if cfg.log.wandb_per_rank:  # ids derived from the run directory: a resumed job continues each run
-                name = f"{run_dir.name}-rank{rank}"
-                run_id = hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:12] + f"-rank{rank}"
-            config = {**to_dict(cfg), **run_config, "rank": rank}
-            self.wandb_run = _init_wandb(run_dir, cfg, config, mode, run_id, name)
-            if self.wandb_run is not None and self.is_main:
+            config = {**to_dict(cfg), **run_config}
+            self.wandb_run = _init_wandb(run_dir, cfg, config, mode, resume_id, run_dir.name)
+            if self.wandb_run is not None:
                 self.run_id = self.wandb_run.id
                 print(f"W&B: {_where(self.wandb_run)}", flush=True)
 
@@ -97,11 +88,6 @@ class RunLogger:
         if not self.enabled:
             return
         record = {k: _plain(v) for k, v in record.items()}
-        if self.own_prefix is not None:  # a per-rank run: this rank's series only
-            record = {k: v for k, v in record.items() if k.startswith(self.own_prefix) or k in ("step", "images_seen")}
-            if len(record) <= 2:
-                return
-            images = None
         if self.file is not None:
             self._append(strict_json.dumps({"time": round(time.time() if at is None else at, 3), **record}) + "\n")
         if self.wandb_run is not None:
@@ -141,7 +127,7 @@ class RunLogger:
 
     def reconstruction_table(self, originals, reconstructions, labels, step: int) -> None:
         """A W&B table `eval/reconstructions`: label, held-out digit, its reconstruction."""
-        if not self.is_main or self.wandb_run is None:
+        if self.wandb_run is None:
             return
         try:
             import wandb
@@ -153,20 +139,10 @@ class RunLogger:
         except Exception as e:  # noqa: BLE001
             log.warning("W&B table failed: %s", e)
 
-    def alert(self, title: str, text: str) -> None:
-        """A W&B alert (recorded in offline runs too); the console line is the caller's."""
-        if self.is_main and self.wandb_run is not None:
-            try:
-                import wandb
-
-                self.wandb_run.alert(title=title, text=text, level=wandb.AlertLevel.WARN)
-            except Exception as e:  # noqa: BLE001
-                log.warning("W&B alert failed: %s", e)
-
     def artifact(self, kind: str, files: dict[str, Path], metadata: dict[str, Any], aliases: list[str] = ()) -> None:
         """A W&B artifact `<kind>-<run>` of type `kind` holding `files` ({name in the artifact: path}; those this
         process cannot see are left out), with `metadata`; a new version each call. Offline runs record it too."""
-        if not self.is_main or self.wandb_run is None:
+        if self.wandb_run is None:
             return
         present = {name: path for name, path in files.items() if Path(path).is_file()}
         if not present:
@@ -183,7 +159,7 @@ class RunLogger:
             log.warning("W&B artifact %s failed: %s", kind, e)
 
     def summary(self, values: dict[str, Any]) -> None:
-        if self.is_main and self.wandb_run is not None:
+        if self.wandb_run is not None:
             self.wandb_run.summary.update({k: _plain(v) for k, v in values.items()})
 
     def close(self) -> None:

@@ -231,7 +231,8 @@ def _state_tensors(eager: EagerStep, meter) -> list[torch.Tensor]:
     """Everything a step changes in place: weights, buffers (BatchNorm's), AdamW's state, the meter's sums."""
     model = eager.accelerator.unwrap_model(eager.model)
     optimizer_state = [t for s in eager.optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
-    return [*model.parameters(), *model.buffers(), *optimizer_state, *meter.local().values(), meter.step]
+    sums = [v for v in meter.local().values() if isinstance(v, torch.Tensor)]
+    return [*model.parameters(), *model.buffers(), *optimizer_state, *sums, meter.step]
 
 
 def _snapshot(eager: EagerStep, meter) -> list[torch.Tensor]:

@@ -65,47 +65,21 @@ def count_flops_per_image(model_cfg, batch: int = 8) -> float:
     return counter.get_total_flops() / batch
 
 
-# FLOPs per cycle per core by the widest units a CPU's flags name, (fp32, bf16/fp16): two fused multiply-add
-# pipes of that width, as the fastest cores have (AMX: 1,024 bf16 FLOPs a cycle). An upper bound whatever the core
-# really issues (Zen 4 runs 512-bit FMAs in two halves): MFU on a CPU errs low, never high.
-CPU_FLOPS_PER_CYCLE = (
-    ("amx_bf16", 64, 1024),
-    ("avx512_bf16", 64, 128),
-    ("avx512f", 64, 64),
-    ("avx2", 32, 32),
-)
-
-
 def peak_flops(device: torch.device, precision: str, configured_tflops: float | None) -> tuple[float, str]:
-    """The device's peak FLOP/s in `precision` (fp32 | bf16 | fp16): configured, from the GPU table, or on a CPU
-    from its flags, its clock and this process's threads (never measured: a busy machine would make it low and
-    every MFU after it high). NaN where it is not known: MFU is then null."""
+    """The device's peak FLOP/s in `precision` (fp32 | bf16 | fp16): configured, or from the GPU table. NaN where it
+    is not known (a CPU, a GPU not in the table): MFU is then null."""
     if configured_tflops:
         return configured_tflops * 1e12, "configured"
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, (half, tf32, fp32) in GPU_PEAK_TFLOPS.items():
-            if key in name:
-                if precision != "fp32":
-                    return half * 1e12, f"table:{key}:{precision}"
-                tf32_used = torch.backends.cudnn.allow_tf32
-                return (tf32 if tf32_used else fp32) * 1e12, f"table:{key}:{'tf32' if tf32_used else 'fp32'}"
-        return float("nan"), f"unknown: {name} is not in the GPU table (set log.peak_tflops)"
-    return cpu_peak_flops(precision, torch.get_num_threads())
-
-
-def cpu_peak_flops(precision: str, threads: int) -> tuple[float, str]:
-    """`threads` cores x the clock /proc/cpuinfo reports (the highest of its cores) x CPU_FLOPS_PER_CYCLE."""
-    from cvae_dist.distributed import _cpuinfo, cpu_flags, hardware_bf16
-
-    flags = cpu_flags()
-    flag, fp32, half = next((row for row in CPU_FLOPS_PER_CYCLE if row[0] in flags), ("sse", 8, 8))
-    per_cycle = half if precision != "fp32" and hardware_bf16("cpu") else fp32
-    clocks = [float(line.split(":")[1]) for line in _cpuinfo().splitlines() if line.startswith("cpu MHz")]
-    if not clocks:
-        return float("nan"), "unknown: no CPU clock in /proc/cpuinfo (set log.peak_tflops)"
-    ghz = max(clocks) / 1e3
-    return threads * ghz * 1e9 * per_cycle, f"cpu:{flag}:{threads}x{ghz:.2f}GHz:{per_cycle}flop/cycle"
+    if device.type != "cuda":
+        return float("nan"), "unknown: no peak for a CPU (set log.peak_tflops)"
+    name = torch.cuda.get_device_name(device)
+    for key, (half, tf32, fp32) in GPU_PEAK_TFLOPS.items():
+        if key in name:
+            if precision != "fp32":
+                return half * 1e12, f"table:{key}:{precision}"
+            tf32_used = torch.backends.cudnn.allow_tf32
+            return (tf32 if tf32_used else fp32) * 1e12, f"table:{key}:{'tf32' if tf32_used else 'fp32'}"
+    return float("nan"), f"unknown: {name} is not in the GPU table (set log.peak_tflops)"
 
 
 def compute_dtype(model: torch.nn.Module, run_forward) -> str:
@@ -216,18 +190,14 @@ class StepTimer:
         """Mark the end of backward (AdamW's step pre-hook) and, under DDP, time what this rank waits for peers in:
         the buffer broadcast that opens each forward, the global BatchNorm's all-reduces, and the end of backward
         after its last gradient bucket went out (DDP's own `allreduce_hook`: the gradients are the same with
-        telemetry on or off). Not for a CUDA graph: no hook runs in a replay."""
-        from cvae_dist.batchnorm import GlobalBatchNorm2d
-
+        telemetry on or off). The global BatchNorm's all-reduces are timed by `waiting`, which `build` gives it.
+        Not for a CUDA graph: no hook runs in a replay."""
         while hasattr(optimizer, "optimizer"):
             optimizer = optimizer.optimizer  # accelerate's wrapper, DeepSpeed's ZeRO optimizer: the AdamW inside
         if isinstance(optimizer, torch.optim.Optimizer):
             optimizer.register_step_pre_hook(lambda *_: self._backward_done())
         if not isinstance(model, torch.nn.parallel.DistributedDataParallel):
             return
-        for module in model.modules():
-            if isinstance(module, GlobalBatchNorm2d):
-                module.on_collective = self.waiting
         model.register_forward_pre_hook(lambda *_: setattr(self, "_arrived", self.marks.now()))
         model.module.register_forward_pre_hook(lambda *_: self._went_on())
         model.register_comm_hook(self, _timed_allreduce)
@@ -340,13 +310,11 @@ def summarise(gathered: dict[str, torch.Tensor], step: int, global_batch: int) -
 
 class StragglerDetector:
     """Ranks whose busy rate completes `straggler_intervals` intervals in a row below `straggler_fraction` of the
-    median (each named once per slow spell), and a rate limit for the W&B alerts about them."""
+    median (each named once per slow spell)."""
 
     def __init__(self, log_cfg, world_size: int):
         self.fraction, self.intervals = log_cfg.straggler_fraction, log_cfg.straggler_intervals
-        self.alert_every_s = log_cfg.straggler_alert_every_s
         self.slow_streak = [0] * world_size
-        self.last_alert = -1e9
 
     def update(self, gathered: dict[str, torch.Tensor]) -> list[int]:
         """The ranks that just became stragglers (none without telemetry's busy rates)."""
@@ -364,12 +332,6 @@ class StragglerDetector:
     def describe(self, ranks: list[int], step: int, identities: list[dict]) -> str:
         names = ", ".join(f"rank {r} ({identities[r]['node']}, machine {identities[r]['machine_rank']})" for r in ranks)
         return f"step {step}: {names} below {self.fraction:.0%} of the median img/s for {self.intervals} intervals"
-
-    def alert_due(self) -> bool:
-        if time.monotonic() - self.last_alert < self.alert_every_s:
-            return False
-        self.last_alert = time.monotonic()
-        return True
 
 
 class RankTable:

@@ -35,7 +35,7 @@ def test_launches_of_one_recipe_in_the_same_second_get_runs_of_their_own(tmp_pat
     # land in the first one's directory (and be refused).
     from accelerate import Accelerator
 
-    from cvae_dist.trainer import _locate_run
+    from cvae_dist.build import _locate_run
 
     accelerator = Accelerator(cpu=True)
     time.sleep(1.05 - time.time() % 1)  # just after a second began: both launches fall within it

@@ -26,7 +26,7 @@ from support.launching import DEBUG
 
 from cvae_dist.checkpoint import CheckpointError, checkpoint_dirs, find_resumable, verify_checkpoint
 from cvae_dist.config import load_config
-from cvae_dist.trainer import train
+from cvae_dist.train import train
 
 # Two epochs of 15 steps of 32 on the 500 held-out digits, a checkpoint every 5 steps.
 COMMON = ["train.epochs=2", "data.train_split=test", "data.batch_size=32", "log.every_steps=5",

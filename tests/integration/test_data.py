@@ -14,7 +14,7 @@ from support.launching import DEBUG, free_port
 
 from cvae_dist.config import load_config
 from cvae_dist.data import SHIPPED_DIR, DataError
-from cvae_dist.trainer import train
+from cvae_dist.train import train
 
 
 def png(size):

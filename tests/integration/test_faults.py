@@ -8,7 +8,7 @@ from support.checks import step_losses
 from support.launching import DEBUG
 
 from cvae_dist.config import load_config
-from cvae_dist.trainer import train
+from cvae_dist.train import train
 
 
 def test_nonfinite_step_can_be_skipped(tmp_path, monkeypatch):

@@ -33,7 +33,7 @@ SIDE = 64  # the debug recipe's image size
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
-    from cvae_dist.trainer import train
+    from cvae_dist.train import train
 
     out = tmp_path_factory.mktemp("runs")
     # fp32 stated: the tests below compare against plain fp32 loops (`auto` may pick bf16 on this CPU)

@@ -1,5 +1,5 @@
 """The loop's events in one process: when exchanges are read, where `train.max_steps` leaves a run, what every way
-out releases, and what the end-of-run table says of a run too short to measure (trainer.py)."""
+out releases, and what the end-of-run table says of a run too short to measure (train.py)."""
 
 import subprocess
 import sys
@@ -9,7 +9,7 @@ from support.checks import epoch_losses, step_losses
 from support.launching import DEBUG
 
 from cvae_dist import step as step_module
-from cvae_dist import trainer
+from cvae_dist import train as trainer
 from cvae_dist.checkpoint import checkpoint_dirs, verify_checkpoint
 from cvae_dist.config import load_config
 
@@ -24,13 +24,14 @@ def test_a_step_line_is_read_at_the_next_exchange_so_no_line_waits_for_its_own_g
     # Every exchange is sent, then read at the next one (a step line's or a stop poll's): a GPU that has queued the
     # interval's steps keeps working through a step line. Only a checkpoint or an epoch's end reads it at once.
     reads = []  # (sent at, read at, a step line's)
-    act = trainer.Trainer.act
+    read = trainer.read
 
-    def spy(self, sent, gathered):
-        reads.append((sent.step, self.state.step, sent.line))
-        return act(self, sent, gathered)
+    def spy(run, seen, started):
+        if seen is not None:
+            reads.append((seen[0].step, run.state.step, seen[0].line))
+        return read(run, seen, started)
 
-    monkeypatch.setattr(trainer.Trainer, "act", spy)
+    monkeypatch.setattr(trainer, "read", spy)
     result = run(tmp_path, "order", "train.max_steps=33", "checkpoint.every_steps=20")
     lines = [(sent, read) for sent, read, line in reads if line]
     assert [sent for sent, _ in lines] == list(range(5, 31, 5))  # every step line, once

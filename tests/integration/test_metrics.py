@@ -13,7 +13,7 @@ from support.wandb_offline import read_run
 def tiny_training(tmp_path, name: str, *overrides: str):
     """In process: one epoch of 3 steps on the 500 held-out digits, a step line per step."""
     from cvae_dist.config import load_config
-    from cvae_dist.trainer import train
+    from cvae_dist.train import train
 
     args = ["train.epochs=1", "data.train_split=test", "log.every_steps=1", "train.precision=fp32"]
     return train(load_config(DEBUG, [*args, f"output_dir={tmp_path}", f"run_name={name}", *overrides]))

@@ -16,7 +16,7 @@ from support.mnist_full import CLI_LINE, MNIST_IDX, TEST_COUNTS, TRAIN_COUNTS, c
 from cvae_dist.config import load_config
 from cvae_dist.data import load_split, parquet_files
 from cvae_dist.prepare_data import MNIST_FILES, read_idx
-from cvae_dist.trainer import train
+from cvae_dist.train import train
 
 MNIST = "configs/mnist.yaml"
 

@@ -12,7 +12,7 @@ from support.wandb_offline import read_run
 from cvae_dist.checkpoint import checkpoint_dirs, verify_checkpoint
 from cvae_dist.config import ConfigError, load_config
 from cvae_dist.model import CVAE
-from cvae_dist.trainer import train
+from cvae_dist.train import train
 
 
 @pytest.fixture(scope="module")

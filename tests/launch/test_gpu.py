@@ -22,7 +22,7 @@ from support.wandb_offline import read_run
 
 from cvae_dist.config import DataConfig, load_config
 from cvae_dist.data import RankStream
-from cvae_dist.trainer import train
+from cvae_dist.train import train
 
 gpu = pytest.mark.gpu
 REPO = Path(__file__).resolve().parents[2]

@@ -146,7 +146,7 @@ def test_a_retired_setting_given_a_value_is_refused_saying_what_replaced_it(over
      "train.weight_decay=inf", "train.collective_timeout_s=-5", "train.collective_timeout_s=604801",
      "train.collective_timeout_s=100000000000000", "train.seed=-1", "data.shuffle_buffer=-5",
      "log.straggler_fraction=0", "log.straggler_fraction=1.5", "log.straggler_intervals=0",
-     "log.straggler_alert_every_s=-1", "log.images_every_epochs=0", "log.peak_tflops=0", "log.peak_tflops=nan",
+     "log.images_every_epochs=0", "log.peak_tflops=0", "log.peak_tflops=nan",
      "checkpoint.every_steps=-10", "output_dir=''", "data.train_split=train+", "log.project=' '", "resume=''",
      f"run_name={'x' * 250}{{time}}", "run_name=..", "run_name=.", "run_name=../escaped", "run_name=a/b",
      "run_name=.hidden", "run_name='a\\\\b'", "run_name='tab\there'"],

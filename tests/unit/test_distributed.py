@@ -150,14 +150,14 @@ def test_an_exchange_is_enqueued_before_anything_waits_for_the_device_and_read_l
 
 
 def test_stop_polls_are_spaced_by_the_slowest_ranks_pace_and_never_due_at_once_after_a_send():
-    from cvae_dist.distributed import StopPoll
+    from cvae_dist.faults import StopPoll
 
     poll = StopPoll(step=10)
     assert poll.due(11)  # the first poll learns the pace
     poll.local(False, 11)
     assert not poll.due(11) and poll.due(12)
     gathered = {"stop": torch.tensor([0.0, 0.0]), "poll/seconds_per_step": torch.tensor([0.01, 0.02])}
-    assert poll.polled(gathered, 12) is False  # read at the next exchange: 50 steps a second on the slowest rank
+    assert poll.polled(gathered) is False  # read at the next exchange: 50 steps a second on the slowest rank
     poll.local(False, 12)
     assert not poll.due(61) and poll.due(62)
-    assert poll.polled({**gathered, "stop": torch.tensor([0.0, 1.0])}, 62) is True
+    assert poll.polled({**gathered, "stop": torch.tensor([0.0, 1.0])}) is True

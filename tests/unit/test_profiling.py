@@ -16,10 +16,9 @@ import torch
 
 from cvae_dist import profiling
 from cvae_dist.config import ConfigError, LogConfig, load_config, step_range
-from cvae_dist.distributed import StopPoll
 from cvae_dist.faults import OutOfMemory, ProfileSignal
 from cvae_dist.metrics import code_commit
-from cvae_dist.profiling import Profiler, Window, median_rank, next_window, range_window
+from cvae_dist.profiling import Profiler, Window, next_window, range_window
 
 
 @pytest.mark.parametrize(("text", "expected"), [("3-5", (3, 5)), ("20-25", (20, 25)), ("7-7", (7, 7)),
@@ -42,13 +41,13 @@ def test_profile_len_must_be_positive_and_the_defaults_profile_nothing_fixed():
     with pytest.raises(ConfigError, match=r"^log.profile_len=0: must be a positive number of steps$"):
         load_config(None, ["log.profile_len=0"])
     log = load_config(None, []).log
-    assert (log.profile_steps, log.profile_len, log.profile_stragglers, log.memory_history) == (None, 5, True, False)
+    assert (log.profile_steps, log.profile_len) == (None, 5)
     assert load_config(None, ["log.profile_steps=20-25"]).log.profile_steps == "20-25"
 
 
 def test_a_range_window_records_its_steps_after_a_warmup_step_and_is_cut_at_the_runs_end():
     assert range_window(None, 1, 100) == (None, None)
-    assert range_window("20-25", 1, 100) == (Window(20, 25, "log.profile_steps=20-25", None, True), None)
+    assert range_window("20-25", 1, 100) == (Window(20, 25, "log.profile_steps=20-25", True), None)
     window, note = range_window("1-3", 1, 100)  # no step before the first to warm up on
     assert (window.start, window.first, window.warmup, note) == (1, 1, False, None)
     window, note = range_window("90-120", 1, 100)
@@ -64,21 +63,13 @@ def test_a_range_window_records_its_steps_after_a_warmup_step_and_is_cut_at_the_
 
 
 def test_a_requested_window_warms_up_on_the_next_step_and_records_the_steps_after_it():
-    assert next_window(10, 5, 100, "SIGUSR2") == Window(12, 16, "SIGUSR2", None, True)
-    assert next_window(10, 5, 14, "SIGUSR2") == Window(12, 14, "SIGUSR2", None, True)
-    assert next_window(10, 5, 11, "SIGUSR2") == Window(11, 11, "SIGUSR2", None, False)
+    assert next_window(10, 5, 100, "SIGUSR2") == Window(12, 16, "SIGUSR2", True)
+    assert next_window(10, 5, 14, "SIGUSR2") == Window(12, 14, "SIGUSR2", True)
+    assert next_window(10, 5, 11, "SIGUSR2") == Window(11, 11, "SIGUSR2", False)
     assert next_window(10, 5, 10, "SIGUSR2") is None
-    w = next_window(4, 2, 15, "straggler", (0, 2))
-    assert (w.start, w.first, w.last, w.records(2), w.records(1)) == (5, 6, 7, True, False)
+    w = next_window(4, 2, 15, "SIGUSR2")
+    assert (w.start, w.first, w.last) == (5, 6, 7)
     assert w.trace(2) == "profiles/rank2-steps6-7.pt.trace.json.gz"
-
-
-@pytest.mark.parametrize(
-    ("rates", "flagged", "expected"),
-    [([10.0, 3.0], [1], 0), ([10.0, 5.0, 9.0], [1], 2), ([9.0, 10.0, 2.0, 9.5], [2], 0), ([5.0, 5.0, 1.0], [2], 0)],
-)
-def test_the_median_rank_is_the_unflagged_one_nearest_the_median(rates, flagged, expected):
-    assert median_rank(rates, flagged) == expected
 
 
 class Recorder:
@@ -135,25 +126,14 @@ def test_a_window_records_exactly_its_steps_and_no_profiler_lives_outside_it(tmp
     assert markers == ["step 3", "step 4"]
     assert sum(e["name"] == "aten::conv2d" for e in events) == 2  # one per recorded step
     (summary,) = rec.gathered  # one gather, at the window's end
-    assert summary["trace"] == "profiles/rank0-steps3-4.pt.trace.json.gz" and summary["memory"] is None
+    assert summary["trace"] == "profiles/rank0-steps3-4.pt.trace.json.gz"
     assert any("conv" in row["op"] or "convolution" in row["op"] for row in summary["top_ops"])
     (note,) = rec.notes
     assert (note["event"], note["step"], note["steps"], note["ranks"]) == ("profile", 4, [3, 4], [0])
     ((kind, files, meta, aliases),) = rec.artifacts
     assert (kind, list(files), meta["steps"], aliases) == ("trace", [path.name], [3, 4], ["steps3-4"])
-    assert rec.said[0].startswith(f"profile of steps 3-4 (log.profile_steps=3-4) on rank 0: {path}")
+    assert rec.said[0].startswith(f"profile of steps 3-4 (log.profile_steps=3-4): {path}")
     assert "top ops by self CPU time, steps 3-4" in rec.said[0]
-
-
-def test_a_rank_outside_the_windows_ranks_only_joins_the_gather_at_its_last_step(tmp_path):
-    rec = Recorder()
-    profiler = make(tmp_path, rec, rank=1)
-    profiler.window = Window(3, 4, "straggler", (0, 2))
-    for n in range(1, 6):
-        with profiler.step(n):
-            assert profiler.prof is None
-    assert rec.gathered == [None] and not (tmp_path / "profiles").exists()
-    assert profiler.window is None and rec.notes[0]["ranks"] == []
 
 
 def test_a_failure_inside_a_window_writes_nothing_and_gathers_nothing(tmp_path):
@@ -169,10 +149,8 @@ def test_a_failure_inside_a_window_writes_nothing_and_gathers_nothing(tmp_path):
         assert profiler.prof is None
 
 
-def gathered(profile=(0.0, 0.0), clock=0.0, busy=(100.0, 100.0)) -> dict[str, torch.Tensor]:
-    n = len(profile)
-    return {"profile": torch.tensor(profile, dtype=torch.float64), "busy_img_per_s": torch.tensor(busy),
-            "profile/clock": torch.tensor([clock] + [0.0] * (n - 1))}  # fmt: skip
+def gathered(profile=(0.0, 0.0)) -> dict[str, torch.Tensor]:
+    return {"profile": torch.tensor(profile, dtype=torch.float64)}
 
 
 def test_a_request_on_any_rank_gives_every_rank_the_same_window_once(tmp_path):
@@ -182,7 +160,7 @@ def test_a_request_on_any_rank_gives_every_rank_the_same_window_once(tmp_path):
         p.agree(gathered(), 10)
         assert p.window is None
         p.agree(gathered((0.0, 1.0)), 10)  # SIGUSR2 reached rank 1 only
-    assert profilers[0].window == profilers[1].window == Window(12, 16, "SIGUSR2", None, True)
+    assert profilers[0].window == profilers[1].window == Window(12, 16, "SIGUSR2", True)
     assert recs[0].said == ["SIGUSR2 (rank 1) at step 10: profiling steps 12-16 on every rank into "
                             f"{tmp_path / 'profiles'}"]  # fmt: skip
     profilers[0].agree(gathered((1.0, 0.0)), 11)
@@ -192,32 +170,11 @@ def test_a_request_on_any_rank_gives_every_rank_the_same_window_once(tmp_path):
     assert p.window is None
 
 
-def test_a_straggler_window_names_its_traces_and_comes_at_most_once_per_alert_interval(tmp_path):
-    rec = Recorder()
-    p = make(tmp_path, rec, last=100, straggler_alert_every_s=300.0)
-    busy = (100.0, 95.0, 20.0)
-    w = p.on_stragglers([2], gathered((0.0,) * 3, clock=50.0, busy=busy), 20)
-    assert w == Window(22, 26, "straggler", (1, 2), True)  # the median rank (95 of 100, 95, 20) and the straggler
-    assert p.traces(w) == [str(tmp_path / f"profiles/rank{r}-steps22-26.pt.trace.json.gz") for r in (1, 2)]
-    assert p.on_stragglers([1], gathered((0.0,) * 3, clock=60.0, busy=busy), 21) is None  # one is due already
-    p.window = None  # (as its end leaves it)
-    assert p.on_stragglers([2], gathered((0.0,) * 3, clock=349.0, busy=busy), 40) is None  # 299 s later: too soon
-    assert p.on_stragglers([2], gathered((0.0,) * 3, clock=351.0, busy=busy), 41) is not None
-    off = make(tmp_path, rec, profile_stragglers=False)
-    assert off.on_stragglers([2], gathered((0.0,) * 3, clock=1e6, busy=busy), 20) is None
-    assert p.on_stragglers([], gathered((0.0,) * 3), 50) is None
-
-
-def test_the_stop_poll_carries_the_requests_and_agrees_on_them_at_its_step(tmp_path):
+def test_a_request_rides_in_the_exchange_as_this_ranks_profile_field_taken_once(tmp_path):
     p = make(tmp_path, Recorder(), last=100)
-    p.requested = iter([True, False]).__next__
-    poll = StopPoll(0, p)
-    mine = poll.local(False, 3)
-    assert set(mine) == {"stop", "poll/seconds_per_step", "profile", "profile/clock"} and mine["profile"] == 1.0
-    assert poll.local(False, 5)["profile"] == 0.0  # the signal was taken once
-    both = {k: torch.tensor([v, 0.0], dtype=torch.float64) for k, v in mine.items()}
-    assert poll.polled(both, 7) is False and p.window == Window(9, 13, "SIGUSR2", None, True)
-    assert set(StopPoll(0).local(True, 1)) == {"stop", "poll/seconds_per_step"}
+    p.signal.pending = True  # (as SIGUSR2's handler leaves it)
+    assert p.local() == {"profile": 1.0} and p.local() == {"profile": 0.0}
+    p.close()
 
 
 def test_sigusr2_is_a_flag_taken_once_and_the_default_comes_back_after(tmp_path):
@@ -230,28 +187,25 @@ def test_sigusr2_is_a_flag_taken_once_and_the_default_comes_back_after(tmp_path)
     assert signal.getsignal(signal.SIGUSR2) == before
 
 
-def test_a_cuda_out_of_memory_error_writes_the_snapshot_and_names_it_in_one_line(tmp_path, monkeypatch):
-    # No GPU here: the snapshot writer is stood in for (torch.cuda.memory._dump_snapshot needs CUDA).
-    monkeypatch.setattr(profiling.torch.cuda.memory, "_dump_snapshot", lambda path: Path(path).write_bytes(b"x"))
-    p = Profiler(LogConfig(), tmp_path, 3, torch.device("cpu"), 1, 100, gather=lambda o: [o], logger=Recorder(),
-                 say=lambda _s: None, now=lambda: 42)  # fmt: skip
-    with pytest.raises(OutOfMemory) as err, p:
+def test_a_cuda_out_of_memory_error_is_one_line_naming_the_step_and_rank():
+    from types import SimpleNamespace
+
+    from cvae_dist.build import Run
+
+    run = SimpleNamespace(state=SimpleNamespace(step=42), accelerator=SimpleNamespace(process_index=3))
+    with pytest.raises(OutOfMemory) as err, Run._out_of_memory_named(run):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.\nmore detail")
-    snapshot = tmp_path / "profiles" / "rank3-oom-step42.memory.pickle"
-    assert snapshot.read_bytes() == b"x"
-    assert str(err.value) == (
-        f"CUDA out of memory at step 42 on rank 3: CUDA out of memory. Tried to allocate 2.00 GiB.; memory snapshot "
-        f"{snapshot} (open it at https://pytorch.org/memory_viz)"
-    )
+    assert str(err.value) == "CUDA out of memory at step 42 on rank 3: CUDA out of memory. Tried to allocate 2.00 GiB."
     assert isinstance(err.value.__cause__, torch.OutOfMemoryError)
-    with pytest.raises(ValueError), p:  # any other error passes through as it is
+    with pytest.raises(ValueError), Run._out_of_memory_named(run):  # any other error passes through as it is
         raise ValueError("x")
 
 
 def test_the_out_of_memory_error_reaches_the_user_as_one_line_and_exit_1(monkeypatch, capsys):
-    from cvae_dist import cli, trainer
+    from cvae_dist import cli
+    from cvae_dist import train as trainer
 
-    message = "CUDA out of memory at step 42 on rank 3: ...; memory snapshot x.memory.pickle"
+    message = "CUDA out of memory at step 42 on rank 3: CUDA out of memory. Tried to allocate 2.00 GiB."
 
     def out_of_memory(_cfg):
         raise OutOfMemory(message)
