@@ -175,13 +175,13 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
 
     import torch
 
-    from cvae_dist import checkpoint, distributed, trainer
+    from cvae_dist import distributed, files, trainer
     from cvae_dist.config import load_config
 
     cfg = load_config(REPO / "configs" / "debug.yaml", [*sizes.recipe[2:], f"output_dir={out / 'runs'}",
                       "run_name=in-process", "log.every_steps=1000", "train.precision=bf16"])  # fmt: skip
     parts = trainer.prepare(cfg)
-    checkpoint.write_run_dir(parts.dir, cfg, parts.setup.accelerator)
+    files.write_run_dir(parts.dir, cfg, parts.setup.accelerator)
     run = trainer.Trainer(parts)
     try:
         batches = run.stream.epoch(1, parts.steps_per_epoch)

@@ -20,10 +20,11 @@ hold_profile_requests()  # first: the imports below take seconds, and SIGUSR2 wo
 import torch  # noqa: E402
 
 from cvae_dist import bench, inference, strict_json  # noqa: E402
-from cvae_dist.checkpoint import CheckpointError, DiskError, write_safely  # noqa: E402
+from cvae_dist.checkpoint import CheckpointError  # noqa: E402
 from cvae_dist.config import RULES, ConfigError, JobConfig  # noqa: E402
 from cvae_dist.data import DataError, load_split  # noqa: E402
 from cvae_dist.distributed import LaunchError  # noqa: E402
+from cvae_dist.files import DiskError, write_safely  # noqa: E402
 from cvae_dist.images import grid, save_grid, side_by_side  # noqa: E402
 from cvae_dist.prepare_data import DataFormatError  # noqa: E402
 

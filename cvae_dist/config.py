@@ -295,22 +295,6 @@ def _from_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     return tree
 
 
-# Settings earlier versions had. A run directory's config.yaml written then still loads where one holds its old
-# default (what every such file holds unless the user set it); any other value is refused, saying what replaced it.
-RETIRED = {
-    ("data", "per_rank_batch_size"): (None, "data.batch_size is the global batch, shared out at any world size"),
-    ("train", "scale_lr"): (False, "the lr is train.lr at any world size: set train.lr itself"),
-}
-
-
-def _drop_retired(layer: dict, where: str) -> dict:
-    for (section, key), (default, instead) in RETIRED.items():
-        node = layer.get(section)
-        if isinstance(node, dict) and key in node and node.pop(key) != default:
-            raise ConfigError(f"{where}: {section}.{key} is no longer a setting; {instead}")
-    return layer
-
-
 def _no_environment(name: str, *_default) -> str:
     raise ConfigError(f"${{oc.env:{name}}}: a recipe may not read the environment (config.yaml, checkpoints and W&B "
                       "keep every value); write the value itself")  # fmt: skip
@@ -342,8 +326,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         recipe = _parse(text, str(path))
         if recipe is not None and not isinstance(recipe, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, ...), not {recipe!r:.40}")
-        layers.append(_drop_retired(recipe or {}, str(path)))
-    layers.append(_drop_retired(_from_overrides(overrides), "override"))
+        layers.append(recipe or {})
+    layers.append(_from_overrides(overrides))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(JobConfig), *layers)
         cfg: JobConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -357,6 +341,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def to_dict(cfg: JobConfig) -> dict:
     """The config as plain YAML-able data (enums as their names)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+
+
+def flat_settings(cfg: JobConfig) -> dict[str, object]:
+    """The config as {"section.key": value} (enums by name), without the top-level keys: where the run is, not how
+    it trains."""
+    return {f"{section}.{k}": v for section, keys in to_dict(cfg).items() if isinstance(keys, dict)
+            for k, v in keys.items()}  # fmt: skip
 
 
 def to_yaml(cfg: JobConfig) -> str:

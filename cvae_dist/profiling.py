@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from cvae_dist.checkpoint import write_safely
 from cvae_dist.config import step_range
+from cvae_dist.files import write_safely
 
 PROFILES = "profiles"  # in the run directory
 TRACE_SUFFIX = ".pt.trace.json.gz"  # Chrome trace, gzipped; TensorBoard's profiler plugin reads *.pt.trace.json.gz

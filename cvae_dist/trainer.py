@@ -20,10 +20,10 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list, gather_object, is_compiled_module, set_seed
 from tqdm.auto import tqdm
 
-from cvae_dist import checkpoint, distributed, evaluation, faults, profiling, telemetry
+from cvae_dist import checkpoint, distributed, evaluation, faults, files, profiling, telemetry
 from cvae_dist.batchnorm import use_global_batchnorm
 from cvae_dist.checkpoint import Checkpointer, TrainerState
-from cvae_dist.config import TIME_FORMAT, ConfigError, JobConfig, NonFinite, to_dict
+from cvae_dist.config import TIME_FORMAT, ConfigError, JobConfig, NonFinite, flat_settings, to_dict
 from cvae_dist.data import Batch, DataError, RankStream, batch_share, decoded_cache, load_split, to_model_input
 from cvae_dist.evaluation import fixed_noise
 from cvae_dist.faults import ProfileSignal, StopSignal, run_status
@@ -47,7 +47,7 @@ def train(cfg: JobConfig) -> TrainResult:
     with StopSignal() as stop, ProfileSignal() as profile_signal:  # SIGUSR2: profile the next steps
         parts = prepare(cfg)  # everything that can be checked is, before the run directory is written
         try:
-            checkpoint.write_run_dir(parts.dir, cfg, parts.setup.accelerator)
+            files.write_run_dir(parts.dir, cfg, parts.setup.accelerator)
             if parts.setup.accelerator.is_main_process:
                 faults.tell_wrapper(parts.dir)
             with run_status(parts.dir, parts.setup.accelerator.is_main_process):
@@ -99,7 +99,7 @@ class Parts:
     global_batch: int
     steps_per_epoch: int  # agreed: the same on every rank
     bad_records: int  # skipped in each epoch (data.on_bad_record=skip), all ranks together
-    lock: checkpoint.RunLock  # held from the first check to the run's end: no other launch trains into `dir`
+    lock: files.RunLock  # held from the first check to the run's end: no other launch trains into `dir`
     state: TrainerState  # this launch's, at the resumed checkpoint's place in training where it continues one
     resume: checkpoint.Resume | None  # the checkpoint this run continues
     changed: dict[str, tuple[object, object]]  # settings the resume changes: {key: (as trained, now)}
@@ -120,7 +120,7 @@ def prepare(cfg: JobConfig, setup: distributed.Setup | None = None) -> Parts:
         return _build(cfg, setup, threads, run_dir, lock, resume)
 
 
-def _build(cfg: JobConfig, setup: distributed.Setup, threads: int, run_dir: Path, lock: checkpoint.RunLock,
+def _build(cfg: JobConfig, setup: distributed.Setup, threads: int, run_dir: Path, lock: files.RunLock,
            resume: checkpoint.Resume | None) -> Parts:  # fmt: skip
     """`prepare`'s parts, once the run directory is agreed and locked."""
     accelerator = setup.accelerator
@@ -160,7 +160,7 @@ def _build(cfg: JobConfig, setup: distributed.Setup, threads: int, run_dir: Path
                          data_path="resident" if stream.resident else "streamed", zero_stage=setup.zero_stage,
                          model=cfg.model.shape(), engine="deepspeed" if setup.deepspeed else "ddp",
                          data_workers=workers if stream.order_depends_on_workers else 0,
-                         settings=checkpoint.flat_settings(cfg))  # fmt: skip
+                         settings=flat_settings(cfg))  # fmt: skip
     changed = {}
     if resume is not None:
         changed = checkpoint.check_compatible(resume.state, resume.path, state)
@@ -462,7 +462,7 @@ class Trainer:
             self.model, self.accelerator, pixels, self.parts.prior, self.model_input, self.cfg.train.seed
         )
         if self.accelerator.is_main_process:
-            checkpoint.write_safely(lambda path: save_grid(image, path), self.dir / "images" / f"epoch_{epoch:03d}.png")
+            files.write_safely(lambda path: save_grid(image, path), self.dir / "images" / f"epoch_{epoch:03d}.png")
         if last:  # a browsable table once, at the end
             labels = self.parts.eval_labels[: evaluation.GRID_IMAGES]
             self.logger.reconstruction_table(pixels, reconstructions, labels, self.state.step)
@@ -526,7 +526,7 @@ class Trainer:
             self.model.train()
 
 
-def _locate_run(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, checkpoint.RunLock, checkpoint.Resume | None]:
+def _locate_run(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, files.RunLock, checkpoint.Resume | None]:
     """Agree on the run directory and lock it; a new run's must be empty (and creatable), `resume` finds the
     checkpoint to continue. Writes nothing but the lock (gone again, with a directory it made, on a refusal)."""
     timed = cfg.run_name is None or cfg.run_name.endswith("{time}")
@@ -542,20 +542,20 @@ def _locate_run(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, checkpo
         )
     if timed:  # a new run at every launch, even launches started together: never a name a directory has
         cfg.run_name = expanded()
-        while checkpoint.run_dir_for(cfg).exists():
+        while files.run_dir_for(cfg).exists():
             cfg.run_name = expanded()
     name = [cfg.run_name]
     broadcast_object_list(name, from_process=0)  # rank 0's: ranks start at different moments
     cfg.run_name = name[0]
-    run_dir = checkpoint.run_dir_for(cfg)
-    checkpoint.check_writable(run_dir)
-    lock = checkpoint.RunLock(accelerator, run_dir)
+    run_dir = files.run_dir_for(cfg)
+    files.check_writable(run_dir)
+    lock = files.RunLock(accelerator, run_dir)
     with lock.released_on_error():
         resume = checkpoint.resolve_resume(run_dir, cfg.resume, accelerator.print)  # every rank, same answer
         if cfg.resume is None or (resume is not None and not resume.own):
-            checkpoint.check_new_run_dir(run_dir)  # a new run, or one started from another run's checkpoint
+            files.check_new_run_dir(run_dir)  # a new run, or one started from another run's checkpoint
         else:
-            checkpoint.check_config_file(run_dir, cfg)
+            files.check_config_file(run_dir, cfg)
     return run_dir, lock, resume
 
 
