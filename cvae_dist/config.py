@@ -50,9 +50,7 @@ class ModelConfig:
     latent_dim: int = 8
     filters: int = 64  # F: the encoder's widest layer; must be divisible by 4
     image_size: int = 64  # square, a multiple of 8; digits are resized to it (bilinear)
-    # BatchNorm's statistics in training: "global" over every rank's images of a step (the recipe's: the same model
-    # at any world size), or "local" over each rank's share. It shapes no weight: exports do not record it.
-    batchnorm: str = "global"
+    batchnorm: str = "global"  # BatchNorm's training statistics over every rank's images, or "local": each rank's
 
     def shape(self) -> dict[str, int]:
         """The fields the weights' shapes fix: what an export's config.json and a checkpoint record."""
@@ -61,20 +59,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "shipped" (the 5,000 digits inside the package), a directory of parquet shards in the hub layout,
-    # or a Hugging Face hub dataset id such as "ylecun/mnist".
-    source: str = "shipped"
+    source: str = "shipped"  # the package's 5,000 digits, a directory of parquet shards, or a hub dataset id
     train_split: str = "train"  # splits may be joined with "+", e.g. "train+test"
     eval_split: str = "test"
     batch_size: int = 128  # global batch: shared out over the ranks (shares differ by at most one image)
     shuffle_buffer: int = 10_000
-    # A split whose decoded digits fit in this many MB is resident: decoded once per machine (then cached), kept on
-    # each rank's device, and read in one seeded order per epoch that every world size shares. Larger splits are
-    # streamed (split_dataset_by_node) and decoded every epoch. 0: always stream.
-    resident_mb: int = 1024
-    # DataLoader worker processes per rank (0: the training process does the work). They decode a streamed shard,
-    # or a resident split once at start. None: 0 on CPU, up to 4 on GPU.
-    num_workers: int | None = None
+    resident_mb: int = 1024  # a split whose decoded digits fit is kept on the device (data.py); 0: always stream
+    num_workers: int | None = None  # decoding processes per rank; None: 0 on CPU, up to 4 on GPU
     on_bad_record: BadRecord = BadRecord.error  # undecodable / wrong-size image, missing or out-of-range label
 
 
@@ -87,14 +78,10 @@ class TrainConfig:
     seed: int = 0
     precision: Precision = Precision.auto
     channels_last: bool = True
-    # On CUDA, capture the whole step (resize, forward, loss, backward, AdamW) as one CUDA graph and replay it.
-    # Used where it is supported: DDP or one process, fp32 or bf16, on_nonfinite=error, no torch.compile.
-    cuda_graph: bool = True
+    cuda_graph: bool = True  # on CUDA, the whole step as one replayed CUDA graph, where supported (step.py)
     collective_timeout_s: int = 600  # a rank that stops answering fails the others after this long
     on_nonfinite: NonFinite = NonFinite.error
-    # Deterministic kernels only (cuDNN deterministic, torch.use_deterministic_algorithms, a fixed cuBLAS workspace):
-    # the same run twice on a GPU gives the same bits. Slower; an op with no deterministic kernel raises, naming it.
-    deterministic: bool = False
+    deterministic: bool = False  # deterministic kernels only: the same bits twice on a GPU (slower)
 
 
 @dataclass
@@ -139,10 +126,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs"
     run_name: str | None = None  # default: the recipe's file name and a timestamp
-    # None: a new run (its directory must not exist yet); "auto": continue the named run from its newest valid
-    # checkpoint (the run must exist); "allow": the same, or start the run where it does not exist yet (job scripts);
-    # or the path of one checkpoint directory (another run's: a new run starts from it).
-    resume: str | None = None
+    resume: str | None = None  # None: a new run; auto | allow | a checkpoint directory (checkpoint.resolve_resume)
 
     def validate(self) -> JobConfig:
         """Every value against its key's rule (RULES), then the rules that tie keys together."""
@@ -181,8 +165,7 @@ def _splits(v: str) -> bool:
     return all(_words(part) for part in v.split("+"))
 
 
-# What a run_name's trailing {time} becomes (22 characters): to the microsecond, so that launches started together (a
-# sweep in a loop) get names of their own; the trainer also skips any name a directory already has.
+# A run_name's {time}: to the microsecond, so that launches started together (a sweep) get names of their own.
 TIME_FORMAT = "%Y%m%d-%H%M%S-%f"
 
 
@@ -196,8 +179,7 @@ def _directory_name(v: str | None) -> bool:
     )  # fmt: skip
 
 
-# One rule per key whose type alone does not say what is accepted (enums and booleans do: OmegaConf checks them):
-# (holds, what is accepted). A test checks that every other key has one.
+# (holds, what is accepted) for every key whose type alone does not bound it (a test checks that each has one).
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.latent_dim": (lambda v: v > 0, "positive"),
     "model.filters": (lambda v: v > 0 and v % 4 == 0, "a positive multiple of 4"),
@@ -238,12 +220,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2 booleans: only true/false are booleans, so `no`, `off`, `yes`, `on` stay words (an enum
-    key's error names the word given, not False; boolean keys still accept them, OmegaConf converts the words)."""
+    """YAML 1.2 booleans: `no`, `off`, `yes`, `on` stay words (an enum key's error names the word, not False)."""
 
     def compose_node(self, parent, index):
-        # OmegaConf copies what an alias names at each use: 200 bytes of nested aliases make billions of values (minutes
-        # of CPU) before any key is checked. A recipe has no need for them.
+        # OmegaConf copies what an alias names at each use: 200 bytes of nested aliases make billions of values.
         if self.check_event(yaml.AliasEvent):
             alias = self.peek_event()
             raise _Refused(problem=f"YAML alias *{alias.anchor}: aliases are not accepted; write the value out",
@@ -300,8 +280,8 @@ def _no_environment(name: str, *_default) -> str:
                       "keep every value); write the value itself")  # fmt: skip
 
 
-# Interpolation stays (`${train.lr}` is that key's value), but no resolver reads the environment: a recipe would copy
-# WANDB_API_KEY or HF_TOKEN into every file the run writes. (OmegaConf 2.4 renamed register_new_resolver.)
+# No resolver reads the environment: a recipe would copy WANDB_API_KEY or HF_TOKEN into every file the run writes.
+# (OmegaConf 2.4 renamed register_new_resolver.)
 getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)("oc.env", _no_environment, replace=True)
 
 

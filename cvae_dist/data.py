@@ -78,9 +78,7 @@ def parquet_files(source: str, split: str) -> list[str] | None:
             with pq.ParquetFile(file) as shard:
                 problem = shard_problem(shard.schema_arrow, shard.metadata.num_rows)
         except (pa.ArrowException, OSError) as e:
-            raise DataError(
-                f"{file}: not a readable parquet file ({error_line(e)}); replace or re-create it"
-            ) from None
+            raise DataError(f"{file}: not a readable parquet file ({error_line(e)}); replace or re-create it") from None
         if problem:
             raise DataError(f"{file}: {problem}; fix or re-create the split (e.g. with `cvae-dist prepare-data`)")
     return files
@@ -221,8 +219,8 @@ class _Decoded(NamedTuple):
 
 
 def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = None) -> _Decoded:
-    """PNG bytes -> uint8 (B, 1, 28, 28) tensor, labels and ids. A bad record raises DataError naming its
-    file and row (`on_bad="error"`) or is left out (`"skip"`)."""
+    """PNG bytes -> uint8 (B, 1, 28, 28) tensor, labels and ids. A bad record raises DataError naming its file and row
+    (`on_bad="error"`) or is left out (`"skip"`)."""
     images, keep = [], []
     for i, (image, label) in enumerate(zip(rows["image"], rows["label"], strict=True)):
         pixels = decode_row(image, label)
@@ -233,11 +231,7 @@ def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = No
         images.append(pixels)
         keep.append(i)
     labels = torch.as_tensor([rows["label"][i] for i in keep], dtype=torch.int64)
-    ids = (
-        torch.as_tensor([rows["id"][i] for i in keep], dtype=torch.int64)
-        if "id" in rows
-        else torch.full_like(labels, -1)
-    )
+    ids = torch.as_tensor([rows["id"][i] if "id" in rows else -1 for i in keep], dtype=torch.int64)
     empty = torch.empty(0, 1, DIGIT_SIZE, DIGIT_SIZE, dtype=torch.uint8)
     pixels = torch.from_numpy(np.stack(images)).unsqueeze(1) if images else empty
     return _Decoded(Batch(pixels, labels, ids), len(rows["label"]) - len(keep))
@@ -252,9 +246,8 @@ def locate(files: list[str] | None, rows: dict, i: int) -> str:
         if record_id is not None and "id" in table.column_names:
             matches = [n for n, v in enumerate(table.column("id").to_pylist()) if v == record_id]
         else:
-            matches = [
-                n for n, v in enumerate(table.column("image").to_pylist()) if (v or {}).get("bytes") == image_bytes
-            ]
+            images = table.column("image").to_pylist()
+            matches = [n for n, v in enumerate(images) if (v or {}).get("bytes") == image_bytes]
         if matches:
             return f"{file}: row {matches[0]}"
     return f"record id {record_id}" if record_id is not None else "a record (source file unknown)"

@@ -234,10 +234,7 @@ def evaluate(
     seed: int | None = None,
     precision: str = "fp32",
 ) -> dict:
-    """Held-out loss as the trainer reports it: batches of 128, seeded noise, sums reduced over the ranks.
-
-    Under `accelerate launch` each rank evaluates a strided share (rank, rank + world, ...).
-    """
+    """Held-out loss as the trainer reports it (under `accelerate launch`, each rank a strided share)."""
     from cvae_dist.distributed import make_accelerator, set_threads
     from cvae_dist.evaluation import EVAL_BATCH
     from cvae_dist.evaluation import evaluate as evaluate_model
@@ -283,10 +280,8 @@ def summary_line(r: dict) -> str:
 
 @torch.no_grad()
 def sample(loaded: Loaded, n: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
-    """`n` decoded draws from the N(0, I) prior; the draws come from a CPU generator seeded with `seed`.
-
-    `sample(run, 128, seed=train.seed)` decodes the same draws as the lower half of the trainer's figure.
-    """
+    """`n` decoded draws from the N(0, I) prior, drawn by a CPU generator seeded with `seed` (with train.seed and
+    n=128: the draws of the lower half of the trainer's figure)."""
     z = torch.randn(n, loaded.cfg.model.latent_dim, generator=torch.Generator().manual_seed(seed))
     return _decode(_device_model(loaded, device), z.to(device))
 
@@ -332,10 +327,8 @@ def reconstruct(
 def interpolate(
     loaded: Loaded, pixels: torch.Tensor, labels: torch.Tensor, pairs: int, steps: int, device: str = "cpu"
 ) -> torch.Tensor:
-    """One row per pair: the first digit, `steps` decodes along mu_a -> mu_b, the second digit.
-
-    Pair i joins held-out digits of classes 2i and 2i+1 (mod 10), a different example each round of 5 pairs.
-    """
+    """One row per pair: the first digit, `steps` decodes along mu_a -> mu_b, the second digit (pair i joins digits
+    of classes 2i and 2i+1, mod 10)."""
     a_idx, b_idx = pair_indices(labels, pairs)
     model = _device_model(loaded, device)
     x = _model_input(loaded, pixels[a_idx + b_idx], device)
