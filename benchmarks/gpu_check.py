@@ -434,7 +434,7 @@ def trainer_vs_hand_graph(out: Path, sizes: Sizes) -> dict:
     in the same process (>= 0.9 of it) with data wait < 5 %, and the share of time the GPU idles between steps (step
     lines included: reported). A dry run has no graph row: its eager row is read."""
     result = out / "bench.json"
-    cmd = [sys.executable, "-m", "cvae_dist.cli", "bench", "--sections", "compare", "--precisions", "bf16",
+    cmd = [sys.executable, str(Path(__file__).parent / "bench.py"), "--sections", "compare", "--precisions", "bf16",
            "--layouts", "channels_last", "--json", str(result),
            *(["--trials", "1", "--seconds", "0.5", "--warmup", "0.2", "model.image_size=32"] if sizes.dry_run
              else ["--trials", "3", "--seconds", "2", "--warmup", "1"])]  # fmt: skip

@@ -16,7 +16,7 @@ from accelerate.utils import broadcast_object_list, gather_object, is_compiled_m
 from cvae_dist import checkpoint, distributed, evaluation, faults, files, telemetry
 from cvae_dist.batchnorm import use_global_batchnorm
 from cvae_dist.checkpoint import Checkpointer, TrainerState
-from cvae_dist.config import TIME_FORMAT, ConfigError, JobConfig
+from cvae_dist.config import TIME_FORMAT, ConfigError, JobConfig, flat_settings
 from cvae_dist.data import DataError, RankStream, batch_share, load_split, to_model_input
 from cvae_dist.faults import StopPoll, StopSignal
 from cvae_dist.loss_meter import LossMeter
@@ -180,7 +180,7 @@ def _parts(cfg: JobConfig, setup: distributed.Setup, threads: int, run_dir: Path
                          data_path="resident" if stream.resident else "streamed", zero_stage=setup.zero_stage,
                          model=cfg.model.shape(), engine="deepspeed" if setup.deepspeed else "ddp",
                          data_workers=workers if stream.order_depends_on_workers else 0,
-                         settings=checkpoint.flat_settings(cfg))  # fmt: skip
+                         settings=flat_settings(cfg))  # fmt: skip
     changed = {}
     if resume is not None:
         changed = checkpoint.check_compatible(resume.state, resume.path, state)

@@ -1,7 +1,8 @@
-"""`cvae-dist` command line: train, prepare-data, eval, sample, reconstruct, interpolate, export, bench.
+"""`cvae-dist` command line: train, prepare-data, eval, sample, reconstruct, interpolate, export.
 
 This module owns the parser: every subcommand is registered here with its handler (`set_defaults(func=...)`), and a
-handler turns the parsed arguments into one call of the library (trainer, prepare_data, inference, bench).
+handler turns the parsed arguments into one call of the library (trainer, prepare_data, inference). The benchmark
+is a script apart: benchmarks/bench.py.
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ hold_profile_requests()  # first: the imports below take seconds, and SIGUSR2 wo
 
 import torch  # noqa: E402
 
-from cvae_dist import bench, inference, strict_json  # noqa: E402
-from cvae_dist.checkpoint import CheckpointError, DiskError, write_safely  # noqa: E402
+from cvae_dist import inference, strict_json  # noqa: E402
+from cvae_dist.checkpoint import CheckpointError  # noqa: E402
 from cvae_dist.config import RULES, ConfigError, JobConfig  # noqa: E402
 from cvae_dist.data import DataError, load_split  # noqa: E402
 from cvae_dist.distributed import LaunchError  # noqa: E402
+from cvae_dist.files import DiskError, write_safely  # noqa: E402
 from cvae_dist.images import grid, save_grid, side_by_side  # noqa: E402
 from cvae_dist.prepare_data import DataFormatError  # noqa: E402
 
@@ -65,7 +67,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_train(sub)
     add_prepare_data(sub)
     add_inference(sub)
-    add_bench(sub)
     return parser
 
 
@@ -350,40 +351,6 @@ def _export(args: argparse.Namespace) -> int:
     pushed = f", pushed to https://huggingface.co/{args.push_to_hub}" if args.push_to_hub else ""
     print(f"exported {loaded.weights} to {out}{pushed}; load it with CVAE.from_pretrained({str(out)!r})")
     return 0
-
-
-# ---------------------------------------------------------------------------------------------- bench
-
-
-def add_bench(sub) -> None:
-    p = sub.add_parser(
-        "bench",
-        help="img/s of the framework against a plain PyTorch loop; data pipeline; scaling",
-        description=bench.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    p.add_argument("--config", type=Path, help="YAML recipe (default: the built-in defaults: the Lux.jl / MLX recipe)")
-    p.add_argument("--trials", type=int, default=5, help="measured trials per configuration (default 5)")
-    p.add_argument("--seconds", type=float, default=3.0, help="seconds per trial and side (default 3)")
-    p.add_argument("--warmup", type=float, default=1.0, help="warm-up seconds per side before the trials (default 1)")
-    p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32|bf16 (default both)")
-    p.add_argument("--layouts", default="nchw,channels_last", help="comma list of nchw|channels_last (default both)")
-    p.add_argument("--batch", type=int, help="batch size of both loops (the framework's global data.batch_size)")
-    p.add_argument(
-        "--compile",
-        nargs="?",
-        const="inductor",
-        metavar="BACKEND",
-        help="torch.compile both loops' models with this dynamo backend (default inductor)",
-    )
-    p.add_argument("--sections", default="compare,data,telemetry", help="comma list of compare|data|telemetry|scaling")
-    p.add_argument("--scaling", action="store_true", help="add the scaling section (real accelerate launches)")
-    p.add_argument("--data-seconds", type=float, help="seconds per data-stream trial (default: --seconds)")
-    p.add_argument("--json", type=Path, help="write every figure to this JSON file")
-    p.add_argument("--worker", choices=bench.WORKERS, help=argparse.SUPPRESS)  # one measuring process of a section
-    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)  # the worker's result file
-    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_workers=1")
-    p.set_defaults(func=bench.run)
 
 
 if __name__ == "__main__":

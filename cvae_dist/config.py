@@ -50,9 +50,7 @@ class ModelConfig:
     latent_dim: int = 8
     filters: int = 64  # F: the encoder's widest layer; must be divisible by 4
     image_size: int = 64  # square, a multiple of 8; digits are resized to it (bilinear)
-    # BatchNorm's statistics in training: "global" over every rank's images of a step (the recipe's: the same model
-    # at any world size), or "local" over each rank's share. It shapes no weight: exports do not record it.
-    batchnorm: str = "global"
+    batchnorm: str = "global"  # BatchNorm's training statistics over every rank's images, or "local": each rank's
 
     def shape(self) -> dict[str, int]:
         """The fields the weights' shapes fix: what an export's config.json and a checkpoint record."""
@@ -61,20 +59,13 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # "shipped" (the 5,000 digits inside the package), a directory of parquet shards in the hub layout,
-    # or a Hugging Face hub dataset id such as "ylecun/mnist".
-    source: str = "shipped"
+    source: str = "shipped"  # the package's 5,000 digits, a directory of parquet shards, or a hub dataset id
     train_split: str = "train"  # splits may be joined with "+", e.g. "train+test"
     eval_split: str = "test"
     batch_size: int = 128  # global batch: shared out over the ranks (shares differ by at most one image)
     shuffle_buffer: int = 10_000
-    # A split whose decoded digits fit in this many MB is resident: decoded once per machine (then cached), kept on
-    # each rank's device, and read in one seeded order per epoch that every world size shares. Larger splits are
-    # streamed (split_dataset_by_node) and decoded every epoch. 0: always stream.
-    resident_mb: int = 1024
-    # DataLoader worker processes per rank (0: the training process does the work). They decode a streamed shard,
-    # or a resident split once at start. None: 0 on CPU, up to 4 on GPU.
-    num_workers: int | None = None
+    resident_mb: int = 1024  # a split whose decoded digits fit is kept on the device (data.py); 0: always stream
+    num_workers: int | None = None  # decoding processes per rank; None: 0 on CPU, up to 4 on GPU
     on_bad_record: BadRecord = BadRecord.error  # undecodable / wrong-size image, missing or out-of-range label
 
 
@@ -87,14 +78,10 @@ class TrainConfig:
     seed: int = 0
     precision: Precision = Precision.auto
     channels_last: bool = True
-    # On CUDA, capture the whole step (resize, forward, loss, backward, AdamW) as one CUDA graph and replay it.
-    # Used where it is supported: DDP or one process, fp32 or bf16, on_nonfinite=error, no torch.compile.
-    cuda_graph: bool = True
+    cuda_graph: bool = True  # on CUDA, the whole step as one replayed CUDA graph, where supported (step.py)
     collective_timeout_s: int = 600  # a rank that stops answering fails the others after this long
     on_nonfinite: NonFinite = NonFinite.error
-    # Deterministic kernels only (cuDNN deterministic, torch.use_deterministic_algorithms, a fixed cuBLAS workspace):
-    # the same run twice on a GPU gives the same bits. Slower; an op with no deterministic kernel raises, naming it.
-    deterministic: bool = False
+    deterministic: bool = False  # deterministic kernels only: the same bits twice on a GPU (slower)
 
 
 @dataclass
@@ -131,10 +118,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     output_dir: str = "runs"
     run_name: str | None = None  # default: the recipe's file name and a timestamp
-    # None: a new run (its directory must not exist yet); "auto": continue the named run from its newest valid
-    # checkpoint (the run must exist); "allow": the same, or start the run where it does not exist yet (job scripts);
-    # or the path of one checkpoint directory (another run's: a new run starts from it).
-    resume: str | None = None
+    resume: str | None = None  # None: a new run; auto | allow | a checkpoint directory (checkpoint.resolve_resume)
 
     def validate(self) -> JobConfig:
         """Every value against its key's rule (RULES), then the rules that tie keys together."""
@@ -173,8 +157,7 @@ def _splits(v: str) -> bool:
     return all(_words(part) for part in v.split("+"))
 
 
-# What a run_name's trailing {time} becomes (22 characters): to the microsecond, so that launches started together (a
-# sweep in a loop) get names of their own; the trainer also skips any name a directory already has.
+# A run_name's {time}: to the microsecond, so that launches started together (a sweep) get names of their own.
 TIME_FORMAT = "%Y%m%d-%H%M%S-%f"
 
 
@@ -188,8 +171,7 @@ def _directory_name(v: str | None) -> bool:
     )  # fmt: skip
 
 
-# One rule per key whose type alone does not say what is accepted (enums and booleans do: OmegaConf checks them):
-# (holds, what is accepted). A test checks that every other key has one.
+# (holds, what is accepted) for every key whose type alone does not bound it (a test checks that each has one).
 RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "model.latent_dim": (lambda v: v > 0, "positive"),
     "model.filters": (lambda v: v > 0 and v % 4 == 0, "a positive multiple of 4"),
@@ -229,12 +211,10 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 
 
 class _Loader(yaml.SafeLoader):
-    """YAML with YAML 1.2 booleans: only true/false are booleans, so `no`, `off`, `yes`, `on` stay words (an enum
-    key's error names the word given, not False; boolean keys still accept them, OmegaConf converts the words)."""
+    """YAML 1.2 booleans: `no`, `off`, `yes`, `on` stay words (an enum key's error names the word, not False)."""
 
     def compose_node(self, parent, index):
-        # OmegaConf copies what an alias names at each use: 200 bytes of nested aliases make billions of values (minutes
-        # of CPU) before any key is checked. A recipe has no need for them.
+        # OmegaConf copies what an alias names at each use: 200 bytes of nested aliases make billions of values.
         if self.check_event(yaml.AliasEvent):
             alias = self.peek_event()
             raise _Refused(problem=f"YAML alias *{alias.anchor}: aliases are not accepted; write the value out",
@@ -286,29 +266,13 @@ def _from_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     return tree
 
 
-# Settings earlier versions had. A run directory's config.yaml written then still loads where one holds its old
-# default (what every such file holds unless the user set it); any other value is refused, saying what replaced it.
-RETIRED = {
-    ("data", "per_rank_batch_size"): (None, "data.batch_size is the global batch, shared out at any world size"),
-    ("train", "scale_lr"): (False, "the lr is train.lr at any world size: set train.lr itself"),
-}
-
-
-def _drop_retired(layer: dict, where: str) -> dict:
-    for (section, key), (default, instead) in RETIRED.items():
-        node = layer.get(section)
-        if isinstance(node, dict) and key in node and node.pop(key) != default:
-            raise ConfigError(f"{where}: {section}.{key} is no longer a setting; {instead}")
-    return layer
-
-
 def _no_environment(name: str, *_default) -> str:
     raise ConfigError(f"${{oc.env:{name}}}: a recipe may not read the environment (config.yaml, checkpoints and W&B "
                       "keep every value); write the value itself")  # fmt: skip
 
 
-# Interpolation stays (`${train.lr}` is that key's value), but no resolver reads the environment: a recipe would copy
-# WANDB_API_KEY or HF_TOKEN into every file the run writes. (OmegaConf 2.4 renamed register_new_resolver.)
+# No resolver reads the environment: a recipe would copy WANDB_API_KEY or HF_TOKEN into every file the run writes.
+# (OmegaConf 2.4 renamed register_new_resolver.)
 getattr(OmegaConf, "register_resolver", OmegaConf.register_new_resolver)("oc.env", _no_environment, replace=True)
 
 
@@ -333,8 +297,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         recipe = _parse(text, str(path))
         if recipe is not None and not isinstance(recipe, dict):
             raise ConfigError(f"{path}: expected a mapping of sections (model, data, train, ...), not {recipe!r:.40}")
-        layers.append(_drop_retired(recipe or {}, str(path)))
-    layers.append(_drop_retired(_from_overrides(overrides), "override"))
+        layers.append(recipe or {})
+    layers.append(_from_overrides(overrides))
     try:
         merged = OmegaConf.merge(OmegaConf.structured(JobConfig), *layers)
         cfg: JobConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -348,6 +312,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
 def to_dict(cfg: JobConfig) -> dict:
     """The config as plain YAML-able data (enums as their names)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), enum_to_str=True)  # type: ignore[return-value]
+
+
+def flat_settings(cfg: JobConfig) -> dict[str, object]:
+    """The config as {"section.key": value} (enums by name), without the top-level keys: where the run is, not how
+    it trains."""
+    return {f"{section}.{k}": v for section, keys in to_dict(cfg).items() if isinstance(keys, dict)
+            for k, v in keys.items()}  # fmt: skip
 
 
 def to_yaml(cfg: JobConfig) -> str:

@@ -1,16 +1,8 @@
-"""MNIST as a Hugging Face `datasets` stream: one path for the hub, local parquet and the shipped digits.
+"""MNIST as a Hugging Face `datasets` stream (the hub, local parquet or the shipped digits), dealt to the ranks.
 
-Resident (the decoded split fits `data.resident_mb`; all of MNIST is 55 MB): the stream is decoded once per machine
-into a uint8 table (cached, keyed by the shards' bytes, trusted only if it matches its content digest), kept on each
-rank's device. Each epoch one seeded permutation of its rows is the global order; global batch i is its i-th slice of
-`data.batch_size` rows, and each rank takes its share of it. The world size decides only who computes which rows.
-
-Streamed (larger splits): shards -> `load_dataset(..., streaming=True)` -> `split_dataset_by_node(rank, world)` ->
-seeded shuffle (`set_epoch`) -> batches -> uint8 digits, decoded every epoch (in worker processes if configured).
-Every rank yields the same number of batches per epoch (the trainer agrees on it), so no rank waits alone in a
-collective.
-
-Either way, the model's input is made on the device (`to_model_input`: bilinear resize).
+A split whose decoded digits fit `data.resident_mb` is resident: decoded once per machine (then cached), kept on each
+rank's device and read in one seeded order per epoch that every world size shares. Larger splits are streamed
+(`split_dataset_by_node`) and decoded every epoch. The model's input is made on the device (`to_model_input`).
 """
 
 from __future__ import annotations
@@ -40,6 +32,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from cvae_dist.config import ConfigError
+from cvae_dist.files import write_safely
 
 SHIPPED_DIR = Path(__file__).parent / "assets" / "mnist5k"
 DIGIT_SIZE = 28
@@ -61,9 +54,8 @@ class Batch(NamedTuple):
 
 
 def parquet_files(source: str, split: str) -> list[str] | None:
-    """The parquet shards of `split` ("a+b" joins splits) under a local source (`<split>-*.parquet`, `<split>/*.parquet`
-    or, as in a clone of a hub dataset repository, `<config>/<split>-*.parquet`); None for a hub dataset id. Each
-    shard's footer is read: a truncated or foreign file is named here, before anything is written."""
+    """The parquet shards of `split` ("a+b" joins splits) under a local source, their footers checked (a truncated or
+    foreign file is named before anything is written); None for a hub dataset id."""
     root = SHIPPED_DIR if source == "shipped" else Path(source)
     if source != "shipped" and not root.exists():
         if "/" in source and not source.startswith((".", "/")) and len(Path(source).parts) == 2:
@@ -86,9 +78,7 @@ def parquet_files(source: str, split: str) -> list[str] | None:
             with pq.ParquetFile(file) as shard:
                 problem = shard_problem(shard.schema_arrow, shard.metadata.num_rows)
         except (pa.ArrowException, OSError) as e:
-            raise DataError(
-                f"{file}: not a readable parquet file ({_first_line(e)}); replace or re-create it"
-            ) from None
+            raise DataError(f"{file}: not a readable parquet file ({error_line(e)}); replace or re-create it") from None
         if problem:
             raise DataError(f"{file}: {problem}; fix or re-create the split (e.g. with `cvae-dist prepare-data`)")
     return files
@@ -104,8 +94,7 @@ def not_a_file(path: str) -> str | None:
 
 
 def shard_problem(schema: pa.Schema, rows: int) -> str | None:
-    """What a shard's footer says is wrong with it for training (no rows, a missing column or one of the wrong
-    type), or None."""
+    """What a shard's footer says is wrong with it for training, or None."""
     if rows == 0:
         return "holds no rows"
     missing = [name for name in ("image", "label") if name not in schema.names]
@@ -122,8 +111,7 @@ def shard_problem(schema: pa.Schema, rows: int) -> str | None:
 
 
 def check_hub(source: str, timeout_s: float = 5.0) -> None:
-    """A hub dataset needs the hub (unless HF_HUB_OFFLINE=1 reads the local cache): fail in seconds, not after
-    minutes of retries, naming the offline options."""
+    """Fail in seconds where the hub is unreachable (not after minutes of retries), naming the offline options."""
     from huggingface_hub import constants, get_session
 
     if constants.HF_HUB_OFFLINE:
@@ -139,7 +127,7 @@ def check_hub(source: str, timeout_s: float = 5.0) -> None:
 
 
 def check_hub_cache(source: str) -> None:
-    """A hub dataset needs datasets' cache folder: refuse in one line where it cannot be written (a read-only home)."""
+    """Refuse in one line a hub dataset whose cache folder cannot be written (a read-only home)."""
     cache = Path(datasets.config.HF_DATASETS_CACHE)
     with contextlib.suppress(OSError):
         cache.mkdir(parents=True, exist_ok=True)
@@ -157,7 +145,7 @@ def reading(files: list[str] | None):
         yield
     except (pa.ArrowException, OSError) as e:
         bad = next((f for f in files or [] if not _reads(f)), "a parquet shard of the source")
-        raise DataError(f"{bad}: unreadable ({_first_line(e)}); replace or re-create it") from None
+        raise DataError(f"{bad}: unreadable ({error_line(e)}); replace or re-create it") from None
 
 
 def _reads(file: str) -> bool:
@@ -168,8 +156,10 @@ def _reads(file: str) -> bool:
         return False
 
 
-def _first_line(e: BaseException) -> str:
-    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:200]
+def error_line(e: BaseException) -> str:
+    """An exception in one line: its type and its message's first two lines."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return f"{type(e).__name__}: {' '.join(lines[:2])}"[:300]
 
 
 def open_stream(source: str, split: str) -> datasets.IterableDataset:
@@ -229,8 +219,8 @@ class _Decoded(NamedTuple):
 
 
 def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = None) -> _Decoded:
-    """PNG bytes -> uint8 (B, 1, 28, 28) tensor, labels and ids. A bad record raises DataError naming its
-    file and row (`on_bad="error"`) or is left out (`"skip"`)."""
+    """PNG bytes -> uint8 (B, 1, 28, 28) tensor, labels and ids. A bad record raises DataError naming its file and row
+    (`on_bad="error"`) or is left out (`"skip"`)."""
     images, keep = [], []
     for i, (image, label) in enumerate(zip(rows["image"], rows["label"], strict=True)):
         pixels = decode_row(image, label)
@@ -241,11 +231,7 @@ def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = No
         images.append(pixels)
         keep.append(i)
     labels = torch.as_tensor([rows["label"][i] for i in keep], dtype=torch.int64)
-    ids = (
-        torch.as_tensor([rows["id"][i] for i in keep], dtype=torch.int64)
-        if "id" in rows
-        else torch.full_like(labels, -1)
-    )
+    ids = torch.as_tensor([rows["id"][i] if "id" in rows else -1 for i in keep], dtype=torch.int64)
     empty = torch.empty(0, 1, DIGIT_SIZE, DIGIT_SIZE, dtype=torch.uint8)
     pixels = torch.from_numpy(np.stack(images)).unsqueeze(1) if images else empty
     return _Decoded(Batch(pixels, labels, ids), len(rows["label"]) - len(keep))
@@ -253,8 +239,6 @@ def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = No
 
 def locate(files: list[str] | None, rows: dict, i: int) -> str:
     """'file: row N' of record i of a batch (searched for on this error path only), or its id."""
-    import pyarrow.parquet as pq
-
     record_id = rows["id"][i] if "id" in rows else None
     image_bytes = (rows["image"][i] or {}).get("bytes")
     for file in files or []:
@@ -262,9 +246,8 @@ def locate(files: list[str] | None, rows: dict, i: int) -> str:
         if record_id is not None and "id" in table.column_names:
             matches = [n for n, v in enumerate(table.column("id").to_pylist()) if v == record_id]
         else:
-            matches = [
-                n for n, v in enumerate(table.column("image").to_pylist()) if (v or {}).get("bytes") == image_bytes
-            ]
+            images = table.column("image").to_pylist()
+            matches = [n for n, v in enumerate(images) if (v or {}).get("bytes") == image_bytes]
         if matches:
             return f"{file}: row {matches[0]}"
     return f"record id {record_id}" if record_id is not None else "a record (source file unknown)"
@@ -298,21 +281,16 @@ def derived_seed(seed: int, epoch: int, purpose: str) -> int:
 class RankStream:
     """This rank's share of every global batch of the training split, in a new order each epoch.
 
-    Resident (the decoded split fits `data.resident_mb`): the whole split sits on the device as a uint8 table; epoch
-    e's order is one permutation of its rows seeded by (seed, e); global batch i is the order's i-th slice of
-    `data.batch_size` rows and this rank takes its `batch_share` of it. The world size only decides who computes
-    which rows, so any world size trains on the same global batches, and a resume may change it.
-
-    Streamed (larger splits): `split_dataset_by_node` deals each rank its shards, shuffled through a buffer and
-    decoded every epoch. `local_steps` is what this rank's rows allow; the trainer agrees on the smallest over all
-    ranks and asks each epoch for that many (`epoch(e, steps)`). The order depends on the world size there.
+    Resident: epoch e's order is one permutation of the table's rows seeded by (seed, e); global batch i is its i-th
+    slice of `data.batch_size` rows, of which this rank takes its `batch_share`: any world size trains on the same
+    batches. Streamed: each rank is dealt shards, shuffled through a buffer; the order depends on the world size.
+    `local_steps` is what this rank's rows allow; the trainer agrees on the smallest over all ranks.
     """
 
     def __init__(self, cfg, rank: int, world_size: int, seed: int, num_workers: int = 0, device=None,
                  decode_first=contextlib.nullcontext):  # fmt: skip
-        """`cfg`: the DataConfig. `device`: where a resident table lives (default CPU). `decode_first`: a context in
-        which this machine's first rank decodes before the others (accelerate's `local_main_process_first`): they
-        then read its cache."""
+        """`cfg`: the DataConfig. `decode_first`: a context in which this machine's first rank decodes before the others
+        (accelerate's `local_main_process_first`), which then read its cache."""
         self.files = parquet_files(cfg.source, cfg.train_split)
         self.on_bad_record = cfg.on_bad_record.value
         self.share = batch_share(cfg.batch_size, world_size, rank)
@@ -356,8 +334,7 @@ class RankStream:
         return not self.resident and self.num_workers > 0
 
     def epoch(self, epoch: int, steps: int, skip: int = 0) -> Iterator[Batch]:
-        """Batches `skip` .. `steps` - 1 of one epoch: a new, reproducible order for each epoch number (a resumed
-        epoch continues where its checkpoint was taken)."""
+        """Batches `skip` .. `steps` - 1 of epoch `epoch`, in that epoch's reproducible order."""
         if not self.resident:
             return self._streamed(epoch, steps, skip)
         order = self.order(epoch)
@@ -379,9 +356,8 @@ class RankStream:
 
 
 def fewest_rows(files: list[str] | None, world_size: int) -> int | None:
-    """The fewest rows any rank can be dealt in any epoch (datasets deals the shards out anew each epoch): whole
-    shards when their count divides by the world size (then the smallest ones, at worst), else every world-th row.
-    None for a hub dataset (its shard sizes are not known before reading it)."""
+    """The fewest rows any rank can be dealt in any epoch: whole shards when their count divides by the world size
+    (then the smallest ones, at worst), else every world-th row. None for a hub dataset (shard sizes unknown)."""
     if files is None:
         return None
     sizes = sorted(pq.ParquetFile(f).metadata.num_rows for f in files)
@@ -402,8 +378,8 @@ class ResidentTable:
 
     @classmethod
     def load(cls, split, on_bad: str, files: list[str] | None, device, num_workers: int, rows: int) -> ResidentTable:
-        """From this machine's cache of the same shards' decode, else decoded now (and cached for the next rank or
-        run). A hub dataset's shards are not local files: it is decoded every time. `rows`: the split's."""
+        """From this machine's cache of the same shards' decode, else decoded now and cached (a hub dataset: decoded
+        every time). `rows`: the split's."""
         cache = decoded_cache(files, on_bad)
         if cache is not None and cache.is_file():
             t, problem = read_cache(cache, rows)
@@ -418,8 +394,8 @@ class ResidentTable:
 
     @classmethod
     def decode(cls, split, on_bad: str, files, num_workers: int) -> ResidentTable:
-        """The split read in file order, its PNGs decoded in chunks (by `num_workers` worker processes, if any: a
-        map-style loader keeps the chunks' order, so the table is the same whoever decodes it)."""
+        """The split in file order, decoded in chunks (by worker processes, if any: a map-style loader keeps their
+        order)."""
         chunks = _ChunkDecoder(list(split.iter(batch_size=1024)), on_bad, files)
         if num_workers > 0:
             chunks = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=num_workers)
@@ -436,7 +412,7 @@ class ResidentTable:
 
 def decoded_cache(files: list[str] | None, on_bad: str) -> Path | None:
     """Where this machine keeps the decode of these shards: `$CVAE_DIST_CACHE` (default ~/.cache/cvae-dist), named by
-    a digest of the shards' bytes, so a changed shard is decoded anew. None for a hub dataset."""
+    a digest of their bytes. None for a hub dataset."""
     if files is None:
         return None
     h = hashlib.blake2b(f"v{CACHE_VERSION}:{on_bad}".encode(), digest_size=16)
@@ -454,13 +430,12 @@ def read_cache(path: Path, rows: int) -> tuple[dict[str, torch.Tensor], str | No
             digest = (f.metadata() or {}).get("digest")
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (SafetensorError, OSError) as e:
-        return {}, f"unreadable ({_first_line(e)})"
+        return {}, f"unreadable ({error_line(e)})"
     return t, cache_problem(t, digest, rows)
 
 
 def cache_problem(t: dict[str, torch.Tensor], digest: str | None, rows: int) -> str | None:
-    """What makes a cached decode not one of a split of `rows` rows (another layout or row count, content that does
-    not match its digest), or None."""
+    """What makes a cached decode not one of a split of `rows` rows, or None."""
     n = t["labels"].numel() if "labels" in t else 0
     layout = {"pixels": (torch.uint8, (n, 1, DIGIT_SIZE, DIGIT_SIZE)), "labels": (torch.int64, (n,)),
               "ids": (torch.int64, (n,)), "bad": (torch.int64, ())}  # fmt: skip
@@ -477,17 +452,11 @@ def cache_problem(t: dict[str, torch.Tensor], digest: str | None, rows: int) -> 
 
 
 def write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """Write a decode atomically, with a digest of its content; an unwritable cache only costs the next rank time."""
+    """Write a decode with a digest of its content; an unwritable cache only costs the next rank time."""
+    metadata = {"digest": content_digest(tensors)}
     with contextlib.suppress(OSError, SafetensorError):
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".partial")
-        os.close(fd)
-        try:
-            save_file(tensors, tmp, metadata={"digest": content_digest(tensors)})
-            os.replace(tmp, path)
-        finally:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+        write_safely(lambda tmp: save_file(tensors, tmp, metadata=metadata), path)
 
 
 def content_digest(tensors: dict[str, torch.Tensor]) -> str:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from cvae_dist import strict_json
+from cvae_dist.files import remove_partial_files, write_safely
 
 log = logging.getLogger(__name__)
 
@@ -48,20 +49,6 @@ class NonFiniteLoss(FloatingPointError):
 
 class OutOfMemory(RuntimeError):
     """CUDA ran out of memory; names the step, the rank and the memory snapshot written before the run failed."""
-
-
-_BEING_WRITTEN: set[Path] = set()  # temporary files a write is filling right now (see `being_written`)
-
-
-@contextlib.contextmanager
-def being_written(path: Path):
-    """`path` (a temporary file) is being written: a stop at once (a second Ctrl-C) removes it on the way out, so no
-    half-written file is left behind."""
-    _BEING_WRITTEN.add(path)
-    try:
-        yield path
-    finally:
-        _BEING_WRITTEN.discard(path)
 
 
 class StopSignal:
@@ -100,9 +87,7 @@ class StopSignal:
                 with contextlib.suppress(OSError):
                     os.write(2, f"{name} again: stopped at once, without a checkpoint (continue from the last one "
                                 f"with: {self.command})\n".encode())  # fmt: skip
-                for path in list(_BEING_WRITTEN):
-                    with contextlib.suppress(OSError):
-                        path.unlink()
+                remove_partial_files()
                 os._exit(128 + signum)
             return
         self.received, self.received_at = signum, time.monotonic()
@@ -238,21 +223,16 @@ def tell_wrapper(run_dir: Path) -> None:
     output_dir the recipe and overrides gave. No file: this attempt was refused (or died) before its run started."""
     target = os.environ.get(RUN_DIR_FILE_ENV)
     if target:
-        tmp = Path(f"{target}.tmp")
-        tmp.write_text(f"{run_dir.resolve()}\n")
-        os.replace(tmp, target)
+        write_safely(lambda tmp: tmp.write_text(f"{run_dir.resolve()}\n"), Path(target))
 
 
 def write_status(run_dir: Path, state: str, **extra) -> None:
     """`status.json`, replaced atomically. Where the disk is full it keeps its previous content and says so."""
-    tmp = run_dir / ".status.json.tmp"
+    record = strict_json.dumps({"state": state, "time": time.time(), **extra})
     try:
-        tmp.write_text(strict_json.dumps({"state": state, "time": time.time(), **extra}))
-        os.replace(tmp, run_dir / "status.json")
+        write_safely(lambda tmp: tmp.write_text(record), run_dir / "status.json")
     except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        log.warning("could not write %s (%s); it still says what it said before", run_dir / "status.json", e)
+        log.warning("%s; it still says what it said before", e)
 
 
 @contextlib.contextmanager

@@ -1,9 +1,8 @@
 """Using a trained model: `cvae-dist eval | sample | reconstruct | interpolate | export`.
 
-Every command takes the model from a run directory (`--run runs/<name>`: its `model/` export, else its newest
-`checkpoints/*/model.safetensors`, shaped and configured by its `config.yaml`) or from weights given directly
-(`--checkpoint DIR`: an export directory or an accelerate checkpoint directory holding `model.safetensors`;
-`--config` gives the model shape and data settings when nothing next to the weights does).
+The model comes from a run directory (`--run`: its `model/` export, else its newest checkpoint's weights) or from
+weights given directly (`--checkpoint`: an export, a checkpoint directory or a .safetensors file; `--config` gives
+the model shape and data settings where nothing next to the weights does).
 """
 
 from __future__ import annotations
@@ -20,10 +19,9 @@ from safetensors.torch import load_file
 
 from cvae_dist.checkpoint import checkpoint_dirs, write_export
 from cvae_dist.config import ConfigError, JobConfig, ModelConfig, Precision, load_config, model_shape
-from cvae_dist.data import load_split, to_model_input
-from cvae_dist.model import CVAE, portable
+from cvae_dist.data import error_line, load_split, to_model_input
+from cvae_dist.model import CVAE, WEIGHTS, portable
 
-WEIGHTS = "model.safetensors"
 MAX_IMAGES = 4096  # digits in one output grid (64 x 64 digits of 64 px: a 4096 x 4096 PNG)
 DECODE_BATCH = 512  # digits decoded at a time, so memory does not grow with --n
 ACCEPTED = (
@@ -38,9 +36,6 @@ class Loaded:
     cfg: JobConfig  # the run's (or --config's) settings; `cfg.model` is the shape of the loaded weights
     weights: Path  # the file the weights came from
     name: str  # how to call it in messages: the run directory or the weights' directory
-
-
-# --------------------------------------------------------------------------------------------- loading
 
 
 def load_model(run: Path | None = None, checkpoint: Path | None = None, config: Path | None = None) -> Loaded:
@@ -58,8 +53,7 @@ def load_model(run: Path | None = None, checkpoint: Path | None = None, config: 
         weights, run_cfg = _checkpoint_weights(Path(checkpoint))
         name = str(Path(checkpoint))
 
-    # The model shape: --config if given, else the config.json beside the weights (an export), else the run's
-    # config.yaml, else read off the weights themselves. The weights are checked against it either way.
+    # The model shape: --config, else an export's config.json, else the run's config.yaml, else the weights' own.
     cfg_file = Path(config) if config is not None else run_cfg
     cfg = load_config(cfg_file) if cfg_file is not None else JobConfig().validate()
     state = _read_weights(weights)
@@ -76,7 +70,7 @@ def load_model(run: Path | None = None, checkpoint: Path | None = None, config: 
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
-        raise ConfigError(f"{weights}: not the weights of a cvae-dist CVAE ({_first_line(e)})") from None
+        raise ConfigError(f"{weights}: not the weights of a cvae-dist CVAE ({error_line(e)})") from None
     return Loaded(model.eval(), cfg, weights, name)
 
 
@@ -84,8 +78,6 @@ def _run_weights(run: Path) -> Path:
     export = run / "model" / WEIGHTS
     if export.is_file():
         return export
-    # Finished checkpoints only, newest step last: not a .partial-step-N being written, nor a step-N.corrupt that
-    # failed its checksums and was set aside by a resume.
     saved = [d / WEIGHTS for d in checkpoint_dirs(run) if (d / WEIGHTS).is_file()]
     if saved:
         return saved[-1]
@@ -136,14 +128,14 @@ def _read_weights(path: Path) -> dict[str, torch.Tensor]:
     try:
         return portable(load_file(str(path)))
     except (SafetensorError, OSError) as e:
-        raise ConfigError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        raise ConfigError(f"{path}: not a readable safetensors file ({error_line(e)})") from None
 
 
 def _read_export_config(path: Path) -> ModelConfig:
     try:
         fields = json.loads(path.read_text())
     except (ValueError, OSError) as e:
-        raise ConfigError(f"{path}: not a readable JSON file ({_first_line(e)})") from None
+        raise ConfigError(f"{path}: not a readable JSON file ({error_line(e)})") from None
     return model_shape(fields, str(path))  # what CVAE.from_pretrained checks too
 
 
@@ -167,11 +159,6 @@ def _check_shape(weights: Path, actual: ModelConfig, expected: ModelConfig, sour
     )
 
 
-def _first_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    return " ".join(lines[:2])[:300]
-
-
 def _device_model(loaded: Loaded, device: torch.device | str) -> CVAE:
     """The model on `device` in the memory format the trainer used, so its numbers come out the same."""
     model = loaded.model.to(device)
@@ -182,9 +169,6 @@ def _device_model(loaded: Loaded, device: torch.device | str) -> CVAE:
 
 def _model_input(loaded: Loaded, pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
     return to_model_input(pixels.to(device), loaded.cfg.model.image_size, loaded.cfg.train.channels_last)
-
-
-# --------------------------------------------------------------------------------- outputs and devices
 
 
 def model_home(run: Path | None, checkpoint: Path | None) -> Path | None:
@@ -242,9 +226,6 @@ def check_device(name: str) -> torch.device:
     return device
 
 
-# ------------------------------------------------------------------------------------------------ eval
-
-
 @torch.no_grad()
 def evaluate(
     loaded: Loaded,
@@ -253,10 +234,7 @@ def evaluate(
     seed: int | None = None,
     precision: str = "fp32",
 ) -> dict:
-    """Held-out loss as the trainer reports it: batches of 128, seeded noise, sums reduced over the ranks.
-
-    Under `accelerate launch` each rank evaluates a strided share (rank, rank + world, ...).
-    """
+    """Held-out loss as the trainer reports it (under `accelerate launch`, each rank a strided share)."""
     from cvae_dist.distributed import make_accelerator, set_threads
     from cvae_dist.evaluation import EVAL_BATCH
     from cvae_dist.evaluation import evaluate as evaluate_model
@@ -300,15 +278,10 @@ def summary_line(r: dict) -> str:
     )
 
 
-# -------------------------------------------------------------------------------------------- pictures
-
-
 @torch.no_grad()
 def sample(loaded: Loaded, n: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
-    """`n` decoded draws from the N(0, I) prior; the draws come from a CPU generator seeded with `seed`.
-
-    `sample(run, 128, seed=train.seed)` decodes the same draws as the lower half of the trainer's figure.
-    """
+    """`n` decoded draws from the N(0, I) prior, drawn by a CPU generator seeded with `seed` (with train.seed and
+    n=128: the draws of the lower half of the trainer's figure)."""
     z = torch.randn(n, loaded.cfg.model.latent_dim, generator=torch.Generator().manual_seed(seed))
     return _decode(_device_model(loaded, device), z.to(device))
 
@@ -354,10 +327,8 @@ def reconstruct(
 def interpolate(
     loaded: Loaded, pixels: torch.Tensor, labels: torch.Tensor, pairs: int, steps: int, device: str = "cpu"
 ) -> torch.Tensor:
-    """One row per pair: the first digit, `steps` decodes along mu_a -> mu_b, the second digit.
-
-    Pair i joins held-out digits of classes 2i and 2i+1 (mod 10), a different example each round of 5 pairs.
-    """
+    """One row per pair: the first digit, `steps` decodes along mu_a -> mu_b, the second digit (pair i joins digits
+    of classes 2i and 2i+1, mod 10)."""
     a_idx, b_idx = pair_indices(labels, pairs)
     model = _device_model(loaded, device)
     x = _model_input(loaded, pixels[a_idx + b_idx], device)
@@ -384,9 +355,6 @@ def pair_indices(labels: torch.Tensor, pairs: int) -> tuple[list[int], list[int]
     return a_idx, b_idx
 
 
-# ---------------------------------------------------------------------------------------------- export
-
-
 def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: bool = False) -> Path:
     """`save_pretrained`: model.safetensors + config.json (+ a model card); optionally pushed to the hub."""
     out = Path(out)
@@ -398,8 +366,8 @@ def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: b
             model.push_to_hub(push_to_hub, private=private or None)
         except Exception as e:  # network, auth, repo name: one line, the local export stays
             raise ConfigError(
-                f"wrote {out}, but pushing it to the hub as {push_to_hub!r} failed ({type(e).__name__}: "
-                f"{_first_line(e)}); log in (`hf auth login` or HF_TOKEN) and run: hf upload {push_to_hub} {out}"
+                f"wrote {out}, but pushing it to the hub as {push_to_hub!r} failed ({error_line(e)}); log in "
+                f"(`hf auth login` or HF_TOKEN) and run: hf upload {push_to_hub} {out}"
             ) from None
     return out
 
@@ -422,6 +390,3 @@ def check_export_dir(out: Path) -> None:
         raise ConfigError(f"export --out {out} is a file; --out names a new or empty directory")
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"export directory {out} already exists and is not empty; pick a new or empty directory")
-
-
-# ------------------------------------------------------------------------------------------------- CLI

@@ -119,7 +119,7 @@ class RunLogger:
             while done < len(data):
                 done += self.file.write(data[done:])
         except OSError as e:
-            from cvae_dist.checkpoint import disk_error
+            from cvae_dist.files import disk_error
 
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)
@@ -255,7 +255,7 @@ def _truncate_after(path: Path, step: int) -> None:
     lines = path.read_text().splitlines(keepends=True)
     kept = [line for line in lines if 0 <= _step_of(line) <= step]
     if len(kept) < len(lines):
-        from cvae_dist.checkpoint import write_safely
+        from cvae_dist.files import write_safely
 
         write_safely(lambda tmp: tmp.write_text("".join(kept)), path)
         log.warning("%s: dropped %d line(s) after step %d (the resumed run trains those steps again)",
@@ -311,7 +311,7 @@ class RankRecord:
             self.epoch_ids = []
 
     def finish(self, **fields: Any) -> None:
-        from cvae_dist.checkpoint import write_safely
+        from cvae_dist.files import write_safely
 
         self.data.update(fields)
         self.path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,12 +1,9 @@
 """Convert MNIST files (CSV, IDX, or the official IDX split) into parquet shards in the Hugging Face `ylecun/mnist`
-layout.
+layout: `image` (PNG bytes), `label` (`ClassLabel` 0-9) and `id` (the row's index in its source file).
 
-Each shard holds `image` (PNG bytes, the `Image` feature), `label` (`ClassLabel` 0-9) and `id` (the row's index in
-its source file, so every example can be traced). From one file (`write_shards`), the held-out `test` split is a
-stratified sample (the same number of digits per class), drawn with a fixed seed; the rest is shuffled with that seed
-and cut into equal `train` shards. From the official split (`convert_mnist`), `train` is the 60,000 training digits
-shuffled with the seed and `test` is the 10,000 test digits in their file order. Output is written into a temporary
-sibling directory and renamed into place, so a failed or interrupted conversion leaves nothing under `out`.
+From one file (`write_shards`) the held-out `test` split is a stratified sample drawn with a fixed seed, the rest is
+shuffled into equal `train` shards; from the official split (`convert_mnist`) `train` is its 60,000 training digits,
+shuffled, and `test` its 10,000 test digits in file order.
 """
 
 from __future__ import annotations

@@ -1,37 +1,43 @@
-"""`cvae-dist bench` in process: its argument errors, and `--compile` on the trainer side (bench.py)."""
+"""benchmarks/bench.py in process: its argument errors, and `--compile` on the framework side."""
 
+import importlib.util
 import subprocess
 import sys
+from types import SimpleNamespace
+
+from support.launching import DEBUG, REPO
+
+spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
 
 
 def test_bad_arguments_are_one_line(repo, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "cvae_dist.cli", "bench", "--precisions", "fp8"],
-        cwd=repo,
+        [sys.executable, str(repo / "benchmarks" / "bench.py"), "--precisions", "fp8"],
+        cwd=tmp_path,
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "cvae-dist bench: error: --precisions: unknown 'fp8'; accepted: fp32, bf16"
+    assert proc.stderr.strip() == "bench.py: error: --precisions: unknown 'fp8'; accepted: fp32, bf16"
 
 
-def test_compile_times_the_compiled_model_on_the_trainer_side(tmp_path, monkeypatch):
-    """`--compile`: the model the trainer's step calls (what the framework rows time) is the compiled one, the run's
-    only model, and a trial runs. (The `eager` backend compiles with dynamo alone: seconds, not inductor's minutes.)"""
+def test_compile_runs_the_framework_compiled(tmp_path, monkeypatch):
+    """`--compile`: the worker's environment asks accelerate to compile (as `accelerate launch --dynamo_backend`
+    does), and the framework's runs are compiled, as their own facts say; a trial runs. (The `eager` backend compiles
+    with dynamo alone: seconds, not inductor's minutes.)"""
     import torch._dynamo
-    from accelerate.utils import is_compiled_module
-    from support.launching import DEBUG
 
-    from cvae_dist import bench
-    from cvae_dist.config import load_config
-
-    # set through monkeypatch, so that what the bench sets is undone after the test (a delenv of an absent variable
-    # records nothing to undo, and the next Accelerator in this process would compile)
-    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
-    overrides = ["data.train_split=test", "log.every_steps=1", "train.precision=fp32", "log.wandb=disabled"]
-    cfg = load_config(DEBUG, [*overrides, f"output_dir={tmp_path}"])
+    env = bench._worker_env(SimpleNamespace(compile="eager"))
+    # set through monkeypatch, so that it is undone after the test (the next Accelerator in this process would compile)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", env["ACCELERATE_DYNAMO_BACKEND"])
+    overrides = ["data.train_split=test", "log.every_steps=1", "train.precision=fp32", f"output_dir={tmp_path}"]
+    args = SimpleNamespace(config=DEBUG, overrides=overrides, batch=None, seconds=0.05)
     torch._dynamo.reset()
-    loop = bench.TrainerLoop(bench._trainer_run(cfg, "compiled", "eager"))
-    assert is_compiled_module(loop.trainer.step.model) and loop.trainer.step.model is loop.trainer.model
-    assert loop.trial(0.05)["steps"] >= 1
+    runs = bench.FrameworkRuns(args, "compiled", [])  # its warm-up run
+    assert runs.facts["compiled"] is True and runs.facts["dynamo_backend"] == "EAGER"
+    trial = runs.trial([])
+    assert trial["steps"] >= 1 and trial["img_per_s"] > 0 and runs.facts["compiled"] is True
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == ["compiled-1", "compiled-2"]  # a run each
     torch._dynamo.reset()

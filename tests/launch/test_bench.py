@@ -1,4 +1,4 @@
-"""`cvae-dist bench` in a very short mode: every figure is in its JSON and positive (no timing assertions)."""
+"""benchmarks/bench.py in a very short mode: every figure is in its JSON and positive (no timing assertions)."""
 
 import json
 import math
@@ -11,16 +11,17 @@ import sys
 import pytest
 from support.launching import REPO
 
-# Two short trials at batch 32 on the 500 held-out digits (bf16 is ~20x slower than fp32 on CPUs without fast bf16).
+# Two short trials at batch 32 on the 500 held-out digits (bf16 is ~20x slower than fp32 on CPUs without fast bf16);
+# a step line every step: a framework trial is a run of two steps (its first line is left out).
 SHORT = ["--trials", "2", "--seconds", "0.2", "--warmup", "0.1", "--data-seconds", "0.2", "--batch", "32",
-         "log.every_steps=2", "data.train_split=test"]  # fmt: skip
+         "log.every_steps=1", "data.train_split=test"]  # fmt: skip
 
 
 def bench(repo, tmp_path, *args, timeout=600, installed=None):
-    """`cvae-dist bench` from a directory that is not the source checkout; `installed`: from a plain (not editable)
-    install of the package there instead of the checkout's, the launched workers too (PYTHONPATH)."""
+    """The bench script from a directory that is not the source checkout; `installed`: with a plain (not editable)
+    install of the package instead of the checkout's, in the launched runs too (PYTHONPATH)."""
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "cvae_dist.cli", "bench", *args, "--json", str(out)]
+    cmd = [sys.executable, str(repo / "benchmarks" / "bench.py"), *args, "--json", str(out)]
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     if installed is not None:
         env["PYTHONPATH"] = str(installed)
@@ -119,7 +120,7 @@ def test_compare_data_and_telemetry_sections(repo, tmp_path):
     assert all(map(fraction, data["data_wait_frac"].values())) and fraction(data["max_data_wait_frac"])
     assert "framework img/s" in stdout and "data pipeline" in stdout
 
-    overhead = result["telemetry_overhead"]  # the framework path with telemetry on and off, same run
+    overhead = result["telemetry_overhead"]  # the framework's runs with telemetry on and off, one process
     assert overhead["config"] == "bf16/channels_last"
     assert positive(overhead["on_img_per_s"]) and positive(overhead["off_img_per_s"])
     assert overhead["ratio"] == pytest.approx(overhead["on_img_per_s"] / overhead["off_img_per_s"])
@@ -127,7 +128,7 @@ def test_compare_data_and_telemetry_sections(repo, tmp_path):
 
 
 def test_scaling_section_from_an_installed_package(repo, tmp_path, installed):
-    # the scaling section launches the bench's worker with `accelerate launch`: the most a checkout could hide
+    # the scaling section runs `accelerate launch -m cvae_dist.cli train`: the most a checkout could hide
     result, stdout = bench(repo, tmp_path, *SHORT, "--sections", "scaling", installed=installed)
     assert "configs" not in result and "data" not in result
     scaling = result["scaling"]

@@ -144,7 +144,7 @@ STOP_AT_ONCE_WHILE_WRITING = """
 import os, signal, sys, time
 from pathlib import Path
 from cvae_dist import faults
-from cvae_dist.checkpoint import write_safely
+from cvae_dist.files import write_safely
 
 faults.StopSignal.REPEAT_GRACE_S = 0.0
 faults.StopSignal().arm()

@@ -1,14 +1,23 @@
-"""`cvae-dist bench` with figures it does not know (bench.py): NaN in the worker, null in its JSON, None in the parent;
-every table prints `n/a` for them, and a trial runs until it has a step line. In process, no training."""
+"""benchmarks/bench.py with figures it does not know: NaN in the worker, null in its JSON, None in the parent; every
+table prints `n/a` for them. A framework trial read back from a run's files: which step lines count, and how long a
+trial's run is. In process, no training."""
 
+import importlib.util
 import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
+from support.launching import REPO
 
-from cvae_dist import bench, strict_json
+from cvae_dist import strict_json
 from cvae_dist.strict_json import shown
+
+spec = importlib.util.spec_from_file_location("bench", REPO / "benchmarks" / "bench.py")
+bench = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(bench)
 
 TELEMETRY = ("data_wait_frac", "idle_frac", "sync_wait_frac", "mfu", "step_time_s", "fwd_bwd_s", "optimizer_s")
 
@@ -81,14 +90,14 @@ def test_data_section_and_table_with_unknown_figures(monkeypatch):
 
 
 def test_scaling_section_and_table_with_unknown_figures(monkeypatch):
-    def launched(args, kind, extra, launcher, env):
+    def launched(args, launcher, extra, env):
         processes = 2 if "--num_processes" in launcher else 1
         local = extra == ["model.batchnorm=local"]
         return {"processes": processes, "threads": int(env["OMP_NUM_THREADS"]), "backend": "MULTI_CPU",
                 "per_rank_batch": 128 // processes, "median_img_per_s": None if local else 500.0,
                 "median_sync_wait_frac": math.nan if processes > 1 else 0.0}  # fmt: skip
 
-    monkeypatch.setattr(bench, "_run_worker", launched)
+    monkeypatch.setattr(bench, "scaling_run", launched)
     scaling = through_json(bench.scaling_section(SimpleNamespace()))
     assert scaling["efficiency"] == 1.0 and scaling["global_to_local_batchnorm"] is None
 
@@ -110,43 +119,72 @@ def test_telemetry_line_with_unknown_figures():
     assert line == "telemetry (bf16/nchw): on 80 img/s, off n/a img/s, on/off n/a (medians of 2 interleaved trials)"
 
 
-class StubTrainer:
-    """What `TrainerLoop` uses of a `Trainer`: `steps` takes one step at a time, a step line every `every` steps, and
-    asks `stop` after every step (a step line or a stop poll), as a slow step does."""
-
-    def __init__(self, every: int, step: int, telemetry: bool = True, device: str = "cpu"):
-        self.cfg = SimpleNamespace(log=SimpleNamespace(every_steps=every, telemetry=telemetry))
-        self.state = SimpleNamespace(step=step)
-        self.parts = SimpleNamespace(global_batch=32)
-        self.accelerator = SimpleNamespace(device=torch.device(device), process_index=0)
-        self.timer = SimpleNamespace(restart=lambda: None)
-
-    def steps(self, batches, stop):
-        lines = []
-        while True:
-            self.state.step += 1
-            if self.state.step % self.cfg.log.every_steps == 0:  # on a GPU a trial's first line has no timings
-                value = None if self.accelerator.device.type == "cuda" and not lines else 0.25
-                lines.append({f"rank/0/{name}": value for name in TELEMETRY})
-            if stop():
-                return SimpleNamespace(stopped=True, lines=lines)
+def write_run(run_dir: Path, lines: list[tuple], device: str = "cpu", telemetry: bool = True) -> Path:
+    """A finished run's files as `train` writes them: `ranks/rank0.json` and `metrics.jsonl`, with step lines
+    (step, epoch, global img/s) among other records, and an epoch line after each epoch's last step line."""
+    (run_dir / "ranks").mkdir(parents=True)
+    (run_dir / "ranks" / "rank0.json").write_text(json.dumps({"device": device, "global_batch_size": 32}))
+    records = [{"time": 1.0, "step": 0, "epoch": 1, "event": "started", "world_size": 1}]
+    for i, (step, epoch, rate) in enumerate(lines):
+        figures = {f"rank/0/{name}": 0.01 * (i + 1) for name in TELEMETRY} if telemetry else {}
+        records.append({"time": 2.0, "step": step, "epoch": epoch, "train/step_loss": 100.0, "images_seen": 32 * step,
+                        "rank/0/img_per_s": rate, **figures, "throughput/global_img_per_s": rate})  # fmt: skip
+        if i + 1 == len(lines) or lines[i + 1][1] != epoch:
+            records.append({"time": 3.0, "step": step, "epoch": epoch, "train/loss": 99.0, "train/img_per_s": 1.0})
+    records.append({"time": 4.0, "step": lines[-1][0], "epoch": lines[-1][1], "event": "checkpoint:max_steps"})
+    (run_dir / "metrics.jsonl").write_text("".join(strict_json.dumps(r) + "\n" for r in records))
+    return run_dir
 
 
-def test_a_trial_runs_until_it_has_a_step_line_then_until_its_time_is_up():
-    loop = bench.TrainerLoop(StubTrainer(every=4, step=5))
-    first = loop.trial(0)  # the time is up at once: it stops at its first step line (step 8)
-    assert first["steps"] == 3 and first["telemetry"] == dict.fromkeys(TELEMETRY, 0.25)
-    assert loop.trial(0)["steps"] == 4  # from a step line to the next
-    assert loop.trial(0.05)["seconds"] >= 0.05
+# steps 2-6 in epoch 1, 8-10 in epoch 2: a warm-up line (1 img/s), and a line holding epoch 1's end (1 img/s)
+LINES = [(2, 1, 1.0), (4, 1, 10.0), (6, 1, 10.0), (8, 2, 1.0), (10, 2, 40.0)]
 
 
-def test_a_trial_without_telemetry_has_unknown_telemetry_figures():
-    trial = bench.TrainerLoop(StubTrainer(every=4, step=0, telemetry=False)).trial(0)
-    assert trial["steps"] == 4 and all(math.isnan(v) for v in trial["telemetry"].values())
-    assert shown(trial["telemetry"]["data_wait_frac"], ".1f", 100, "%") == "n/a"
+def test_a_trial_leaves_out_the_first_step_line_of_the_run_and_of_each_epoch(tmp_path):
+    facts, lines = bench.run_figures(write_run(tmp_path / "run", LINES))
+    assert facts["global_batch_size"] == 32
+    assert [(line["steps"], line["img_per_s"]) for line in lines] == [(2, 10.0), (2, 10.0), (2, 40.0)]
+    trial = bench.trial_figures(lines, 32)
+    # images over time: 6 steps of 32 images in 2 x 64 / 10 + 64 / 40 seconds (not the mean of the rates, 20)
+    assert trial["steps"] == 6 and trial["seconds"] == pytest.approx(14.4)
+    assert trial["img_per_s"] == pytest.approx(6 * 32 / 14.4)
+    assert trial["telemetry"]["mfu"] == pytest.approx(0.03) == trial["telemetry"]["data_wait_frac"]  # lines 2, 3, 5
 
 
-def test_on_a_gpu_a_trial_has_two_step_lines_and_leaves_out_the_first_ones_unknown_timings(monkeypatch):
-    monkeypatch.setattr(bench, "_sync", lambda _device: None)
-    trial = bench.TrainerLoop(StubTrainer(every=4, step=0, device="cuda")).trial(0)
-    assert trial["steps"] == 8 and trial["telemetry"] == dict.fromkeys(TELEMETRY, 0.25)
+def test_on_a_gpu_a_trial_leaves_out_the_first_two_lines_of_the_run_and_of_each_epoch(tmp_path):
+    _, lines = bench.run_figures(write_run(tmp_path / "run", LINES, device="cuda:0"))
+    assert [(line["steps"], line["img_per_s"]) for line in lines] == [(2, 10.0)]  # step 6 only
+
+
+def test_a_trial_without_telemetry_or_lines_has_unknown_figures_never_a_crash(tmp_path):
+    lines = bench.run_figures(write_run(tmp_path / "off", LINES, telemetry=False))[1]
+    off = through_json(bench.trial_figures(lines, 32))
+    assert off["img_per_s"] == pytest.approx(6 * 32 / 14.4) and set(off["telemetry"].values()) == {None}
+    assert shown(off["telemetry"]["data_wait_frac"], ".1f", 100, "%") == "n/a"
+    _, lines = bench.run_figures(write_run(tmp_path / "short", [(2, 1, 50.0)]))  # no line after the warm-up one
+    none = through_json(bench.trial_figures(lines, 32))
+    assert lines == [] and none["steps"] == 0 and none["img_per_s"] is None and none["seconds"] is None
+    unknown = bench.trial_figures([{"steps": 2, "img_per_s": None, **dict.fromkeys(TELEMETRY)}], 32)
+    assert unknown["steps"] == 0 and math.isnan(unknown["img_per_s"])  # a line without its rate counts no time
+
+
+def test_a_framework_trial_is_one_train_run_sized_by_a_warmup_run(tmp_path, monkeypatch):
+    """Every trial is one `train(cfg)` (W&B off, its overrides, a run of its own); the warm-up run (the skipped line
+    and one more) sizes the trials to about `--seconds` of step lines at its rate: here 100 img/s at batch 32,
+    lines of 2 steps, 1 s: 2 lines."""
+    calls = []
+
+    def train(cfg):
+        calls.append((cfg.run_name, cfg.train.max_steps, cfg.log.telemetry, cfg.log.wandb.value))
+        every = cfg.log.every_steps
+        lines = [(step, 1, 100.0) for step in range(every, cfg.train.max_steps + 1, every)]
+        return SimpleNamespace(run_dir=write_run(Path(cfg.output_dir) / cfg.run_name, lines))
+
+    monkeypatch.setattr(bench, "train", train)
+    monkeypatch.setattr(bench, "_device", lambda: torch.device("cpu"))
+    args = SimpleNamespace(config=None, overrides=[f"output_dir={tmp_path}", "log.every_steps=2"], batch=None,
+                           seconds=1.0)  # fmt: skip
+    runs = bench.FrameworkRuns(args, "t", ["log.telemetry=true"])
+    trial = runs.trial(["log.telemetry=false"])
+    assert calls == [("t-1", 4, True, "disabled"), ("t-2", 6, False, "disabled")]
+    assert trial["steps"] == 4 and trial["img_per_s"] == pytest.approx(100.0)

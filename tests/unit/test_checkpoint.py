@@ -1,6 +1,7 @@
 """Checkpoints without training: when the Checkpointer saves, which directories count as checkpoints, the manifest
-check, and the refusals before a run starts (checkpoint.py)."""
+check, and the resumes refused (checkpoint.py)."""
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
@@ -13,12 +14,10 @@ from cvae_dist.checkpoint import (
     CheckpointError,
     TrainerState,
     check_compatible,
-    check_new_run_dir,
-    check_writable,
     checkpoint_dirs,
     verify_checkpoint,
 )
-from cvae_dist.config import CheckpointConfig, ConfigError
+from cvae_dist.config import CheckpointConfig
 
 
 class Meter:
@@ -38,7 +37,7 @@ def run_checkpoints(monkeypatch, tmp_path, cfg: CheckpointConfig, epochs: int, s
     monkeypatch.setattr(checkpoint, "save_checkpoint", save_checkpoint)
     logged = []
     keeper = Checkpointer(None, tmp_path, cfg, Meter(), logged.append)
-    state = TrainerState()
+    state = state_of()
     for epoch in range(1, epochs + 1):
         state.epoch, state.batches_done = epoch, 0
         for _ in range(steps):
@@ -79,7 +78,7 @@ def test_a_checkpoint_takes_the_meters_state_and_logs_its_path(monkeypatch, tmp_
     got = []
     monkeypatch.setattr(checkpoint, "save_checkpoint", lambda a, d, s, keep: got.append((s, keep)) or d / "x")
     logged = []
-    state = TrainerState(step=7, epoch=2)
+    state = state_of(step=7, epoch=2)
     path = Checkpointer(None, tmp_path, CheckpointConfig(keep=5), Meter(), logged.append).save(state, "signal")
     assert path == tmp_path / "x" and got == [(state, 5)] and state.loss == Meter().to_state()
     assert logged == [{"step": 7, "epoch": 2, "event": "checkpoint:signal", "path": str(tmp_path / "x")}]
@@ -105,11 +104,14 @@ def sealed(path: Path, files: dict[str, str]) -> Path:
     return path
 
 
+def state_json(**fields) -> str:
+    return json.dumps(dataclasses.asdict(state_of(**fields)))
+
+
 def test_verify_checkpoint_reads_the_state_of_a_complete_checkpoint(tmp_path):
-    state = {"step": 12, "epoch": 3, "world_size": 2, "per_rank_batch_size": 64}
-    path = sealed(tmp_path / "step-000000012", {"trainer_state.json": json.dumps(state), "model.bin": "weights"})
-    got = verify_checkpoint(path)
-    assert (got.step, got.epoch, got.world_size, got.per_rank_batch_size) == (12, 3, 2, 64)
+    text = state_json(step=12, epoch=3)
+    path = sealed(tmp_path / "step-000000012", {"trainer_state.json": text, "model.bin": "weights"})
+    assert verify_checkpoint(path) == state_of(step=12, epoch=3)
 
 
 def test_verify_checkpoint_refuses_a_directory_without_a_manifest(tmp_path):
@@ -120,7 +122,7 @@ def test_verify_checkpoint_refuses_a_directory_without_a_manifest(tmp_path):
 
 
 def test_verify_checkpoint_refuses_a_changed_or_missing_file(tmp_path):
-    files = {"trainer_state.json": json.dumps({"step": 1}), "model.bin": "weights"}
+    files = {"trainer_state.json": state_json(step=1), "model.bin": "weights"}
     changed = sealed(tmp_path / "changed", files)
     (changed / "model.bin").write_text("weightz")
     with pytest.raises(CheckpointError, match="model.bin does not match its checksum"):
@@ -134,86 +136,38 @@ def test_verify_checkpoint_refuses_a_changed_or_missing_file(tmp_path):
         verify_checkpoint(foreign)
 
 
-def test_a_new_run_refuses_a_directory_with_something_in_it(tmp_path):
-    check_new_run_dir(tmp_path / "absent")
-    (tmp_path / "empty").mkdir()
-    check_new_run_dir(tmp_path / "empty")
-    (tmp_path / "used").mkdir()
-    (tmp_path / "used" / "metrics.jsonl").write_text("")
-    with pytest.raises(ConfigError) as err:
-        check_new_run_dir(tmp_path / "used")
-    message = str(err.value)
-    assert message.startswith(f"run directory {tmp_path / 'used'} already exists") and "resume=auto" in message
-    assert "\n" not in message
-
-
-@pytest.fixture
-def unwritable(monkeypatch):
-    """Paths made unwritable (os.access says so; root would write anyway, so permission bits cannot show it)."""
-    denied: set[Path] = set()
-    real = checkpoint.os.access
-    monkeypatch.setattr(checkpoint.os, "access", lambda p, mode: Path(p) not in denied and real(p, mode))
-    return denied
-
-
-def test_check_writable_asks_the_checkpoints_the_run_or_the_nearest_existing_parent(tmp_path, unwritable):
-    run = tmp_path / "out" / "deeper" / "run"
-    check_writable(run)  # nothing exists below tmp_path yet: tmp_path is asked, and is writable
-    unwritable.add(tmp_path)
-    with pytest.raises(ConfigError) as err:
-        check_writable(run)
-    assert str(err.value) == f"output directory {tmp_path} is not writable (output_dir={run.parent})"
-    (run / "checkpoints").mkdir(parents=True)  # a resumed run: its checkpoints/ is what must take new files
-    check_writable(run)
-    unwritable.add(run / "checkpoints")
-    with pytest.raises(ConfigError) as err:
-        check_writable(run)
-    assert str(err.value).startswith(f"{run / 'checkpoints'} is not writable; the run could not save")
-
-
-def test_check_writable_asks_an_existing_run_directory(tmp_path, unwritable):
-    (tmp_path / "run").mkdir()
-    unwritable.add(tmp_path / "run")
-    with pytest.raises(ConfigError) as err:
-        check_writable(tmp_path / "run")
-    assert str(err.value).startswith(f"{tmp_path / 'run'} is not writable")
-
-
 MODEL = {"latent_dim": 8, "filters": 64, "image_size": 64}
 
 
-def state(**fields) -> TrainerState:
+def state_of(**fields) -> TrainerState:
     """A 2-rank run's state (DDP, resident split), with `fields` changed."""
     defaults = {"world_size": 2, "per_rank_batch_size": 64, "global_batch_size": 128, "data_path": "resident",
-                "data_workers": 0, "model": MODEL}  # fmt: skip
+                "engine": "ddp", "zero_stage": 0, "data_workers": 0, "model": MODEL, "settings": {}}  # fmt: skip
     return TrainerState(**(defaults | fields))
 
-
 STREAMED = {"data_path": "streamed"}
-ZERO2 = {"zero_stage": 2}
+ZERO2 = {"zero_stage": 2, "engine": "deepspeed"}
 
 
 @pytest.mark.parametrize(
     ("saved", "current", "refusal"),
-    [(state(model=MODEL | {"latent_dim": 4}), state(), "written for model"),
-     (state(per_rank_batch_size=32, global_batch_size=64), state(), "global batch of 64 images, this run has 128; "
-      "resume with data.batch_size=64"),
-     (state(world_size=4, per_rank_batch_size=16, global_batch_size=0, data_path=""), state(),
-      "global batch of 64"),  # written before the global batch was recorded
-     (state(**STREAMED), state(), "the streamed data path, this run's split is resident"),
-     (state(world_size=4, per_rank_batch_size=32, **STREAMED), state(**STREAMED),
+    [(state_of(model=MODEL | {"latent_dim": 4}), state_of(), "written for model"),
+     (state_of(per_rank_batch_size=32, global_batch_size=64), state_of(),
+      "global batch of 64 images, this run has 128; resume with data.batch_size=64"),
+     (state_of(**STREAMED), state_of(), "the streamed data path, this run's split is resident"),
+     (state_of(world_size=4, per_rank_batch_size=32, **STREAMED), state_of(**STREAMED),
       "a streamed split is dealt to the ranks by its shards, so its order depends on the world size: relaunch with 4"),
-     (state(world_size=4, per_rank_batch_size=32, **ZERO2), state(**ZERO2), "ZeRO keeps each rank's optimizer "
+     (state_of(world_size=4, per_rank_batch_size=32, **ZERO2), state_of(**ZERO2), "ZeRO keeps each rank's optimizer "
       "partition and this trainer does not convert it (DeepSpeed's universal checkpoint): relaunch with 4"),
-     (state(**ZERO2), state(), "written under DeepSpeed ZeRO-2, this launch runs DDP or one process"),
-     (state(data_workers=2, **STREAMED), state(**STREAMED),
+     (state_of(**ZERO2), state_of(), "written under DeepSpeed ZeRO-2, this launch runs DDP or one process"),
+     (state_of(data_workers=2, **STREAMED), state_of(**STREAMED),
       "written with 2 data worker(s) per rank, this launch has 0"),
      # DeepSpeed without ZeRO (stage 0) is told from DDP by the engine the checkpoint records
-     (state(engine="deepspeed"), state(engine="ddp"), "written under DeepSpeed ZeRO-0, this launch runs DDP"),
-     (state(settings={"train.seed": 0, "train.lr": 0.001}), state(settings={"train.seed": 1, "train.lr": 0.002}),
+     (state_of(engine="deepspeed"), state_of(engine="ddp"), "written under DeepSpeed ZeRO-0, this launch runs DDP"),
+     (state_of(settings={"train.seed": 0, "train.lr": 0.001}), state_of(settings={"train.seed": 1, "train.lr": 0.002}),
       "train.seed=0 in the run, 1 here; the model, the data, its order and the seed cannot change within a run: "
       "resume with train.seed=0")],
-    ids=["model", "global-batch", "old-global-batch", "data-path", "streamed-world", "deepspeed-world", "engine",
+    ids=["model", "global-batch", "data-path", "streamed-world", "deepspeed-world", "engine",
          "streamed-workers", "deepspeed-zero0", "seed"],
 )  # fmt: skip
 def test_an_incompatible_resume_is_refused_in_one_line(tmp_path, saved, current, refusal):
@@ -225,22 +179,20 @@ def test_an_incompatible_resume_is_refused_in_one_line(tmp_path, saved, current,
 
 def test_a_resident_split_resumes_on_any_world_size(tmp_path):
     for world, share in ((1, 128), (3, 43), (4, 32)):
-        check_compatible(state(), tmp_path, state(world_size=world, per_rank_batch_size=share))
-    check_compatible(state(data_workers=2), tmp_path, state())  # resident: workers only decode
+        check_compatible(state_of(), tmp_path, state_of(world_size=world, per_rank_batch_size=share))
+    check_compatible(state_of(data_workers=2), tmp_path, state_of())  # resident: workers only decode
 
 
-def test_a_compatible_resume_and_an_old_checkpoint_without_a_model_record_pass(tmp_path):
-    check_compatible(state(), tmp_path, state())
-    check_compatible(state(model={}), tmp_path, state())  # written before checkpoints recorded the model
+def test_a_compatible_resume_passes(tmp_path):
+    assert check_compatible(state_of(), tmp_path, state_of()) == {}
 
 
 def test_a_resume_returns_the_settings_it_changes(tmp_path):
     saved, now = (
-        state(settings={"train.lr": 0.001, "train.epochs": 2}),
-        state(settings={"train.lr": 0.002, "train.epochs": 2}),
+        state_of(settings={"train.lr": 0.001, "train.epochs": 2}),
+        state_of(settings={"train.lr": 0.002, "train.epochs": 2}),
     )
     assert check_compatible(saved, tmp_path, now) == {"train.lr": (0.001, 0.002)}
-    assert check_compatible(state(), tmp_path, now) == {}  # written before settings were recorded: nothing compared
 
 
 @pytest.mark.parametrize(
@@ -266,6 +218,7 @@ def test_a_manifest_of_the_wrong_shape_is_refused_in_one_line(tmp_path, manifest
         ('{"step": "12"}', "field 'step' is str, expected int"),
         ('{"step": true}', "field 'step' is bool"),
         ('{"loss": 3}', "field 'loss' is int, expected dict"),
+        ('{"step": 12}', "no field 'world_size'"),
     ],
 )
 def test_a_trainer_state_of_the_wrong_shape_is_refused(tmp_path, state_json, refusal):
@@ -300,17 +253,9 @@ def test_check_pickles_refuses_a_pickle_that_calls_a_function_and_passes_plain_s
         checkpoint.check_pickles(ckpt)
 
 
-def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
-    (tmp_path / "out").write_text("a file")
-    with pytest.raises(ConfigError) as err:
-        check_writable(tmp_path / "out" / "run")
-    assert str(err.value) == f"{tmp_path / 'out'} is a file, not a directory: output_dir and run_name must name a " \
-                             "directory"  # fmt: skip
-
-
 def test_newer_checkpoints_are_set_aside_by_step_number(tmp_path):
     for step in (5, 6, 40):
-        sealed(tmp_path / "checkpoints" / f"step-{step:09d}", {"trainer_state.json": json.dumps({"step": step})})
+        sealed(tmp_path / "checkpoints" / f"step-{step:09d}", {"trainer_state.json": state_json(step=step)})
     (tmp_path / "checkpoints" / "step-000000040" / "manifest.json").write_text("{}")  # fails its checks
     moved = checkpoint.set_aside_newer(tmp_path, 5)
     assert [p.name for p in moved] == ["step-000000006.abandoned", "step-000000040.corrupt"]

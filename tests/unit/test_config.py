@@ -119,27 +119,6 @@ def test_checkpoint_interval_must_align_with_loss_checks():
         load_config(DEBUG, ["log.every_steps=5", "checkpoint.every_steps=12"])
 
 
-def test_a_config_yaml_written_before_the_cuts_still_loads(tmp_path):
-    # A run directory's config.yaml from a version that had data.per_rank_batch_size and train.scale_lr holds them
-    # at their defaults: `sample --run`, `eval --run` and resumes must still read it.
-    old = tmp_path / "config.yaml"
-    old.write_text("data:\n  batch_size: 64\n  per_rank_batch_size: null\ntrain:\n  scale_lr: false\n  epochs: 2\n")
-    cfg = load_config(old)
-    assert (cfg.data.batch_size, cfg.train.epochs) == (64, 2)
-
-
-@pytest.mark.parametrize(
-    ("override", "instead"),
-    [("data.per_rank_batch_size=32", "data.batch_size is the global batch"),
-     ("train.scale_lr=true", "the lr is train.lr at any world size")],
-)  # fmt: skip
-def test_a_retired_setting_given_a_value_is_refused_saying_what_replaced_it(override, instead):
-    with pytest.raises(ConfigError) as err:
-        load_config(None, [override])
-    key = override.split("=")[0]
-    assert str(err.value).startswith(f"override: {key} is no longer a setting; {instead}")
-
-
 @pytest.mark.parametrize(
     "override",
     ["train.lr=-0.001", "train.lr=nan", "train.lr=0", "train.weight_decay=-1e-5", "train.weight_decay=nan",

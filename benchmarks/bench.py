@@ -1,31 +1,31 @@
-"""`cvae-dist bench`: how fast the framework trains, against a plain hand-written PyTorch loop of the same model.
+"""How fast the framework trains, against a plain hand-written PyTorch loop of the same model.
 
-Sections (`--sections`, default `compare,data,telemetry`; `--scaling` adds `scaling`):
+    python benchmarks/bench.py [--sections compare,data,telemetry] [--scaling] [--trials N] [--seconds S]
+                               [--compile [BACKEND]] [--batch N] [--json FILE] [config overrides ...]
 
-- `compare`: for each precision (fp32, bf16) x layout (NCHW, channels_last), one process that alternates trials of
-  (a) a minimal hand-written loop (CVAE, the recipe's AdamW, fused like the trainer's, batches from in-memory,
-  already resized 64x64 images, `vae_loss(...).total`, zero_grad / backward / step) and (b) the trainer itself: a
-  real run (`trainer.prepare` + `Trainer`, in a temporary directory, W&B off) driven by `Trainer.steps`,
-  the loop `train` uses, with its data stream, resize, telemetry and step lines. On CUDA each config also gets a
-  `graph` row: (a) captured as one CUDA graph (the ceiling of the step itself, its own column) against the trainer
-  with `train.cuda_graph=true`. The order of the sides rotates per trial, so drifting machine load hits all alike;
-  img/s, ratios, MFU and data wait per trial, medians over trials (the ratio column: the median of per-trial
-  ratios); warm-up excluded.
-- `data`: the batching rate of `RankStream` alone (1 rank of 1, and each rank of 2): decoding every digit (a
-  streamed shard, or a first epoch), building the resident table, and batches from it (later epochs, their
-  orders included), with and without the on-device resize, against the training rate; and the data-wait share of
-  the trainer's steps.
-- `telemetry`: the trainer with `log.telemetry` on and off, trials interleaved in one process.
-- `scaling`: 1 process x 2 threads, 2 processes x 1 thread (DDP over gloo on CPU) with BatchNorm over the global
-  batch and again with `model.batchnorm=local`, and 1 process x 1 thread, each a real `accelerate launch` of this
-  module's worker; efficiency = 2x1 / 1x2, per-core efficiency = 2x1 / (2 x 1x1), and what global BatchNorm costs:
-  2x1 global / 2x1 local.
+The framework is timed from outside, as a user runs it: a framework trial is one `train(cfg)` run (a temporary
+directory, W&B off, `train.max_steps` steps) read back from its step lines (`metrics.jsonl`) and facts
+(`ranks/rank0.json`). A run's first step line and each later epoch's first are left out (warm-up; the epoch's end:
+evaluation, figure), on CUDA the first two (a line's timings there are the interval before it); a trial's img/s is
+its lines' images over their time. Sections (`--sections`; `--scaling` adds `scaling`):
 
-Each section that trains runs in processes of its own (one precision per process: accelerate keeps one state per
-process). On CUDA the trials are timed with a synchronize at their start and end only (the trainer's telemetry adds
-its own one per log interval). `--compile [BACKEND]` (default inductor) compiles the hand model with `torch.compile`
-and the trainer's as `accelerate launch --dynamo_backend` would (accelerate compiles the model the step calls);
-`--batch N` sets the batch of both (the trainer's global `data.batch_size`).
+- `compare`: per precision (fp32, bf16) x layout (NCHW, channels_last), one process alternating trials of (a) a
+  minimal hand-written loop (CVAE, the recipe's fused AdamW, in-memory batches of resized 64x64 images,
+  `vae_loss(...).total`, zero_grad / backward / step) for `--seconds`, and (b) a framework run of about `--seconds`
+  of step lines at the rate of one short warm-up run. On CUDA a `graph` row too: (a) as one captured CUDA graph (the
+  step's ceiling) against `train.cuda_graph=true`. The sides' order rotates per trial, so drifting load hits all
+  alike; medians over trials (the ratio column: the median of per-trial ratios), MFU and data wait.
+- `data`: the batching rate of `RankStream` alone (1 rank of 1, each rank of 2): every digit decoded (a streamed
+  shard, or a first epoch), the resident table's build, batches from it (later epochs, orders included), with and
+  without the on-device resize, against the training rate; and the data-wait share of the framework's steps.
+- `telemetry`: runs with `log.telemetry` on and off, interleaved in one process.
+- `scaling`: 1 process x 2 threads, 2 processes x 1 thread (DDP over gloo) with global and with local BatchNorm, 1 x
+  1: each a real `accelerate launch` of `cvae-dist train`, a trial per step line (one run per launch: its process
+  group ends with the run); efficiency = 2x1 / 1x2, per core 2x1 / (2 x 1x1), global / local BatchNorm at 2x1.
+
+`compare` and `telemetry` run in processes of their own, one precision each (accelerate keeps one state per
+process). `--compile [BACKEND]` (default inductor): the hand model through `torch.compile`, the framework as under
+`accelerate launch --dynamo_backend`; `--batch N`: both loops' batch (the framework's global `data.batch_size`).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
 import platform
 import shutil
@@ -43,78 +44,97 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from cvae_dist import strict_json
+from cvae_dist.config import ConfigError, load_config
 from cvae_dist.strict_json import known, shown
-from cvae_dist.telemetry import compute_dtype
+from cvae_dist.train import train  # the framework's one public entry point: every framework trial is a call of it
 
-PRECISIONS = {"fp32": "fp32", "bf16": "bf16"}
+PRECISIONS = ("fp32", "bf16")
 LAYOUTS = ("nchw", "channels_last")
 SECTIONS = ("compare", "data", "telemetry", "scaling")
-WORKERS = ("compare", "telemetry", "scaling")
+WORKERS = ("compare", "telemetry")
+# rank 0's figures in a step line (`rank/0/<name>`) that a trial reports (medians over its lines)
+TELEMETRY = ("data_wait_frac", "idle_frac", "sync_wait_frac", "mfu", "step_time_s", "fwd_bwd_s", "optimizer_s")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="bench.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--config", type=Path, help="YAML recipe (default: the built-in defaults: the Lux.jl / MLX recipe)")
+    p.add_argument("--trials", type=int, default=5, help="measured trials per configuration (default 5)")
+    p.add_argument("--seconds", type=float, default=3.0, help="seconds per trial and side (default 3)")
+    p.add_argument(
+        "--warmup", type=float, default=1.0, help="warm-up seconds of a hand loop, a data stream (default 1)"
+    )
+    p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32|bf16 (default both)")
+    p.add_argument("--layouts", default="nchw,channels_last", help="comma list of nchw|channels_last (default both)")
+    p.add_argument("--batch", type=int, help="batch size of both loops (the framework's global data.batch_size)")
+    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
+                   help="torch.compile both loops' models with this dynamo backend (default inductor)")  # fmt: skip
+    p.add_argument("--sections", default="compare,data,telemetry", help="comma list of compare|data|telemetry|scaling")
+    p.add_argument("--scaling", action="store_true", help="add the scaling section (real accelerate launches)")
+    p.add_argument("--data-seconds", type=float, help="seconds per data-stream trial (default: --seconds)")
+    p.add_argument("--json", type=Path, help="write every figure to this JSON file")
+    p.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)  # one measuring process of a section
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)  # the worker's result file
+    p.add_argument("overrides", nargs="*", help="dotted config overrides, e.g. data.num_workers=1")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except ConfigError as e:  # a mistake in what the user gave: one line, exit 2
+        p.exit(2, f"{p.prog}: error: {e}\n")
 
 
 def run(args: argparse.Namespace) -> int:
-    from cvae_dist.config import ConfigError, load_config
-
     if args.trials < 1 or args.seconds <= 0 or args.warmup < 0:
         raise ConfigError("--trials must be >= 1, --seconds > 0 and --warmup >= 0")
     if args.worker:
-        return _worker(args)
-    sections = [s.strip() for s in args.sections.split(",") if s.strip()] + (["scaling"] if args.scaling else [])
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown:
-        raise ConfigError(f"--sections: unknown {unknown}; accepted: {', '.join(SECTIONS)}")
+        return worker(args)
+    sections = _choices(args.sections + (",scaling" if args.scaling else ""), SECTIONS, "--sections")
     precisions = _choices(args.precisions, PRECISIONS, "--precisions")
-    layouts = _choices(args.layouts, {k: k for k in LAYOUTS}, "--layouts")
+    layouts = _choices(args.layouts, LAYOUTS, "--layouts")
 
     from cvae_dist import distributed
-    from cvae_dist.telemetry import count_flops_per_image, peak_flops
 
     cfg = load_config(args.config, _overrides(args))
     threads = distributed.set_threads()
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    flops = count_flops_per_image(cfg.model)
-    peaks = {p: peak_flops(device, p, cfg.log.peak_tflops) for p in precisions}
-    result: dict = {
-        "command": list(sys.argv),
-        "environment": environment(device, threads),
-        "settings": {
-            "trials": args.trials,
-            "seconds": args.seconds,
-            "warmup_s": args.warmup,
-            "batch": cfg.data.batch_size,
-            "compile": args.compile,
-            "device": str(device),
-            "overrides": _overrides(args),
-            "config": str(args.config) if args.config else None,
-            "log_every_steps": cfg.log.every_steps,
-            "num_workers": distributed.data_workers(cfg.data.num_workers, device),
-            "sections": sections,
-        },
-        "flops_per_image": flops,
-        "peak_flops": {p: peak for p, (peak, _) in peaks.items()},
-        "peak_flops_source": {p: source for p, (_, source) in peaks.items()},
-    }
-    print(f"cvae-dist bench: {_env_line(result['environment'])}")
-    print(f"FLOPs per image (fwd+bwd) {flops:,.0f}; peak " + ", ".join(
-        f"{p} {shown(peak, '.3f', 1e-12)} TFLOP/s ({source})" for p, (peak, source) in peaks.items()))  # fmt: skip
+    device = _device()
+    settings = {"trials": args.trials, "seconds": args.seconds, "warmup_s": args.warmup, "batch": cfg.data.batch_size,
+                "compile": args.compile, "device": str(device), "overrides": _overrides(args),
+                "config": str(args.config) if args.config else None, "log_every_steps": cfg.log.every_steps,
+                "num_workers": distributed.data_workers(cfg.data.num_workers, device),
+                "sections": sections}  # fmt: skip
+    result: dict = {"command": list(sys.argv), "environment": environment(device, threads), "settings": settings}
+    print(f"bench: {_env_line(result['environment'])}")
     if "compare" in sections:
-        result["configs"] = [
+        result["configs"] = configs = [
             row
             for precision, layout in itertools.product(precisions, layouts)
             for row in _run_worker(args, "compare", [f"train.precision={precision}", _layout(layout)])["rows"]
         ]
-        for row in result["configs"]:
-            peak = result["peak_flops"][row["precision"]]
+        # MFU's terms as the runs measured them (their facts): FLOPs per image and each precision's peak
+        result["flops_per_image"] = flops = configs[0]["flops_per_image"]
+        result["peak_flops"] = {c["precision"]: c["peak_flops"] for c in configs}
+        result["peak_flops_source"] = {c["precision"]: c["peak_flops_source"] for c in configs}
+        for row in configs:
             for side in ("hand", "hand_graph", "framework"):
                 if row.get(side):
-                    row[side]["mfu"] = _ratio(row[side]["median_img_per_s"], peak / flops)
-        print(compare_table(result["configs"]))
+                    row[side]["mfu"] = _ratio(row[side]["median_img_per_s"] * flops, row["peak_flops"])
+        print(f"FLOPs per image (fwd+bwd) {flops:,.0f}; peak " + ", ".join(
+            f"{p} {shown(peak, '.3f', 1e-12)} TFLOP/s ({result['peak_flops_source'][p]})"
+            for p, peak in result["peak_flops"].items()))  # fmt: skip
+        print(compare_table(configs))
     if "data" in sections:
         result["data"] = data_section(args, cfg, device, result.get("configs"))
         print(data_table(result["data"]))
@@ -136,15 +156,11 @@ def run(args: argparse.Namespace) -> int:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def _choices(text: str, accepted: dict[str, str], flag: str) -> list[str]:
-    from cvae_dist.config import ConfigError
-
-    out = []
-    for item in (s.strip() for s in text.split(",") if s.strip()):
+def _choices(text: str, accepted: tuple[str, ...], flag: str) -> list[str]:
+    out = list(dict.fromkeys(s.strip() for s in text.split(",") if s.strip()))
+    for item in out:
         if item not in accepted:
             raise ConfigError(f"{flag}: unknown {item!r}; accepted: {', '.join(accepted)}")
-        if accepted[item] not in out:
-            out.append(accepted[item])
     if not out:
         raise ConfigError(f"{flag}: nothing selected")
     return out
@@ -161,9 +177,8 @@ def _overrides(args: argparse.Namespace) -> list[str]:
     return [*args.overrides, *extra]
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _over(reduce: Callable[[list], float], values) -> float:
@@ -185,34 +200,17 @@ def environment(device: torch.device, threads: int) -> dict:
 
     from cvae_dist.distributed import hardware_bf16
 
-    cpu = next(
-        (line.split(":", 1)[1].strip() for line in _cpuinfo().splitlines() if line.startswith("model name")),
-        platform.processor() or platform.machine(),
-    )
-    return {
-        "torch": torch.__version__,
-        "accelerate": accelerate.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "host": socket.gethostname(),
-        "cpu_model": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "torch_threads": torch.get_num_threads(),
-        "threads_set": threads,
-        "interop_threads": torch.get_num_interop_threads(),
-        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
-        "fast_bf16": hardware_bf16(device.type),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cuda": torch.version.cuda if device.type == "cuda" else None,
-        "loadavg_start": list(os.getloadavg()),
-    }
-
-
-def _cpuinfo() -> str:
-    with contextlib.suppress(OSError):
-        return Path("/proc/cpuinfo").read_text()
-    return ""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+               platform.processor() or platform.machine())  # fmt: skip
+    cuda = device.type == "cuda"
+    return {"torch": torch.__version__, "accelerate": accelerate.__version__, "python": platform.python_version(),
+            "platform": platform.platform(), "host": socket.gethostname(), "cpu_model": cpu,
+            "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(), "threads_set": threads,
+            "interop_threads": torch.get_num_interop_threads(), "fast_bf16": hardware_bf16(device.type),
+            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "device": str(device),
+            "gpu": torch.cuda.get_device_name(device) if cuda else None, "cuda": torch.version.cuda if cuda else None,
+            "loadavg_start": list(os.getloadavg())}  # fmt: skip
 
 
 def _env_line(env: dict) -> str:
@@ -222,17 +220,17 @@ def _env_line(env: dict) -> str:
 
 def _timed_run(step: Callable[[], None], seconds: float, device: torch.device, min_steps: int = 1) -> tuple[int, float]:
     """Run `step` for about `seconds` (at least `min_steps`); (steps, seconds). Synchronizes at both ends only."""
-    _sync(device)
-    start = time.perf_counter()
-    steps = 0
+    sync = torch.cuda.synchronize if device.type == "cuda" else lambda: None
+    sync()
+    start, steps = time.perf_counter(), 0
     while steps < min_steps or time.perf_counter() - start < seconds:
         step()
         steps += 1
-    _sync(device)
+    sync()
     return steps, time.perf_counter() - start
 
 
-# ---------------------------------------------------------------------------------------------- the loops
+# ---------------------------------------------------------------------------------------------- the two sides
 
 
 class HandLoop:
@@ -299,118 +297,107 @@ class HandLoop:
         return torch.autocast(self.device.type, dtype=self.dtype) if self.dtype else contextlib.nullcontext()
 
     def autocast_dtype(self) -> str:
-        x = self.batches[0][:2]
-        with self._autocast():
-            return compute_dtype(self.model, lambda: self.model(x))
-
-
-def _trainer_run(cfg, name: str, compile_backend: str | None):
-    """A real training run of `cfg` named `name` in the worker's temporary output_dir, started and ready for
-    `Trainer.steps` (its own set-up: the step mode follows the run's config)."""
-    from cvae_dist import checkpoint, trainer
-
-    cfg.run_name = name
-    parts = trainer.prepare(cfg, worker_accelerator(cfg, compile_backend))
-    checkpoint.write_run_dir(parts.dir, cfg, parts.setup.accelerator)
-    return trainer.Trainer(parts)
-
-
-def _endless(trainer) -> Iterator:
-    """A run's batches, epoch after epoch, for trials that outlast an epoch."""
-    for epoch in itertools.count(1):
-        yield from trainer.stream.epoch(epoch, trainer.parts.steps_per_epoch)
-
-
-class TrainerLoop:
-    """The trainer's steps as `train` takes them: `Trainer.steps` on the run's stream, step lines every
-    `log.every_steps` (where the ranks also agree that a trial's time is up)."""
-
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.batches = _endless(trainer)
-        self.device = trainer.accelerator.device
-        self.batch = trainer.parts.global_batch
-
-    def autocast_dtype(self) -> str:
-        return self.trainer.compute_dtype()
+        """The dtype the encoder's mu head produces in one forward (eval mode: BatchNorm's statistics stay)."""
+        self.model.eval()
+        try:
+            with torch.no_grad(), self._autocast():
+                return str(self.model(self.batches[0][:2]).mu.dtype).removeprefix("torch.")
+        finally:
+            self.model.train()
 
     def trial(self, seconds: float) -> dict:
-        """Steps until the trial has had a step line of its own with telemetry (on a GPU a line's timings are the
-        interval before it: two lines), then until `seconds` are up. Its telemetry figures are medians over its
-        lines' known figures, NaN (JSON: null, tables: n/a) where it has none, as with `log.telemetry=false`."""
-        trainer, first, every = self.trainer, self.trainer.state.step, self.trainer.cfg.log.every_steps
-        lines_needed = 2 if self.device.type == "cuda" else 1
-        trainer.timer.restart()
-        _sync(self.device)
-        start = time.perf_counter()
+        steps, elapsed = _timed_run(self.step, seconds, self.device)
+        return {"img_per_s": steps * self.batch / elapsed, "steps": steps, "seconds": elapsed}
 
-        def done() -> bool:  # asked at step lines and stop polls: the step lines, and the time is up
-            enough = trainer.state.step // every >= first // every + lines_needed
-            return enough and time.perf_counter() - start >= seconds
 
-        lines = trainer.steps(self.batches, done).lines
-        _sync(self.device)
-        elapsed = time.perf_counter() - start
-        steps, rank = trainer.state.step - first, trainer.accelerator.process_index
-        names = ("data_wait_frac", "idle_frac", "sync_wait_frac", "mfu", "step_time_s", "fwd_bwd_s", "optimizer_s")
-        lines = lines if trainer.cfg.log.telemetry else []
-        figures = {name: [v for r in lines if known(v := r[f"rank/{rank}/{name}"])] for name in names}
-        return {
-            "img_per_s": steps * self.batch / elapsed,
-            "steps": steps,
-            "seconds": elapsed,
-            "telemetry": {name: _median(values) for name, values in figures.items()},
-        }
+def _skipped_lines(device: str) -> int:
+    """Step lines left out at a run's start and at each later epoch's (on CUDA a line's timings are the interval
+    before it: two)."""
+    return 2 if device.startswith("cuda") else 1
+
+
+def run_figures(run_dir: Path) -> tuple[dict, list[dict]]:
+    """A finished run's facts (`ranks/rank0.json`) and its measured step lines, each as the steps of its interval,
+    the global img/s and rank 0's TELEMETRY figures (None where unknown: e.g. `log.telemetry=false`)."""
+    facts = json.loads((run_dir / "ranks" / "rank0.json").read_text())
+    skipped, lines, epoch, seen, last = _skipped_lines(facts["device"]), [], None, 0, 0
+    for record in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()):
+        if "train/step_loss" not in record:  # not a step line (started, epoch line, checkpoint ...)
+            continue
+        seen = 1 if record["epoch"] != epoch else seen + 1
+        epoch, steps, last = record["epoch"], record["step"] - last, record["step"]
+        if seen > skipped:
+            figures = {name: record.get(f"rank/0/{name}") for name in TELEMETRY}
+            lines.append({"steps": steps, "img_per_s": record["throughput/global_img_per_s"], **figures})
+    return facts, lines
+
+
+def trial_figures(lines: list[dict], batch: int) -> dict:
+    """A trial of step lines: img/s = their images / their time (each line's images at its rate); its telemetry
+    figures are medians over the lines' known ones (NaN where there are none: JSON null, tables n/a)."""
+    timed = [line for line in lines if known(line["img_per_s"]) and line["img_per_s"] > 0]
+    steps = sum(line["steps"] for line in timed)
+    seconds = sum(line["steps"] * batch / line["img_per_s"] for line in timed)
+    return {
+        "img_per_s": _ratio(steps * batch, seconds),
+        "steps": steps,
+        "seconds": seconds if timed else math.nan,
+        "telemetry": {name: _median([v for line in lines if known(v := line[name])]) for name in TELEMETRY},
+    }
+
+
+class FrameworkRuns:
+    """The framework's trials in this process: each one `train(cfg)` run of `steps` steps, the worker's overrides
+    plus a trial's own; `facts`: the last run's. `steps`: the skipped lines, then about `--seconds` of lines at the
+    rate of a first short run (the warm-up)."""
+
+    def __init__(self, args: argparse.Namespace, name: str, overrides: list[str]):
+        self.args, self.name, self.runs = args, name, 0
+        every = load_config(args.config, _overrides(args)).log.every_steps
+        skipped = _skipped_lines(_device().type)
+        self.steps = every * (skipped + 1)
+        rate = self.trial(overrides)["img_per_s"]
+        lines = math.ceil(args.seconds * rate / (every * self.facts["global_batch_size"])) if known(rate) else 1
+        self.steps = every * (skipped + max(1, lines))
+
+    def trial(self, overrides: list[str]) -> dict:
+        self.runs += 1
+        name = f"{self.name}-{self.runs}"
+        cfg = load_config(self.args.config, [*_overrides(self.args), *overrides, f"run_name={name}",
+                                             f"train.max_steps={self.steps}"])  # fmt: skip
+        Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(cfg.output_dir) / f"{name}.log", "w") as log, contextlib.redirect_stdout(log):
+            result = train(cfg)  # (its console lines go to the log: the worker prints its trials' lines only)
+        self.facts, lines = run_figures(result.run_dir)
+        return trial_figures(lines, self.facts["global_batch_size"])
 
 
 # ---------------------------------------------------------------------------------------------- workers
 
 
-def _worker(args: argparse.Namespace) -> int:
-    """One measuring process (see SECTIONS); the main rank writes its figures to --out."""
+def worker(args: argparse.Namespace) -> int:
+    """One measuring process (see WORKERS): writes its figures to --out."""
     from cvae_dist import distributed
-    from cvae_dist.config import load_config
 
     cfg = load_config(args.config, _overrides(args))
-    setup = worker_accelerator(cfg, args.compile)
-    accelerator = setup.accelerator
-    distributed.set_threads()
-    figures = {"compare": compare_worker, "telemetry": telemetry_worker, "scaling": scaling_worker}[args.worker](
-        args, cfg, setup
-    )
-    if accelerator.is_main_process and args.out:
+    distributed.set_threads()  # before the hand loop's first step, as `train` does for its own
+    figures = {"compare": compare_worker, "telemetry": telemetry_worker}[args.worker](args, cfg)
+    if args.out:
         args.out.write_text(strict_json.dumps(figures, indent=2) + "\n")
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
     return 0
 
 
-def worker_accelerator(cfg, compile_backend: str | None):
-    """The worker's set-up (`distributed.Setup`); with a backend, accelerate compiles the model at `prepare` as under
-    `accelerate launch --dynamo_backend <backend>`, so the trainer's step calls (and the bench times) the compiled
-    model."""
-    from cvae_dist import distributed
-
-    if compile_backend:
-        os.environ["ACCELERATE_DYNAMO_BACKEND"] = compile_backend.upper()
-    return distributed.make_accelerator(cfg)
-
-
-def _run_worker(args, kind: str, extra: list[str], launcher: list[str] | None = None, env: dict | None = None) -> dict:
-    """Run one worker process (or an `accelerate launch` of several) and read its figures."""
+def _run_worker(args, kind: str, extra: list[str]) -> dict:
+    """Run one worker process and read its figures."""
     with tempfile.TemporaryDirectory(prefix="cvae-bench-") as tmp:
         out = Path(tmp) / "figures.json"
-        module = ["-m", "cvae_dist.cli", "bench"]
-        cmd = [*(launcher or [sys.executable]), *module, "--worker", kind, "--out", str(out),
+        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--out", str(out),
                "--trials", str(args.trials), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
                *(["--config", str(args.config)] if args.config else []),
                *(["--compile", args.compile] if args.compile else []),
                *(["--batch", str(args.batch)] if args.batch is not None else []), *args.overrides, *extra,
                f"output_dir={tmp}"]  # fmt: skip
-        # (a hang's bound, not a speed bar: a trial also runs until its step lines, 15 s and more in emulated bf16)
-        timeout = 300 + (args.trials + 1) * (args.seconds + args.warmup + 60) * 6
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **(env or {})}
-        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, env=_worker_env(args), capture_output=True, text=True, timeout=_timeout(args))
         if proc.returncode != 0 or not out.is_file():
             raise RuntimeError(f"bench worker {kind} {extra} exited {proc.returncode}:\n"
                                f"{(proc.stdout + proc.stderr)[-4000:]}")  # fmt: skip
@@ -418,80 +405,72 @@ def _run_worker(args, kind: str, extra: list[str], launcher: list[str] | None = 
         return {"command": cmd, **json.loads(out.read_text())}
 
 
-def compare_worker(args, cfg, setup) -> dict:
-    """One precision and layout: the hand loop against the trainer, eager, and on CUDA both as CUDA graphs."""
-    import copy
+def _worker_env(args) -> dict[str, str]:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    if args.compile:  # the framework's model compiled as under `accelerate launch --dynamo_backend`
+        env["ACCELERATE_DYNAMO_BACKEND"] = args.compile.upper()
+    return env
 
+
+def _timeout(args) -> float:  # a hang's bound, not a speed bar (a run in emulated bf16: 15 s and more)
+    return 300 + (args.trials + 1) * (args.seconds + args.warmup + 60) * 6
+
+
+def compare_worker(args, cfg) -> dict:
+    """One precision and layout: the hand loop against the framework, eager, and on CUDA both as CUDA graphs."""
     from cvae_dist.data import load_split, to_model_input
 
-    accelerator, precision = setup.accelerator, setup.precision
-    device, mode_cfgs = accelerator.device, {"eager": copy.deepcopy(cfg)}
-    mode_cfgs["eager"].train.cuda_graph = False
-    if device.type == "cuda":
-        mode_cfgs["graph"] = copy.deepcopy(cfg)
-        mode_cfgs["graph"].train.cuda_graph = True
+    device, precision = _device(), cfg.train.precision.value
+    modes = ("eager", "graph") if device.type == "cuda" else ("eager",)
     label = f"{precision}/{'channels_last' if cfg.train.channels_last else 'nchw'}"
     pixels, _ = load_split(cfg.data.source, cfg.data.train_split)  # the hand loop's data, resized once, in memory
     images = to_model_input(pixels.to(device), cfg.model.image_size, channels_last=False)
-    trainers = {mode: TrainerLoop(_trainer_run(c, f"compare-{mode}", args.compile))
-                for mode, c in mode_cfgs.items()}  # fmt: skip
-    batch = trainers["eager"].batch
-    hands = {mode: HandLoop(cfg, images, batch, precision, args.compile, graph=mode == "graph") for mode in mode_cfgs}
+    graph = {mode: [f"train.cuda_graph={mode == 'graph'}"] for mode in modes}
+    framework = FrameworkRuns(args, "compare", graph["eager"])
+    batch = framework.facts["global_batch_size"]
+    hands = {mode: HandLoop(cfg, images, batch, precision, args.compile, graph=mode == "graph") for mode in modes}
     want = "bfloat16" if precision == "bf16" else "float32"
-    dtypes = {"hand": hands["eager"].autocast_dtype(), "framework": trainers["eager"].autocast_dtype()}
+    dtypes = {"hand": hands["eager"].autocast_dtype(), "framework": framework.facts["compute_dtype"]}
     if set(dtypes.values()) != {want}:
         raise RuntimeError(f"{label}: autocast check failed, the mu head produced {dtypes} (expected {want})")
-    sides: dict[str, Callable[[float], dict]] = {}
-    for mode in mode_cfgs:
-        sides[f"hand/{mode}"] = lambda s, h=hands[mode]: _hand_trial(h, s, device)
-        sides[f"framework/{mode}"] = trainers[mode].trial
-    for side in sides.values():  # warm-up (allocator, caches, graph capture)
-        side(args.warmup)
+    sides: dict[str, Callable[[], dict]] = {}
+    for mode in modes:
+        hands[mode].trial(args.warmup)  # warm-up (allocator, caches, graph capture)
+        sides[f"hand/{mode}"] = lambda h=hands[mode]: h.trial(args.seconds)
+        sides[f"framework/{mode}"] = lambda o=graph[mode]: framework.trial(o)
     trials: dict[str, list[dict]] = {side: [] for side in sides}
     names = list(sides)
     for t in range(args.trials):
         for side in names[t % len(names) :] + names[: t % len(names)]:  # rotate the order every trial
-            trials[side].append(sides[side](args.seconds))
+            trials[side].append(sides[side]())
         rates = ", ".join(f"{side} {shown(trials[side][-1]['img_per_s'], ',.0f')}" for side in names)
-        accelerator.print(f"  {label:<20} trial {t + 1}/{args.trials}: {rates} img/s", flush=True)
+        print(f"  {label:<20} trial {t + 1}/{args.trials}: {rates} img/s", flush=True)
     ceiling = trials.get("hand/graph")  # the eager row shows it too, in its own column
+    mfu_terms = {k: framework.facts[k] for k in ("flops_per_image", "peak_flops", "peak_flops_source")}
     rows = [
-        _summarise(label, mode, trials[f"hand/{mode}"], trials[f"framework/{mode}"], dtypes, batch, ceiling)
-        for mode in mode_cfgs
+        _summarise(label, mode, trials[f"hand/{mode}"], trials[f"framework/{mode}"], dtypes, batch, ceiling) | mfu_terms
+        for mode in modes
     ]
-    for loop in trainers.values():  # as `train` does: no captured graph outlives the process group (GraphStep.close)
-        loop.trainer.step.close()
     return {"rows": rows}
-
-
-def _hand_trial(hand: HandLoop, seconds: float, device: torch.device) -> dict:
-    steps, elapsed = _timed_run(hand.step, seconds, device)
-    return {"img_per_s": steps * hand.batch / elapsed, "steps": steps, "seconds": elapsed}
 
 
 def _summarise(label: str, mode: str, hand: list[dict], framework: list[dict], dtypes: dict, batch: int,
                hand_graph: list[dict] | None) -> dict:  # fmt: skip
-    """One row: the trainer in `mode` against the hand loop in the same mode (a graph row: the graph ceiling)."""
+    """One row: the framework in `mode` against the hand loop in the same mode (a graph row: the graph ceiling)."""
     precision, layout = label.split("/")
     h, f = [r["img_per_s"] for r in hand], [r["img_per_s"] for r in framework]
     ratios = [_ratio(b, a) for a, b in zip(h, f, strict=True)]
     waits = [r["telemetry"]["data_wait_frac"] for r in framework]
     side = lambda trials, rates: {"trials": trials, "img_per_s": rates, "median_img_per_s": _median(rates)}  # noqa: E731
     row = {
-        "precision": precision,
-        "layout": layout,
-        "mode": mode,
-        "batch": batch,
-        "autocast_dtype": dtypes,
+        "precision": precision, "layout": layout, "mode": mode, "batch": batch, "autocast_dtype": dtypes,
         "hand": side(hand, h),
         "framework": side(framework, f) | {
-            "data_wait_frac": waits,
-            "median_data_wait_frac": _median(waits),
+            "data_wait_frac": waits, "median_data_wait_frac": _median(waits),
             "telemetry": {k: _median([r["telemetry"][k] for r in framework]) for k in framework[0]["telemetry"]},
         },
         "ratio": ratios,  # per trial: framework / hand (a graph row: / the hand loop's graph)
-        "median_ratio": _median(ratios),
-        "ratio_of_medians": _ratio(_median(f), _median(h)),
+        "median_ratio": _median(ratios), "ratio_of_medians": _ratio(_median(f), _median(h)),
     }  # fmt: skip
     if mode == "graph":
         row["hand_graph"], row["hand"] = row["hand"], None
@@ -519,24 +498,17 @@ def compare_table(configs: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def telemetry_worker(args, cfg, setup) -> dict:
-    """The trainer with telemetry on and off, trials interleaved in this one process."""
-    import copy
-
-    loops = {}
-    for side, on in (("on", True), ("off", False)):
-        c = copy.deepcopy(cfg)
-        c.log.telemetry = on
-        loops[side] = TrainerLoop(_trainer_run(c, f"telemetry-{side}", args.compile))
+def telemetry_worker(args, cfg) -> dict:
+    """Runs with telemetry on and off, trials interleaved in this one process."""
+    flags = {"on": ["log.telemetry=true"], "off": ["log.telemetry=false"]}
+    framework = FrameworkRuns(args, "telemetry", flags["on"])
     rates: dict[str, list[float]] = {"on": [], "off": []}
-    for loop in loops.values():
-        loop.trial(args.warmup)
     for t in range(args.trials):
         for side in ("on", "off") if t % 2 == 0 else ("off", "on"):
-            rates[side].append(loops[side].trial(args.seconds)["img_per_s"])
+            rates[side].append(framework.trial(flags[side])["img_per_s"])
     on, off = _median(rates["on"]), _median(rates["off"])
     layout = "channels_last" if cfg.train.channels_last else "nchw"
-    return {"config": f"{setup.precision}/{layout}", "on_img_per_s": on, "off_img_per_s": off,
+    return {"config": f"{framework.facts['precision']}/{layout}", "on_img_per_s": on, "off_img_per_s": off,
             "ratio": _ratio(on, off), "trials": rates}  # fmt: skip
 
 
@@ -674,7 +646,7 @@ def scaling_section(args) -> dict:
                 launcher = [_accelerate(), "launch", "--config_file", str(Path(tmp) / "ddp_cpu.yaml"),
                             "--num_processes", str(processes), "--main_process_port", str(_free_port())]  # fmt: skip
             extra, env = [f"model.batchnorm={batchnorm}"], {"OMP_NUM_THREADS": str(threads)}
-            runs.append({"batchnorm": batchnorm, **_run_worker(args, "scaling", extra, launcher, env)})
+            runs.append({"batchnorm": batchnorm, **scaling_run(args, launcher, extra, env)})
             norm = f", {batchnorm} BatchNorm" if processes > 1 else ""
             rate = shown(runs[-1]["median_img_per_s"], ",.0f")
             print(f"  scaling {processes} process(es) x {threads} thread(s){norm}: {rate} img/s", flush=True)
@@ -687,6 +659,29 @@ def scaling_section(args) -> dict:
     }
 
 
+def scaling_run(args, launcher: list[str], extra: list[str], env: dict) -> dict:
+    """One launched `cvae-dist train` of `--trials` step lines after the skipped ones; a trial: one line."""
+    every = load_config(args.config, _overrides(args)).log.every_steps
+    steps = every * (_skipped_lines(_device().type) + args.trials)
+    with tempfile.TemporaryDirectory(prefix="cvae-bench-") as tmp:
+        cmd = [*launcher, *(["--dynamo_backend", args.compile] if args.compile else []), "-m", "cvae_dist.cli",
+               "train", *(["--config", str(args.config)] if args.config else []), *_overrides(args), *extra,
+               f"output_dir={tmp}", "run_name=scaling", f"train.max_steps={steps}"]  # fmt: skip
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **env}
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_timeout(args))
+        if proc.returncode != 0:
+            raise RuntimeError(f"bench: {' '.join(cmd)} exited {proc.returncode}:\n"
+                               f"{(proc.stdout + proc.stderr)[-4000:]}")  # fmt: skip
+        facts, lines = run_figures(Path(tmp) / "scaling")
+    trials = [trial_figures([line], facts["global_batch_size"]) for line in lines]
+    rates = [t["img_per_s"] for t in trials]
+    waits = {f"median_{k}": _median([t["telemetry"][k] for t in trials]) for k in ("sync_wait_frac", "data_wait_frac")}
+    return {"command": cmd, "processes": facts["world_size"], "threads": facts["threads_per_rank"],
+            "per_rank_batch": facts["per_rank_batch_size"], "precision": facts["precision"],
+            "backend": facts["backend"], "global_batchnorm": facts["global_batchnorm"], "trials": trials,
+            "img_per_s": rates, "median_img_per_s": _median(rates), **waits}  # fmt: skip
+
+
 def _accelerate() -> str:
     local = Path(sys.executable).parent / "accelerate"
     return str(local) if local.exists() else (shutil.which("accelerate") or "accelerate")
@@ -696,28 +691,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def scaling_worker(args, cfg, setup) -> dict:
-    """One launched measurement: the trainer for `--trials` x `--seconds`."""
-    accelerator = setup.accelerator
-    loop = TrainerLoop(_trainer_run(cfg, "scaling", args.compile))
-    loop.trial(args.warmup)
-    trials = [loop.trial(args.seconds) for _ in range(args.trials)]
-    rates = [t["img_per_s"] for t in trials]
-    return {
-        "processes": accelerator.num_processes,
-        "threads": torch.get_num_threads(),
-        "per_rank_batch": loop.trainer.parts.batch,
-        "precision": setup.precision,
-        "backend": accelerator.distributed_type.value,
-        "global_batchnorm": setup.global_batchnorm,
-        "trials": trials,
-        "img_per_s": rates,
-        "median_img_per_s": _median(rates),
-        "median_sync_wait_frac": _median([t["telemetry"]["sync_wait_frac"] for t in trials]),
-        "median_data_wait_frac": _median([t["telemetry"]["data_wait_frac"] for t in trials]),
-    }
 
 
 def scaling_table(s: dict) -> str:
@@ -735,3 +708,7 @@ def scaling_table(s: dict) -> str:
         f"{shown(s['global_to_local_batchnorm'], '.3f')}"
     )
     return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
