@@ -127,12 +127,20 @@ def build(cfg: JobConfig, setup: distributed.Setup | None = None) -> Run:
         return _parts(cfg, setup, threads, run_dir, lock, resume)
 
 
-def _parts(cfg: JobConfig, setup: distributed.Setup, threads: int, run_dir: Path, lock: files.RunLock,
-           resume: checkpoint.Resume | None) -> Run:  # fmt: skip
+def _parts(
+    cfg: JobConfig,
+    setup: distributed.Setup,
+    threads: int,
+    run_dir: Path,
+    lock: files.RunLock,
+    resume: checkpoint.Resume | None,
+) -> Run:
     accelerator, graph = setup.accelerator, setup.graph
     world, rank, device = accelerator.num_processes, accelerator.process_index, accelerator.device
-    accelerator.print(f"device {distributed.describe_device(accelerator)}, {world} process(es), precision "
-                      f"{setup.precision} ({setup.precision_reason}), {threads} thread(s) each")  # fmt: skip
+    accelerator.print(
+        f"device {distributed.describe_device(accelerator)}, {world} process(es), precision "
+        f"{setup.precision} ({setup.precision_reason}), {threads} thread(s) each"
+    )
     # Data first: the steps per epoch are agreed before anything is sized by them.
     share = batch_share(cfg.data.batch_size, world, rank)  # this rank's rows of every global batch
     batch = share.stop - share.start
@@ -141,15 +149,15 @@ def _parts(cfg: JobConfig, setup: distributed.Setup, threads: int, run_dir: Path
     steps_per_epoch, bad_records = _agree_on_steps(accelerator, stream)
     eval_pixels, eval_labels = load_split(cfg.data.source, cfg.data.eval_split)
 
-    # What this rank waits in can be timed only where hooks run: DDP, eagerly.
-    blocked_unknown = None if world == 1 else (
-        "a replayed CUDA graph runs no hooks to time its collectives; train.cuda_graph=false times them" if graph
-        else "DeepSpeed's engine has no hook to time its collectives" if setup.deepspeed else None)  # fmt: skip
+    blocked_unknown = _blocked_unknown(setup, world)
     mfu = {}
     if cfg.log.telemetry:
         peak, source = telemetry.peak_flops(device, setup.precision, cfg.log.peak_tflops)
-        mfu = {"flops_per_image": telemetry.count_flops_per_image(cfg.model), "peak_flops": peak,
-               "peak_flops_source": source}  # fmt: skip
+        mfu = {
+            "flops_per_image": telemetry.count_flops_per_image(cfg.model),
+            "peak_flops": peak,
+            "peak_flops_source": source,
+        }
         timer = telemetry.StepTimer(device, batch, mfu["flops_per_image"], peak, blocked_unknown)
     else:  # images over wall time only: no hooks, no FLOP count
         timer = telemetry.NoTimer(batch)
@@ -176,11 +184,17 @@ def _parts(cfg: JobConfig, setup: distributed.Setup, threads: int, run_dir: Path
     if not graph and cfg.log.telemetry:  # hooks do not run inside a replayed CUDA graph
         timer.instrument(model, optimizer)
 
-    state = TrainerState(world_size=world, per_rank_batch_size=batch, global_batch_size=cfg.data.batch_size,
-                         data_path="resident" if stream.resident else "streamed", zero_stage=setup.zero_stage,
-                         model=cfg.model.shape(), engine="deepspeed" if setup.deepspeed else "ddp",
-                         data_workers=workers if stream.order_depends_on_workers else 0,
-                         settings=flat_settings(cfg))  # fmt: skip
+    state = TrainerState(
+        world_size=world,
+        per_rank_batch_size=batch,
+        global_batch_size=cfg.data.batch_size,
+        data_path="resident" if stream.resident else "streamed",
+        zero_stage=setup.zero_stage,
+        model=cfg.model.shape(),
+        engine="deepspeed" if setup.deepspeed else "ddp",
+        data_workers=workers if stream.order_depends_on_workers else 0,
+        settings=flat_settings(cfg),
+    )
     changed = {}
     if resume is not None:
         changed = checkpoint.check_compatible(resume.state, resume.path, state)
@@ -195,28 +209,67 @@ def _parts(cfg: JobConfig, setup: distributed.Setup, threads: int, run_dir: Path
     identity = distributed.rank_identity(accelerator)
     identities = gather_object([identity])  # once, at start: host and machine of every rank
     facts = {
-        "compute_dtype": _compute_dtype(model, accelerator, cfg), "compiled": is_compiled_module(model),
-        "per_rank_batch_size": batch, "global_batch_size": cfg.data.batch_size, "steps_per_epoch": steps_per_epoch,
-        "threads_per_rank": torch.get_num_threads(), "step_mode": type(step).__name__,
+        "compute_dtype": _compute_dtype(model, accelerator, cfg),
+        "compiled": is_compiled_module(model),
+        "per_rank_batch_size": batch,
+        "global_batch_size": cfg.data.batch_size,
+        "steps_per_epoch": steps_per_epoch,
+        "threads_per_rank": torch.get_num_threads(),
+        "step_mode": type(step).__name__,
         "global_batchnorm": setup.global_batchnorm,
         "straggler_detection": (blocked_unknown or "on") if cfg.log.telemetry else "off (log.telemetry=false)",
-        "data_path": state.data_path, "data_table": stream.table.source if stream.resident else None,
-        **identity, **mfu, "hosts": [i["host"] for i in identities], "nodes": [i["node"] for i in identities],
+        "data_path": state.data_path,
+        "data_table": stream.table.source if stream.resident else None,
+        **identity,
+        **mfu,
+        "hosts": [i["host"] for i in identities],
+        "nodes": [i["node"] for i in identities],
         **distributed.environment_facts(setup),
-    }  # fmt: skip
-    monitor = Monitor(cfg, accelerator, run_dir, facts, identities, timer, state.step + 1, last_step,
-                      cfg.data.batch_size)  # fmt: skip
+    }
+    monitor = Monitor(
+        cfg, accelerator, run_dir, facts, identities, timer, state.step + 1, last_step, cfg.data.batch_size
+    )
     meter = LossMeter.from_state(state.loss, device, rank, state.step, world)
-    checkpointer = Checkpointer(accelerator, run_dir, cfg.checkpoint, meter, monitor.log,
-                                saved_step=resume.state.step if resume and resume.own else None)  # fmt: skip
-    prior = torch.randn(evaluation.GRID_IMAGES, cfg.model.latent_dim,
-                        generator=torch.Generator().manual_seed(cfg.train.seed))  # fmt: skip
-    accelerator.print(f"run {run_dir}: {cfg.data.batch_size} images per step ({batch} on this rank), "
-                      f"{steps_per_epoch} steps per epoch ({steps_per_epoch * cfg.data.batch_size} images), "
-                      f"{type(step).__name__}")  # fmt: skip
-    return Run(cfg, setup, run_dir, lock, model, optimizer, stream, step, state, resume, changed, meter,
-               distributed.Exchange(accelerator), StopPoll(state.step), checkpointer, monitor, steps_per_epoch,
-               last_step, bad_records, eval_pixels, eval_labels, prior)  # fmt: skip
+    checkpointer = Checkpointer(
+        accelerator,
+        run_dir,
+        cfg.checkpoint,
+        meter,
+        monitor.log,
+        saved_step=resume.state.step if resume and resume.own else None,
+    )
+    prior = torch.randn(
+        evaluation.GRID_IMAGES, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed)
+    )
+    accelerator.print(
+        f"run {run_dir}: {cfg.data.batch_size} images per step ({batch} on this rank), "
+        f"{steps_per_epoch} steps per epoch ({steps_per_epoch * cfg.data.batch_size} images), "
+        f"{type(step).__name__}"
+    )
+    return Run(
+        cfg,
+        setup,
+        run_dir,
+        lock,
+        model,
+        optimizer,
+        stream,
+        step,
+        state,
+        resume,
+        changed,
+        meter,
+        distributed.Exchange(accelerator),
+        StopPoll(state.step),
+        checkpointer,
+        monitor,
+        steps_per_epoch,
+        last_step,
+        bad_records,
+        eval_pixels,
+        eval_labels,
+        prior,
+    )
 
 
 def _locate_run(accelerator: Accelerator, cfg: JobConfig) -> tuple[Path, files.RunLock, checkpoint.Resume | None]:
@@ -263,14 +316,26 @@ def _agree_on_steps(accelerator: Accelerator, stream: RankStream) -> tuple[int, 
     return steps, bad
 
 
+def _blocked_unknown(setup: distributed.Setup, world: int) -> str | None:
+    """Why the time this rank waits for its peers cannot be timed (None: it can, or it has none): hooks time it,
+    and they run only in DDP's eager step."""
+    if world == 1:
+        return None
+    if setup.graph:
+        return "a replayed CUDA graph runs no hooks to time its collectives; train.cuda_graph=false times them"
+    return "DeepSpeed's engine has no hook to time its collectives" if setup.deepspeed else None
+
+
 def _compute_dtype(model: torch.nn.Module, accelerator: Accelerator, cfg: JobConfig) -> str:
     """What the prepared model computes in: one probe forward in eval mode (BatchNorm's statistics stay)."""
-    x = to_model_input(torch.zeros(2, 1, 28, 28, dtype=torch.uint8, device=accelerator.device),
-                       cfg.model.image_size, cfg.train.channels_last)  # fmt: skip
+    x = to_model_input(
+        torch.zeros(2, 1, 28, 28, dtype=torch.uint8, device=accelerator.device),
+        cfg.model.image_size,
+        cfg.train.channels_last,
+    )
     model.eval()
     try:
         with evaluation.fixed_noise(accelerator.device, 0), accelerator.autocast():
             return telemetry.compute_dtype(model, lambda: model(x))
     finally:
         model.train()
-

@@ -23,15 +23,33 @@ from cvae_dist.profiling import Profiler
 class Monitor:
     """The run's observability. Built with the other parts (nothing written); `start` opens the sinks."""
 
-    def __init__(self, cfg: JobConfig, accelerator: Accelerator, run_dir: Path, facts: dict, identities: list[dict],
-                 timer, first_step: int, last_step: int, global_batch: int):  # fmt: skip
+    def __init__(
+        self,
+        cfg: JobConfig,
+        accelerator: Accelerator,
+        run_dir: Path,
+        facts: dict,
+        identities: list[dict],
+        timer,
+        first_step: int,
+        last_step: int,
+        global_batch: int,
+    ):
         self.cfg, self.accelerator, self.dir, self.facts = cfg, accelerator, run_dir, facts
         self.identities, self.timer, self.global_batch = identities, timer, global_batch
         self.stragglers = telemetry.StragglerDetector(cfg.log, accelerator.num_processes)
         self.table = telemetry.RankTable(identities)
-        self.profiler = Profiler(cfg.log, run_dir, accelerator.process_index, accelerator.device, first_step,
-                                 last_step, gather=_gather, logger=self,
-                                 say=accelerator.print)  # fmt: skip
+        self.profiler = Profiler(
+            cfg.log,
+            run_dir,
+            accelerator.process_index,
+            accelerator.device,
+            first_step,
+            last_step,
+            gather=_gather,
+            logger=self,
+            say=accelerator.print,
+        )
         self.logger: RunLogger | None = None
         self.record: RankRecord | None = None
         self.progress: tqdm | None = None
@@ -41,15 +59,28 @@ class Monitor:
     def start(self, state, resume, changed: dict) -> None:
         """Open metrics.jsonl and W&B (a resumed run continues both), note how this launch began."""
         cfg = self.cfg
-        self.logger = RunLogger(self.dir, cfg, self.facts, rank=self.accelerator.process_index,
-                                resume_id=state.wandb_run_id,
-                                # resume=auto with nothing to resume yet (a restart before the first checkpoint)
-                                # starts at step 0: the lost attempt's lines go too
-                                resume_step=None if cfg.resume is None else state.step)  # fmt: skip
+        self.logger = RunLogger(
+            self.dir,
+            cfg,
+            self.facts,
+            rank=self.accelerator.process_index,
+            resume_id=state.wandb_run_id,
+            # resume=auto with nothing to resume yet (a restart before the first checkpoint)
+            # starts at step 0: the lost attempt's lines go too
+            resume_step=None if cfg.resume is None else state.step,
+        )
         state.wandb_run_id = self.logger.run_id
-        self.note({"step": state.step, "epoch": state.epoch, "event": "resumed" if resume else "started",
-                   "from": str(resume.path) if resume else None, "changed": {k: list(v) for k, v in changed.items()},
-                   "wandb_run_id": self.logger.run_id, "world_size": self.accelerator.num_processes})  # fmt: skip
+        self.note(
+            {
+                "step": state.step,
+                "epoch": state.epoch,
+                "event": "resumed" if resume else "started",
+                "from": str(resume.path) if resume else None,
+                "changed": {k: list(v) for k, v in changed.items()},
+                "wandb_run_id": self.logger.run_id,
+                "world_size": self.accelerator.num_processes,
+            }
+        )
         self.record = RankRecord(self.dir, self.facts, cfg.log.sample_ids, state)
         self.timer.restart()  # the first interval measures steps, not the set-up
 
@@ -66,8 +97,14 @@ class Monitor:
 
     def batches(self, batches: Iterable, epoch: int, total: int, done: int) -> Iterable:
         """The epoch's batches, with a progress bar (local main process) and the data wait timed."""
-        self.progress = tqdm(batches, total=total, initial=done, desc=f"epoch {epoch}", leave=False,
-                             disable=None if self.accelerator.is_local_main_process else True)  # fmt: skip
+        self.progress = tqdm(
+            batches,
+            total=total,
+            initial=done,
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=None if self.accelerator.is_local_main_process else True,
+        )
         return self.timer.timed(self.progress)
 
     def step(self, n: int):
@@ -137,4 +174,3 @@ def _gather(obj) -> list:
     from accelerate.utils import gather_object
 
     return gather_object([obj])
-

@@ -76,12 +76,18 @@ def train(cfg: JobConfig) -> TrainResult:
                 seconds, steps, skipped = time.perf_counter() - started, state.batches_done, meter.epoch_skipped
                 loss = meter.end_epoch(distributed.exchange(accelerator, meter.local()), state.step, steps)
                 last = state.step >= run.last_step
-                summary = {"step": state.step, "epoch": epoch, "train/loss": loss,
-                           "train/loss_per_image": loss / batch_size, "train/img_per_s": steps * batch_size / seconds,
-                           "train/epoch_time_s": seconds, "train/epoch_steps": steps, "train/skipped_steps": skipped,
-                           "data/bad_records_skipped": run.bad_records,
-                           **evaluation.evaluate(run.model, accelerator, run.eval_pixels, run.model_input,
-                                                 cfg.train.seed)}  # fmt: skip
+                summary = {
+                    "step": state.step,
+                    "epoch": epoch,
+                    "train/loss": loss,
+                    "train/loss_per_image": loss / batch_size,
+                    "train/img_per_s": steps * batch_size / seconds,
+                    "train/epoch_time_s": seconds,
+                    "train/epoch_steps": steps,
+                    "train/skipped_steps": skipped,
+                    "data/bad_records_skipped": run.bad_records,
+                    **evaluation.evaluate(run.model, accelerator, run.eval_pixels, run.model_input, cfg.train.seed),
+                }
                 images = None
                 if epoch % cfg.log.images_every_epochs == 0 or last:
                     images = monitor.figure(epoch, state.step, last, *figure(run))
@@ -120,21 +126,33 @@ def read(run: Run, seen: tuple[Sent, dict] | None, started: float) -> bool:
 def figure(run: Run) -> tuple:
     """The figure of a fixed held-out batch (reconstructions, a blank row, prior samples), and its table's columns."""
     pixels = run.eval_pixels[: evaluation.GRID_IMAGES]
-    image, reconstructions = evaluation.figure(run.model, run.accelerator, pixels, run.prior, run.model_input,
-                                               run.cfg.train.seed)  # fmt: skip
+    image, reconstructions = evaluation.figure(
+        run.model, run.accelerator, pixels, run.prior, run.model_input, run.cfg.train.seed
+    )
     return image, pixels, reconstructions, run.eval_labels[: evaluation.GRID_IMAGES]
 
 
 def provenance(run: Run) -> dict:
     """What made the final model (its W&B artifact's metadata): the config, the code's commit, the data's digest."""
     cache = decoded_cache(run.stream.files, run.cfg.data.on_bad_record.value)
-    return {"config": to_dict(run.cfg), **code_commit(), "step": run.state.step,
-            "data": {"source": run.cfg.data.source, "split": run.cfg.data.train_split,
-                     "digest": cache.stem.removeprefix("decoded-") if cache else None}}  # fmt: skip
+    return {
+        "config": to_dict(run.cfg),
+        **code_commit(),
+        "step": run.state.step,
+        "data": {
+            "source": run.cfg.data.source,
+            "split": run.cfg.data.train_split,
+            "digest": cache.stem.removeprefix("decoded-") if cache else None,
+        },
+    }
 
 
 def digests(run: Run) -> dict:
     """This rank's record of what it ran and holds (ZeRO-3 ranks hold only their parameter partition)."""
     zero3 = run.setup.zero_stage == 3
-    return {"param_sha256": None if zero3 else parameter_digest(run.model), "buffer_sha256": buffer_digest(run.model),
-            "step_mode": run.step.mode, "graph_check": run.step.check}  # fmt: skip
+    return {
+        "param_sha256": None if zero3 else parameter_digest(run.model),
+        "buffer_sha256": buffer_digest(run.model),
+        "step_mode": run.step.mode,
+        "graph_check": run.step.check,
+    }

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (idempotent) and run the tests.
-#   bash scripts/test.sh           everything, what CI runs: the GPU check's CPU dry run; the tests of `auto`
-#                                  precision with `auto` answered the other way (as on a CPU with / without fast bf16);
+#   bash scripts/test.sh           everything, what CI runs: ruff (lint and format), the GPU check's CPU dry run, the
+#                                  tests of `auto` precision with `auto` answered the other way (as on a CPU with /
+#                                  without fast bf16);
 #                                  then the whole suite: real multi-process launches, DeepSpeed, and (as root) a local
 #                                  Slurm cluster that the tests install (apt) and start
 #   bash scripts/test.sh --quick   tests/unit and tests/integration: in process, no launches, no Slurm (everyday work)
@@ -14,6 +15,7 @@ if [[ ${1:-} == --quick ]]; then
     exec .venv/bin/python -m pytest -q tests/unit tests/integration "$@"
 fi
 if [[ $# -eq 0 ]]; then
+    .venv/bin/ruff check . && .venv/bin/ruff format --check .
     OUT=$(mktemp -d) bash benchmarks/gpu_check.sh --dry-run
     other=$(.venv/bin/python -c 'from cvae_dist.distributed import hardware_bf16; print(0 if hardware_bf16("cpu") else 1)')
     echo "test.sh: the auto_precision tests as on a CPU $([[ $other == 1 ]] && echo with || echo without) fast bf16"
