@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import typing
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -22,9 +21,8 @@ from cvae_dist.distributed import is_deepspeed
 from cvae_dist.files import DiskError, disk_error, run_started, set_aside, write_failure
 from cvae_dist.model import CVAE, WEIGHTS, portable, weights_mismatch
 
-STATE_FILE = "trainer_state.json"
-MANIFEST_FILE = "manifest.json"
-STEP_PREFIX = "step-"
+STATE_FILE, MANIFEST_FILE, STEP_PREFIX = "trainer_state.json", "manifest.json", "step-"
+RESUME_VALUES = "auto (continue the named run), allow (continue it if it exists, else start it) or a checkpoint path"
 # torch.save reports a failed write (a full disk, a quota) as a RuntimeError, safetensors as a SafetensorError.
 _WRITER_ERRORS: tuple[type[Exception], ...] = (RuntimeError, SafetensorError)
 
@@ -46,10 +44,8 @@ def export_final(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path
 
 
 def write_export(model: CVAE, export_dir: Path) -> Path:
-    """`save_pretrained` (model.safetensors + config.json + a model card), checked by loading it back. A failed write
-    leaves no half export; a directory that was there before stays."""
-    existed = export_dir.is_dir()
-    model = model.cpu().eval()
+    """`save_pretrained`, checked by loading it back; a failed write leaves no half export."""
+    existed, model = export_dir.is_dir(), model.cpu().eval()
     try:
         model.save_pretrained(export_dir)
     except (OSError, *_WRITER_ERRORS) as e:
@@ -62,10 +58,9 @@ def write_export(model: CVAE, export_dir: Path) -> Path:
             raise
         raise disk_error(export_dir, error) from None
     reloaded = CVAE.from_pretrained(export_dir)
-    same = reloaded.state_dict()
-    if reloaded.config != model.config or any(
-        not torch.equal(v.float(), same[k].float()) for k, v in model.state_dict().items()
-    ):
+    back = reloaded.state_dict()
+    same = all(torch.equal(v.float(), back[k].float()) for k, v in model.state_dict().items())
+    if reloaded.config != model.config or not same:
         raise RuntimeError(f"{export_dir}: the export does not load back to the same weights")
     return export_dir
 
@@ -118,40 +113,29 @@ class TrainerState:
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
     """Finished checkpoints of a run (`step-N`; not the `step-N.corrupt` set aside), oldest first."""
-    root = run_dir / "checkpoints"
-    if not root.is_dir():
-        return []
-    return sorted(p for p in root.glob(f"{STEP_PREFIX}*") if p.name[len(STEP_PREFIX) :].isdigit() and p.is_dir())
+    found = (run_dir / "checkpoints").glob(f"{STEP_PREFIX}*")  # none where there is no checkpoints/
+    return sorted(p for p in found if p.name[len(STEP_PREFIX) :].isdigit() and p.is_dir())
 
 
 class Checkpointer:
-    """When to checkpoint, and the checkpoint itself: the training loop says where it stands, this decides. Every rank
-    asks at the same points and gets the same answer."""
+    """When to checkpoint, and the checkpoint itself: every rank asks at the same points and gets the same answer."""
 
-    def __init__(
-        self,
-        accelerator: Accelerator,
-        run_dir: Path,
-        cfg: CheckpointConfig,
-        meter,
-        log: Callable[[dict], None],
-        saved_step: int | None = None,
-    ):
+    def __init__(self, accelerator: Accelerator, run_dir: Path, cfg: CheckpointConfig, meter, log, saved_step=None):
         self.accelerator, self.run_dir, self.cfg, self.meter, self.log = accelerator, run_dir, cfg, meter, log
-        self.saved_step = saved_step  # the step of this run's checkpoint that holds the state as it is now
+        self.saved_step: int | None = saved_step  # the step of this run's checkpoint that holds the state as it is now
 
     def due_at_step_line(self, state: TrainerState, epoch_over: bool) -> bool:
         """Every `checkpoint.every_steps` steps but an epoch's last (the epoch-end checkpoint takes its place)."""
-        return _every(self.cfg.every_steps, state.step) and not epoch_over
+        every = self.cfg.every_steps
+        return every > 0 and state.step % every == 0 and not epoch_over
 
     def at_epoch_end(self, state: TrainerState, last: bool) -> Path | None:
         """With `checkpoint.every_epoch`, after the run's last step, and where `every_steps` falls on an epoch's end."""
-        due = self.cfg.every_epoch or last or _every(self.cfg.every_steps, state.step)
+        due = self.cfg.every_epoch or last or self.due_at_step_line(state, epoch_over=False)
         return self.save(state, "epoch") if due else None
 
     def save(self, state: TrainerState, tag: str) -> Path:
-        """A checkpoint now (`tag` says why, in metrics.jsonl); where the newest one already holds this step, that
-        one."""
+        """A checkpoint now (`tag` says why, in metrics.jsonl), or the newest one where it already holds this step."""
         if state.step == self.saved_step:
             return self.run_dir / "checkpoints" / f"{STEP_PREFIX}{state.step:09d}"
         state.loss = self.meter.to_state()
@@ -161,17 +145,9 @@ class Checkpointer:
         return path
 
 
-def _every(every: int, step: int) -> bool:
-    return every > 0 and step % every == 0
-
-
 def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
-    """Atomically write `checkpoints/step-NNNNNNNNN` on every rank; keep the newest `keep`.
-
-    Every rank saves into a hidden directory; the main process adds the trainer state and a manifest of sha256
-    checksums, then renames it into place: a kill at any point leaves no half checkpoint that looks complete. A failed
-    write removes the partial directory and raises a DiskError; earlier checkpoints are untouched.
-    """
+    """`checkpoints/step-NNNNNNNNN`, the newest `keep` kept: saved into a hidden directory that gets a sha256 manifest,
+    then renamed into place: a kill leaves no half checkpoint that looks complete, a failed write a DiskError."""
     final = run_dir / "checkpoints" / f"{STEP_PREFIX}{state.step:09d}"
     partial = final.with_name(f".partial-{final.name}")
     if accelerator.is_main_process:
@@ -180,17 +156,16 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
         if final.exists():  # another branch's checkpoint at this step (never this one's): kept, under another name
             set_aside(final, ".abandoned")
     accelerator.wait_for_everyone()
-    failed = torch.zeros((), device=accelerator.device)
     error: Exception | None = None
     try:
         accelerator.save_state(str(partial))
     except (OSError, *_WRITER_ERRORS) as e:
-        error, failed = write_failure(partial, e), failed + 1
-    if accelerator.reduce(failed, "sum").item() == 0 and accelerator.is_main_process:
+        error = write_failure(partial, e)
+    failed = accelerator.reduce(torch.tensor(float(error is not None), device=accelerator.device), "sum")
+    if failed.item() == 0 and accelerator.is_main_process:
         try:
             (partial / STATE_FILE).write_text(strict_json.dumps(asdict(state), indent=1))
-            files = sorted(p for p in partial.rglob("*") if p.is_file())
-            manifest = {str(p.relative_to(partial)): _sha256(p) for p in files}
+            manifest = {str(p.relative_to(partial)): _sha256(p) for p in sorted(partial.rglob("*")) if p.is_file()}
             (partial / MANIFEST_FILE).write_text(strict_json.dumps(manifest, indent=1))
             os.replace(partial, final)
         except OSError as e:
@@ -210,7 +185,7 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
 
 def verify_checkpoint(path: Path) -> TrainerState:
     """Check the manifest's checksums and read the trainer state; raises CheckpointError."""
-    manifest_file = path / MANIFEST_FILE
+    manifest_file, state_file = path / MANIFEST_FILE, path / STATE_FILE
     if not manifest_file.is_file():
         raise CheckpointError(f"{path}: no {MANIFEST_FILE}; not a complete cvae-dist checkpoint")
     try:
@@ -225,42 +200,27 @@ def verify_checkpoint(path: Path) -> TrainerState:
     if outside:
         raise CheckpointError(f"{manifest_file}: {outside[0]} is outside the checkpoint")
     for name, digest in manifest.items():
-        file = path / name
-        if not file.is_file():
+        if not (path / name).is_file():
             raise CheckpointError(f"{path}: {name} is missing")
-        if _sha256(file) != digest:
+        if _sha256(path / name) != digest:
             raise CheckpointError(f"{path}: {name} does not match its checksum (corrupt or truncated)")
     try:
-        state = TrainerState.from_json((path / STATE_FILE).read_text())
-    except ValueError as e:
-        raise CheckpointError(f"{path / STATE_FILE}: not a trainer state ({e})") from None
-    try:
-        cfg = model_shape(state.model, f"{path / STATE_FILE}: model")
+        state = TrainerState.from_json(state_file.read_text())
+        cfg = model_shape(state.model, f"{state_file}: model")
     except ConfigError as e:
         raise CheckpointError(str(e)) from None
-    # The weights' shapes (from the safetensors header) against the model recorded: another model's weights would
-    # otherwise fail only in load_state, after the run directory was written. (DeepSpeed's pickled shards are not read.)
+    except ValueError as e:
+        raise CheckpointError(f"{state_file}: not a trainer state ({e})") from None
+    # The weights' shapes (the safetensors header) against the model recorded: another model's weights would otherwise
+    # fail only in load_state, after the run directory was written. (DeepSpeed's pickled shards are not read.)
     mismatch = weights_mismatch(cfg, path / WEIGHTS) if (path / WEIGHTS).is_file() else None
     if mismatch:
         raise CheckpointError(f"{path}: the weights are not the model it records ({mismatch})")
     return state
 
 
-def find_resumable(run_dir: Path, warn) -> tuple[Path, TrainerState] | None:
-    """The newest checkpoint that verifies (`warn` says which were skipped). Reads only: `set_aside_newer` moves the
-    corrupt ones once the resume is accepted."""
-    for path in reversed(checkpoint_dirs(run_dir)):
-        try:
-            return path, verify_checkpoint(path)
-        except CheckpointError as e:
-            warn(f"skipping checkpoint: {e}; trying the previous one")
-    return None
-
-
 def set_aside_newer(run_dir: Path, step: int) -> list[Path]:
-    """Rename the checkpoints after `step` (the one resumed) to `step-N.corrupt` (they failed verification) or
-    `step-N.abandoned` (an explicit resume from an older one), so a later resume=auto cannot pick them up; returns
-    the new names."""
+    """Rename the checkpoints after `step` (the one resumed) `.corrupt` or `.abandoned`: resume=auto skips them."""
     moved = []
     for path in checkpoint_dirs(run_dir):
         if int(path.name[len(STEP_PREFIX) :]) > step:
@@ -282,9 +242,6 @@ class Resume:
     own: bool  # a checkpoint of this run directory's; else the run starts a new directory from another run's
 
 
-RESUME_VALUES = "auto (continue the named run), allow (continue it if it exists, else start it) or a checkpoint path"
-
-
 def resolve_resume(run_dir: Path, resume: str | None, warn) -> Resume | None:
     """What `resume` points at (None: a new run, or a run without a checkpoint yet)."""
     if resume is None:
@@ -301,30 +258,24 @@ def resolve_resume(run_dir: Path, resume: str | None, warn) -> Resume | None:
             f"resume=auto: there is no run {run_dir} to continue{listed}; start it without resume, or pass "
             "resume=allow to continue it where it exists and start it where it does not"
         )
-    found = find_resumable(run_dir, warn)
-    if found is None and checkpoint_dirs(run_dir):
+    for path in reversed(checkpoint_dirs(run_dir)):  # the newest that verifies (`set_aside_newer` moves the others)
+        try:
+            return Resume(path.resolve(), verify_checkpoint(path), own=True)
+        except CheckpointError as e:
+            warn(f"skipping checkpoint: {e}; trying the previous one")
+    if checkpoint_dirs(run_dir):
         raise CheckpointError(f"resume={resume}: no valid checkpoint in {run_dir / 'checkpoints'} (all failed checks)")
-    return None if found is None else Resume(found[0].resolve(), found[1], own=True)
+    return None
 
 
-# What a resume may not change: changed part-way, the run would be another experiment (and its place in the data
-# would mean nothing). Anything else a resume applies, and records.
-FIXED_ON_RESUME = ("model.", "data.source", "data.train_split", "data.batch_size", "data.shuffle_buffer",
-                   "data.on_bad_record", "train.seed")  # fmt: skip
-
-
-def _engine(state: TrainerState) -> str:
-    return f"DeepSpeed ZeRO-{state.zero_stage}" if state.engine == "deepspeed" else "DDP or one process"
-
-
-def changed_settings(saved: TrainerState, current: TrainerState) -> dict[str, tuple[object, object]]:
-    """{key: (as the run trained, as this launch has it)} for every setting that differs."""
-    return {k: (saved.settings.get(k), v) for k, v in current.settings.items() if saved.settings.get(k) != v}
+# Changed part-way, these would make the run another experiment; a resume applies (and records) any other setting.
+FIXED_ON_RESUME = ("model.", "train.seed") + tuple(
+    f"data.{key}" for key in ("source", "train_split", "batch_size", "shuffle_buffer", "on_bad_record")
+)
 
 
 def check_compatible(saved: TrainerState, path: Path, current: TrainerState) -> dict[str, tuple[object, object]]:
-    """Refuse resumes that would silently change the model, the data or its order, the seed, or the engine
-    (`current`: this launch's state); returns the settings the resume changes (they are applied)."""
+    """Refuse a resume that changes the model, the data or its order, the seed or the engine; returns the changes."""
     if saved.model != current.model:
         raise CheckpointError(f"{path}: written for model {saved.model}, but this run configures {current.model}")
     if saved.global_batch_size != current.global_batch_size:
@@ -337,31 +288,32 @@ def check_compatible(saved: TrainerState, path: Path, current: TrainerState) -> 
             f"{path}: written with the {saved.data_path} data path, this run's split is {current.data_path} "
             "(data.resident_mb decides), whose epoch order differs; resume with the data.resident_mb it ran with"
         )
-    engines = [_engine(saved), _engine(current)]
-    if engines[0] != engines[1]:
+    was, now = (
+        f"DeepSpeed ZeRO-{s.zero_stage}" if s.engine == "deepspeed" else "DDP or one process" for s in (saved, current)
+    )
+    if was != now:
         raise CheckpointError(
-            f"{path}: written under {engines[0]}, this launch runs {engines[1]}; their checkpoints differ in layout: "
-            f"relaunch with the {engines[0]} set-up"
+            f"{path}: written under {was}, this launch runs {now}; their checkpoints differ in layout: "
+            f"relaunch with the {was} set-up"
         )
-    if saved.world_size != current.world_size:
-        if saved.zero_stage or current.zero_stage:
-            raise CheckpointError(
-                f"{path}: written by {saved.world_size} DeepSpeed rank(s), this launch has {current.world_size}; "
-                "ZeRO keeps each rank's optimizer partition and this trainer does not convert it (DeepSpeed's "
-                f"universal checkpoint): relaunch with {saved.world_size} processes"
-            )
-        if current.data_path != "resident":  # a resident split's order is the same at every world size
-            raise CheckpointError(
-                f"{path}: written by {saved.world_size} rank(s), this launch has {current.world_size}; a streamed "
-                "split is dealt to the ranks by its shards, so its order depends on the world size: relaunch with "
-                f"{saved.world_size} processes (a split within data.resident_mb resumes on any world size)"
-            )
+    if saved.world_size != current.world_size and (saved.zero_stage or current.zero_stage):
+        raise CheckpointError(
+            f"{path}: written by {saved.world_size} DeepSpeed rank(s), this launch has {current.world_size}; "
+            "ZeRO keeps each rank's optimizer partition and this trainer does not convert it (DeepSpeed's "
+            f"universal checkpoint): relaunch with {saved.world_size} processes"
+        )
+    if saved.world_size != current.world_size and current.data_path != "resident":  # resident: same order anywhere
+        raise CheckpointError(
+            f"{path}: written by {saved.world_size} rank(s), this launch has {current.world_size}; a streamed "
+            "split is dealt to the ranks by its shards, so its order depends on the world size: relaunch with "
+            f"{saved.world_size} processes (a split within data.resident_mb resumes on any world size)"
+        )
     if current.data_path == "streamed" and saved.data_workers != current.data_workers:
         raise CheckpointError(
             f"{path}: written with {saved.data_workers} data worker(s) per rank, this launch has "
             f"{current.data_workers}; the data order depends on it: resume with data.num_workers={saved.data_workers}"
         )
-    changed = changed_settings(saved, current)
+    changed = {k: (saved.settings.get(k), v) for k, v in current.settings.items() if saved.settings.get(k) != v}
     fixed = [(k, old, new) for k, (old, new) in changed.items() if k.startswith(FIXED_ON_RESUME)]
     if fixed:
         given = "; ".join(f"{k}={old!r} in the run, {new!r} here" for k, old, new in fixed)
@@ -373,32 +325,30 @@ def check_compatible(saved: TrainerState, path: Path, current: TrainerState) -> 
     return changed
 
 
-# What a checkpoint's pickles may build besides tensors and plain data: accelerate's RNG states (numpy arrays) and
-# DeepSpeed's optimizer state. Any other global could run code when unpickled (a `__reduce__` payload): a checkpoint
-# holding one is refused before anything loads it (`distributed.load_deepspeed_weights_only` allows just these).
-SAFE_PICKLE_GLOBALS = frozenset({
-    "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype",
-    "numpy.dtypes.UInt32DType", "deepspeed.runtime.fp16.loss_scaler.LossScaler",
-    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
-})  # fmt: skip
-PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl")
+# What a checkpoint's pickles may build besides tensors and plain data (accelerate's numpy RNG states, DeepSpeed's
+# optimizer state): any other global could run code when unpickled (a `__reduce__` payload). Keep in step with
+# `distributed.load_deepspeed_weights_only`, which allows just these.
+SAFE_PICKLE_GLOBALS = frozenset(
+    {"numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct", "numpy.ndarray", "numpy.dtype"}
+    | {"numpy.dtypes.UInt32DType", "deepspeed.runtime.fp16.loss_scaler.LossScaler"}
+    | {"deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address"}
+)
 
 
 def check_pickles(path: Path) -> None:
-    """Refuse a checkpoint whose pickles name any global outside SAFE_PICKLE_GLOBALS (read from the opcodes: nothing
-    is unpickled)."""
-    for file in sorted(p for p in path.rglob("*") if p.suffix in PICKLE_SUFFIXES and p.is_file()):
+    """Refuse pickles naming a global outside SAFE_PICKLE_GLOBALS (read from the opcodes: nothing is unpickled)."""
+    for file in sorted(p for p in path.rglob("*") if p.suffix in (".pt", ".pth", ".bin", ".pkl") and p.is_file()):
         try:
             found = set(torch.serialization.get_unsafe_globals_in_checkpoint(file))
         except Exception as e:  # noqa: BLE001 - not torch's zip format: it cannot be checked without unpickling it
             raise CheckpointError(
                 f"{file}: not a torch archive that can be checked ({e}); refusing to load it"
             ) from None
-        unsafe = sorted(found - SAFE_PICKLE_GLOBALS)
+        unsafe = ", ".join(sorted(found - SAFE_PICKLE_GLOBALS))
         if unsafe:
             raise CheckpointError(
-                f"{file}: its pickle would call {', '.join(unsafe)} on loading, which could run any code; refusing to "
-                "resume from it (the trainer's checkpoints hold tensors, plain data and numpy / DeepSpeed state only)"
+                f"{file}: its pickle would call {unsafe} on loading, which could run any code; refusing to resume "
+                "from it (the trainer's checkpoints hold tensors, plain data and numpy / DeepSpeed state only)"
             )
 
 

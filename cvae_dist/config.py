@@ -16,6 +16,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+# A run_name's {time}: to the microsecond, so that launches started together (a sweep) get names of their own.
+TIME_FORMAT = "%Y%m%d-%H%M%S-%f"
+
 
 class ConfigError(ValueError):
     """A user-facing, one-line configuration error."""
@@ -96,10 +99,8 @@ class LogConfig:
     peak_tflops: float | None = None  # device peak for MFU; default: the GPU table (a CPU: MFU is n/a)
     straggler_fraction: float = 0.8  # a rank below this fraction of the median img/s ...
     straggler_intervals: int = 3  # ... for this many intervals in a row is flagged
-    # torch.profiler: "A-B" records steps A..B on every rank into profiles/; SIGUSR2 to any rank profiles the next
-    # `profile_len` steps on every rank.
-    profile_steps: str | None = None
-    profile_len: int = 5
+    profile_steps: str | None = None  # "A-B": torch.profiler records steps A..B on every rank into profiles/
+    profile_len: int = 5  # steps profiled on every rank after a SIGUSR2 to any rank
 
 
 @dataclass
@@ -136,10 +137,6 @@ class JobConfig:
         return self
 
 
-def _finite(at_least: float, above: bool = False) -> Callable[[float | None], bool]:
-    return lambda v: v is not None and math.isfinite(v) and (v > at_least if above else v >= at_least)
-
-
 def _words(v: str | None) -> bool:
     return v is not None and v.strip() != "" and v == v.strip()
 
@@ -157,18 +154,12 @@ def _splits(v: str) -> bool:
     return all(_words(part) for part in v.split("+"))
 
 
-# A run_name's {time}: to the microsecond, so that launches started together (a sweep) get names of their own.
-TIME_FORMAT = "%Y%m%d-%H%M%S-%f"
-
-
 def _directory_name(v: str | None) -> bool:
     if v is None:
         return True
     expanded = v.replace("{time}", datetime.now().strftime(TIME_FORMAT))
-    return (
-        _words(v) and not v.startswith(".") and not any(c in v for c in "/\\")
-        and not any(ord(c) < 32 or ord(c) == 127 for c in v) and len(expanded.encode()) <= 255
-    )  # fmt: skip
+    plain = not v.startswith(".") and not any(c in "/\\\x7f" or ord(c) < 32 for c in v)
+    return _words(v) and plain and len(expanded.encode()) <= 255
 
 
 # (holds, what is accepted) for every key whose type alone does not bound it (a test checks that each has one).
@@ -186,8 +177,8 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "data.num_workers": (lambda v: v is None or v >= 0, "0 or more (or null: automatic)"),
     "train.epochs": (lambda v: v > 0, "positive"),
     "train.max_steps": (lambda v: v is None or v > 0, "positive (or null: no limit)"),
-    "train.lr": (_finite(0, above=True), "a finite number above 0"),
-    "train.weight_decay": (_finite(0), "a finite number, 0 or more"),
+    "train.lr": (lambda v: math.isfinite(v) and v > 0, "a finite number above 0"),
+    "train.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number, 0 or more"),
     "train.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 4294967295 (numpy's seed range)"),
     # far larger ones overflow torch's deadlines (1e10 s: the store times out at once; 1e14 s: OverflowError)
     "train.collective_timeout_s": (lambda v: 0 < v <= 604_800, "a positive number of seconds, at most 604800 (a week)"),
@@ -195,19 +186,24 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "log.group": (lambda v: v is None or _words(v), "a W&B group name (or null: none)"),
     "log.every_steps": (lambda v: v > 0, "positive"),
     "log.images_every_epochs": (lambda v: v > 0, "positive (the last epoch always saves its figure)"),
-    "log.peak_tflops": (lambda v: v is None or _finite(0, above=True)(v), "a finite number above 0 (or null)"),
+    "log.peak_tflops": (lambda v: v is None or (math.isfinite(v) and v > 0), "a finite number above 0 (or null)"),
     "log.straggler_fraction": (lambda v: 0 < v <= 1, "above 0 and at most 1 (a fraction of the median img/s)"),
     "log.straggler_intervals": (lambda v: v > 0, "positive"),
-    "log.profile_steps": (lambda v: v is None or step_range(v) is not None,
-                          "a step range A-B with 1 <= A <= B, e.g. 20-25 (or null: no fixed range)"),
+    "log.profile_steps": (
+        lambda v: v is None or step_range(v) is not None,
+        "a step range A-B with 1 <= A <= B, e.g. 20-25 (or null: no fixed range)",
+    ),
     "log.profile_len": (lambda v: v > 0, "a positive number of steps"),
     "checkpoint.every_steps": (lambda v: v >= 0, "0 or more (0: at epoch ends only)"),
     "checkpoint.keep": (lambda v: v > 0, "positive"),
     "output_dir": (_words, "a directory path"),
-    "run_name": (_directory_name, "one directory name: no /, \\ or control characters, not . or .. or hidden (a "
-                 "leading .), at most 255 bytes with {time} expanded (or null: the recipe's name and the time)"),
+    "run_name": (
+        _directory_name,
+        "one directory name: no /, \\ or control characters, not . or .. or hidden (a "
+        "leading .), at most 255 bytes with {time} expanded (or null: the recipe's name and the time)",
+    ),
     "resume": (lambda v: v is None or _words(v), "auto, allow or a checkpoint directory (or null: a new run)"),
-}  # fmt: skip
+}
 
 
 class _Loader(yaml.SafeLoader):
@@ -217,8 +213,8 @@ class _Loader(yaml.SafeLoader):
         # OmegaConf copies what an alias names at each use: 200 bytes of nested aliases make billions of values.
         if self.check_event(yaml.AliasEvent):
             alias = self.peek_event()
-            raise _Refused(problem=f"YAML alias *{alias.anchor}: aliases are not accepted; write the value out",
-                           problem_mark=alias.start_mark)  # fmt: skip
+            problem = f"YAML alias *{alias.anchor}: aliases are not accepted; write the value out"
+            raise _Refused(problem=problem, problem_mark=alias.start_mark)
         return super().compose_node(parent, index)
 
 
@@ -226,13 +222,12 @@ class _Refused(yaml.MarkedYAMLError):
     """Valid YAML that a recipe may not use."""
 
 
+_BOOL = "tag:yaml.org,2002:bool"
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [r for r in resolvers if r[0] != _BOOL]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
-)
+_Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _parse(text: str, where: str):
@@ -251,11 +246,9 @@ def _from_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
     tree: dict = {}
     for item in overrides:
         key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=2")
-        if "" in key.split("."):
-            raise ConfigError(f"override {item!r}: {key!r} has an empty name between dots; expected section.key=value, "
-                              "e.g. train.epochs=2")  # fmt: skip
+        empty = f"{key!r} has an empty name between dots; " if sep and key and "" in key.split(".") else ""
+        if not sep or not key or empty:
+            raise ConfigError(f"override {item!r}: {empty}expected section.key=value, e.g. train.epochs=2")
         *parents, leaf = key.split(".")
         node = tree
         for part in parents:
@@ -267,8 +260,8 @@ def _from_overrides(overrides: list[str] | tuple[str, ...]) -> dict:
 
 
 def _no_environment(name: str, *_default) -> str:
-    raise ConfigError(f"${{oc.env:{name}}}: a recipe may not read the environment (config.yaml, checkpoints and W&B "
-                      "keep every value); write the value itself")  # fmt: skip
+    why = "a recipe may not read the environment (config.yaml, checkpoints and W&B keep every value)"
+    raise ConfigError(f"${{oc.env:{name}}}: {why}; write the value itself")
 
 
 # No resolver reads the environment: a recipe would copy WANDB_API_KEY or HF_TOKEN into every file the run writes.
@@ -315,10 +308,9 @@ def to_dict(cfg: JobConfig) -> dict:
 
 
 def flat_settings(cfg: JobConfig) -> dict[str, object]:
-    """The config as {"section.key": value} (enums by name), without the top-level keys: where the run is, not how
-    it trains."""
-    return {f"{section}.{k}": v for section, keys in to_dict(cfg).items() if isinstance(keys, dict)
-            for k, v in keys.items()}  # fmt: skip
+    """The config as {"section.key": value} (enums by name), without the top-level keys (where the run is)."""
+    sections = [(name, keys) for name, keys in to_dict(cfg).items() if isinstance(keys, dict)]
+    return {f"{name}.{k}": v for name, keys in sections for k, v in keys.items()}
 
 
 def to_yaml(cfg: JobConfig) -> str:
@@ -337,14 +329,13 @@ def _one_line(e: OmegaConfBaseException) -> str:
     for kind, what, brackets in (("DictConfig", "mapping", "{...}"), ("ListConfig", "list", "[...]")):
         if kind in msg and key:  # e.g. run_name={time}: YAML reads the mapping {time: null}
             example = "{time}" if key == "run_name" else brackets
-            return (f"config key '{key}': got a YAML {what}, not one value (YAML reads an unquoted {brackets} as a "
-                    f"{what}); quote it for YAML, e.g. \"{key}='{example}'\" in a shell")  # fmt: skip
+            got = f"got a YAML {what}, not one value (YAML reads an unquoted {brackets} as a {what})"
+            return f"config key '{key}': {got}; quote it for YAML, e.g. \"{key}='{example}'\" in a shell"
     return f"config key '{key}': {msg}" if key else msg
 
 
 def model_shape(fields: object, where: str) -> ModelConfig:
-    """The model an export's `config.json` (or a checkpoint's record) describes: exactly `ModelConfig.shape`'s
-    fields, integers, each under its RULES entry; else a one-line ConfigError naming `where`."""
+    """The model an export's `config.json` or a checkpoint records: `ModelConfig.shape`'s fields, under RULES."""
     names = list(ModelConfig().shape())
     accepted = f"accepted: an object of {', '.join(names)} (integers), as the trainer writes it"
     if not isinstance(fields, dict):

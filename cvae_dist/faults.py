@@ -1,5 +1,4 @@
-"""Stopping cleanly: signals (Ctrl-C, preemption, a closed terminal; SIGUSR2 asks for a profile), the exit codes that
-say what happened, `status.json`."""
+"""Stopping cleanly: signals (Ctrl-C, preemption, a closed terminal; SIGUSR2: a profile), exit codes, `status.json`."""
 
 from __future__ import annotations
 
@@ -24,23 +23,17 @@ INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, the shell's convention for Ctrl-C
 
 
 class Stopped(Exception):
-    """Every rank stopped on a signal after saving a checkpoint; `command` continues the run."""
+    """Every rank stopped on a signal after saving a checkpoint; `command` continues the run. SIGTERM / SIGUSR1 (what
+    Slurm sends before preemption or the time limit): "preempted", exit 75; SIGINT (Ctrl-C), SIGHUP: "interrupted"."""
 
     state, exit_code = "preempted", REQUEUE_EXIT_CODE
 
-    def __init__(self, signal_name: str, step: int, checkpoint: str, command: str):
-        super().__init__(f"stopped on {signal_name} at step {step}; checkpoint {checkpoint}; continue with: {command}")
+    def __init__(self, signum: int | None, step: int, checkpoint: str, command: str):
+        name = signal.Signals(signum).name if signum else "a peer's signal"
+        super().__init__(f"stopped on {name} at step {step}; checkpoint {checkpoint}; continue with: {command}")
         self.step, self.checkpoint = step, checkpoint
-
-
-class Preempted(Stopped):
-    """SIGTERM / SIGUSR1: what Slurm sends before preemption or the time limit. Exit 75: requeue me."""
-
-
-class Interrupted(Stopped):
-    """SIGINT (Ctrl-C), or SIGHUP (the terminal or ssh session closed). Exit 130."""
-
-    state, exit_code = "interrupted", INTERRUPTED_EXIT_CODE
+        if signum in (signal.SIGINT, signal.SIGHUP):  # the user's side ended the run (a hangup too): never requeued
+            self.state, self.exit_code = "interrupted", INTERRUPTED_EXIT_CODE
 
 
 class NonFiniteLoss(FloatingPointError):
@@ -51,11 +44,22 @@ class OutOfMemory(RuntimeError):
     """CUDA ran out of memory; names the step, the rank and the memory snapshot written before the run failed."""
 
 
-class StopSignal:
-    """Once armed (the run has a directory to checkpoint into), SIGINT (Ctrl-C), SIGTERM, SIGUSR1 and SIGHUP (a
-    closed terminal) ask for a checkpoint and a clean exit after the step in progress (`StopPoll`); a second one (more
-    than REPEAT_GRACE_S later) exits at once. Before that, they stop the process at once: there is nothing to save
-    yet. A SIGHUP that nohup ignores stays ignored."""
+class _Handlers(contextlib.AbstractContextManager):
+    """Signal handlers for a `with` block; `restore` puts back `previous` (the default where Python set none)."""
+
+    previous: dict
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
+
+    def __exit__(self, *_exc) -> None:
+        self.restore()
+
+
+class StopSignal(_Handlers):
+    """Once armed, SIGINT, SIGTERM, SIGUSR1 and SIGHUP ask for a checkpoint after the step in progress (`StopPoll`)
+    and a repeat more than REPEAT_GRACE_S later exits at once; unarmed, they exit at once. nohup's SIGHUP stays off."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)
     REPEAT_GRACE_S = 3.0
@@ -64,36 +68,36 @@ class StopSignal:
         self.received: int | None = None
         self.armed, self.command = False, "the same command with run_name=<the run> resume=auto"
         nohup = signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
-        self.previous = {sig: signal.signal(sig, self._handle) for sig in self.SIGNALS
-                         if not (nohup and sig == signal.SIGHUP)}  # fmt: skip
+        self.previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS if not (nohup and s == signal.SIGHUP)}
 
     def arm(self, command: str | None = None) -> None:
         """From now on a signal checkpoints; `command` is what continues the run (for the messages)."""
         self.armed, self.command = True, command or self.command
 
     def _handle(self, signum: int, _frame) -> None:
+        name = signal.Signals(signum).name
         if signum == signal.SIGHUP:
             _leave_closed_terminal()
         if not self.armed:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
-            raise SystemExit(f"stopped by {signal.Signals(signum).name} before training started")
-        if self.received is not None:
-            # Slurm signals every process and torchrun forwards the same signal a moment later (a terminal's Ctrl-C
-            # reaches the launcher and its workers at once): only a repeat that comes later than that means
-            # "stop now, no checkpoint".
-            if time.monotonic() - self.received_at > self.REPEAT_GRACE_S:
-                name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
-                with contextlib.suppress(OSError):
-                    os.write(2, f"{name} again: stopped at once, without a checkpoint (continue from the last one "
-                                f"with: {self.command})\n".encode())  # fmt: skip
-                remove_partial_files()
-                os._exit(128 + signum)
+            raise SystemExit(f"stopped by {name} before training started")
+        if self.received is None:
+            self.received, self.received_at = signum, time.monotonic()
+            if signum == signal.SIGINT:
+                print(
+                    "\nCtrl-C: checkpointing after the step in progress, then stopping (Ctrl-C again to quit at once)",
+                    flush=True,
+                )
             return
-        self.received, self.received_at = signum, time.monotonic()
-        if signum == signal.SIGINT:
-            print("\nCtrl-C: checkpointing after the step in progress, then stopping (Ctrl-C again to quit at once)",
-                  flush=True)  # fmt: skip
+        # Slurm signals every process and torchrun forwards the same signal a moment later (a terminal's Ctrl-C reaches
+        # the launcher and its workers at once): only a repeat later than that means "stop now, no checkpoint".
+        if time.monotonic() - self.received_at > self.REPEAT_GRACE_S:
+            said = f"{'Ctrl-C' if signum == signal.SIGINT else name} again: stopped at once, without a checkpoint"
+            with contextlib.suppress(OSError):
+                os.write(2, f"{said} (continue from the last one with: {self.command})\n".encode())
+            remove_partial_files()
+            os._exit(128 + signum)
 
     @property
     def requested(self) -> bool:
@@ -101,19 +105,7 @@ class StopSignal:
 
     def stopped(self, step: int, checkpoint: str) -> Stopped:
         """The exception that ends the run after the checkpoint a signal asked for."""
-        # A hangup is the user's side ending the run, as Ctrl-C: "interrupted" (130), continued by the user; never 75,
-        # which has the Slurm scripts requeue the job.
-        kind = Interrupted if self.received in (signal.SIGINT, signal.SIGHUP) else Preempted
-        name = signal.Signals(self.received).name if self.received else "a peer's signal"
-        return kind(name, step, checkpoint, self.command)
-
-    def restore(self) -> None:
-        """Put back the handlers that were there before (the default where Python did not set one)."""
-        for sig, handler in self.previous.items():
-            signal.signal(sig, signal.SIG_DFL if handler is None else handler)
-
-    def __enter__(self) -> StopSignal:
-        return self
+        return Stopped(self.received, step, checkpoint, self.command)
 
     def __exit__(self, exc_type, *_exc) -> None:
         # After a signal the process is on its way out with its exit code: keep absorbing the launcher's repeat of
@@ -146,10 +138,8 @@ def resume_command(cfg) -> str:
 
 
 class StopPoll:
-    """Whether any rank was asked to stop, between step lines too: every rank sends its answer in a one-collective
-    exchange about every POLL_S seconds, at steps all ranks work out alike (from the slowest rank's pace, as
-    gathered), so a stop request waits about that long whatever log.every_steps is. A step line's exchange carries it
-    as well."""
+    """Whether any rank was asked to stop: an exchange about every POLL_S seconds, at steps every rank works out alike
+    from the slowest rank's pace, so a stop waits about that long whatever log.every_steps is."""
 
     POLL_S = 1.0
 
@@ -173,18 +163,16 @@ class StopPoll:
         return bool(gathered["stop"].any())
 
 
-class ProfileSignal:
-    """SIGUSR2 asks for a profile of the next `log.profile_len` steps: the handler only notes it (`take`), and the
-    trainer's next exchange carries the request to every rank, which then profile the same steps
-    (`profiling.Profiler`). SIGUSR2's default action ends a process: `hold_profile_requests` handles it from the
-    command line's start, and a request that came before the trainer was ready is taken over here."""
+class ProfileSignal(_Handlers):
+    """SIGUSR2 asks for a profile of the next `log.profile_len` steps: noted here (`take`), the trainer's next exchange
+    carries it to every rank. Takes over a request `hold_profile_requests` noted."""
 
     SIGNAL = signal.SIGUSR2
     early = False  # a request noted by `hold_profile_requests`' handler
 
     def __init__(self) -> None:
         self.pending, ProfileSignal.early = ProfileSignal.early, False
-        self.previous = signal.signal(self.SIGNAL, self._handle)
+        self.previous = {self.SIGNAL: signal.signal(self.SIGNAL, self._handle)}
 
     def _handle(self, _signum: int, _frame) -> None:
         self.pending = True
@@ -194,56 +182,31 @@ class ProfileSignal:
         pending, self.pending = self.pending, False
         return pending
 
-    def restore(self) -> None:
-        signal.signal(self.SIGNAL, signal.SIG_DFL if self.previous is None else self.previous)
-
-    def __enter__(self) -> ProfileSignal:
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.restore()
-
 
 def hold_profile_requests() -> None:
     """Note SIGUSR2 from now on (for `ProfileSignal`): call it before the heavy imports, which take seconds in which
     the signal's default action would end the process. USR2 is never a stop."""
-
-    def note(_signum: int, _frame) -> None:
-        ProfileSignal.early = True
-
-    signal.signal(ProfileSignal.SIGNAL, note)
-
-
-RUN_DIR_FILE_ENV = "CVAE_DIST_RUN_DIR_FILE"
+    signal.signal(ProfileSignal.SIGNAL, lambda *_: setattr(ProfileSignal, "early", True))
 
 
 def tell_wrapper(run_dir: Path) -> None:
-    """Where a wrapper (slurm/job.sh) asks for it with $CVAE_DIST_RUN_DIR_FILE, write this attempt's run directory
-    (absolute) there once it exists: the wrapper then reads that run's `status.json`, whatever run_name or
-    output_dir the recipe and overrides gave. No file: this attempt was refused (or died) before its run started."""
-    target = os.environ.get(RUN_DIR_FILE_ENV)
+    """Write the run directory where a wrapper (slurm/job.sh) asks for it ($CVAE_DIST_RUN_DIR_FILE)."""
+    target = os.environ.get("CVAE_DIST_RUN_DIR_FILE")
     if target:
         write_safely(lambda tmp: tmp.write_text(f"{run_dir.resolve()}\n"), Path(target))
 
 
-def write_status(run_dir: Path, state: str, **extra) -> None:
-    """`status.json`, replaced atomically. Where the disk is full it keeps its previous content and says so."""
-    record = strict_json.dumps({"state": state, "time": time.time(), **extra})
-    try:
-        write_safely(lambda tmp: tmp.write_text(record), run_dir / "status.json")
-    except OSError as e:
-        log.warning("%s; it still says what it said before", e)
-
-
 @contextlib.contextmanager
 def run_status(run_dir: Path, write: bool):
-    """Keep `status.json` saying running / completed / preempted / interrupted / failed, for wrappers such as
-    slurm/*.sbatch (a launcher's own exit code does not carry the trainer's: torchrun reports 1 whatever its
-    workers said)."""
+    """`status.json` says running / completed / preempted / interrupted / failed (torchrun exits 1 whatever it is)."""
 
     def put(state: str, **extra) -> None:
-        if write:
-            write_status(run_dir, state, **extra)
+        record = strict_json.dumps({"state": state, "time": time.time(), **extra})
+        try:
+            if write:
+                write_safely(lambda tmp: tmp.write_text(record), run_dir / "status.json")
+        except OSError as e:  # a full disk: the file keeps its previous content
+            log.warning("%s; it still says what it said before", e)
 
     put("running")
     try:

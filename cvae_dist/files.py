@@ -14,20 +14,16 @@ from pathlib import Path
 
 from cvae_dist.config import ConfigError, JobConfig, flat_settings, load_config, to_yaml
 
-CONFIG_FILE = "config.yaml"
-LOCK_FILE = ".lock"
+CONFIG_FILE, LOCK_FILE = "config.yaml", ".lock"
 _CONFIG_HEADER = (
     "# Written by cvae-dist: the settings this run trains with (a resume rewrites it with its own). The trainer\n"
     "# reads --config and key=value overrides, not this file: to resume with edits here, pass --config <this file>.\n"
 )
+_WRITING: set[Path] = set()  # the temporary files `write_safely` is filling now
 
 
 class DiskError(OSError):
     """Writing a run's file failed (disk full, permissions): one line naming the path and the free space."""
-
-
-def run_dir_for(cfg: JobConfig) -> Path:
-    return Path(cfg.output_dir) / cfg.run_name
 
 
 def run_started(path: Path) -> bool:
@@ -48,32 +44,24 @@ def check_writable(run_dir: Path) -> None:
     for path in (run_dir, *run_dir.parents):
         if path.exists() and not path.is_dir():
             raise ConfigError(f"{path} is a file, not a directory: output_dir and run_name must name a directory")
-    for path in (run_dir / "checkpoints", run_dir):
-        if path.exists():
-            if not os.access(path, os.W_OK):
-                raise ConfigError(f"{path} is not writable; the run could not save its checkpoints there")
-            return
-    parent = next((p for p in run_dir.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise ConfigError(f"output directory {parent} is not writable (output_dir={run_dir.parent})")
+    at = next((p for p in (run_dir / "checkpoints", run_dir, *run_dir.parents) if p.exists()), Path("."))
+    if not os.access(at, os.W_OK) and at in (run_dir / "checkpoints", run_dir):
+        raise ConfigError(f"{at} is not writable; the run could not save its checkpoints there")
+    if not os.access(at, os.W_OK):
+        raise ConfigError(f"output directory {at} is not writable (output_dir={run_dir.parent})")
 
 
-def config_text(cfg: JobConfig) -> str:
-    """`config.yaml`: the settings, under a header holding their digest (how a resume tells a hand edit)."""
-    body = to_yaml(cfg)
+def _stamped(body: str) -> str:
+    """`config.yaml`: the settings under a header holding their digest (how a resume tells a hand edit)."""
     return f"{_CONFIG_HEADER}# sha256 {hashlib.sha256(body.encode()).hexdigest()}\n{body}"
 
 
 def check_config_file(run_dir: Path, cfg: JobConfig) -> None:
-    """Refuse to resume past a hand-edited `config.yaml` that this launch does not run with (the resume would
-    overwrite the edits)."""
+    """Refuse to resume past a hand-edited `config.yaml` this launch does not run with (it would be overwritten)."""
     path = run_dir / CONFIG_FILE
-    if not path.is_file():
+    text = path.read_text(errors="replace") if path.is_file() else None
+    if text is None or text == _stamped(text.split("\n", 3)[-1]):  # none, or as the trainer wrote it
         return
-    header, _, body = path.read_text(errors="replace").partition(_CONFIG_HEADER)
-    digest, _, body = body.partition("\n")
-    if not header and digest.startswith("# sha256 ") and digest[9:] == hashlib.sha256(body.encode()).hexdigest():
-        return  # as the trainer wrote it
     try:
         edited = flat_settings(load_config(path))
     except ConfigError as e:
@@ -94,27 +82,25 @@ def write_run_dir(path: Path, cfg: JobConfig, accelerator) -> None:
         new = not run_started(path)
         try:
             (path / "images").mkdir(parents=True, exist_ok=True)
-            write_safely(lambda p: p.write_text(config_text(cfg)), path / CONFIG_FILE)
+            write_safely(lambda p: p.write_text(_stamped(to_yaml(cfg))), path / CONFIG_FILE)
         except DiskError:
-            if new:  # nothing of the user's is in it yet: leave no half-made run behind
-                for child in path.iterdir():
-                    if child.name != LOCK_FILE:
-                        shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
+            for child in path.iterdir() if new else ():  # nothing of the user's is in it yet: leave no half-made run
+                if child.name != LOCK_FILE:
+                    shutil.rmtree(child, ignore_errors=True) if child.is_dir() else child.unlink(missing_ok=True)
             raise
     accelerator.wait_for_everyone()
 
 
 class RunLock:
-    """One launch trains into a run directory at a time: the main process holds an exclusive fcntl lock on
-    `<run>/.lock` for the run's lifetime (it works on shared file systems, and dies with its holder); the file says
-    who holds it. Every rank gets the same answer."""
+    """One launch at a time trains into a run directory: the main process holds an exclusive fcntl lock on
+    `<run>/.lock` (shared file systems honour it; it dies with its holder), whose text says who holds it."""
 
     def __init__(self, accelerator, run_dir: Path):
         from accelerate.utils import broadcast_object_list  # (accelerate takes seconds to import; faults imports this)
 
         self.path, self.file, self.made_dir = run_dir / LOCK_FILE, None, not run_dir.exists()
         refusal = [self._take(run_dir) if accelerator.is_main_process else None]
-        broadcast_object_list(refusal, from_process=0)
+        broadcast_object_list(refusal, from_process=0)  # every rank gets the same answer
         if refusal[0]:
             raise ConfigError(refusal[0])
 
@@ -124,15 +110,14 @@ class RunLock:
             file = self.path.open("a+")
         except OSError as e:
             return f"could not create {self.path}: {e.strerror or e}"
+        file.seek(0)
         try:
             fcntl.lockf(file, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
-            file.seek(0)
             holder = file.read().strip() or "another process"
             file.close()
-            return (f"run {run_dir} is in use by {holder}: one launch trains a run at a time; wait for it to end, "
-                    "or stop it (its lock goes with its process)")  # fmt: skip
-        file.seek(0)
+            why = "one launch trains a run at a time; wait for it to end, or stop it (its lock goes with its process)"
+            return f"run {run_dir} is in use by {holder}: {why}"
         file.truncate()
         file.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         file.flush()
@@ -157,15 +142,6 @@ class RunLock:
             self.release()
             raise
 
-    def __enter__(self) -> RunLock:
-        return self
-
-    def __exit__(self, *_exc) -> None:
-        self.release()
-
-
-_WRITING: set[Path] = set()  # the temporary files `write_safely` is filling now
-
 
 def write_safely(write: Callable[[Path], object], path: Path) -> None:
     """`write(tmp)`, then rename it to `path`: a reader never sees half a file, and a failed write leaves none (an
@@ -186,16 +162,15 @@ def write_safely(write: Callable[[Path], object], path: Path) -> None:
 
 
 def remove_partial_files() -> None:
-    """Delete what `write_safely` is writing now: a process that stops at once (a second Ctrl-C) leaves no half
-    file."""
+    """Delete what `write_safely` is writing now: a process that stops at once leaves no half file."""
     for path in list(_WRITING):
         with contextlib.suppress(OSError):
             path.unlink()
 
 
 def write_failure(where: Path, e: Exception) -> Exception:
-    """`e` as the OSError behind it, where a writer hid it (torch and safetensors raise their own errors): a write of
-    our own into `where` tells. `e` itself where that write succeeds: not a disk problem."""
+    """The OSError behind `e`, where a writer hid it (torch, safetensors), as a write of our own into `where` tells;
+    else `e` itself (not a disk problem)."""
     if isinstance(e, OSError) or not where.is_dir():
         return e
     probe = where / ".write-probe"

@@ -1,5 +1,4 @@
-"""Figures a reader can trust: in JSON that every reader accepts (jq, JavaScript's JSON.parse, pandas) a figure that
-is not finite is `null`, and in a table it is `n/a`."""
+"""Figures every reader accepts (jq, JSON.parse, pandas): a figure not finite is `null` in JSON, `n/a` in a table."""
 
 from __future__ import annotations
 
@@ -14,9 +13,7 @@ def finite(value: Any) -> Any:
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
         return {k: finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [finite(v) for v in value]
-    return value
+    return [finite(v) for v in value] if isinstance(value, list | tuple) else value
 
 
 def dumps(value: Any, **kwargs: Any) -> str:

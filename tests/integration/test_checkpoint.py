@@ -24,7 +24,7 @@ from support.checks import (
 )
 from support.launching import DEBUG
 
-from cvae_dist.checkpoint import CheckpointError, checkpoint_dirs, find_resumable, verify_checkpoint
+from cvae_dist.checkpoint import CheckpointError, checkpoint_dirs, resolve_resume, verify_checkpoint
 from cvae_dist.config import load_config
 from cvae_dist.train import train
 
@@ -77,8 +77,8 @@ def test_truncated_newest_checkpoint_falls_back_to_previous(full, tmp_path):
     weights = newest / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     warnings = []
-    path, state = find_resumable(run, warnings.append)
-    assert path.name == "step-000000015" and state.step == 15
+    resume = resolve_resume(run, "allow", warnings.append)
+    assert resume.path.name == "step-000000015" and resume.state.step == 15
     assert "does not match its checksum" in warnings[0]
     with pytest.raises(CheckpointError, match="does not match its checksum"):
         verify_checkpoint(newest)
