@@ -1,13 +1,12 @@
 """MNIST as a Hugging Face `datasets` stream (the hub, local parquet or the shipped digits), dealt to the ranks.
 
 A split whose decoded digits fit `data.resident_mb` is resident: decoded once per machine (then cached), kept on each
-rank's device and read in one seeded order per epoch that every world size shares. Larger splits are streamed
-(`split_dataset_by_node`) and decoded every epoch. The model's input is made on the device (`to_model_input`).
+rank's device, read in one seeded order per epoch that every world size shares. Larger ones are streamed and decoded.
 """
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import hashlib
 import io
 import itertools
@@ -16,6 +15,7 @@ import os
 import stat
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import NamedTuple
 
@@ -30,6 +30,7 @@ from datasets.distributed import split_dataset_by_node
 from PIL import Image as PILImage
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.utils.data import DataLoader
 
 from cvae_dist.config import ConfigError
 from cvae_dist.files import write_safely
@@ -37,8 +38,9 @@ from cvae_dist.files import write_safely
 SHIPPED_DIR = Path(__file__).parent / "assets" / "mnist5k"
 DIGIT_SIZE = 28
 FEATURES = Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)]), "id": Value("int64")})
-NOT_FILES = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket",
-             stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}  # fmt: skip
+NOT_FILES = {stat.S_IFIFO: "a FIFO", stat.S_IFDIR: "a directory", stat.S_IFSOCK: "a socket"}
+NOT_FILES |= {stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device"}
+CACHE_VERSION = 1  # part of the cache key: bump it when the decoded layout changes
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +56,10 @@ class Batch(NamedTuple):
 
 
 def parquet_files(source: str, split: str) -> list[str] | None:
-    """The parquet shards of `split` ("a+b" joins splits) under a local source, their footers checked (a truncated or
-    foreign file is named before anything is written); None for a hub dataset id."""
+    """The shards of `split` ("a+b" joins splits), footers checked before anything is written; None for a hub id."""
     root = SHIPPED_DIR if source == "shipped" else Path(source)
     if source != "shipped" and not root.exists():
-        if "/" in source and not source.startswith((".", "/")) and len(Path(source).parts) == 2:
+        if not source.startswith((".", "/")) and len(root.parts) == 2:
             return None  # looks like a hub id: org/name
         raise DataError(
             f"data.source={source!r}: no such directory (accepted: 'shipped', a directory of parquet "
@@ -97,8 +98,7 @@ def shard_problem(schema: pa.Schema, rows: int) -> str | None:
     """What a shard's footer says is wrong with it for training, or None."""
     if rows == 0:
         return "holds no rows"
-    missing = [name for name in ("image", "label") if name not in schema.names]
-    if missing:
+    if missing := [name for name in ("image", "label") if name not in schema.names]:
         return f"lacks column(s) {missing}; expected 'image' (PNG bytes) and 'label' (integers 0..9)"
     image, label = schema.field("image").type, schema.field("label").type
     if not (pa.types.is_struct(image) and image.get_field_index("bytes") >= 0) and not pa.types.is_binary(image):
@@ -111,9 +111,17 @@ def shard_problem(schema: pa.Schema, rows: int) -> str | None:
 
 
 def check_hub(source: str, timeout_s: float = 5.0) -> None:
-    """Fail in seconds where the hub is unreachable (not after minutes of retries), naming the offline options."""
+    """Refuse a read-only datasets cache, and an unreachable hub in seconds (not after minutes of retries)."""
     from huggingface_hub import constants, get_session
 
+    cache = Path(datasets.config.HF_DATASETS_CACHE)
+    with suppress(OSError):
+        cache.mkdir(parents=True, exist_ok=True)
+    if not os.access(cache, os.W_OK):
+        raise DataError(
+            f"data.source={source}: datasets' cache {cache} is not writable; set HF_HOME (or HF_DATASETS_CACHE) to a "
+            "writable directory, or convert the data with `cvae-dist prepare-data` and set data.source=<that directory>"
+        )
     if constants.HF_HUB_OFFLINE:
         return
     try:
@@ -126,19 +134,7 @@ def check_hub(source: str, timeout_s: float = 5.0) -> None:
         ) from None
 
 
-def check_hub_cache(source: str) -> None:
-    """Refuse in one line a hub dataset whose cache folder cannot be written (a read-only home)."""
-    cache = Path(datasets.config.HF_DATASETS_CACHE)
-    with contextlib.suppress(OSError):
-        cache.mkdir(parents=True, exist_ok=True)
-    if not os.access(cache, os.W_OK):
-        raise DataError(
-            f"data.source={source}: datasets' cache {cache} is not writable; set HF_HOME (or HF_DATASETS_CACHE) to a "
-            "writable directory, or convert the data with `cvae-dist prepare-data` and set data.source=<that directory>"
-        )
-
-
-@contextlib.contextmanager
+@contextmanager
 def reading(files: list[str] | None):
     """Turn a shard that breaks while being read (a corrupt page behind a good footer) into one line naming it."""
     try:
@@ -150,8 +146,7 @@ def reading(files: list[str] | None):
 
 def _reads(file: str) -> bool:
     try:
-        pq.read_table(file)
-        return True
+        return pq.read_table(file) is not None
     except (pa.ArrowException, OSError):
         return False
 
@@ -166,16 +161,13 @@ def open_stream(source: str, split: str) -> datasets.IterableDataset:
     """The split as an undecoded `IterableDataset` (image bytes are decoded in batches later)."""
     files = parquet_files(source, split)
     if files is None:
-        check_hub_cache(source)
         check_hub(source)
         ds = datasets.load_dataset(source, split=split, streaming=True)
     else:
-        # A stream of local files caches nothing, but datasets makes its cache folder (~/.cache/huggingface, maybe
-        # read-only on a cluster) for a lock file: give it a throwaway one.
+        # datasets wants a cache folder (for a lock file) even here: a throwaway one, as ~/.cache may be read-only
         with tempfile.TemporaryDirectory(prefix="cvae-dist-datasets-") as scratch:
             ds = datasets.load_dataset("parquet", data_files=files, split="train", streaming=True, cache_dir=scratch)
-    missing = {"image", "label"} - set(ds.column_names or [])
-    if missing:
+    if missing := {"image", "label"} - set(ds.column_names or []):
         raise DataError(f"{source}:{split} lacks column(s) {sorted(missing)}; expected 'image' (PNG) and 'label'")
     return ds.cast_column("image", Image(decode=False))
 
@@ -199,18 +191,14 @@ def decode_image(data: bytes) -> np.ndarray | str:
 def decode_row(image: dict | None, label) -> np.ndarray | str:
     """One record -> uint8 (28, 28) pixels, or a description of what is wrong with it."""
     data = (image or {}).get("bytes")
-    if not data:
-        return "no image bytes"
-    pixels = decode_image(data)
+    pixels = decode_image(data) if data else "no image bytes"
     if isinstance(pixels, str):
         return pixels
     if label is None:
         return "missing label"
     if isinstance(label, bool) or not isinstance(label, int | np.integer):
         return f"label {label!r} is not an integer"
-    if not 0 <= int(label) <= 9:
-        return f"label {label} outside 0..9"
-    return pixels
+    return pixels if 0 <= int(label) <= 9 else f"label {label} outside 0..9"
 
 
 class _Decoded(NamedTuple):
@@ -219,8 +207,7 @@ class _Decoded(NamedTuple):
 
 
 def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = None) -> _Decoded:
-    """PNG bytes -> uint8 (B, 1, 28, 28) tensor, labels and ids. A bad record raises DataError naming its file and row
-    (`on_bad="error"`) or is left out (`"skip"`)."""
+    """PNG bytes -> uint8 (B, 1, 28, 28) pixels, labels, ids; a bad record raises (on_bad="error") or is left out."""
     images, keep = [], []
     for i, (image, label) in enumerate(zip(rows["image"], rows["label"], strict=True)):
         pixels = decode_row(image, label)
@@ -232,9 +219,8 @@ def decode_batch(rows: dict, on_bad: str = "error", files: list[str] | None = No
         keep.append(i)
     labels = torch.as_tensor([rows["label"][i] for i in keep], dtype=torch.int64)
     ids = torch.as_tensor([rows["id"][i] if "id" in rows else -1 for i in keep], dtype=torch.int64)
-    empty = torch.empty(0, 1, DIGIT_SIZE, DIGIT_SIZE, dtype=torch.uint8)
-    pixels = torch.from_numpy(np.stack(images)).unsqueeze(1) if images else empty
-    return _Decoded(Batch(pixels, labels, ids), len(rows["label"]) - len(keep))
+    pixels = np.stack(images) if images else np.empty((0, DIGIT_SIZE, DIGIT_SIZE), np.uint8)
+    return _Decoded(Batch(torch.from_numpy(pixels).unsqueeze(1), labels, ids), len(rows["label"]) - len(keep))
 
 
 def locate(files: list[str] | None, rows: dict, i: int) -> str:
@@ -262,8 +248,8 @@ def to_model_input(pixels: torch.Tensor, image_size: int, channels_last: bool) -
 
 
 def batch_share(batch_size: int, world_size: int, rank: int) -> slice:
-    """Rank `rank`'s rows of every global batch: the first `batch % world` ranks take one image more (128 over 3
-    ranks: 43, 43, 42), in rank order, so a digit's place in the global batch is the same at any world size."""
+    """Rank `rank`'s rows of every global batch, in rank order (128 over 3 ranks: 43, 43, 42), so a digit's place in
+    the global batch is the same at any world size."""
     share, extra = divmod(batch_size, world_size)
     if share == 0:
         raise ConfigError(f"data.batch_size={batch_size} is smaller than the world size {world_size}")
@@ -272,25 +258,21 @@ def batch_share(batch_size: int, world_size: int, rank: int) -> slice:
 
 
 def derived_seed(seed: int, epoch: int, purpose: str) -> int:
-    """A seed for one epoch's `purpose` (the data order, the noise) from the run's seed: the same on every rank and
-    at every world size, and unrelated between purposes and epochs."""
+    """One epoch's seed for `purpose` (order, noise): unrelated across both, the same on every rank and world size."""
     digest = hashlib.blake2b(f"{purpose}:{seed}:{epoch}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1  # (torch seeds are non-negative int64)
 
 
 class RankStream:
-    """This rank's share of every global batch of the training split, in a new order each epoch.
+    """This rank's share of every global batch of the training split (`cfg`: the DataConfig), a new order each epoch.
 
-    Resident: epoch e's order is one permutation of the table's rows seeded by (seed, e); global batch i is its i-th
-    slice of `data.batch_size` rows, of which this rank takes its `batch_share`: any world size trains on the same
-    batches. Streamed: each rank is dealt shards, shuffled through a buffer; the order depends on the world size.
-    `local_steps` is what this rank's rows allow; the trainer agrees on the smallest over all ranks.
+    Resident: epoch e's order is one permutation of the rows seeded by (seed, e), cut into global batches of which
+    this rank takes its `batch_share`: any world size trains on the same batches. Streamed: each rank is dealt shards,
+    shuffled through a buffer (the order depends on the world size). `decode_first`: a context in which this
+    machine's first rank decodes (and caches) before the others.
     """
 
-    def __init__(self, cfg, rank: int, world_size: int, seed: int, num_workers: int = 0, device=None,
-                 decode_first=contextlib.nullcontext):  # fmt: skip
-        """`cfg`: the DataConfig. `decode_first`: a context in which this machine's first rank decodes before the others
-        (accelerate's `local_main_process_first`), which then read its cache."""
+    def __init__(self, cfg, rank, world_size, seed, num_workers: int = 0, device=None, decode_first=nullcontext):
         self.files = parquet_files(cfg.source, cfg.train_split)
         self.on_bad_record = cfg.on_bad_record.value
         self.share = batch_share(cfg.batch_size, world_size, rank)
@@ -307,25 +289,21 @@ class RankStream:
             self.local_steps = self.local_rows // self.global_batch
             return
         self.dataset = split_dataset_by_node(split, rank=rank, world_size=world_size)
-        self.shuffled = self.dataset
+        shuffled = self.dataset
         if cfg.shuffle_buffer > 0:
             # One input shard at a time: interleaving several parquet shards makes datasets sleep 5 s at the
             # end of every pass (its workaround for apache/arrow#45214). Shard order is still shuffled.
-            self.shuffled = self.dataset.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer, max_buffer_input_shards=1)
-        fewest = fewest_rows(self.files, world_size)
+            shuffled = self.dataset.shuffle(seed=seed, buffer_size=cfg.shuffle_buffer, max_buffer_input_shards=1)
         with reading(self.files):  # equal steps must be agreed on the records that will really be used
             rows = count_valid_rows(self.dataset) if self.on_bad_record == "skip" else (count_rows(self.dataset), 0)
-        self.local_rows, self.bad_rows = min(rows[0], fewest or rows[0]), rows[1]
-        self.batches = self.shuffled.batch(self.batch_size)  # a last partial batch is dropped after decoding
-        self.chunks = _DecodedChunks(self.batches, self.on_bad_record, self.files)
+        self.local_rows, self.bad_rows = min(rows[0], fewest_rows(self.files, world_size) or rows[0]), rows[1]
+        self.batches = shuffled.batch(self.batch_size)  # a last partial batch is dropped after decoding
+        self.decode = functools.partial(decode_batch, on_bad=self.on_bad_record, files=self.files)
         self.loader = None
         if num_workers > 0:
-            # Worker processes decode; datasets gives each some of this rank's shards, and its shared epoch
-            # counter reaches them, so they persist across epochs.
-            self.loader = torch.utils.data.DataLoader(
-                self.chunks, batch_size=None, num_workers=num_workers, prefetch_factor=4,
-                persistent_workers=True, pin_memory=torch.cuda.is_available(),
-            )  # fmt: skip
+            # Workers decode, dealt this rank's shards by datasets; its shared epoch counter lets them persist.
+            opts = dict(prefetch_factor=4, persistent_workers=True, pin_memory=torch.cuda.is_available())
+            self.loader = DataLoader(self.batches, None, num_workers=num_workers, collate_fn=self.decode, **opts)
         self.local_steps = self.local_rows // self.batch_size
 
     @property
@@ -350,60 +328,46 @@ class RankStream:
 
     def _streamed(self, epoch: int, steps: int, skip: int) -> Iterator[Batch]:
         self.batches.set_epoch(epoch)  # on the batched view: `batch()` does not carry the epoch along
-        chunks = iter(self.loader if self.loader is not None else self.chunks)
+        chunks = iter(self.loader) if self.loader is not None else map(self.decode, self.batches)
         with reading(self.files):
             yield from itertools.islice((c.batch for c in full_batches(chunks, self.batch_size)), skip, steps)
 
 
 def fewest_rows(files: list[str] | None, world_size: int) -> int | None:
-    """The fewest rows any rank can be dealt in any epoch: whole shards when their count divides by the world size
-    (then the smallest ones, at worst), else every world-th row. None for a hub dataset (shard sizes unknown)."""
+    """The fewest rows a rank can be dealt: whole shards if the world divides their count (at worst the smallest),
+    else every world-th row. None for a hub dataset."""
     if files is None:
         return None
     sizes = sorted(pq.ParquetFile(f).metadata.num_rows for f in files)
     return sum(sizes[: len(sizes) // world_size]) if len(sizes) % world_size == 0 else sum(sizes) // world_size
 
 
-CACHE_VERSION = 1  # part of the cache key: bump it when the decoded layout changes
-
-
 class ResidentTable:
-    """The split's decoded digits in file order (bad records left out with on_bad="skip"): a uint8 tensor on the
-    device, with labels and ids on the host."""
+    """The split's decoded digits in file order: uint8 pixels on the device, labels and ids on the host."""
 
-    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, ids: torch.Tensor, bad: int, device=None,
-                 source: str = "decoded"):  # fmt: skip
-        self.pixels, self.labels, self.ids, self.bad = pixels.to(device or "cpu"), labels, ids, bad
-        self.source = source  # how this rank got it: "decoded" (and cached, where it could be) or "cache"
+    def __init__(self, t: dict[str, torch.Tensor], device, source: str):
+        self.pixels, self.labels, self.ids = t["pixels"].to(device or "cpu"), t["labels"], t["ids"]
+        self.bad, self.source = int(t["bad"]), source  # source: "decoded" (and cached, if it could be) or "cache"
 
     @classmethod
     def load(cls, split, on_bad: str, files: list[str] | None, device, num_workers: int, rows: int) -> ResidentTable:
-        """From this machine's cache of the same shards' decode, else decoded now and cached (a hub dataset: decoded
-        every time). `rows`: the split's."""
+        """From this machine's cache of the same shards' decode, else decoded now in file order (by worker processes, if
+        any: a map-style loader keeps their order) and cached (a hub dataset: decoded every time)."""
         cache = decoded_cache(files, on_bad)
         if cache is not None and cache.is_file():
             t, problem = read_cache(cache, rows)
             if problem is None:
-                return cls(t["pixels"], t["labels"], t["ids"], int(t["bad"]), device, source="cache")
+                return cls(t, device, "cache")
             log.warning("%s: %s; decoding the split again and replacing it", cache, problem)
-        table = cls.decode(split, on_bad, files, num_workers)
-        if cache is not None:
-            write_cache(cache, {"pixels": table.pixels, "labels": table.labels, "ids": table.ids,
-                                "bad": torch.tensor(table.bad)})  # fmt: skip
-        return cls(table.pixels, table.labels, table.ids, table.bad, device)
-
-    @classmethod
-    def decode(cls, split, on_bad: str, files, num_workers: int) -> ResidentTable:
-        """The split in file order, decoded in chunks (by worker processes, if any: a map-style loader keeps their
-        order)."""
-        chunks = _ChunkDecoder(list(split.iter(batch_size=1024)), on_bad, files)
-        if num_workers > 0:
-            chunks = torch.utils.data.DataLoader(chunks, batch_size=None, num_workers=num_workers)
-        decoded = list(chunks)
+        decode = functools.partial(decode_batch, on_bad=on_bad, files=files)
+        decoded = list(DataLoader(list(split.iter(batch_size=1024)), None, num_workers=num_workers, collate_fn=decode))
         parts = [torch.cat(p) for p in zip(*(d.batch for d in decoded), strict=True)] if decoded else None
         if not parts or not len(parts[0]):
             raise DataError(f"{files or 'the training split'}: no usable records")
-        return cls(*parts, bad=sum(d.bad for d in decoded))
+        t = dict(zip(Batch._fields, parts, strict=True), bad=torch.tensor(sum(d.bad for d in decoded)))
+        if cache is not None:
+            write_cache(cache, t)
+        return cls(t, device, "decoded")
 
     def batch(self, rows: torch.Tensor, rows_on_device: torch.Tensor) -> Batch:
         """The digits at `rows` (the same rows, already on the table's device, select the pixels there)."""
@@ -411,8 +375,7 @@ class ResidentTable:
 
 
 def decoded_cache(files: list[str] | None, on_bad: str) -> Path | None:
-    """Where this machine keeps the decode of these shards: `$CVAE_DIST_CACHE` (default ~/.cache/cvae-dist), named by
-    a digest of their bytes. None for a hub dataset."""
+    """This machine's decode of these shards, named by their digest, in $CVAE_DIST_CACHE (None for a hub dataset)."""
     if files is None:
         return None
     h = hashlib.blake2b(f"v{CACHE_VERSION}:{on_bad}".encode(), digest_size=16)
@@ -424,37 +387,32 @@ def decoded_cache(files: list[str] | None, on_bad: str) -> Path | None:
 
 
 def read_cache(path: Path, rows: int) -> tuple[dict[str, torch.Tensor], str | None]:
-    """A cached decode's tensors and what makes them unusable for a split of `rows` rows (None if nothing)."""
+    """A cached decode's tensors and what makes them not a decode of a split of `rows` rows (None if nothing)."""
     try:
         with safe_open(str(path), "pt") as f:
             digest = (f.metadata() or {}).get("digest")
             t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not iterable
     except (SafetensorError, OSError) as e:
         return {}, f"unreadable ({error_line(e)})"
-    return t, cache_problem(t, digest, rows)
-
-
-def cache_problem(t: dict[str, torch.Tensor], digest: str | None, rows: int) -> str | None:
-    """What makes a cached decode not one of a split of `rows` rows, or None."""
     n = t["labels"].numel() if "labels" in t else 0
-    layout = {"pixels": (torch.uint8, (n, 1, DIGIT_SIZE, DIGIT_SIZE)), "labels": (torch.int64, (n,)),
-              "ids": (torch.int64, (n,)), "bad": (torch.int64, ())}  # fmt: skip
+    layout = {"pixels": (torch.uint8, (n, 1, DIGIT_SIZE, DIGIT_SIZE)), "labels": (torch.int64, (n,))}
+    layout |= {"ids": (torch.int64, (n,)), "bad": (torch.int64, ())}
     if set(t) != set(layout):
-        return f"holds {sorted(t)}, expected {sorted(layout)}"
+        return t, f"holds {sorted(t)}, expected {sorted(layout)}"
     for name, (dtype, shape) in layout.items():
         if t[name].dtype != dtype or tuple(t[name].shape) != shape:
-            return f"'{name}' is {t[name].dtype} {tuple(t[name].shape)}, expected {dtype} {shape}"
+            return t, f"'{name}' is {t[name].dtype} {tuple(t[name].shape)}, expected {dtype} {shape}"
     if n + int(t["bad"]) != rows:
-        return f"holds {n} digits and {int(t['bad'])} bad records, the split has {rows} rows"
+        return t, f"holds {n} digits and {int(t['bad'])} bad records, the split has {rows} rows"
     if digest != content_digest(t):
-        return "its content does not match its digest" if digest else "it has no content digest"
-    return None
+        return t, "its content does not match its digest" if digest else "it has no content digest"
+    return t, None
 
 
 def write_cache(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """Write a decode with a digest of its content; an unwritable cache only costs the next rank time."""
     metadata = {"digest": content_digest(tensors)}
-    with contextlib.suppress(OSError, SafetensorError):
+    with suppress(OSError, SafetensorError):
         path.parent.mkdir(parents=True, exist_ok=True)
         write_safely(lambda tmp: save_file(tensors, tmp, metadata=metadata), path)
 
@@ -469,38 +427,13 @@ def content_digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-class _DecodedChunks(torch.utils.data.IterableDataset):
-    """Each batch of rows decoded: full-size, or short where bad records were dropped or a worker's shards ran out."""
-
-    def __init__(self, batches: datasets.IterableDataset, on_bad: str, files: list[str] | None):
-        self.batches, self.on_bad, self.files = batches, on_bad, files
-
-    def __iter__(self) -> Iterator[_Decoded]:
-        for rows in self.batches:
-            yield decode_batch(rows, self.on_bad, self.files)
-
-
-class _ChunkDecoder(torch.utils.data.Dataset):
-    """Chunks of undecoded rows, each decoded when asked for (in a loader's worker process, if it has any)."""
-
-    def __init__(self, chunks: list[dict], on_bad: str, files: list[str] | None):
-        self.chunks, self.on_bad, self.files = chunks, on_bad, files
-
-    def __len__(self) -> int:
-        return len(self.chunks)
-
-    def __getitem__(self, i: int) -> _Decoded:
-        return decode_batch(self.chunks[i], self.on_bad, self.files)
-
-
 def count_valid_rows(ds: datasets.IterableDataset) -> tuple[int, int]:
     """(valid, bad) records of a stream: decodes every image once (only with data.on_bad_record=skip)."""
-    valid = bad = 0
+    total = bad = 0
     for rows in ds.iter(batch_size=1024):
-        for image, label in zip(rows["image"], rows["label"], strict=True):
-            ok = not isinstance(decode_row(image, label), str)
-            valid, bad = valid + ok, bad + (not ok)
-    return valid, bad
+        total += len(rows["label"])
+        bad += sum(isinstance(decode_row(i, lab), str) for i, lab in zip(rows["image"], rows["label"], strict=True))
+    return total - bad, bad
 
 
 def full_batches(chunks: Iterator[_Decoded], size: int) -> Iterator[_Decoded]:
@@ -520,13 +453,9 @@ def full_batches(chunks: Iterator[_Decoded], size: int) -> Iterator[_Decoded]:
 
 def load_split(source: str, split: str) -> tuple[torch.Tensor, torch.Tensor]:
     """A whole (small) split as uint8 pixels and labels, in file order: for evaluation and image grids."""
-    pixels, labels = [], []
     files = parquet_files(source, split)
     with reading(files):
-        for rows in open_stream(source, split).iter(batch_size=1024):
-            b = decode_batch(rows, files=files).batch
-            pixels.append(b.pixels)
-            labels.append(b.labels)
-    if not pixels:
+        batches = [decode_batch(rows, files=files).batch for rows in open_stream(source, split).iter(batch_size=1024)]
+    if not batches:
         raise DataError(f"{source}:{split} is empty")
-    return torch.cat(pixels), torch.cat(labels)
+    return torch.cat([b.pixels for b in batches]), torch.cat([b.labels for b in batches])

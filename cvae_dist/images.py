@@ -7,17 +7,13 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-GRID_COLUMNS = 16
-
 
 def grid(images: torch.Tensor, columns: int) -> torch.Tensor:
     """(1, H, W) grayscale grid, no padding."""
     return make_grid(images.float().cpu(), nrow=columns, padding=0)[:1]
 
 
-def recon_sample_grid(
-    reconstructions: torch.Tensor, samples: torch.Tensor, columns: int = GRID_COLUMNS
-) -> torch.Tensor:
+def recon_sample_grid(reconstructions: torch.Tensor, samples: torch.Tensor, columns: int = 16) -> torch.Tensor:
     """(1, H, W) image: the reconstruction grid, one blank image-high row, the prior-sample grid."""
     top, bottom = grid(reconstructions, columns), grid(samples, columns)
     blank = torch.zeros(1, reconstructions.shape[-2], top.shape[-1])

@@ -1,9 +1,5 @@
-"""Using a trained model: `cvae-dist eval | sample | reconstruct | interpolate | export`.
-
-The model comes from a run directory (`--run`: its `model/` export, else its newest checkpoint's weights) or from
-weights given directly (`--checkpoint`: an export, a checkpoint directory or a .safetensors file; `--config` gives
-the model shape and data settings where nothing next to the weights does).
-"""
+"""Using a trained model: `cvae-dist eval | sample | reconstruct | interpolate | export`. The model comes from a run
+directory (`--run`: its `model/` export, else its newest checkpoint's weights) or from weights (`--checkpoint`)."""
 
 from __future__ import annotations
 
@@ -17,17 +13,16 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from cvae_dist import evaluation
 from cvae_dist.checkpoint import checkpoint_dirs, write_export
 from cvae_dist.config import ConfigError, JobConfig, ModelConfig, Precision, load_config, model_shape
 from cvae_dist.data import error_line, load_split, to_model_input
+from cvae_dist.distributed import make_accelerator, set_threads
 from cvae_dist.model import CVAE, WEIGHTS, portable
 
 MAX_IMAGES = 4096  # digits in one output grid (64 x 64 digits of 64 px: a 4096 x 4096 PNG)
 DECODE_BATCH = 512  # digits decoded at a time, so memory does not grow with --n
-ACCEPTED = (
-    "accepted: --run <run directory with config.yaml>, or --checkpoint <export directory (model.safetensors + "
-    "config.json) | accelerate checkpoint directory holding model.safetensors | a .safetensors file>"
-)
+ACCEPTED = "accepted: --run <run directory>, or --checkpoint <export or checkpoint directory | .safetensors file>"
 
 
 @dataclass
@@ -48,19 +43,34 @@ def load_model(run: Path | None = None, checkpoint: Path | None = None, config: 
             raise ConfigError(f"run directory {run} not found ({ACCEPTED})")
         if not (run / "config.yaml").is_file() and config is None:
             raise ConfigError(f"{run} has no config.yaml, so it is not a cvae-dist run directory ({ACCEPTED})")
-        weights, run_cfg, name = _run_weights(run), run / "config.yaml", str(run)
+        weights, run_cfg, name = run / "model" / WEIGHTS, run / "config.yaml", str(run)
+        if not weights.is_file():  # no export (yet): the newest checkpoint's weights
+            if not (saved := [d / WEIGHTS for d in checkpoint_dirs(run) if (d / WEIGHTS).is_file()]):
+                raise ConfigError(
+                    f"run {run} has no weights: no model/{WEIGHTS} export and no checkpoints/*/{WEIGHTS} (did it "
+                    "finish? a DeepSpeed ZeRO checkpoint holds no model.safetensors; its run writes model/ at the end)"
+                )
+            weights = saved[-1]
     else:
-        weights, run_cfg = _checkpoint_weights(Path(checkpoint))
-        name = str(Path(checkpoint))
+        (weights, run_cfg), name = _checkpoint_weights(Path(checkpoint)), str(Path(checkpoint))
 
     # The model shape: --config, else an export's config.json, else the run's config.yaml, else the weights' own.
     cfg_file = Path(config) if config is not None else run_cfg
     cfg = load_config(cfg_file) if cfg_file is not None else JobConfig().validate()
-    state = _read_weights(weights)
-    actual = shape_of(state, weights)
+    try:
+        state = portable(load_file(str(weights)))
+        actual = CVAE.shape_of(state)  # the ModelConfig the weights were built with
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"{weights}: not a readable safetensors file ({error_line(e)})") from None
+    except KeyError as e:
+        raise ConfigError(f"{weights}: not the weights of a cvae-dist CVAE (no tensor {e})") from None
     export_json = weights.parent / "config.json"
     if config is None and export_json.is_file():  # an export: CVAE.from_pretrained is its loader
-        cfg.model = _read_export_config(export_json)
+        try:
+            fields = json.loads(export_json.read_text())
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"{export_json}: not a readable JSON file ({error_line(e)})") from None
+        cfg.model = model_shape(fields, str(export_json))  # as CVAE.from_pretrained checks it
         _check_shape(weights, actual, cfg.model, str(export_json))
         return Loaded(CVAE.from_pretrained(weights.parent), cfg, weights, name)
     if cfg_file is None:
@@ -74,19 +84,6 @@ def load_model(run: Path | None = None, checkpoint: Path | None = None, config: 
     return Loaded(model.eval(), cfg, weights, name)
 
 
-def _run_weights(run: Path) -> Path:
-    export = run / "model" / WEIGHTS
-    if export.is_file():
-        return export
-    saved = [d / WEIGHTS for d in checkpoint_dirs(run) if (d / WEIGHTS).is_file()]
-    if saved:
-        return saved[-1]
-    raise ConfigError(
-        f"run {run} has no weights: no model/{WEIGHTS} export and no checkpoints/*/{WEIGHTS} "
-        "(did it finish? a DeepSpeed ZeRO checkpoint holds no model.safetensors; its run writes model/ at the end)"
-    )
-
-
 def _checkpoint_weights(path: Path) -> tuple[Path, Path | None]:
     """The weights file under --checkpoint and the config.yaml of the run it sits in (if it is inside one)."""
     if not path.exists():
@@ -98,12 +95,11 @@ def _checkpoint_weights(path: Path) -> tuple[Path, Path | None]:
     else:
         weights = path / WEIGHTS
         if not weights.is_file():
+            hint = ""
             if (path / "config.yaml").is_file():
                 hint = f"; {path} looks like a run directory: use --run {path}"
             elif (path / "pytorch_model").is_dir():
                 hint = "; it is a DeepSpeed ZeRO checkpoint: use the run's model/ export instead"
-            else:
-                hint = ""
             raise ConfigError(f"{path} holds no {WEIGHTS}{hint} ({ACCEPTED})")
     run = _run_of(weights.parent)
     return weights, run / "config.yaml" if run is not None else None
@@ -124,47 +120,18 @@ def _run_of(directory: Path) -> Path | None:
     return None
 
 
-def _read_weights(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return portable(load_file(str(path)))
-    except (SafetensorError, OSError) as e:
-        raise ConfigError(f"{path}: not a readable safetensors file ({error_line(e)})") from None
-
-
-def _read_export_config(path: Path) -> ModelConfig:
-    try:
-        fields = json.loads(path.read_text())
-    except (ValueError, OSError) as e:
-        raise ConfigError(f"{path}: not a readable JSON file ({error_line(e)})") from None
-    return model_shape(fields, str(path))  # what CVAE.from_pretrained checks too
-
-
-def shape_of(state: dict[str, torch.Tensor], where: Path | str = "weights") -> ModelConfig:
-    """The ModelConfig that a CVAE state dict was built with, read off its tensor shapes."""
-    try:
-        return CVAE.shape_of(state)
-    except KeyError as e:
-        raise ConfigError(f"{where}: not the weights of a cvae-dist CVAE (no tensor {e})") from None
-
-
 def _check_shape(weights: Path, actual: ModelConfig, expected: ModelConfig, source: str) -> None:
-    want, have = expected.shape(), actual.shape()
-    if want == have:
-        return
-    diff = " ".join(f"model.{k}={v}" for k, v in want.items() if v != have[k])
-    fits = " ".join(f"model.{k}={v}" for k, v in have.items())
-    raise ConfigError(
-        f"{weights} holds a model with {fits}, but {source} says {diff}; "
-        "accepted: a config with the weights' model shape, or --checkpoint without --config to read it off the weights"
-    )
+    if (want := expected.shape()) != (have := actual.shape()):
+        diff = " ".join(f"model.{k}={v}" for k, v in want.items() if v != have[k])
+        fits = " ".join(f"model.{k}={v}" for k, v in have.items())
+        accepted = "a config with the weights' model shape, or --checkpoint without --config to read it off the weights"
+        raise ConfigError(f"{weights} holds a model with {fits}, but {source} says {diff}; accepted: {accepted}")
 
 
 def _device_model(loaded: Loaded, device: torch.device | str) -> CVAE:
     """The model on `device` in the memory format the trainer used, so its numbers come out the same."""
-    model = loaded.model.to(device)
-    if loaded.cfg.train.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model.eval()
+    layout = torch.channels_last if loaded.cfg.train.channels_last else torch.preserve_format
+    return loaded.model.to(device, memory_format=layout).eval()
 
 
 def _model_input(loaded: Loaded, pixels: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -172,8 +139,7 @@ def _model_input(loaded: Loaded, pixels: torch.Tensor, device: torch.device | st
 
 
 def model_home(run: Path | None, checkpoint: Path | None) -> Path | None:
-    """The directory whose files belong to the model given: the run (`--run`, or the run a `--checkpoint` lies in),
-    else the `--checkpoint` directory; None for a lone weights file."""
+    """The directory whose files belong to the model: its run, else the `--checkpoint` directory (None for a file)."""
     if run is not None:
         return Path(run)
     path = Path(checkpoint)
@@ -212,8 +178,7 @@ def check_output(path: Path, suffix: str, force: bool, home: Path | None, flag: 
 
 def check_device(name: str) -> torch.device:
     """`--device` as torch names it, if this machine has it; a one-line ConfigError saying what is accepted."""
-    gpus = torch.cuda.device_count()
-    mps = torch.backends.mps.is_available()
+    gpus, mps = torch.cuda.device_count(), torch.backends.mps.is_available()
     accepted = "accepted: cpu" + (f", cuda, cuda:N with N < {gpus}" if gpus else " (no CUDA device here)")
     accepted += ", mps" if mps else ""
     try:
@@ -227,61 +192,28 @@ def check_device(name: str) -> torch.device:
 
 
 @torch.no_grad()
-def evaluate(
-    loaded: Loaded,
-    source: str | None = None,
-    split: str | None = None,
-    seed: int | None = None,
-    precision: str = "fp32",
-) -> dict:
+def evaluate(loaded: Loaded, source=None, split=None, seed: int | None = None, precision: str = "fp32") -> dict:
     """Held-out loss as the trainer reports it (under `accelerate launch`, each rank a strided share)."""
-    from cvae_dist.distributed import make_accelerator, set_threads
-    from cvae_dist.evaluation import EVAL_BATCH
-    from cvae_dist.evaluation import evaluate as evaluate_model
-
     cfg = copy.deepcopy(loaded.cfg)
     cfg.train.precision = Precision[precision]
     accelerator = make_accelerator(cfg).accelerator
     set_threads()
-    source = source or cfg.data.source
-    split = split or cfg.data.eval_split
+    source, split = source or cfg.data.source, split or cfg.data.eval_split
     seed = cfg.train.seed if seed is None else seed
     pixels, _ = load_split(source, split)
-    model = _device_model(loaded, accelerator.device)
-    figures = evaluate_model(model, accelerator, pixels, lambda p: _model_input(loaded, p, accelerator.device), seed)
-    world = accelerator.num_processes
+    model, device = _device_model(loaded, accelerator.device), accelerator.device
+    figures = evaluation.evaluate(model, accelerator, pixels, lambda p: _model_input(loaded, p, device), seed)
+    world, batch = accelerator.num_processes, evaluation.EVAL_BATCH
     accelerator.end_training()  # destroy the process group: left to exit, gloo can abort (terminate, -6)
-    loss, recon, kl = (figures[f"eval/{k}_per_image"] for k in ("loss", "recon", "kl"))
-    return {
-        "model": loaded.name,
-        "weights": str(loaded.weights),
-        "source": source,
-        "split": split,
-        "images": len(pixels),
-        "processes": world,
-        "seed": seed,
-        "precision": precision,
-        "batch_size": EVAL_BATCH,
-        "loss_per_image": loss,
-        "recon_per_image": recon,
-        "kl_per_image": kl,
-        "loss_per_batch": loss * EVAL_BATCH,  # the unit of the training loss curve
-    }
-
-
-def summary_line(r: dict) -> str:
-    return (
-        f"{r['model']}: held-out loss {r['loss_per_batch']:,.1f} per batch of {r['batch_size']} "
-        f"({r['loss_per_image']:.3f} per image = reconstruction {r['recon_per_image']:.3f} "
-        f"+ KL {r['kl_per_image']:.3f}) on {r['source']}:{r['split']}, "
-        f"{r['images']:,} images, {r['processes']} process(es), seed {r['seed']}"
-    )
+    r = dict(model=loaded.name, weights=str(loaded.weights), source=source, split=split, images=len(pixels))
+    r |= dict(processes=world, seed=seed, precision=precision, batch_size=batch)
+    r |= {f"{k}_per_image": figures[f"eval/{k}_per_image"] for k in ("loss", "recon", "kl")}
+    return r | {"loss_per_batch": r["loss_per_image"] * batch}  # the unit of the training loss curve
 
 
 @torch.no_grad()
 def sample(loaded: Loaded, n: int, seed: int = 0, device: str = "cpu") -> torch.Tensor:
-    """`n` decoded draws from the N(0, I) prior, drawn by a CPU generator seeded with `seed` (with train.seed and
-    n=128: the draws of the lower half of the trainer's figure)."""
+    """`n` decoded draws from the N(0, I) prior, drawn on the CPU from `seed` (as the trainer's figure draws them)."""
     z = torch.randn(n, loaded.cfg.model.latent_dim, generator=torch.Generator().manual_seed(seed))
     return _decode(_device_model(loaded, device), z.to(device))
 
@@ -294,21 +226,16 @@ def _decode(model: CVAE, z: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def latent_grid(loaded: Loaded, side: int = 16, limit: float = 3.0, device: str = "cpu") -> torch.Tensor:
     """Decode a side x side grid over [-limit, limit]^2 (x left to right, y top to bottom from +limit)."""
-    if loaded.cfg.model.latent_dim != 2:
-        raise ConfigError(
-            f"--latent-grid needs a 2-D latent space; {loaded.name} has model.latent_dim="
-            f"{loaded.cfg.model.latent_dim} (train one with model.latent_dim=2)"
-        )
-    xs = torch.linspace(-limit, limit, side)
-    ys = torch.linspace(limit, -limit, side)
+    if (dim := loaded.cfg.model.latent_dim) != 2:
+        fix = "train one with model.latent_dim=2"
+        raise ConfigError(f"--latent-grid needs a 2-D latent space; {loaded.name} has model.latent_dim={dim} ({fix})")
+    xs, ys = torch.linspace(-limit, limit, side), torch.linspace(limit, -limit, side)
     z = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1).reshape(-1, 2)
     return _decode(_device_model(loaded, device), z.to(device))
 
 
 @torch.no_grad()
-def reconstruct(
-    loaded: Loaded, pixels: torch.Tensor, seed: int | None = None, mean: bool = False, device: str = "cpu"
-) -> tuple[torch.Tensor, torch.Tensor]:
+def reconstruct(loaded: Loaded, pixels, seed: int | None = None, mean=False, device="cpu") -> tuple[torch.Tensor, ...]:
     """(model inputs, reconstructions) of `pixels`; noise seeded as the trainer's figure, or z = mu if `mean`."""
     model = _device_model(loaded, device)
     seed = loaded.cfg.train.seed if seed is None else seed
@@ -324,17 +251,13 @@ def reconstruct(
 
 
 @torch.no_grad()
-def interpolate(
-    loaded: Loaded, pixels: torch.Tensor, labels: torch.Tensor, pairs: int, steps: int, device: str = "cpu"
-) -> torch.Tensor:
-    """One row per pair: the first digit, `steps` decodes along mu_a -> mu_b, the second digit (pair i joins digits
-    of classes 2i and 2i+1, mod 10)."""
+def interpolate(loaded: Loaded, pixels, labels: torch.Tensor, pairs: int, steps: int, device="cpu") -> torch.Tensor:
+    """One row per pair (`pair_indices`): the first digit, `steps` decodes along mu_a -> mu_b, the second digit."""
     a_idx, b_idx = pair_indices(labels, pairs)
     model = _device_model(loaded, device)
     x = _model_input(loaded, pixels[a_idx + b_idx], device)
-    mu = model.encoder(x)[0]
-    mu_a, mu_b = mu[:pairs], mu[pairs:]
-    t = torch.linspace(0, 1, steps, device=mu.device).view(1, steps, 1)
+    mu_a, mu_b = model.encoder(x)[0].split(pairs)
+    t = torch.linspace(0, 1, steps, device=mu_a.device).view(1, steps, 1)
     z = (mu_a.unsqueeze(1) * (1 - t) + mu_b.unsqueeze(1) * t).reshape(pairs * steps, -1)
     walk = _decode(model, z).to(x.device).reshape(pairs, steps, *x.shape[1:])
     rows = torch.cat([x[:pairs].unsqueeze(1), walk, x[pairs:].unsqueeze(1)], dim=1)
@@ -342,16 +265,13 @@ def interpolate(
 
 
 def pair_indices(labels: torch.Tensor, pairs: int) -> tuple[list[int], list[int]]:
-    by_class = {c: (labels == c).nonzero().flatten().tolist() for c in range(10)}
+    """Pair i: the (i // 5)-th digits of classes 2i and 2i+1 (mod 10); consecutive digits where a class has too few."""
+    by_class = [(labels == c).nonzero().flatten().tolist() for c in range(10)]
     a_idx, b_idx = [], []
     for i in range(pairs):
-        ca, cb, k = (2 * i) % 10, (2 * i + 1) % 10, i // 5
-        if len(by_class[ca]) > k and len(by_class[cb]) > k:
-            a_idx.append(by_class[ca][k])
-            b_idx.append(by_class[cb][k])
-        else:  # a split without those classes: consecutive digits
-            a_idx.append((2 * i) % len(labels))
-            b_idx.append((2 * i + 1) % len(labels))
+        a, b, k = by_class[(2 * i) % 10], by_class[(2 * i + 1) % 10], i // 5
+        a_idx.append(a[k] if len(a) > k and len(b) > k else (2 * i) % len(labels))
+        b_idx.append(b[k] if len(a) > k and len(b) > k else (2 * i + 1) % len(labels))
     return a_idx, b_idx
 
 
@@ -359,11 +279,10 @@ def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: b
     """`save_pretrained`: model.safetensors + config.json (+ a model card); optionally pushed to the hub."""
     out = Path(out)
     check_export_dir(out)
-    model = loaded.model
-    write_export(model, out)  # (moves it to the CPU, in eval mode)
+    write_export(loaded.model, out)  # (moves it to the CPU, in eval mode)
     if push_to_hub:
         try:
-            model.push_to_hub(push_to_hub, private=private or None)
+            loaded.model.push_to_hub(push_to_hub, private=private or None)
         except Exception as e:  # network, auth, repo name: one line, the local export stays
             raise ConfigError(
                 f"wrote {out}, but pushing it to the hub as {push_to_hub!r} failed ({error_line(e)}); log in "
@@ -373,8 +292,7 @@ def export(loaded: Loaded, out: Path, push_to_hub: str | None = None, private: b
 
 
 def check_export_dir(out: Path) -> None:
-    """export's --out: a new or empty directory outside every run directory (a run's checkpoint rotation, resume and
-    final export delete or replace what is there)."""
+    """export's --out: a new or empty directory outside every run directory (whose files a run replaces)."""
     out = Path(out)
     run = next((d for d in (out.resolve(), *out.resolve().parents) if _is_run_dir(d)), None)
     if run is not None:
@@ -383,10 +301,10 @@ def check_export_dir(out: Path) -> None:
             "what it wrote (checkpoint rotation, resumes, the final export); accepted: a new or empty directory "
             "outside every run directory"
         )
+    new = "--out names a new or empty directory"
     if out.is_symlink() and not out.exists():  # (the export cannot create a directory there)
-        raise ConfigError(f"export --out {out} is a symbolic link to {os.readlink(out)}, which does not exist; "
-                          "--out names a new or empty directory")  # fmt: skip
+        raise ConfigError(f"export --out {out} is a symbolic link to {os.readlink(out)}, which does not exist; {new}")
     if out.exists() and not out.is_dir():
-        raise ConfigError(f"export --out {out} is a file; --out names a new or empty directory")
+        raise ConfigError(f"export --out {out} is a file; {new}")
     if out.is_dir() and any(out.iterdir()):
         raise ConfigError(f"export directory {out} already exists and is not empty; pick a new or empty directory")
