@@ -10,18 +10,15 @@ from cvae_dist.faults import NonFiniteLoss
 
 
 class LossMeter:
-    """This rank's summed losses since the epoch began and since the last step line, the first step whose loss was
-    not finite, and the steps dropped by `train.on_nonfinite=skip`; plus every rank's sums as of the last
-    exchange, which is what a checkpoint saves (`to_state`) and a resumed run starts from (`from_state`)."""
+    """This rank's summed losses over the epoch and the interval, its first non-finite step and the steps skipped;
+    plus every rank's sums as of the last exchange: what a checkpoint saves and a resumed run starts from."""
 
     NAMES = ("loss/interval", "loss/epoch", "loss/first_bad")  # (and loss/skipped, a host count)
 
     def __init__(self, device: torch.device, rank: int, step: int, state: dict | None = None, world_size: int = 1):
         state = state or {}
-        self.epoch_sums: list[float] = list(state.get("epoch_sums", []))  # per rank, as of the last exchange
-        self.interval_sums: list[float] = list(state.get("interval_sums", []))
-        self.epoch_skipped: int = state.get("epoch_skipped", 0)
-        self.interval_skipped: int = state.get("interval_skipped", 0)
+        self.epoch_sums, self.interval_sums = list(state.get("epoch_sums", [])), list(state.get("interval_sums", []))
+        self.epoch_skipped, self.interval_skipped = state.get("epoch_skipped", 0), state.get("interval_skipped", 0)
         self.interval = torch.tensor(_share(self.interval_sums, rank, world_size), device=device)
         self.epoch = torch.tensor(_share(self.epoch_sums, rank, world_size), device=device)
         self.first_bad = torch.full_like(self.epoch, -1.0)  # -1: none yet
@@ -32,16 +29,10 @@ class LossMeter:
         return cls(device, rank, step, state, world_size)
 
     def to_state(self) -> dict:
-        return {
-            "epoch_sums": self.epoch_sums,
-            "interval_sums": self.interval_sums,
-            "epoch_skipped": self.epoch_skipped,
-            "interval_skipped": self.interval_skipped,
-        }
+        return {k: getattr(self, k) for k in ("epoch_sums", "interval_sums", "epoch_skipped", "interval_skipped")}
 
     def add(self, loss: torch.Tensor | None) -> None:
-        """One step's summed loss (None: the step was skipped). In-place on fixed tensors, so a CUDA graph can
-        capture it."""
+        """One step's summed loss (None: the step was skipped), in place: a CUDA graph can capture it."""
         self.step.add_(1)
         if loss is None:
             self.epoch_skipped += 1
@@ -52,7 +43,6 @@ class LossMeter:
         self.interval.add_(loss)
 
     def local(self) -> dict[str, torch.Tensor]:
-        """This rank's figures for the interval's exchange."""
         sums = dict(zip(self.NAMES, (self.interval, self.epoch, self.first_bad), strict=True))
         return sums | {"loss/skipped": float(self.interval_skipped)}  # (the same on every rank: a global verdict)
 
@@ -61,14 +51,12 @@ class LossMeter:
         self.epoch_sums, self.interval_sums = gathered["loss/epoch"].tolist(), gathered["loss/interval"].tolist()
 
     def start_interval(self) -> None:
-        """A step line's exchange has taken this interval's sums: the next interval starts from zero (in place, on
-        the device)."""
+        """A step line's exchange has taken this interval's sums: the next starts from zero (in place)."""
         self.interval.zero_()
         self.interval_skipped = 0
 
     def end_interval(self, gathered: dict[str, torch.Tensor], step: int, steps: int) -> float:
-        """A step line's exchange, read (its interval: `steps` steps ending at `step`): check every rank's sums are
-        finite and return the mean summed loss of the interval's trained steps."""
+        """Check every rank's sums are finite; the mean summed loss of the interval's trained steps."""
         check_finite(gathered["loss/interval"], gathered["loss/first_bad"], step - steps + 1, step)
         self.epoch_sums, self.interval_sums = gathered["loss/epoch"].tolist(), []
         return gathered["loss/interval"].sum().item() / max(steps - int(gathered["loss/skipped"].max()), 1)
@@ -85,8 +73,7 @@ class LossMeter:
 
 
 def _share(saved: list[float], rank: int, world_size: int) -> float:
-    """This rank's part of the saved per-rank sums: its own where the world size is the one they were saved at (the
-    same additions as an uninterrupted run, bit for bit); else, as only their total counts, all of it on rank 0."""
+    """This rank's own saved sum at the world size saved (bit for bit as if uninterrupted); else the total on rank 0."""
     if len(saved) == world_size:
         return saved[rank]
     return float(sum(saved)) if rank == 0 else 0.0
@@ -98,11 +85,7 @@ def check_finite(per_rank_sums: torch.Tensor, first_bad: torch.Tensor, first_ste
     if not bad:
         return
     starts = {r: int(s) for r, s in enumerate(first_bad.tolist()) if s >= 0}
-    origin = ""
-    if starts:
-        step = min(starts.values())
-        origin = f"first at step {step} on rank(s) {[r for r, s in starts.items() if s == step]}; "
-    raise NonFiniteLoss(
-        f"non-finite loss in steps {first_step}-{last_step} ({origin}then on rank(s) {bad}); "
-        "the last checkpoint is kept as it was"
-    )
+    step = min(starts.values(), default=None)
+    origin = f"first at step {step} on rank(s) {[r for r, s in starts.items() if s == step]}; " if starts else ""
+    where = f"in steps {first_step}-{last_step} ({origin}then on rank(s) {bad})"
+    raise NonFiniteLoss(f"non-finite loss {where}; the last checkpoint is kept as it was")

@@ -1,12 +1,10 @@
-"""Where figures go: `metrics.jsonl` (always) and a W&B run (offline unless a key is configured).
-
-Only the main process writes; other ranks get a logger whose methods do nothing, so the training
-loop calls it unconditionally. W&B trouble is logged and never stops training.
-"""
+"""Where figures go: `metrics.jsonl` (always) and a W&B run (offline unless a key is configured), written by the
+main process only; and each rank's record. W&B trouble is logged and never stops training."""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -23,95 +21,68 @@ import torch
 
 from cvae_dist import strict_json
 from cvae_dist.config import JobConfig, WandbMode, to_dict
+from cvae_dist.files import disk_error, write_safely
+from cvae_dist.model import portable
 
 log = logging.getLogger(__name__)
 WANDB_INIT_TIMEOUT_S = 15
 
 
-def wandb_key_configured() -> bool:
-    """True when W&B has an API key: WANDB_API_KEY or a netrc entry for the W&B host."""
-    if os.environ.get("WANDB_API_KEY"):
-        return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
-    try:
-        return netrc.netrc().authenticators(host) is not None
-    except (FileNotFoundError, netrc.NetrcParseError):
-        return False
-
-
 def resolve_wandb_mode(mode: WandbMode) -> str:
+    """WANDB_MODE wins; `auto` is online where W&B has an API key (WANDB_API_KEY, or a netrc entry for its host)."""
     if os.environ.get("WANDB_MODE") in ("online", "offline", "disabled"):
         return os.environ["WANDB_MODE"]
-    if mode is WandbMode.auto:
-        return "online" if wandb_key_configured() else "offline"
-    return mode.value
+    if mode is not WandbMode.auto:
+        return mode.value
+    host = urlparse(os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")).hostname
+    try:
+        key = os.environ.get("WANDB_API_KEY") or netrc.netrc().authenticators(host)
+    except (FileNotFoundError, netrc.NetrcParseError):
+        key = None
+    return "online" if key else "offline"
 
 
 class RunLogger:
-    """Appends one JSON object per event to metrics.jsonl and mirrors scalars and images to W&B (main process
-    only: on the other ranks every method does nothing)."""
+    """One JSON object per event in metrics.jsonl, scalars and images in W&B; on other ranks than 0 it does nothing."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        cfg: JobConfig,
-        run_config: dict[str, Any],
-        rank: int = 0,
-        resume_id: str | None = None,
-        resume_step: int | None = None,
-    ):
-        self.is_main = self.enabled = rank == 0
-        self.run_name = run_dir.name
-        self.wandb_run, self.file = None, None
-        self.run_id = resume_id
+    def __init__(self, run_dir: Path, cfg: JobConfig, run_config: dict, rank=0, resume_id=None, resume_step=None):
+        self.enabled, self.run_name, self.run_id = rank == 0, run_dir.name, resume_id
+        self.wandb_run = self.file = None
         if not self.enabled:
             return
         self.path = run_dir / "metrics.jsonl"
         if resume_step is not None:
-            # a restart before the first checkpoint has no saved id: the run's first attempt logged it
-            self.run_id = resume_id = resume_id or _recorded_run_id(self.path)
-            _truncate_after(self.path, resume_step)
+            recorded = _truncate_after(self.path, resume_step)  # a restart before the first checkpoint has no saved id
+            self.run_id = resume_id = resume_id or recorded
         self.file = self.path.open("ab", buffering=0)  # each line written whole, at once
         mode = resolve_wandb_mode(cfg.log.wandb)
-        if mode != "disabled":
-            config = {**to_dict(cfg), **run_config}
-            self.wandb_run = _init_wandb(run_dir, cfg, config, mode, resume_id, run_dir.name)
-            if self.wandb_run is not None:
-                self.run_id = self.wandb_run.id
-                print(f"W&B: {_where(self.wandb_run)}", flush=True)
+        if mode != "disabled" and (run := _init_wandb(run_dir, cfg, run_config, mode, resume_id)) is not None:
+            self.wandb_run, self.run_id = run, run.id
 
-    def log(
-        self, record: dict[str, Any], images: dict[str, torch.Tensor] | None = None, at: float | None = None
-    ) -> None:
-        """Write `record` (scalars; must hold `step`) to metrics.jsonl, stamped with the time `at` (default: now), and
-        W&B; images go to W&B only."""
+    def log(self, record: dict, images: dict[str, torch.Tensor] | None = None, at: float | None = None) -> None:
+        """`record` (scalars, `step` among them) stamped with the time `at` (default: now); images to W&B only."""
         if not self.enabled:
             return
         record = {k: _plain(v) for k, v in record.items()}
-        if self.file is not None:
-            self._append(strict_json.dumps({"time": round(time.time() if at is None else at, 3), **record}) + "\n")
-        if self.wandb_run is not None:
-            try:
-                import wandb
+        self.note(record, at)
+        if self.wandb_run is None:
+            return
+        try:
+            import wandb
 
-                payload = dict(record)
-                for name, image in (images or {}).items():
-                    payload[name] = wandb.Image(image.float().cpu().squeeze(0).numpy(), mode="L")
-                self.wandb_run.log(payload)
-            except Exception as e:  # noqa: BLE001 - W&B must never stop training
-                log.warning("W&B log failed (%s); continuing with metrics.jsonl only", e)
-                with contextlib.suppress(Exception):  # finished, or a later wandb.init in this process returns it
-                    self.wandb_run.finish()
-                self.wandb_run = None
+            images = {k: wandb.Image(v.float().cpu().squeeze(0).numpy(), mode="L") for k, v in (images or {}).items()}
+            self.wandb_run.log(record | images)
+        except Exception as e:  # noqa: BLE001 - W&B must never stop training
+            log.warning("W&B log failed (%s); continuing with metrics.jsonl only", e)
+            with contextlib.suppress(Exception):  # finished, or a later wandb.init in this process returns it
+                self.wandb_run.finish()
+            self.wandb_run = None
 
-    def note(self, record: dict[str, Any]) -> None:
-        """An event for metrics.jsonl alone (the run's own bookkeeping: how a launch started, what it changed)."""
-        if self.file is not None:
-            self._append(strict_json.dumps({"time": round(time.time(), 3), **record}) + "\n")
-
-    def _append(self, line: str) -> None:
-        """Append one whole line, or none: where the write fails (disk full) the part written is cut off again, and
-        a DiskError names the file and the free space."""
+    def note(self, record: dict[str, Any], at: float | None = None) -> None:
+        """An event for metrics.jsonl alone, appended whole or not at all (a full disk: a DiskError)."""
+        if self.file is None:
+            return
+        line = strict_json.dumps({"time": round(time.time() if at is None else at, 3), **record}) + "\n"
         data, fd = line.encode(), self.file.fileno()
         start = os.fstat(fd).st_size
         try:
@@ -119,8 +90,6 @@ class RunLogger:
             while done < len(data):
                 done += self.file.write(data[done:])
         except OSError as e:
-            from cvae_dist.files import disk_error
-
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)
             raise disk_error(self.path, e) from None
@@ -140,18 +109,15 @@ class RunLogger:
             log.warning("W&B table failed: %s", e)
 
     def artifact(self, kind: str, files: dict[str, Path], metadata: dict[str, Any], aliases: list[str] = ()) -> None:
-        """A W&B artifact `<kind>-<run>` of type `kind` holding `files` ({name in the artifact: path}; those this
-        process cannot see are left out), with `metadata`; a new version each call. Offline runs record it too."""
-        if self.wandb_run is None:
-            return
+        """A new version of the W&B artifact `<kind>-<run>` holding `files` ({name: path}; those not here left out)."""
         present = {name: path for name, path in files.items() if Path(path).is_file()}
-        if not present:
+        if self.wandb_run is None or not present:
             return
         try:
             import wandb
 
             name = re.sub(r"[^A-Za-z0-9._-]", "_", f"{kind}-{self.run_name}")[:128]
-            artifact = wandb.Artifact(name, type=kind, metadata=_plain_tree(metadata))
+            artifact = wandb.Artifact(name, type=kind, metadata=_plain(metadata))
             for entry, path in present.items():
                 artifact.add_file(str(path), name=entry)
             self.wandb_run.log_artifact(artifact, aliases=list(aliases))
@@ -163,8 +129,6 @@ class RunLogger:
             self.wandb_run.summary.update({k: _plain(v) for k, v in values.items()})
 
     def close(self) -> None:
-        if not self.enabled:
-            return
         if self.file is not None:
             self.file.close()
         if self.wandb_run is not None:
@@ -174,7 +138,7 @@ class RunLogger:
                 log.warning("W&B finish failed: %s", e)
 
 
-def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str, resume_id: str | None, name: str):
+def _init_wandb(run_dir: Path, cfg: JobConfig, run_config: dict, mode: str, resume_id: str | None):
     try:
         import wandb
     except ImportError:
@@ -183,121 +147,89 @@ def _init_wandb(run_dir: Path, cfg: JobConfig, config: dict, mode: str, resume_i
     kwargs = dict(
         project=cfg.log.project,
         group=cfg.log.group or os.environ.get("SLURM_JOB_ID") or run_dir.name,
-        name=name,
+        name=run_dir.name,
         dir=str(run_dir),
-        config=config,
+        config={**to_dict(cfg), **run_config},
         id=resume_id,
         resume="allow" if resume_id else None,
         settings=wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT_S, silent=True),
     )
-    try:
-        run = wandb.init(mode=mode, **kwargs)
-    except Exception as e:  # noqa: BLE001 - an unreachable server must not stop training
-        if mode != "online":
-            log.warning("W&B init failed (%s); logging to metrics.jsonl only", e)
-            return None
-        log.warning("W&B online init failed (%s); falling back to an offline run", e)
+    for attempt in dict.fromkeys([mode, "offline"]):  # an online run that cannot start goes offline
         try:
-            run = wandb.init(mode="offline", **kwargs)
-        except Exception as e2:  # noqa: BLE001
-            log.warning("W&B offline init failed too (%s); logging to metrics.jsonl only", e2)
-            return None
+            run = wandb.init(mode=attempt, **kwargs)
+            break
+        except Exception as e:  # noqa: BLE001 - an unreachable server must not stop training
+            then = "falling back to an offline run" if attempt == "online" else "logging to metrics.jsonl only"
+            log.warning("W&B %s init failed (%s); %s", attempt, e, then)
+    else:
+        return None
     run.define_metric("step")
     run.define_metric("images_seen", step_metric="step")
     run.define_metric("*", step_metric="step")  # rank/<r>/*, throughput/*, train/*, eval/* against the global step
+    offline = Path(run.dir).parent  # where an offline run waits for `wandb sync`
+    sync = f"offline run {offline} (to upload: wandb login, then wandb sync {offline})"
+    print(f"W&B: {sync if run.offline else run.url}", flush=True)
     return run
 
 
-def _where(run) -> str:
-    """The run's page, or where an offline run waits for `wandb sync`."""
-    if not run.offline:
-        return run.url
-    offline = Path(run.dir).parent
-    return f"offline run {offline} (to upload: wandb login, then wandb sync {offline})"
-
-
 def _plain(v: Any) -> Any:
+    """`v` for JSON: tensors as numbers, floats rounded, in containers too (keys as strings)."""
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_plain(x) for x in v]
     if isinstance(v, torch.Tensor):
         return v.item()
-    if isinstance(v, float):
-        return round(v, 6)
-    return v
-
-
-def _plain_tree(v: Any) -> Any:
-    """`v` with every tensor a number and every key a string (JSON for W&B metadata)."""
-    if isinstance(v, dict):
-        return {str(k): _plain_tree(x) for k, x in v.items()}
-    if isinstance(v, list | tuple):
-        return [_plain_tree(x) for x in v]
-    return _plain(v)
+    return round(v, 6) if isinstance(v, float) else v
 
 
 def code_commit() -> dict[str, Any]:
-    """The commit of the checkout this package runs from (`git rev-parse HEAD`) and whether tracked files differ
-    from it; commit None outside a git checkout (an installed package) or without git."""
-    here = Path(__file__).resolve().parent
+    """The commit of the checkout this package runs from, and whether tracked files differ (None: no git checkout)."""
+    git = functools.partial(subprocess.run, capture_output=True, text=True, timeout=10, check=True)
+    here = str(Path(__file__).resolve().parent)
     try:
-        commit = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
-                                timeout=10, check=True).stdout.strip()  # fmt: skip
-        changed = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()  # fmt: skip
+        commit = git(["git", "-C", here, "rev-parse", "HEAD"]).stdout.strip()
+        changed = git(["git", "-C", here, "status", "--porcelain", "--untracked-files=no"]).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {"commit": None, "dirty": None}
     return {"commit": commit or None, "dirty": bool(changed)}
 
 
-def _truncate_after(path: Path, step: int) -> None:
-    """A resumed run replays the steps after its checkpoint: their lines from the lost attempt go, so no step or epoch
-    appears twice (atomically: a crash leaves the old file or the new one)."""
-    if not path.is_file():
-        return
-    lines = path.read_text().splitlines(keepends=True)
-    kept = [line for line in lines if 0 <= _step_of(line) <= step]
+def _truncate_after(path: Path, step: int) -> str | None:
+    """Drop the lines after `step` (a resumed run writes them again) and a kill's partial line, atomically; return
+    the W&B run id the run's "started" line logged, if any."""
+    lines = path.read_text().splitlines(keepends=True) if path.is_file() else []
+    records = [_json_object(line) for line in lines]
+    kept = [line for line, r in zip(lines, records, strict=True) if r is not None and 0 <= r.get("step", 0) <= step]
     if len(kept) < len(lines):
-        from cvae_dist.files import write_safely
-
         write_safely(lambda tmp: tmp.write_text("".join(kept)), path)
-        log.warning("%s: dropped %d line(s) after step %d (the resumed run trains those steps again)",
-                    path, len(lines) - len(kept), step)  # fmt: skip
+        log.warning("%s: dropped %d line(s) after step %d (to be trained again)", path, len(lines) - len(kept), step)
+    ids = [r.get("wandb_run_id") for r in records if r is not None and r.get("event") == "started"]
+    return next((str(i) for i in ids if i), None)
 
 
-def _recorded_run_id(path: Path) -> str | None:
-    """The W&B run id an earlier attempt of this run logged in its "started" line, if any."""
-    if not path.is_file():
-        return None
-    for line in path.read_text().splitlines():
-        with contextlib.suppress(ValueError, AttributeError):
-            record = json.loads(line)
-            if record.get("event") == "started" and record.get("wandb_run_id"):
-                return str(record["wandb_run_id"])
+def _json_object(text: str) -> dict | None:
+    with contextlib.suppress(ValueError):
+        record = json.loads(text)
+        return record if isinstance(record, dict) else None
     return None
 
 
-def _step_of(line: str) -> int:
-    try:
-        return int(json.loads(line).get("step", 0))
-    except (ValueError, AttributeError):
-        return -1  # a partial last line from a kill
-
-
 class RankRecord:
-    """What this rank did, in `ranks/rank<r>.json` (every rank writes its own): identity and the run's facts (step
-    mode, precision, compute dtype, ZeRO stage, ...: the W&B config's), step counts, a digest of its final parameters
-    and, with `log.sample_ids`, the example ids it trained on in each epoch."""
+    """What this rank did, in `ranks/rank<r>.json`: the run's facts, step counts, and, with `log.sample_ids`, the ids
+    it trained on in each epoch (a resumed run's `state` continues an earlier attempt's record)."""
 
     def __init__(self, run_dir: Path, facts: dict[str, Any], record_ids: bool, state=None):
-        """`state`: a resumed run's (its counts continue from the record an earlier attempt wrote)."""
         self.path = run_dir / "ranks" / f"rank{facts['rank']}.json"
         step, epoch = (state.step, state.epoch) if state is not None else (0, 1)
-        earlier = _read_record(self.path) if step else {}
+        earlier = {}
+        with contextlib.suppress(OSError):
+            earlier = (_json_object(self.path.read_text()) if step else None) or {}
         done = earlier.get("steps_per_epoch", [])[: epoch - 1]
         self.data: dict[str, Any] = {**facts, "steps": step, "steps_per_epoch": done}
-        self.record_ids = record_ids
-        self.epoch_ids: list[torch.Tensor] = []
+        self.record_ids, self.epoch_ids = record_ids, []
         if record_ids:
-            ids = earlier.get("ids", {})
-            self.data["ids"] = {e: v for e, v in ids.items() if e.isdigit() and int(e) < epoch}
+            self.data["ids"] = {e: v for e, v in earlier.get("ids", {}).items() if e.isdigit() and int(e) < epoch}
 
     def batch(self, ids: torch.Tensor) -> None:
         self.data["steps"] += 1
@@ -311,39 +243,24 @@ class RankRecord:
             self.epoch_ids = []
 
     def finish(self, **fields: Any) -> None:
-        from cvae_dist.files import write_safely
-
         self.data.update(fields)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_safely(lambda tmp: tmp.write_text(strict_json.dumps(self.data)), self.path)  # whole, or a DiskError
 
 
-def _read_record(path: Path) -> dict:
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return record if isinstance(record, dict) else {}
-
-
 def parameter_digest(model: torch.nn.Module) -> str:
-    """sha256 over the state dict's bytes (parameters and buffers) in a fixed order: equal digests mean
-    bit-identical weights."""
-    from cvae_dist.model import portable
-
-    return _digest(portable(model.state_dict()))
+    """sha256 over the state dict (parameters and buffers) in a fixed order: equal digests, bit-identical weights."""
+    return _digest(model.state_dict())
 
 
 def buffer_digest(model: torch.nn.Module) -> str:
     """sha256 over the buffers alone (BatchNorm's running statistics): every rank holds them whole, ZeRO-3 too."""
-    from cvae_dist.model import portable
-
-    return _digest(portable(dict(model.named_buffers())))
+    return _digest(dict(model.named_buffers()))
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for name, t in sorted(tensors.items()):
+    for name, t in sorted(portable(tensors).items()):
         h.update(name.encode())
         h.update(t.numpy().tobytes())
     return h.hexdigest()

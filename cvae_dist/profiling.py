@@ -1,10 +1,6 @@
-"""`torch.profiler` traces of chosen steps, one file per rank in the run directory's `profiles/`.
-
-A `Window` of steps is recorded on every rank: `log.profile_steps=A-B`, or, after SIGUSR2 to any rank, the next
-`log.profile_len` steps. A request rides in the interval's exchange (`local` / `agree`), so every rank records the
-same steps without a collective of its own; at the window's end one `gather` brings the summaries together. Outside
-a window no profiler object exists.
-"""
+"""`torch.profiler` traces of a `Window` of steps on every rank (`log.profile_steps=A-B`, or the next `log.profile_len`
+steps after SIGUSR2 to any rank) into `profiles/`. A request rides in the interval's exchange, so every rank records
+the same steps; one `gather` at the window's end brings the summaries together. Outside a window no profiler exists."""
 
 from __future__ import annotations
 
@@ -12,7 +8,6 @@ import contextlib
 import gc
 import os
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,8 +18,6 @@ from cvae_dist.faults import ProfileSignal
 from cvae_dist.files import write_safely
 
 PROFILES = "profiles"  # in the run directory
-TRACE_SUFFIX = ".pt.trace.json.gz"  # Chrome trace; TensorBoard's profiler plugin reads *.pt.trace.json.gz
-TOP_OPS = 10  # rows of the top-operators table (metrics.jsonl); the console shows the first 8
 MARKERS = ("step ", "ProfilerStep#")  # step markers, left out of the operator table
 _NOTHING = contextlib.nullcontext()
 
@@ -42,9 +35,8 @@ class Window:
     def start(self) -> int:
         return self.first - 1 if self.warmup else self.first
 
-    def trace(self, rank: int) -> str:
-        """Rank `rank`'s trace file, relative to the run directory."""
-        return f"{PROFILES}/rank{rank}-steps{self.first}-{self.last}{TRACE_SUFFIX}"
+    def trace(self, rank: int) -> str:  # relative to the run directory
+        return f"{PROFILES}/rank{rank}-steps{self.first}-{self.last}.pt.trace.json.gz"  # TensorBoard reads these
 
 
 def range_window(steps: str | None, next_step: int, last_step: int) -> tuple[Window | None, str | None]:
@@ -57,10 +49,8 @@ def range_window(steps: str | None, next_step: int, last_step: int) -> tuple[Win
         return None, f"{key}: not profiled: this run continues from step {next_step - 1}"
     if first > last_step:
         return None, f"{key}: not profiled: the run ends at step {last_step}"
-    note = None
-    if last > last_step:
-        note, last = f"{key}: the run ends at step {last_step}: profiling steps {first}-{last_step}", last_step
-    return Window(first, last, key, warmup=first - 1 >= next_step), note
+    note = f"{key}: the run ends at step {last_step}: profiling steps {first}-{last_step}" if last > last_step else None
+    return Window(first, min(last, last_step), key, warmup=first - 1 >= next_step), note
 
 
 def next_window(step: int, length: int, last_step: int, trigger: str) -> Window | None:
@@ -72,8 +62,8 @@ def next_window(step: int, length: int, last_step: int, trigger: str) -> Window 
     return Window(step + 2, min(step + 1 + length, last_step), trigger)
 
 
-def top_ops(prof: torch.profiler.profile, cuda: bool, n: int = TOP_OPS) -> tuple[list[dict], float]:
-    """The `n` operators with the most self time (CUDA: device time), and the self time of all of them (ms)."""
+def top_ops(prof: torch.profiler.profile, cuda: bool, n: int = 10) -> tuple[list[dict], float]:
+    """The `n` operators with the most self time (CUDA: device time), and all operators' self time (ms)."""
     attr = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = [(e, getattr(e, attr)) for e in prof.key_averages() if not e.key.startswith(MARKERS)]
     total = sum(t for _, t in events)
@@ -84,27 +74,21 @@ def top_ops(prof: torch.profiler.profile, cuda: bool, n: int = TOP_OPS) -> tuple
     return rows, round(total / 1e3, 3)
 
 
-def ops_table(summary: dict, rows: int = 8) -> str:
-    where = "device" if summary.get("cuda") else "CPU"
-    first, last = summary["steps"]
-    lines = [f"  rank {summary['rank']}: top ops by self {where} time, steps {first}-{last} "
-             f"({summary['self_ms_total']:,.1f} ms in all)"]  # fmt: skip
-    for row in summary["top_ops"][:rows]:
-        lines.append(f"    {row['op'][:44]:<44} {row['self_ms']:>10,.1f} ms {100 * row['share']:>5.1f}% "
-                     f"{row['calls']:>6} calls")  # fmt: skip
-    return "\n".join(lines)
+def ops_table(s: dict, rows: int = 8) -> str:
+    """Rank summary `s`'s top operators, for the console."""
+    where, (first, last), total = "device" if s.get("cuda") else "CPU", s["steps"], s["self_ms_total"]
+    head = f"  rank {s['rank']}: top ops by self {where} time, steps {first}-{last} ({total:,.1f} ms in all)"
+    row = "    {op:<44.44} {self_ms:>10,.1f} ms {pct:>5.1f}% {calls:>6} calls"
+    return "\n".join([head] + [row.format(**r, pct=100 * r["share"]) for r in s["top_ops"][:rows]])
 
 
 class Profiler:
-    """This rank's profile windows: `step(n)` is the context each step runs in; `local` / `agree` carry SIGUSR2
-    requests through the exchange; a window's end writes the traces and reports them (console, metrics.jsonl's
-    `profile` event, a W&B `trace` artifact). `gather(obj)`: every rank's `obj` (a collective)."""
+    """This rank's profile windows: `step(n)` is each step's context; `local` / `agree` carry SIGUSR2 requests through
+    the exchange; a window's end writes and reports the traces. `gather(obj)`: every rank's `obj` (a collective)."""
 
-    def __init__(self, log_cfg, run_dir: Path, rank: int, device: torch.device, next_step: int, last_step: int, *,
-                 gather: Callable[[object], list], logger, say: Callable[[str], None] = print):  # fmt: skip
+    def __init__(self, log_cfg, run_dir, rank: int, device, next_step, last_step: int, *, gather, logger, say=print):
         self.cfg, self.dir, self.rank, self.last_step = log_cfg, Path(run_dir), rank, last_step
-        self.cuda = device.type == "cuda"
-        self.gather, self.logger, self.say = gather, logger, say
+        self.cuda, self.gather, self.logger, self.say = device.type == "cuda", gather, logger, say
         self.signal = ProfileSignal()  # (takes over a SIGUSR2 noted since the command line started)
         self.prof: torch.profiler.profile | None = None  # alive only inside a window
         self.window, note = range_window(log_cfg.profile_steps, next_step, last_step)
@@ -168,17 +152,15 @@ class Profiler:
 
     def _report(self, w: Window, summaries: list[dict]) -> None:
         ranks, written = [s["rank"] for s in summaries], [s for s in summaries if s.get("trace")]
-        lines = [f"profile of steps {w.first}-{w.last} ({w.trigger}): "
-                 + ", ".join(str(self.dir / s["trace"]) for s in written)]  # fmt: skip
+        traces = ", ".join(str(self.dir / s["trace"]) for s in written)
+        lines = [f"profile of steps {w.first}-{w.last} ({w.trigger}): {traces}"]
         lines += [f"  rank {s['rank']}: no profile ({s['error']})" for s in summaries if "error" in s]
-        lines += [ops_table(s) for s in written[:2]]
-        self.say("\n".join(lines))
-        self.logger.note({"step": w.last, "event": "profile", "trigger": w.trigger, "steps": [w.first, w.last],
-                          "ranks": ranks, "profiles": summaries})  # fmt: skip
+        self.say("\n".join(lines + [ops_table(s) for s in written[:2]]))
+        about = {"steps": [w.first, w.last], "trigger": w.trigger, "ranks": ranks}
+        self.logger.note({"step": w.last, "event": "profile", **about, "profiles": summaries})
         files = {Path(s["trace"]).name: self.dir / s["trace"] for s in written}
-        self.logger.artifact("trace", files, {"steps": [w.first, w.last], "trigger": w.trigger, "ranks": ranks,
-                                              "top_ops": {s["rank"]: s.get("top_ops") for s in written}},
-                             aliases=[f"steps{w.first}-{w.last}"])  # fmt: skip
+        top = {s["rank"]: s.get("top_ops") for s in written}
+        self.logger.artifact("trace", files, about | {"top_ops": top}, aliases=[f"steps{w.first}-{w.last}"])
 
     def close(self) -> None:
         """Drop a recording in progress (no trace, no collective) and give SIGUSR2 back."""

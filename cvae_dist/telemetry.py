@@ -1,17 +1,10 @@
-"""Per-rank throughput telemetry, in parts: every rank's `StepTimer` measures (`NoTimer` with `log.telemetry=false`:
-img/s only); the trainer's one gather per log interval (`exchange`) carries the figures to every rank, where the pure
-`summarise` names them as `rank/<r>/...` and `throughput/...` series, a `StragglerDetector` flags slow ranks and a
-`RankTable` keeps the means for the end-of-run table. FLOP and peak figures are plain functions, computed once by the
-trainer and only when telemetry is on.
-
-Timing never syncs: on CPU the step is synchronous, so wall clocks are exact; on CUDA the phases are CUDA events
-from a pool, read once the device has passed them (the figures of the interval before a step line's).
-"""
+"""Per-rank throughput telemetry: every rank's `StepTimer` measures (`NoTimer`: img/s only); the one gather per log
+interval carries the figures to every rank for `summarise`, the `StragglerDetector` and the end's `RankTable`. Timing
+never syncs: on CPU the step is synchronous; on CUDA the marks are events, read once the device has passed them."""
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import itertools
 import math
 import resource
@@ -20,11 +13,13 @@ import time
 from collections.abc import Iterable, Iterator
 
 import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+from torch.utils.flop_counter import FlopCounterMode
 
+from cvae_dist.model import CVAE, vae_loss
 from cvae_dist.strict_json import shown
 
-# Dense tensor-core peaks in TFLOP/s by a substring of torch.cuda.get_device_name(): (bf16 = fp16, tf32, fp32).
-# An fp32 run is measured against TF32 when cuDNN may use it for convolutions (PyTorch's default), else plain fp32.
+# Dense tensor-core TFLOP/s (bf16 = fp16, tf32, fp32) by GPU name; an fp32 run gets TF32's where cuDNN may use it.
 GPU_PEAK_TFLOPS = {
     "H200": (989, 494, 67),
     "H100": (989, 494, 67),
@@ -35,28 +30,15 @@ GPU_PEAK_TFLOPS = {
     "V100": (125, 15.7, 15.7),  # no bf16 or tf32: fp16 tensor cores only
     "T4": (65, 8.1, 8.1),
 }
-# This rank's figures, as gathered each interval (`rank/<r>/<name>` in the logs).
+# This rank's figures, gathered each interval as `rank/<r>/<name>` (docs/telemetry.md says what each one measures).
 RANK_FIELDS = (
-    "img_per_s",  # images / wall time: what this rank delivered (ranks in one DDP job move in lockstep)
-    "busy_img_per_s",  # images / (wall - time blocked on peers): what this rank could do alone; names stragglers
-    "step_time_s",
-    "data_wait_frac",
-    "idle_frac",  # the device's time between steps (the loop's own work: data, step lines, polls)
-    "sync_wait_frac",  # time blocked on peers (DDP buffer broadcast, global BatchNorm, gradient all-reduce)
-    "fwd_bwd_s",  # forward + backward (under a CUDA graph: the whole replayed step)
-    "optimizer_s",  # (under a CUDA graph: 0, it is part of the replay)
-    "peak_mem_mb",
-    "mfu",
+    *("img_per_s", "busy_img_per_s", "step_time_s", "data_wait_frac", "idle_frac", "sync_wait_frac"),
+    *("fwd_bwd_s", "optimizer_s", "peak_mem_mb", "mfu"),
 )
 
 
 def count_flops_per_image(model_cfg, batch: int = 8) -> float:
-    """Forward + backward FLOPs of one image of the architecture `model_cfg`, counted by torch.utils.flop_counter
-    on a fresh model (the prepared one may be sharded or hooked)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from cvae_dist.model import CVAE, vae_loss
-
+    """Forward + backward FLOPs of one image, counted on a fresh model (the prepared one may be sharded or hooked)."""
     with torch.random.fork_rng(devices=[]):  # leave the training RNG stream untouched (exact resume)
         probe = CVAE(model_cfg).train()
         x = torch.rand(batch, 1, model_cfg.image_size, model_cfg.image_size)
@@ -66,8 +48,7 @@ def count_flops_per_image(model_cfg, batch: int = 8) -> float:
 
 
 def peak_flops(device: torch.device, precision: str, configured_tflops: float | None) -> tuple[float, str]:
-    """The device's peak FLOP/s in `precision` (fp32 | bf16 | fp16): configured, or from the GPU table. NaN where it
-    is not known (a CPU, a GPU not in the table): MFU is then null."""
+    """The device's peak FLOP/s in `precision`, and where it comes from; NaN (MFU null) where it is not known."""
     if configured_tflops:
         return configured_tflops * 1e12, "configured"
     if device.type != "cuda":
@@ -75,16 +56,13 @@ def peak_flops(device: torch.device, precision: str, configured_tflops: float | 
     name = torch.cuda.get_device_name(device)
     for key, (half, tf32, fp32) in GPU_PEAK_TFLOPS.items():
         if key in name:
-            if precision != "fp32":
-                return half * 1e12, f"table:{key}:{precision}"
-            tf32_used = torch.backends.cudnn.allow_tf32
-            return (tf32 if tf32_used else fp32) * 1e12, f"table:{key}:{'tf32' if tf32_used else 'fp32'}"
+            kind = precision if precision != "fp32" else "tf32" if torch.backends.cudnn.allow_tf32 else "fp32"
+            return {"tf32": tf32, "fp32": fp32}.get(kind, half) * 1e12, f"table:{key}:{kind}"
     return float("nan"), f"unknown: {name} is not in the GPU table (set log.peak_tflops)"
 
 
 def compute_dtype(model: torch.nn.Module, run_forward) -> str:
-    """The dtype the encoder's mu head (a Linear) produces in one forward of `run_forward` (no gradients, the RNG
-    left as it was): shows what precision a model really computes in."""
+    """The dtype the encoder's mu head produces in one forward of `run_forward`: what the model really computes in."""
     inner = model
     while hasattr(inner, "module") or hasattr(inner, "_orig_mod"):  # DDP / DeepSpeed / torch.compile wrappers
         inner = getattr(inner, "module", None) or inner._orig_mod
@@ -99,12 +77,10 @@ def compute_dtype(model: torch.nn.Module, run_forward) -> str:
 
 
 class _Marks:
-    """Points on the device's timeline: host clock readings on a CPU (its steps are synchronous); on CUDA, timing
-    events from a small pool, read once they have completed and never waited for."""
+    """Points on the device's timeline: host clock readings on a CPU; on CUDA, events from a pool, never waited for."""
 
     def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.pool: list = []
+        self.cuda, self.pool = device.type == "cuda", []
 
     def now(self):
         if not self.cuda:
@@ -125,7 +101,7 @@ class _Marks:
 
 
 class _Interval:
-    """One log interval on this rank: host figures taken when it closes, device marks read once they complete."""
+    """One log interval on this rank: host figures taken when it closes, device marks read once complete."""
 
     def __init__(self):
         self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
@@ -136,8 +112,7 @@ class _Interval:
     def marks(self) -> list:
         return [m for t in (*self.steps_marks, *self.waits) for m in t]
 
-    def last(self):
-        """Its last mark on the device's timeline (None: it took no step)."""
+    def last(self):  # None: it took no step
         return self.steps_marks[-1][2] if self.steps_marks else None
 
 
@@ -148,8 +123,7 @@ class NoTimer:
         self.batch = per_rank_batch
         self.restart()
 
-    def instrument(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Nothing to hook."""
+    def instrument(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None: ...
 
     def restart(self) -> None:
         self.steps, self.start = 0, time.perf_counter()
@@ -161,37 +135,24 @@ class NoTimer:
         self.steps += 1
 
     def local(self) -> dict[str, float]:
-        """This rank's img/s since the last `local()` (or `restart()`); restarts."""
         figures = {"img_per_s": self.steps * self.batch / max(time.perf_counter() - self.start, 1e-9)}
         self.restart()
         return figures
 
 
 class StepTimer:
-    """This rank's meters over a log interval: data wait, the step's phases, time between steps, time blocked on
-    peers, peak memory and MFU (`flops_per_image` against the device's `peak_flops`).
+    """This rank's meters over a log interval (RANK_FIELDS). On CUDA `local()` reports the newest interval whose events
+    have completed (the one before the step line's; the first line's: null). Time blocked on peers is timed around
+    the collectives hooks can see; `blocked_unknown` says why it cannot be (then it and the busy rate are null)."""
 
-    Honest without syncing: on a CPU the step is synchronous, so clock readings are exact; on CUDA the marks are
-    events, and `local()` reports the newest interval whose events have all completed. The trainer calls it after
-    reading the previous interval's exchange, which the device has passed: so on a GPU the figures describe the
-    interval before the step line's (the first line has none: null). Time blocked on peers is timed around the
-    collectives that a rank waits in, where hooks can see them (DDP, the global BatchNorm): `blocked_unknown` says
-    why it cannot be (a replayed CUDA graph, DeepSpeed's engine), and then it and the busy rate are null."""
-
-    def __init__(self, device: torch.device, per_rank_batch: int, flops_per_image: float, peak_flops: float,
-                 blocked_unknown: str | None = None):  # fmt: skip
+    def __init__(self, device, per_rank_batch: int, flops_per_image: float, peak_flops: float, blocked_unknown=None):
         self.device, self.batch, self.flops_per_image, self.peak = device, per_rank_batch, flops_per_image, peak_flops
-        self.blocked_unknown = blocked_unknown
-        self.marks = _Marks(device)
-        self.closed: list[_Interval] = []
+        self.blocked_unknown, self.marks, self.closed = blocked_unknown, _Marks(device), []
         self.restart()
 
     def instrument(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        """Mark the end of backward (AdamW's step pre-hook) and, under DDP, time what this rank waits for peers in:
-        the buffer broadcast that opens each forward, the global BatchNorm's all-reduces, and the end of backward
-        after its last gradient bucket went out (DDP's own `allreduce_hook`: the gradients are the same with
-        telemetry on or off). The global BatchNorm's all-reduces are timed by `waiting`, which `build` gives it.
-        Not for a CUDA graph: no hook runs in a replay."""
+        """Mark backward's end (AdamW's step pre-hook) and, under DDP, time the waits for peers: the buffer broadcast
+        opening each forward, and backward's end after the last gradient bucket went out."""
         while hasattr(optimizer, "optimizer"):
             optimizer = optimizer.optimizer  # accelerate's wrapper, DeepSpeed's ZeRO optimizer: the AdamW inside
         if isinstance(optimizer, torch.optim.Optimizer):
@@ -203,63 +164,52 @@ class StepTimer:
         model.register_comm_hook(self, _timed_allreduce)
 
     @contextlib.contextmanager
-    def waiting(self):
-        """Time a collective this rank waits in."""
+    def waiting(self):  # around a collective this rank waits in
         arrived = self.marks.now()
         yield
         self.current.waits.append((arrived, self.marks.now()))
 
-    def _went_on(self) -> None:
+    def _went_on(self, at=None) -> None:
         if self._arrived is not None:
-            self.current.waits.append((self._arrived, self.marks.now()))
+            self.current.waits.append((self._arrived, self.marks.now() if at is None else at))
             self._arrived = None
 
     def _backward_done(self) -> None:
         self._backward = self.marks.now()
-        if self._arrived is not None:  # the last gradient bucket went out at `_arrived`; backward ends with it
-            self.current.waits.append((self._arrived, self._backward))
-            self._arrived = None
+        self._went_on(self._backward)  # the last gradient bucket went out at `_arrived`: backward ends the wait
 
     def restart(self) -> None:
-        """Start a new measuring interval now (the ones not yet read are dropped)."""
-        for interval in self.closed:
-            self.marks.release(interval.marks())
+        """Start a new interval now (the ones not yet read are dropped)."""
+        self.marks.release(m for interval in self.closed for m in interval.marks())
         self.current, self.closed = _Interval(), []
         self._arrived = self._backward = None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
 
     def timed(self, batches: Iterable) -> Iterator:
-        """Yield batches, adding the time spent waiting for each to the data-wait meter."""
         it = iter(batches)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
+        t0 = time.perf_counter()
+        for batch in it:  # the data wait: from asking for a batch to having it
             self.current.data_wait += time.perf_counter() - t0
             self._ready, self._backward = self.marks.now(), None
             yield batch
+            t0 = time.perf_counter()
 
     def step_done(self) -> None:
         self.current.steps += 1
         self.current.steps_marks.append((self._ready, self._backward, self.marks.now()))
 
     def local(self) -> dict[str, float]:
-        """Close this interval (its host figures now) and return the figures of the newest interval whose marks
-        have all completed, named as RANK_FIELDS (NaN: none has yet)."""
+        """Close this interval; the figures of the newest one whose marks have all completed (NaN: none yet)."""
         closing, self.current = self.current, _Interval()
-        closing.wall = max(time.perf_counter() - closing.start, 1e-9)
-        closing.peak_mem = _peak_memory_mb(self.device)
+        closing.wall, closing.peak_mem = max(time.perf_counter() - closing.start, 1e-9), _peak_memory_mb(self.device)
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.closed.append(closing)
         ready = [i for i in self.closed if i.last() is None or self.marks.done(i.last())]
         figures = self._figures(ready[-1]) if ready else dict.fromkeys(RANK_FIELDS, math.nan)
         newest = self.closed.index(ready[-1]) + 1 if ready else 0
-        for interval in self.closed[:newest]:
-            self.marks.release(interval.marks())
+        self.marks.release(m for interval in self.closed[:newest] for m in interval.marks())
         self.closed = self.closed[newest:]
         return figures
 
@@ -285,16 +235,10 @@ class StepTimer:
         }
 
 
-# ---- all ranks: what the gathered figures say
-
-
 def summarise(gathered: dict[str, torch.Tensor], step: int, global_batch: int) -> dict:
-    """The interval's series from every rank's gathered figures (as `exchange` returns them): `rank/<r>/<name>` and
-    `throughput/*`."""
+    """The interval's `rank/<r>/<name>` and `throughput/*` series from every rank's gathered figures."""
     series: dict = {"images_seen": step * global_batch}
-    for name in (n for n in RANK_FIELDS if n in gathered):
-        for r, value in enumerate(gathered[name].tolist()):
-            series[f"rank/{r}/{name}"] = value
+    series |= {f"rank/{r}/{n}": v for n in RANK_FIELDS if n in gathered for r, v in enumerate(gathered[n].tolist())}
     series["throughput/global_img_per_s"] = gathered["img_per_s"].sum().item()
     if "busy_img_per_s" in gathered:
         busy = gathered["busy_img_per_s"].tolist()
@@ -309,25 +253,20 @@ def summarise(gathered: dict[str, torch.Tensor], step: int, global_batch: int) -
 
 
 class StragglerDetector:
-    """Ranks whose busy rate completes `straggler_intervals` intervals in a row below `straggler_fraction` of the
-    median (each named once per slow spell)."""
+    """Ranks whose busy rate stays below `straggler_fraction` of the median for `straggler_intervals` intervals."""
 
     def __init__(self, log_cfg, world_size: int):
         self.fraction, self.intervals = log_cfg.straggler_fraction, log_cfg.straggler_intervals
         self.slow_streak = [0] * world_size
 
     def update(self, gathered: dict[str, torch.Tensor]) -> list[int]:
-        """The ranks that just became stragglers (none without telemetry's busy rates)."""
+        """The ranks that just became stragglers (named once per slow spell)."""
         if "busy_img_per_s" not in gathered:
             return []
         rates = gathered["busy_img_per_s"].tolist()
-        median = statistics.median(rates)
-        flagged = []
-        for r, rate in enumerate(rates):
-            self.slow_streak[r] = self.slow_streak[r] + 1 if rate < self.fraction * median else 0
-            if self.slow_streak[r] == self.intervals:
-                flagged.append(r)
-        return flagged
+        slow = self.fraction * statistics.median(rates)
+        self.slow_streak = [n + 1 if rate < slow else 0 for n, rate in zip(self.slow_streak, rates, strict=True)]
+        return [r for r, streak in enumerate(self.slow_streak) if streak == self.intervals]
 
     def describe(self, ranks: list[int], step: int, identities: list[dict]) -> str:
         names = ", ".join(f"rank {r} ({identities[r]['node']}, machine {identities[r]['machine_rank']})" for r in ranks)
@@ -335,8 +274,7 @@ class StragglerDetector:
 
 
 class RankTable:
-    """Per-rank means over the run's intervals, printed at the end: rank, host, img/s, data wait, MFU, peak memory.
-    A figure an interval could not give (NaN: no known peak) is left out of its mean; none at all prints n/a."""
+    """Per-rank means over the run's intervals for the end; NaNs left out of the means, none at all prints n/a."""
 
     def __init__(self, identities: list[dict]):
         self.identities = identities
@@ -350,42 +288,31 @@ class RankTable:
                     self.sums[r][name] += value
                     self.counts[r][name] += 1
 
-    def mean(self, rank: int, name: str) -> float:
-        count = self.counts[rank][name]
-        return self.sums[rank][name] / count if count else float("nan")
-
     def render(self) -> str:
-        lines = [
-            f"{'rank':>4}  {'host':<16} {'img/s':>9} {'busy img/s':>10} {'data wait':>9} {'MFU':>7} {'peak mem':>10}"
-        ]
+        row = "{:>4}  {:<16.16} {:>9} {:>10} {:>9} {:>7} {:>10}".format
+        lines = [row("rank", "host", "img/s", "busy img/s", "data wait", "MFU", "peak mem")]
         for r, ident in enumerate(self.identities):
-            mean = functools.partial(self.mean, r)
-            lines.append(
-                f"{r:>4}  {ident['node'][:16]:<16} {shown(mean('img_per_s'), ',.0f'):>9} "
-                f"{shown(mean('busy_img_per_s'), ',.0f'):>10} {shown(mean('data_wait_frac'), '.1f', 100, '%'):>9} "
-                f"{shown(mean('mfu'), '.2f', 100, '%'):>7} {shown(mean('peak_mem_mb'), ',.0f', unit=' MB'):>10}"
-            )
+            m = {k: s / self.counts[r][k] if self.counts[r][k] else math.nan for k, s in self.sums[r].items()}
+            img, busy = shown(m["img_per_s"], ",.0f"), shown(m["busy_img_per_s"], ",.0f")
+            wait, mfu = shown(m["data_wait_frac"], ".1f", 100, "%"), shown(m["mfu"], ".2f", 100, "%")
+            lines.append(row(r, ident["node"], img, busy, wait, mfu, shown(m["peak_mem_mb"], ",.0f", unit=" MB")))
         return "\n".join(lines)
 
 
 def _at_most_one(mfu: float) -> float:
-    """An MFU above 1 means the peak is wrong (a clock /proc/cpuinfo under-reports, a GPU the table misnames): no
-    figure (NaN, null in the JSON files) rather than one that cannot be true."""
+    """An MFU above 1 means the peak is wrong: no figure (null) rather than one that cannot be true."""
     return mfu if mfu <= 1 else float("nan")
 
 
 def _peak_memory_mb(device: torch.device) -> float:
-    """CUDA: max allocated since the last interval. CPU: the process's peak resident set size."""
+    """CUDA: max allocated since the last interval; CPU: the process's peak resident set."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def _timed_allreduce(timer: StepTimer, bucket):  # no return annotation: DDP checks it literally
-    """DDP's default all-reduce (`allreduce_hook`: the mean over the default group), noting when this bucket went
-    out: the last one's mark starts the wait that ends with backward."""
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
+    """DDP's own all-reduce, noting when this bucket went out (the last one's mark starts backward's wait)."""
     timer.marks.release([timer._arrived])
     timer._arrived = timer.marks.now()
     return allreduce_hook(None, bucket)
