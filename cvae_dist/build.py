@@ -170,7 +170,8 @@ def _parts(
     if cfg.train.channels_last and not setup.deepspeed:  # DeepSpeed broadcasts parameters as flat, contiguous bytes
         model = model.to(memory_format=torch.channels_last)
     if setup.global_batchnorm:  # the same statistics on every rank: the global batch's
-        model = use_global_batchnorm(model, timer.waiting if blocked_unknown is None and world > 1 else None)
+        timed = cfg.log.telemetry and not blocked_unknown  # (the time this rank waits in its all-reduces)
+        model = use_global_batchnorm(model, timer.waiting if timed else None)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True)
     distributed.configure_deepspeed(setup, cfg, batch)
     side_stream = torch.cuda.Stream() if graph else None  # a graph's DDP is wrapped on the stream it warms up on

@@ -49,6 +49,7 @@ class Monitor:
             gather=_gather,
             logger=self,
             say=accelerator.print,
+            graph=facts["step_mode"] == "GraphStep",
         )
         self.logger: RunLogger | None = None
         self.record: RankRecord | None = None

@@ -86,7 +86,7 @@ class Profiler:
     """This rank's profile windows: `step(n)` is each step's context; `local` / `agree` carry SIGUSR2 requests through
     the exchange; a window's end writes and reports the traces. `gather(obj)`: every rank's `obj` (a collective)."""
 
-    def __init__(self, log_cfg, run_dir, rank: int, device, next_step, last_step: int, *, gather, logger, say=print):
+    def __init__(self, log_cfg, run_dir, rank, device, next_step, last_step, *, gather, logger, say=print, graph=False):
         self.cfg, self.dir, self.rank, self.last_step = log_cfg, Path(run_dir), rank, last_step
         self.cuda, self.gather, self.logger, self.say = device.type == "cuda", gather, logger, say
         self.signal = ProfileSignal()  # (takes over a SIGUSR2 noted since the command line started)
@@ -96,6 +96,12 @@ class Profiler:
             say(note)
         if not self.cuda:  # a CUDA build of torch on a CPU machine: Kineto's "gpuGetDeviceCount failed" is no error
             os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+        cuda = tuple(int(p) for p in (torch.version.cuda or "99").split(".")[:2])
+        if graph and cuda < (12, 6):
+            # CUPTI torn down and set up again around a CUDA graph crashes before CUDA 12.6: set up once and kept,
+            # as torch.profiler does for torch.compile's graphs (not verified here: no GPU)
+            os.environ.setdefault("DISABLE_CUPTI_LAZY_REINIT", "1")
+            os.environ.setdefault("TEARDOWN_CUPTI", "0")
 
     def local(self) -> dict[str, float]:
         return {"profile": float(self.signal.take())}
