@@ -75,8 +75,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--precisions", default="fp32,bf16", help="comma list of fp32|bf16 (default both)")
     p.add_argument("--layouts", default="nchw,channels_last", help="comma list of nchw|channels_last (default both)")
     p.add_argument("--batch", type=int, help="batch size of both loops (the framework's global data.batch_size)")
-    p.add_argument("--compile", nargs="?", const="inductor", metavar="BACKEND",
-                   help="torch.compile both loops' models with this dynamo backend (default inductor)")  # fmt: skip
+    p.add_argument(
+        "--compile",
+        nargs="?",
+        const="inductor",
+        metavar="BACKEND",
+        help="torch.compile both loops' models with this dynamo backend (default inductor)",
+    )
     p.add_argument("--sections", default="compare,data,telemetry", help="comma list of compare|data|telemetry|scaling")
     p.add_argument("--scaling", action="store_true", help="add the scaling section (real accelerate launches)")
     p.add_argument("--data-seconds", type=float, help="seconds per data-stream trial (default: --seconds)")
@@ -110,11 +115,19 @@ def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, _overrides(args))
     threads = distributed.set_threads()
     device = _device()
-    settings = {"trials": args.trials, "seconds": args.seconds, "warmup_s": args.warmup, "batch": cfg.data.batch_size,
-                "compile": args.compile, "device": str(device), "overrides": _overrides(args),
-                "config": str(args.config) if args.config else None, "log_every_steps": cfg.log.every_steps,
-                "num_workers": distributed.data_workers(cfg.data.num_workers, device),
-                "sections": sections}  # fmt: skip
+    settings = {
+        "trials": args.trials,
+        "seconds": args.seconds,
+        "warmup_s": args.warmup,
+        "batch": cfg.data.batch_size,
+        "compile": args.compile,
+        "device": str(device),
+        "overrides": _overrides(args),
+        "config": str(args.config) if args.config else None,
+        "log_every_steps": cfg.log.every_steps,
+        "num_workers": distributed.data_workers(cfg.data.num_workers, device),
+        "sections": sections,
+    }
     result: dict = {"command": list(sys.argv), "environment": environment(device, threads), "settings": settings}
     print(f"bench: {_env_line(result['environment'])}")
     if "compare" in sections:
@@ -131,9 +144,13 @@ def run(args: argparse.Namespace) -> int:
             for side in ("hand", "hand_graph", "framework"):
                 if row.get(side):
                     row[side]["mfu"] = _ratio(row[side]["median_img_per_s"] * flops, row["peak_flops"])
-        print(f"FLOPs per image (fwd+bwd) {flops:,.0f}; peak " + ", ".join(
-            f"{p} {shown(peak, '.3f', 1e-12)} TFLOP/s ({result['peak_flops_source'][p]})"
-            for p, peak in result["peak_flops"].items()))  # fmt: skip
+        print(
+            f"FLOPs per image (fwd+bwd) {flops:,.0f}; peak "
+            + ", ".join(
+                f"{p} {shown(peak, '.3f', 1e-12)} TFLOP/s ({result['peak_flops_source'][p]})"
+                for p, peak in result["peak_flops"].items()
+            )
+        )
         print(compare_table(configs))
     if "data" in sections:
         result["data"] = data_section(args, cfg, device, result.get("configs"))
@@ -201,16 +218,29 @@ def environment(device: torch.device, threads: int) -> dict:
     from cvae_dist.distributed import hardware_bf16
 
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
-    cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
-               platform.processor() or platform.machine())  # fmt: skip
+    cpu = next(
+        (line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")),
+        platform.processor() or platform.machine(),
+    )
     cuda = device.type == "cuda"
-    return {"torch": torch.__version__, "accelerate": accelerate.__version__, "python": platform.python_version(),
-            "platform": platform.platform(), "host": socket.gethostname(), "cpu_model": cpu,
-            "cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads(), "threads_set": threads,
-            "interop_threads": torch.get_num_interop_threads(), "fast_bf16": hardware_bf16(device.type),
-            "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"), "device": str(device),
-            "gpu": torch.cuda.get_device_name(device) if cuda else None, "cuda": torch.version.cuda if cuda else None,
-            "loadavg_start": list(os.getloadavg())}  # fmt: skip
+    return {
+        "torch": torch.__version__,
+        "accelerate": accelerate.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "host": socket.gethostname(),
+        "cpu_model": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "torch_threads": torch.get_num_threads(),
+        "threads_set": threads,
+        "interop_threads": torch.get_num_interop_threads(),
+        "fast_bf16": hardware_bf16(device.type),
+        "omp_num_threads_env": os.environ.get("OMP_NUM_THREADS"),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if cuda else None,
+        "cuda": torch.version.cuda if cuda else None,
+        "loadavg_start": list(os.getloadavg()),
+    }
 
 
 def _env_line(env: dict) -> str:
@@ -245,8 +275,9 @@ class HandLoop:
         model = CVAE(cfg.model).to(self.device)
         fmt = torch.channels_last if cfg.train.channels_last else torch.contiguous_format
         self.model = model.to(memory_format=fmt)
-        self.optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                                           fused=True, capturable=graph)  # fmt: skip
+        self.optimizer = torch.optim.AdamW(
+            model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay, fused=True, capturable=graph
+        )
         reps = -(-2 * batch // len(images))  # at least two distinct batches
         images = images.repeat(reps, 1, 1, 1) if reps > 1 else images
         self.batches = [
@@ -363,8 +394,9 @@ class FrameworkRuns:
     def trial(self, overrides: list[str]) -> dict:
         self.runs += 1
         name = f"{self.name}-{self.runs}"
-        cfg = load_config(self.args.config, [*_overrides(self.args), *overrides, f"run_name={name}",
-                                             f"train.max_steps={self.steps}"])  # fmt: skip
+        cfg = load_config(
+            self.args.config, [*_overrides(self.args), *overrides, f"run_name={name}", f"train.max_steps={self.steps}"]
+        )
         Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(cfg.output_dir) / f"{name}.log", "w") as log, contextlib.redirect_stdout(log):
             result = train(cfg)  # (its console lines go to the log: the worker prints its trials' lines only)
@@ -391,16 +423,31 @@ def _run_worker(args, kind: str, extra: list[str]) -> dict:
     """Run one worker process and read its figures."""
     with tempfile.TemporaryDirectory(prefix="cvae-bench-") as tmp:
         out = Path(tmp) / "figures.json"
-        cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--out", str(out),
-               "--trials", str(args.trials), "--seconds", str(args.seconds), "--warmup", str(args.warmup),
-               *(["--config", str(args.config)] if args.config else []),
-               *(["--compile", args.compile] if args.compile else []),
-               *(["--batch", str(args.batch)] if args.batch is not None else []), *args.overrides, *extra,
-               f"output_dir={tmp}"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            "--worker",
+            kind,
+            "--out",
+            str(out),
+            "--trials",
+            str(args.trials),
+            "--seconds",
+            str(args.seconds),
+            "--warmup",
+            str(args.warmup),
+            *(["--config", str(args.config)] if args.config else []),
+            *(["--compile", args.compile] if args.compile else []),
+            *(["--batch", str(args.batch)] if args.batch is not None else []),
+            *args.overrides,
+            *extra,
+            f"output_dir={tmp}",
+        ]
         proc = subprocess.run(cmd, env=_worker_env(args), capture_output=True, text=True, timeout=_timeout(args))
         if proc.returncode != 0 or not out.is_file():
-            raise RuntimeError(f"bench worker {kind} {extra} exited {proc.returncode}:\n"
-                               f"{(proc.stdout + proc.stderr)[-4000:]}")  # fmt: skip
+            raise RuntimeError(
+                f"bench worker {kind} {extra} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+            )
         print(proc.stdout, end="", flush=True)
         return {"command": cmd, **json.loads(out.read_text())}
 
@@ -454,8 +501,15 @@ def compare_worker(args, cfg) -> dict:
     return {"rows": rows}
 
 
-def _summarise(label: str, mode: str, hand: list[dict], framework: list[dict], dtypes: dict, batch: int,
-               hand_graph: list[dict] | None) -> dict:  # fmt: skip
+def _summarise(
+    label: str,
+    mode: str,
+    hand: list[dict],
+    framework: list[dict],
+    dtypes: dict,
+    batch: int,
+    hand_graph: list[dict] | None,
+) -> dict:
     """One row: the framework in `mode` against the hand loop in the same mode (a graph row: the graph ceiling)."""
     precision, layout = label.split("/")
     h, f = [r["img_per_s"] for r in hand], [r["img_per_s"] for r in framework]
@@ -463,15 +517,22 @@ def _summarise(label: str, mode: str, hand: list[dict], framework: list[dict], d
     waits = [r["telemetry"]["data_wait_frac"] for r in framework]
     side = lambda trials, rates: {"trials": trials, "img_per_s": rates, "median_img_per_s": _median(rates)}  # noqa: E731
     row = {
-        "precision": precision, "layout": layout, "mode": mode, "batch": batch, "autocast_dtype": dtypes,
+        "precision": precision,
+        "layout": layout,
+        "mode": mode,
+        "batch": batch,
+        "autocast_dtype": dtypes,
         "hand": side(hand, h),
-        "framework": side(framework, f) | {
-            "data_wait_frac": waits, "median_data_wait_frac": _median(waits),
+        "framework": side(framework, f)
+        | {
+            "data_wait_frac": waits,
+            "median_data_wait_frac": _median(waits),
             "telemetry": {k: _median([r["telemetry"][k] for r in framework]) for k in framework[0]["telemetry"]},
         },
         "ratio": ratios,  # per trial: framework / hand (a graph row: / the hand loop's graph)
-        "median_ratio": _median(ratios), "ratio_of_medians": _ratio(_median(f), _median(h)),
-    }  # fmt: skip
+        "median_ratio": _median(ratios),
+        "ratio_of_medians": _ratio(_median(f), _median(h)),
+    }
     if mode == "graph":
         row["hand_graph"], row["hand"] = row["hand"], None
     elif hand_graph:
@@ -493,8 +554,10 @@ def compare_table(configs: list[dict]) -> str:
             f"{shown(c['median_ratio'], '.3f'):>6} {shown(fw['mfu'], '.2f', 100, '%'):>7} "
             f"{shown(fw['median_data_wait_frac'], '.1f', 100, '%'):>9}  {c['autocast_dtype']['framework']:>8}"
         )
-    lines.append("(medians over trials; ratio = the median of per-trial framework / hand ratios, against the hand "
-                 "loop in the same mode: a graph row against the hand graph; MFU against the peak above)")  # fmt: skip
+    lines.append(
+        "(medians over trials; ratio = the median of per-trial framework / hand ratios, against the hand "
+        "loop in the same mode: a graph row against the hand graph; MFU against the peak above)"
+    )
     return "\n".join(lines)
 
 
@@ -508,14 +571,21 @@ def telemetry_worker(args, cfg) -> dict:
             rates[side].append(framework.trial(flags[side])["img_per_s"])
     on, off = _median(rates["on"]), _median(rates["off"])
     layout = "channels_last" if cfg.train.channels_last else "nchw"
-    return {"config": f"{framework.facts['precision']}/{layout}", "on_img_per_s": on, "off_img_per_s": off,
-            "ratio": _ratio(on, off), "trials": rates}  # fmt: skip
+    return {
+        "config": f"{framework.facts['precision']}/{layout}",
+        "on_img_per_s": on,
+        "off_img_per_s": off,
+        "ratio": _ratio(on, off),
+        "trials": rates,
+    }
 
 
 def telemetry_line(t: dict) -> str:
-    return (f"telemetry ({t['config']}): on {shown(t['on_img_per_s'], ',.0f')} img/s, off "
-            f"{shown(t['off_img_per_s'], ',.0f')} img/s, on/off {shown(t['ratio'], '.3f')} "
-            f"(medians of {len(t['trials']['on'])} interleaved trials)")  # fmt: skip
+    return (
+        f"telemetry ({t['config']}): on {shown(t['on_img_per_s'], ',.0f')} img/s, off "
+        f"{shown(t['off_img_per_s'], ',.0f')} img/s, on/off {shown(t['ratio'], '.3f')} "
+        f"(medians of {len(t['trials']['on'])} interleaved trials)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -573,8 +643,16 @@ def data_section(args, cfg, device, configs: list[dict] | None) -> dict:
         for rank, resident in itertools.product(ranks, (False, True)):
             measured = _stream_rates(cfg, rank, world, batch, seconds, args.warmup, args.trials, resident, device)
             for path, rates in measured.items():
-                streams.append({"world": world, "rank": rank, "batch": batch, "path": path, "img_per_s": rates,
-                                "median_img_per_s": _median(rates)})  # fmt: skip
+                streams.append(
+                    {
+                        "world": world,
+                        "rank": rank,
+                        "batch": batch,
+                        "path": path,
+                        "img_per_s": rates,
+                        "median_img_per_s": _median(rates),
+                    }
+                )
     out: dict = {"num_workers": data_workers(cfg.data.num_workers, device), "streams": streams}
     single = {s["path"]: s["median_img_per_s"] for s in streams if s["world"] == 1}
     # after the first epoch a batch needs its epoch's order and a lookup in the table: the slower of the two
@@ -608,15 +686,21 @@ DATA_PATHS = {
 def data_table(data: dict) -> str:
     lines = ["", f"data pipeline (RankStream, data.num_workers={data['num_workers']}):"]
     for s in data["streams"]:
-        lines.append(f"  rank {s['rank']} of {s['world']} (batch {s['batch']:>4}) {DATA_PATHS[s['path']]:<38} "
-                     f"{shown(s['median_img_per_s'], ',.0f'):>12} img/s")  # fmt: skip
+        lines.append(
+            f"  rank {s['rank']} of {s['world']} (batch {s['batch']:>4}) {DATA_PATHS[s['path']]:<38} "
+            f"{shown(s['median_img_per_s'], ',.0f'):>12} img/s"
+        )
     for k, wait in data.get("data_wait_frac", {}).items():
         first, after = data["data_to_train_ratio_first_epoch"][k], data["data_to_train_ratio_after"][k]
-        lines.append(f"  {k:<26} data/train {shown(first, '.1f', unit='x'):>7} first epoch, "
-                     f"{shown(after, '.1f', unit='x'):>9} after   "
-                     f"data wait {shown(wait, '.1f', 100, '%'):>5} of step time")  # fmt: skip
-    lines.append("  (resident: the split decoded once into a table on the rank's device; after the first epoch a "
-                 "batch needs the epoch's order and a table lookup, so its rate is the slower of the two)")  # fmt: skip
+        lines.append(
+            f"  {k:<26} data/train {shown(first, '.1f', unit='x'):>7} first epoch, "
+            f"{shown(after, '.1f', unit='x'):>9} after   "
+            f"data wait {shown(wait, '.1f', 100, '%'):>5} of step time"
+        )
+    lines.append(
+        "  (resident: the split decoded once into a table on the rank's device; after the first epoch a "
+        "batch needs the epoch's order and a table lookup, so its rate is the slower of the two)"
+    )
     return "\n".join(lines)
 
 
@@ -643,8 +727,16 @@ def scaling_section(args) -> dict:
         for processes, threads, batchnorm in SCALING_RUNS:
             launcher = [_accelerate(), "launch", "--config_file", str(Path(tmp) / "one_cpu.yaml")]
             if processes > 1:
-                launcher = [_accelerate(), "launch", "--config_file", str(Path(tmp) / "ddp_cpu.yaml"),
-                            "--num_processes", str(processes), "--main_process_port", str(_free_port())]  # fmt: skip
+                launcher = [
+                    _accelerate(),
+                    "launch",
+                    "--config_file",
+                    str(Path(tmp) / "ddp_cpu.yaml"),
+                    "--num_processes",
+                    str(processes),
+                    "--main_process_port",
+                    str(_free_port()),
+                ]
             extra, env = [f"model.batchnorm={batchnorm}"], {"OMP_NUM_THREADS": str(threads)}
             runs.append({"batchnorm": batchnorm, **scaling_run(args, launcher, extra, env)})
             norm = f", {batchnorm} BatchNorm" if processes > 1 else ""
@@ -664,22 +756,42 @@ def scaling_run(args, launcher: list[str], extra: list[str], env: dict) -> dict:
     every = load_config(args.config, _overrides(args)).log.every_steps
     steps = every * (_skipped_lines(_device().type) + args.trials)
     with tempfile.TemporaryDirectory(prefix="cvae-bench-") as tmp:
-        cmd = [*launcher, *(["--dynamo_backend", args.compile] if args.compile else []), "-m", "cvae_dist.cli",
-               "train", *(["--config", str(args.config)] if args.config else []), *_overrides(args), *extra,
-               f"output_dir={tmp}", "run_name=scaling", f"train.max_steps={steps}"]  # fmt: skip
+        cmd = [
+            *launcher,
+            *(["--dynamo_backend", args.compile] if args.compile else []),
+            "-m",
+            "cvae_dist.cli",
+            "train",
+            *(["--config", str(args.config)] if args.config else []),
+            *_overrides(args),
+            *extra,
+            f"output_dir={tmp}",
+            "run_name=scaling",
+            f"train.max_steps={steps}",
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", **env}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=_timeout(args))
         if proc.returncode != 0:
-            raise RuntimeError(f"bench: {' '.join(cmd)} exited {proc.returncode}:\n"
-                               f"{(proc.stdout + proc.stderr)[-4000:]}")  # fmt: skip
+            raise RuntimeError(
+                f"bench: {' '.join(cmd)} exited {proc.returncode}:\n{(proc.stdout + proc.stderr)[-4000:]}"
+            )
         facts, lines = run_figures(Path(tmp) / "scaling")
     trials = [trial_figures([line], facts["global_batch_size"]) for line in lines]
     rates = [t["img_per_s"] for t in trials]
     waits = {f"median_{k}": _median([t["telemetry"][k] for t in trials]) for k in ("sync_wait_frac", "data_wait_frac")}
-    return {"command": cmd, "processes": facts["world_size"], "threads": facts["threads_per_rank"],
-            "per_rank_batch": facts["per_rank_batch_size"], "precision": facts["precision"],
-            "backend": facts["backend"], "global_batchnorm": facts["global_batchnorm"], "trials": trials,
-            "img_per_s": rates, "median_img_per_s": _median(rates), **waits}  # fmt: skip
+    return {
+        "command": cmd,
+        "processes": facts["world_size"],
+        "threads": facts["threads_per_rank"],
+        "per_rank_batch": facts["per_rank_batch_size"],
+        "precision": facts["precision"],
+        "backend": facts["backend"],
+        "global_batchnorm": facts["global_batchnorm"],
+        "trials": trials,
+        "img_per_s": rates,
+        "median_img_per_s": _median(rates),
+        **waits,
+    }
 
 
 def _accelerate() -> str:

@@ -71,8 +71,14 @@ def run_in_session(cmd: list[str], log: Path, timeout: float, grace: float = 5) 
     On every way out its whole process group goes (a launcher's ranks, a bench's workers): SIGTERM, up to `grace`
     seconds, SIGKILL."""
     with open(log, "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"}, stdout=f,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         return proc.wait(timeout)
     except subprocess.TimeoutExpired:
@@ -101,15 +107,27 @@ def first_error(log: Path) -> str:
     return next((x.strip() for x in reversed(lines) if x.strip()), "(empty log)")
 
 
-def train(out: Path, name: str, sizes: Sizes, *overrides: str, launcher: list[str] | None = None,
-          timeout: float = 150, log_name: str | None = None) -> Path:  # fmt: skip
+def train(
+    out: Path,
+    name: str,
+    sizes: Sizes,
+    *overrides: str,
+    launcher: list[str] | None = None,
+    timeout: float = 150,
+    log_name: str | None = None,
+) -> Path:
     """One real `cvae-dist train` in a fresh process; its full output in out/<log_name or name>.log; the run
     directory."""
     log_name = log_name or name
     timeout *= DRY_RUN_SLOWER if sizes.dry_run else 1
     runs = out / "runs"
-    cmd = [*(LAUNCH + launcher + ["-m", "cvae_dist.cli", "train"] if launcher else TRAIN), *sizes.recipe,
-           f"output_dir={runs}", f"run_name={name}", *overrides]  # fmt: skip
+    cmd = [
+        *(LAUNCH + launcher + ["-m", "cvae_dist.cli", "train"] if launcher else TRAIN),
+        *sizes.recipe,
+        f"output_dir={runs}",
+        f"run_name={name}",
+        *overrides,
+    ]
     code = run_in_session(cmd, out / f"{log_name}.log", timeout)
     ended = f"no exit within {timeout:.0f} s" if code is None else f"exit {code}"
     assert code == 0, f"{log_name}: {ended}: {first_error(out / f'{log_name}.log')}"
@@ -144,8 +162,12 @@ def max_relative_difference(a: dict[int, float], b: dict[int, float]) -> float:
 
 def graph_matches_eager(out: Path, sizes: Sizes, precision: str) -> dict:
     """Graph and eager step losses agree within tolerance over >= 50 steps across an epoch boundary."""
-    common = [f"train.max_steps={sizes.steps}", "log.every_steps=1", f"train.precision={precision}",
-              "train.deterministic=true"]  # fmt: skip
+    common = [
+        f"train.max_steps={sizes.steps}",
+        "log.every_steps=1",
+        f"train.precision={precision}",
+        "train.deterministic=true",
+    ]
     graph = train(out, f"graph-{precision}", sizes, *common)
     eager = train(out, f"eager-{precision}", sizes, *common, "train.cuda_graph=false")
     assert facts(graph)["step_mode"] == expected_mode(sizes) and facts(eager)["step_mode"] == "EagerStep"
@@ -179,8 +201,16 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
     from cvae_dist.config import load_config
     from cvae_dist.faults import StopSignal
 
-    cfg = load_config(REPO / "configs" / "debug.yaml", [*sizes.recipe[2:], f"output_dir={out / 'runs'}",
-                      "run_name=in-process", "log.every_steps=1000", "train.precision=bf16"])  # fmt: skip
+    cfg = load_config(
+        REPO / "configs" / "debug.yaml",
+        [
+            *sizes.recipe[2:],
+            f"output_dir={out / 'runs'}",
+            "run_name=in-process",
+            "log.every_steps=1000",
+            "train.precision=bf16",
+        ],
+    )
     run = build.build(cfg)
     with contextlib.ExitStack() as finally_:
         finally_.callback(run.accelerator.end_training)
@@ -236,10 +266,15 @@ def graph_trains_without_host_syncs(out: Path, sizes: Sizes) -> dict:
             else:
                 group["lr"] = lr
         assert run.step.mode == expected_mode(sizes), f"the step ran as {run.step.mode}: {run.step.check}"
-        return {"steps": taken, "step_mode": run.step.mode, "graph_check": run.step.check,
-                "sync_debug_mode": sync_checked,
-                "capturable": [g["capturable"] for g in run.optimizer.param_groups],
-                "lr_is_tensor": isinstance(lrs[0], torch.Tensor), "two_losses_at_lr0": losses}  # fmt: skip
+        return {
+            "steps": taken,
+            "step_mode": run.step.mode,
+            "graph_check": run.step.check,
+            "sync_debug_mode": sync_checked,
+            "capturable": [g["capturable"] for g in run.optimizer.param_groups],
+            "lr_is_tensor": isinstance(lrs[0], torch.Tensor),
+            "two_losses_at_lr0": losses,
+        }
 
 
 @contextlib.contextmanager
@@ -258,8 +293,14 @@ def sync_errors(on: bool):
 
 def resume_mid_epoch(out: Path, sizes: Sizes) -> dict:
     """A mid-epoch checkpoint resumed in a fresh process continues the full run's trajectory."""
-    common = [f"train.max_steps={sizes.steps}", "log.every_steps=1", f"checkpoint.every_steps={sizes.cut}",
-              "checkpoint.keep=100", "train.deterministic=true", "train.precision=fp32"]  # fmt: skip
+    common = [
+        f"train.max_steps={sizes.steps}",
+        "log.every_steps=1",
+        f"checkpoint.every_steps={sizes.cut}",
+        "checkpoint.keep=100",
+        "train.deterministic=true",
+        "train.precision=fp32",
+    ]
     full = train(out, "full", sizes, *common)
     cut = full.parent / "cut"
     shutil.copytree(full, cut)
@@ -283,11 +324,20 @@ def resume_mid_epoch(out: Path, sizes: Sizes) -> dict:
 
 def eager_checkpoint_into_graph(out: Path, sizes: Sizes) -> dict:
     """A checkpoint written by eager steps (capturable=False in AdamW's saved groups) resumes into graph mode."""
-    eager = train(out, "eager-first", sizes, f"train.max_steps={sizes.cut}", "train.cuda_graph=false",
-                  "log.every_steps=1")  # fmt: skip
+    eager = train(
+        out, "eager-first", sizes, f"train.max_steps={sizes.cut}", "train.cuda_graph=false", "log.every_steps=1"
+    )
     assert facts(eager)["step_mode"] == "EagerStep"
-    train(out, "eager-first", sizes, f"train.max_steps={2 * sizes.cut}", "train.cuda_graph=true", "resume=auto",
-          "log.every_steps=1", log_name="graph-after")  # fmt: skip
+    train(
+        out,
+        "eager-first",
+        sizes,
+        f"train.max_steps={2 * sizes.cut}",
+        "train.cuda_graph=true",
+        "resume=auto",
+        "log.every_steps=1",
+        log_name="graph-after",
+    )
     after = facts(eager)
     losses = step_losses(eager)
     assert after["step_mode"] == expected_mode(sizes), after["step_mode"]
@@ -321,8 +371,9 @@ def ddp_capture_one_rank(out: Path, sizes: Sizes) -> dict:
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
     image = 32 if sizes.dry_run else 64
-    data = RankStream(DataConfig(train_split="test" if sizes.dry_run else "train", batch_size=64), 0, 1, seed=0,
-                      device=device)  # fmt: skip
+    data = RankStream(
+        DataConfig(train_split="test" if sizes.dry_run else "train", batch_size=64), 0, 1, seed=0, device=device
+    )
     batches = [b.pixels for b in data.epoch(1, 6)]
 
     def trajectory(wrap: bool, global_bn: bool, lr: float) -> dict:
@@ -337,8 +388,9 @@ def ddp_capture_one_rank(out: Path, sizes: Sizes) -> dict:
                 into.copy_(p.grad)
 
             p.register_post_accumulate_grad_hook(keep)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-5, fused=True,
-                                      capturable=device.type == "cuda")  # fmt: skip
+        optimizer = torch.optim.AdamW(
+            model.parameters(), lr=lr, weight_decay=1e-5, fused=True, capturable=device.type == "cuda"
+        )
         side = torch.cuda.Stream() if device.type == "cuda" else None
         with torch.cuda.stream(side) if side else contextlib.nullcontext():
             # (no buffer broadcast, as in the trainer: BatchNorm's statistics are the world's already)
@@ -419,8 +471,16 @@ def _free_port() -> int:
 
 def zero_bf16(out: Path, sizes: Sizes, stage: int) -> dict:
     """DeepSpeed ZeRO-`stage` in bf16: the run reports its stage and compute dtype, and the loss falls."""
-    launcher = ["--config_file", str(REPO / "launch" / "deepspeed.yaml"), "--zero_stage", str(stage),
-                "--num_processes", str(sizes.processes), "--main_process_port", str(_free_port())]  # fmt: skip
+    launcher = [
+        "--config_file",
+        str(REPO / "launch" / "deepspeed.yaml"),
+        "--zero_stage",
+        str(stage),
+        "--num_processes",
+        str(sizes.processes),
+        "--main_process_port",
+        str(_free_port()),
+    ]
     run = train(out, f"zero{stage}", sizes, "train.epochs=2", "train.precision=bf16", launcher=launcher)
     f = facts(run)
     assert (f["zero_stage"], f["precision"], f["compute_dtype"]) == (stage, "bf16", "bfloat16"), f
@@ -434,10 +494,23 @@ def trainer_vs_hand_graph(out: Path, sizes: Sizes) -> dict:
     in the same process (>= 0.9 of it) with data wait < 5 %, and the share of time the GPU idles between steps (step
     lines included: reported). A dry run has no graph row: its eager row is read."""
     result = out / "bench.json"
-    cmd = [sys.executable, str(Path(__file__).parent / "bench.py"), "--sections", "compare", "--precisions", "bf16",
-           "--layouts", "channels_last", "--json", str(result),
-           *(["--trials", "1", "--seconds", "0.5", "--warmup", "0.2", "model.image_size=32"] if sizes.dry_run
-             else ["--trials", "3", "--seconds", "2", "--warmup", "1"])]  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(Path(__file__).parent / "bench.py"),
+        "--sections",
+        "compare",
+        "--precisions",
+        "bf16",
+        "--layouts",
+        "channels_last",
+        "--json",
+        str(result),
+        *(
+            ["--trials", "1", "--seconds", "0.5", "--warmup", "0.2", "model.image_size=32"]
+            if sizes.dry_run
+            else ["--trials", "3", "--seconds", "2", "--warmup", "1"]
+        ),
+    ]
     code = run_in_session(cmd, out / "bench.log", timeout=240)
     ended = "no exit within 240 s" if code is None else f"exit {code}"
     assert code == 0, f"bench: {ended}: {first_error(out / 'bench.log')}"
@@ -445,10 +518,14 @@ def trainer_vs_hand_graph(out: Path, sizes: Sizes) -> dict:
     row = rows.get("graph") or rows["eager"]
     assert sizes.dry_run or "graph" in rows, "no graph row on a GPU"
     ratio, wait = row["median_ratio"], row["framework"]["median_data_wait_frac"]
-    figures = {"mode": row["mode"], "ratio": ratio, "data_wait_frac": wait,
-               "idle_frac": row["framework"]["telemetry"].get("idle_frac"),
-               "trainer_img_per_s": row["framework"]["median_img_per_s"],
-               "hand_img_per_s": (row.get("hand_graph") or row["hand"])["median_img_per_s"]}  # fmt: skip
+    figures = {
+        "mode": row["mode"],
+        "ratio": ratio,
+        "data_wait_frac": wait,
+        "idle_frac": row["framework"]["telemetry"].get("idle_frac"),
+        "trainer_img_per_s": row["framework"]["median_img_per_s"],
+        "hand_img_per_s": (row.get("hand_graph") or row["hand"])["median_img_per_s"],
+    }
     if sizes.gpu:
         assert ratio >= 0.9, f"the trainer's graph mode reached {ratio:.3f} of the hand graph (< 0.9)"
         assert wait < 0.05, f"data wait {wait:.1%} (>= 5 %)"
@@ -488,8 +565,14 @@ def run_one(name: str, out: Path, dry_run: bool) -> int:
     except Exception as e:  # noqa: BLE001 - a failed assertion or a crash: both are this check's FAIL
         figures, status, error = {}, "FAIL", f"{type(e).__name__}: {e}"
         traceback.print_exc()
-    record = {"check": name, "status": status, "seconds": round(time.perf_counter() - start, 1),
-              "figures": figures, "error": error, "written_at": time.time()}  # fmt: skip
+    record = {
+        "check": name,
+        "status": status,
+        "seconds": round(time.perf_counter() - start, 1),
+        "figures": figures,
+        "error": error,
+        "written_at": time.time(),
+    }
     (out / f"{name}.json").write_text(strict_json.dumps(record, indent=1, default=str) + "\n")
     return 0 if status == "PASS" else 1
 
@@ -510,9 +593,11 @@ def preflight() -> tuple[bool, str]:
             missing.append(f"{name} ({type(e).__name__}: {str(e).strip().partition(chr(10))[0][:120]})")
     if not missing:
         return True, f"gpu_check: preflight: {', '.join(found)}"
-    return False, (f"gpu_check: preflight: cannot import {'; '.join(missing)} (pandas, torchvision and transformers "
-                   "come with the machine's image; datasets, omegaconf and deepspeed with the wheels of "
-                   "benchmarks/gpu_wheels.sh: carry .gpu)")  # fmt: skip
+    return False, (
+        f"gpu_check: preflight: cannot import {'; '.join(missing)} (pandas, torchvision and transformers "
+        "come with the machine's image; datasets, omegaconf and deepspeed with the wheels of "
+        "benchmarks/gpu_wheels.sh: carry .gpu)"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -572,8 +657,13 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         timeout = min(timeout * (DRY_RUN_SLOWER if args.dry_run else 1), deadline - start)
         if timeout < 5:
-            record = {"check": name, "status": "FAIL", "figures": {}, "wall_s": 0.0,
-                      "error": f"not run: the {BUDGET_S} s budget was spent"}  # fmt: skip
+            record = {
+                "check": name,
+                "status": "FAIL",
+                "figures": {},
+                "wall_s": 0.0,
+                "error": f"not run: the {BUDGET_S} s budget was spent",
+            }
             results.append(record)
             say(f"FAIL {name}: {record['error']}")
             continue

@@ -29,8 +29,15 @@ from cvae_dist.config import load_config
 from cvae_dist.train import train
 
 # Two epochs of 15 steps of 32 on the 500 held-out digits, a checkpoint every 5 steps.
-COMMON = ["train.epochs=2", "data.train_split=test", "data.batch_size=32", "log.every_steps=5",
-          "checkpoint.every_steps=5", "checkpoint.keep=20", "log.wandb=offline"]  # fmt: skip
+COMMON = [
+    "train.epochs=2",
+    "data.train_split=test",
+    "data.batch_size=32",
+    "log.every_steps=5",
+    "checkpoint.every_steps=5",
+    "checkpoint.keep=20",
+    "log.wandb=offline",
+]
 
 
 @pytest.fixture(scope="module")
@@ -98,11 +105,23 @@ def test_data_workers_shape_a_streamed_order_only(tmp_path):
     small = ["train.epochs=1", "data.train_split=test", "log.wandb=disabled", f"output_dir={tmp_path}"]
     train(load_config(DEBUG, [*small, "run_name=streamed", "data.resident_mb=0"]))
     with pytest.raises(CheckpointError, match="written with 0 data worker.*resume with data.num_workers=0$"):
-        train(load_config(DEBUG, [*small, "run_name=streamed", "data.resident_mb=0", "resume=auto",
-                                  "train.epochs=2", "data.num_workers=1"]))  # fmt: skip
+        train(
+            load_config(
+                DEBUG,
+                [
+                    *small,
+                    "run_name=streamed",
+                    "data.resident_mb=0",
+                    "resume=auto",
+                    "train.epochs=2",
+                    "data.num_workers=1",
+                ],
+            )
+        )
     train(load_config(DEBUG, [*small, "run_name=resident"]))
-    resumed = train(load_config(DEBUG, [*small, "run_name=resident", "resume=auto", "train.epochs=2",
-                                        "data.num_workers=1"]))  # fmt: skip
+    resumed = train(
+        load_config(DEBUG, [*small, "run_name=resident", "resume=auto", "train.epochs=2", "data.num_workers=1"])
+    )
     assert resumed.steps == 2 * 3
 
 
@@ -187,8 +206,9 @@ def test_disk_full_during_a_checkpoint(tmp_path, capsys):
         run = disk / "run"
         code, err = run_cli(capsys, train_argv(disk, "run", "checkpoint.every_steps=1"))
         assert code == 1
-        line = one_line(err, f"could not write {run / 'checkpoints' / 'step-000000002'}: No space left on device;",
-                        "MB free there")  # fmt: skip
+        line = one_line(
+            err, f"could not write {run / 'checkpoints' / 'step-000000002'}: No space left on device;", "MB free there"
+        )
         assert not leftovers(disk), leftovers(disk)  # no .partial-step-*, no .status.json.tmp
         # The partial checkpoint is gone, so status.json had room to say what happened.
         st = status(run)

@@ -35,8 +35,11 @@ def test_verify_compares_the_weights_shapes_with_the_model_the_checkpoint_record
     reseal(checkpoint, model, prefix="module.")  # the same model, as a DDP run saves it: verifies
     assert verify_checkpoint(checkpoint).step == 6
     reseal(checkpoint, ModelConfig(latent_dim=model.latent_dim + 4, filters=model.filters))
-    with pytest.raises(CheckpointError, match=r"the weights are not the model it records \(.*model.safetensors holds "
-                       r"decoder.linear.weight with shape \[4096, 12\], where a CVAE of latent_dim=8"):  # fmt: skip
+    with pytest.raises(
+        CheckpointError,
+        match=r"the weights are not the model it records \(.*model.safetensors holds "
+        r"decoder.linear.weight with shape \[4096, 12\], where a CVAE of latent_dim=8",
+    ):
         verify_checkpoint(checkpoint)
 
 

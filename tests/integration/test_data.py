@@ -92,8 +92,9 @@ def test_a_corrupt_shard_is_one_line_naming_it(tmp_path, capsys, how, on_bad_rec
     # A shard cut short by an interrupted copy, or with 100 bytes overwritten: named, whatever on_bad_record says
     # (skip drops bad records, not unreadable files).
     source = corrupt_source(tmp_path / "data", how)
-    argv = train_argv(tmp_path, "run", f"data.source={source}", "data.train_split=train",
-                      f"data.on_bad_record={on_bad_record}")  # fmt: skip
+    argv = train_argv(
+        tmp_path, "run", f"data.source={source}", "data.train_split=train", f"data.on_bad_record={on_bad_record}"
+    )
     code, err = run_cli(capsys, argv)
     assert code == 2
     line = one_line(err, "replace or re-create it")
@@ -103,9 +104,13 @@ def test_a_corrupt_shard_is_one_line_naming_it(tmp_path, capsys, how, on_bad_rec
 
 @pytest.mark.parametrize(
     ("case", "problem"),
-    [("no-rows", "holds no rows"), ("string-labels", "column 'label' is string, expected integers 0..9"),
-     ("no-label", "lacks column(s) ['label']"), ("float-ids", "column 'id' is double, expected integers")],
-)  # fmt: skip
+    [
+        ("no-rows", "holds no rows"),
+        ("string-labels", "column 'label' is string, expected integers 0..9"),
+        ("no-label", "lacks column(s) ['label']"),
+        ("float-ids", "column 'id' is double, expected integers"),
+    ],
+)
 def test_a_shard_of_the_wrong_shape_is_named_with_its_cause(tmp_path, capsys, case, problem):
     # A converter wrote an empty last shard, labels as text, no labels or float ids: the shard and the cause are
     # named before anything is written (not "unreadable", not a traceback from the decoder).
@@ -130,8 +135,9 @@ def test_a_shard_of_the_wrong_shape_is_named_with_its_cause(tmp_path, capsys, ca
     assert not (tmp_path / "run").exists()
 
 
-@pytest.mark.parametrize("case", ["missing-source", "empty-source", "unknown-train-split", "unknown-eval-split",
-                                  "corrupt-shard"])  # fmt: skip
+@pytest.mark.parametrize(
+    "case", ["missing-source", "empty-source", "unknown-train-split", "unknown-eval-split", "corrupt-shard"]
+)
 def test_a_config_error_leaves_no_run_directory_and_the_name_free(tmp_path, capsys, case):
     # The user gets the data settings wrong, reads the error, fixes them and reruns with the same run_name.
     good = tmp_path / "data"

@@ -12,8 +12,9 @@ def test_export_into_a_run_directory_is_refused_and_writes_nothing(finished, tmp
     (tmp_path / "link").symlink_to(other / "checkpoints")  # another run's checkpoints/, reached through a link
     before = snapshot(tmp_path)
     for source, out in [("--run", run / inside), ("--checkpoint", tmp_path / "link" / "mine")]:
-        code, err = run_cli(capsys, ["export", source, run / "model" if source == "--checkpoint" else run,
-                                     "--out", out])  # fmt: skip
+        code, err = run_cli(
+            capsys, ["export", source, run / "model" if source == "--checkpoint" else run, "--out", out]
+        )
         assert code == 2
         one_line(err, f"export --out {out} is inside run directory", "accepted: a new or empty directory outside")
     assert snapshot(tmp_path) == before

@@ -37,8 +37,14 @@ def run(tmp_path_factory) -> Path:
 
     out = tmp_path_factory.mktemp("runs")
     # fp32 stated: the tests below compare against plain fp32 loops (`auto` may pick bf16 on this CPU)
-    overrides = ["train.epochs=1", "data.train_split=test", f"output_dir={out}", "run_name=tiny", "log.wandb=disabled",
-                 "train.precision=fp32"]  # fmt: skip
+    overrides = [
+        "train.epochs=1",
+        "data.train_split=test",
+        f"output_dir={out}",
+        "run_name=tiny",
+        "log.wandb=disabled",
+        "train.precision=fp32",
+    ]
     run_dir = train(load_config(REPO / "configs" / "debug.yaml", overrides)).run_dir
     assert not (run_dir / "wandb").exists()  # log.wandb=disabled writes no W&B run at all
     return run_dir
@@ -314,9 +320,16 @@ def test_export_push_to_hub_without_a_hub_keeps_the_local_export(run, tmp_path):
     assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
 
 
-@pytest.mark.parametrize("argv", [["sample", "--n", "100000"], ["sample", "--latent-grid", "100"],
-                                  ["reconstruct", "--n", "5000"], ["interpolate", "--pairs", "1000"]],
-                         ids=["sample", "latent-grid", "reconstruct", "interpolate"])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["sample", "--n", "100000"],
+        ["sample", "--latent-grid", "100"],
+        ["reconstruct", "--n", "5000"],
+        ["interpolate", "--pairs", "1000"],
+    ],
+    ids=["sample", "latent-grid", "reconstruct", "interpolate"],
+)
 def test_too_many_images_are_refused_at_once(finished, tmp_path, capsys, argv):
     # A typo of a few zeros: refused in one line before anything is decoded (it took 46 s and 21.8 GB, then died).
     started = time.monotonic()

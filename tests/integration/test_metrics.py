@@ -82,8 +82,9 @@ def wandb_log_fails(tmp_path_factory):
         logger.removeHandler(handler)
     if left_active is not None:  # flush what it holds, and leave no active run to later wandb.init calls here
         left_active.finish()
-    return SimpleNamespace(run_dir=result.run_dir, calls=calls, warnings=metrics_warnings(captured),
-                           left_active=left_active)  # fmt: skip
+    return SimpleNamespace(
+        run_dir=result.run_dir, calls=calls, warnings=metrics_warnings(captured), left_active=left_active
+    )
 
 
 @pytest.mark.auto_precision

@@ -71,8 +71,16 @@ def test_a_local_clone_of_the_hub_repository_trains(tmp_path, mnist_full):
         (file,) = parquet_files(str(clone), split)
         assert Path(file).relative_to(clone).as_posix() == f"mnist/{split}-00000-of-00001.parquet"
         assert pq.read_schema(file).names == ["image", "label"]
-    overrides = [f"data.source={clone}", "train.epochs=1", "log.every_steps=1", "log.sample_ids=true",
-                 "train.precision=fp32", "log.wandb=disabled", f"output_dir={tmp_path}", "run_name=clone"]  # fmt: skip
+    overrides = [
+        f"data.source={clone}",
+        "train.epochs=1",
+        "log.every_steps=1",
+        "log.sample_ids=true",
+        "train.precision=fp32",
+        "log.wandb=disabled",
+        f"output_dir={tmp_path}",
+        "run_name=clone",
+    ]
     result = train(load_config(REPO / MNIST, overrides))
     assert result.steps == 384 // 128 and len(result.epoch_losses) == 1 and math.isfinite(result.epoch_losses[0])
     (rank,) = [json.loads(p.read_text()) for p in (result.run_dir / "ranks").glob("rank*.json")]

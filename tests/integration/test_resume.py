@@ -28,8 +28,9 @@ def test_a_relative_resume_path_rewinds_the_run_and_writes_its_own_checkpoints(f
     assert (run / "checkpoints/step-000000006.abandoned").is_dir()
     new6 = verify_checkpoint(run / "checkpoints/step-000000006")
     assert new6.step == 6 and events(run, "checkpoint:epoch")[-1]["step"] == 6
-    assert (run / "checkpoints/step-000000006/trainer_state.json").stat().st_mtime > \
-        (run / "checkpoints/step-000000006.abandoned/trainer_state.json").stat().st_mtime  # fmt: skip
+    assert (run / "checkpoints/step-000000006/trainer_state.json").stat().st_mtime > (
+        run / "checkpoints/step-000000006.abandoned/trainer_state.json"
+    ).stat().st_mtime
     assert old6.step == 6
 
 
@@ -82,8 +83,12 @@ def test_a_resume_that_changes_the_model_data_or_seed_is_refused(finished, tmp_p
 
 def test_a_resume_applies_and_records_a_new_lr_and_weight_decay(finished, tmp_path, capsys):
     run = copy_of(finished, tmp_path)
-    code, err = run_cli(capsys, train_argv(tmp_path, "run", *FINISHED, "train.epochs=3", "resume=auto",
-                                           "train.lr=0.0005", "train.weight_decay=0.01"))  # fmt: skip
+    code, err = run_cli(
+        capsys,
+        train_argv(
+            tmp_path, "run", *FINISHED, "train.epochs=3", "resume=auto", "train.lr=0.0005", "train.weight_decay=0.01"
+        ),
+    )
     assert code == 0, err
     changed = events(run, "resumed")[-1]["changed"]
     assert changed == {"train.epochs": [2, 3], "train.lr": [0.001, 0.0005], "train.weight_decay": [1e-05, 0.01]}
@@ -116,8 +121,9 @@ def test_resuming_a_completed_run_keeps_its_rank_record(finished, tmp_path, caps
 
 
 def test_a_restart_before_the_first_checkpoint_continues_the_same_wandb_run(tmp_path, capsys):
-    argv = train_argv(tmp_path, "run", "train.epochs=1", "log.wandb=offline", "checkpoint.every_epoch=false",
-                      "train.max_steps=1")  # fmt: skip
+    argv = train_argv(
+        tmp_path, "run", "train.epochs=1", "log.wandb=offline", "checkpoint.every_epoch=false", "train.max_steps=1"
+    )
     assert run_cli(capsys, argv)[0] == 0
     run = tmp_path / "run"
     for checkpoint in checkpoint_dirs(run):  # as if the first attempt died before its first checkpoint
@@ -134,8 +140,9 @@ def test_resume_auto_matches_a_run_or_is_refused(finished, tmp_path, capsys):
     assert code == 2 and not (tmp_path / "typo").exists()
     one_line(err, f"resume=auto: there is no run {tmp_path / 'typo'} to continue", "resume=allow")
     # the recipe's default name gets a new time at every launch: it can never name the run to continue
-    code, err = run_cli(capsys, ["train", "--config", train_argv(tmp_path, "x")[2], f"output_dir={tmp_path}",
-                                 "resume=auto"])  # fmt: skip
+    code, err = run_cli(
+        capsys, ["train", "--config", train_argv(tmp_path, "x")[2], f"output_dir={tmp_path}", "resume=auto"]
+    )
     assert code == 2
     one_line(err, "resume=auto continues a named run", "run_name=debug-{time} names a new one")
     # allow: starts a run that does not exist yet

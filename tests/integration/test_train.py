@@ -96,8 +96,15 @@ def test_runs_in_different_precisions_in_one_process(tmp_path, precision):
 def test_deterministic_kernels_are_the_runs_choice_and_recorded(tmp_path):
 
     for deterministic in (True, False):  # set both ways: the next run in this process is not left deterministic
-        cfg = load_config(DEBUG, [*TWO_STEPS, f"output_dir={tmp_path}", f"run_name=det-{deterministic}",
-                                  f"train.deterministic={deterministic}"])  # fmt: skip
+        cfg = load_config(
+            DEBUG,
+            [
+                *TWO_STEPS,
+                f"output_dir={tmp_path}",
+                f"run_name=det-{deterministic}",
+                f"train.deterministic={deterministic}",
+            ],
+        )
         config = read_run(train(cfg).run_dir).config
         assert config["deterministic"] is deterministic and config["train"]["deterministic"] is deterministic
         assert torch.are_deterministic_algorithms_enabled() is deterministic

@@ -14,8 +14,21 @@ from support.launching import REPO
 # Two short trials at batch 32 on the 500 held-out digits (bf16 is ~20x slower than fp32 on CPUs without fast bf16);
 # a step line every step: a framework trial is a run of two steps (its first line is left out).
 # (a CPU has no peak FLOP/s unless one is configured: with one, every MFU figure is checked against it)
-SHORT = ["--trials", "2", "--seconds", "0.2", "--warmup", "0.1", "--data-seconds", "0.2", "--batch", "32",
-         "log.every_steps=1", "data.train_split=test", "log.peak_tflops=1"]  # fmt: skip
+SHORT = [
+    "--trials",
+    "2",
+    "--seconds",
+    "0.2",
+    "--warmup",
+    "0.1",
+    "--data-seconds",
+    "0.2",
+    "--batch",
+    "32",
+    "log.every_steps=1",
+    "data.train_split=test",
+    "log.peak_tflops=1",
+]
 
 
 def bench(repo, tmp_path, *args, timeout=600, installed=None):
@@ -26,8 +39,14 @@ def bench(repo, tmp_path, *args, timeout=600, installed=None):
     env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
     if installed is not None:
         env["PYTHONPATH"] = str(installed)
-        where = subprocess.run([sys.executable, "-c", "import cvae_dist; print(cvae_dist.__file__)"], env=env,
-                               cwd=tmp_path, capture_output=True, text=True, check=True).stdout  # fmt: skip
+        where = subprocess.run(
+            [sys.executable, "-c", "import cvae_dist; print(cvae_dist.__file__)"],
+            env=env,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         assert where.startswith(str(installed)), where
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-6000:]

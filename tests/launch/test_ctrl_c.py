@@ -113,8 +113,12 @@ def test_ctrl_c_after_the_first_epoch_checkpoints_and_stops(tmp_path, ddp):
         assert f'File "{REPO / "cvae_dist"}' not in out, out[-4000:]
     else:
         assert proc.returncode == 130, out[-4000:]
-        assert f"stopped on SIGINT at step {step}; checkpoint {run_dir}/checkpoints/step-{step:09d}; continue " \
-               f"with: cvae-dist train " in out and f"run_name={run_dir.name} resume=auto\n" in out  # fmt: skip
+        assert (
+            f"stopped on SIGINT at step {step}; checkpoint {run_dir}/checkpoints/step-{step:09d}; continue "
+            f"with: cvae-dist train "
+            in out
+            and f"run_name={run_dir.name} resume=auto\n" in out
+        )
         assert "Traceback" not in out, out
 
 
@@ -155,8 +159,9 @@ def test_a_second_ctrl_c_more_than_3_s_later_exits_at_once(tmp_path):
     assert elapsed < 3, f"took {elapsed:.1f} s after the second Ctrl-C"
     assert out.count("Ctrl-C: checkpointing after the step in progress") == 1
     last = out.rstrip().splitlines()[-1]
-    assert last.startswith("Ctrl-C again: stopped at once, without a checkpoint (continue from the last one with: "
-                           "cvae-dist train ") and last.endswith("run_name=run resume=auto)"), last  # fmt: skip
+    assert last.startswith(
+        "Ctrl-C again: stopped at once, without a checkpoint (continue from the last one with: cvae-dist train "
+    ) and last.endswith("run_name=run resume=auto)"), last
     assert checkpoint_dirs(tmp_path / "run") == [] and not leftovers(tmp_path / "run")
 
 
@@ -165,9 +170,18 @@ def start_on_a_terminal(tmp_path: Path, name: str, overrides: list[str]) -> tupl
     job is (an ssh session's, a terminal window's); returns the process and the terminal's other end (close it: the
     terminal hangs up and the kernel sends SIGHUP to the session's leader, the trainer)."""
     master, terminal = os.openpty()
-    STARTED.append(subprocess.Popen([CVAE_DIST, *train_argv(tmp_path, name, *overrides)], cwd=REPO, env=ENV,
-                                    stdin=terminal, stdout=terminal, stderr=terminal, start_new_session=True,
-                                    preexec_fn=lambda: fcntl.ioctl(1, termios.TIOCSCTTY, 0)))  # fmt: skip
+    STARTED.append(
+        subprocess.Popen(
+            [CVAE_DIST, *train_argv(tmp_path, name, *overrides)],
+            cwd=REPO,
+            env=ENV,
+            stdin=terminal,
+            stdout=terminal,
+            stderr=terminal,
+            start_new_session=True,
+            preexec_fn=lambda: fcntl.ioctl(1, termios.TIOCSCTTY, 0),
+        )
+    )
     os.close(terminal)
     return STARTED[-1], master
 

@@ -11,11 +11,22 @@ from cvae_dist.model import CVAE
 
 # Two epochs on the 4,500 shipped training digits (35 steps of 128 per epoch), step lines every 5 steps, in fp32
 # (what `auto` picks on a CPU without fast bf16; bf16 runs are tested on their own, on less data where bf16 is slow).
-SHORT = ["train.epochs=2", "log.every_steps=5", "log.sample_ids=true", "log.images_every_epochs=2",
-         "train.precision=fp32"]  # fmt: skip
+SHORT = [
+    "train.epochs=2",
+    "log.every_steps=5",
+    "log.sample_ids=true",
+    "log.images_every_epochs=2",
+    "train.precision=fp32",
+]
 # bf16 for 6 steps of 32 on the 500 held-out digits: CPUs without AVX-512 BF16 emulate it, ~20x slower than fp32.
-TINY_BF16 = ["train.epochs=1", "data.train_split=test", "data.batch_size=32", "train.max_steps=6", "log.every_steps=1",
-             "train.precision=bf16"]  # fmt: skip
+TINY_BF16 = [
+    "train.epochs=1",
+    "data.train_split=test",
+    "data.batch_size=32",
+    "train.max_steps=6",
+    "log.every_steps=1",
+    "train.precision=bf16",
+]
 # ZeRO in fp32 against the first of the DDP run's epochs: the same seed and world size, the same batches.
 ONE_EPOCH = [*SHORT, "train.epochs=1", "log.images_every_epochs=1"]
 # Epoch losses of runs that differ in the engine (DDP / ZeRO), the world size or the layout: the same global batches,
@@ -130,10 +141,13 @@ def test_bf16_tracks_fp32(runs):
         assert b["train/loss"] == pytest.approx(f["train/loss"], rel=LOSS_TOLERANCE)
 
 
-@pytest.mark.parametrize(("launcher", "want"), [
-    (["--config_file", "launch/cpu_debug.yaml"], None),  # the launcher names no precision: the device decides
-    (["--config_file", "launch/cpu_debug.yaml", "--mixed_precision", "bf16"], "bf16"),  # the launcher's wins
-])  # fmt: skip
+@pytest.mark.parametrize(
+    ("launcher", "want"),
+    [
+        (["--config_file", "launch/cpu_debug.yaml"], None),  # the launcher names no precision: the device decides
+        (["--config_file", "launch/cpu_debug.yaml", "--mixed_precision", "bf16"], "bf16"),  # the launcher's wins
+    ],
+)
 @pytest.mark.auto_precision
 def test_auto_precision_takes_the_launchers_else_the_devices(runs, launcher, want):
     run = launch(runs, f"auto-{want}", launcher, ["train.max_steps=1", "data.train_split=test", "data.batch_size=32"])
@@ -145,8 +159,13 @@ def test_auto_precision_takes_the_launchers_else_the_devices(runs, launcher, wan
 
 
 def test_gpu_launch_config_without_cuda_is_refused(runs):
-    run = launch(runs, "no-gpu", ["--config_file", "launch/ddp_gpu.yaml", "--num_processes", "2"],
-                 ["train.epochs=1"], check=False)  # fmt: skip
+    run = launch(
+        runs,
+        "no-gpu",
+        ["--config_file", "launch/ddp_gpu.yaml", "--num_processes", "2"],
+        ["train.epochs=1"],
+        check=False,
+    )
     assert run.returncode != 0 and not run.run_dir.exists()
     # each rank that got to it says it in one line (torchrun stops the other when the first exits), before the
     # launcher's own report
@@ -184,8 +203,16 @@ def test_deepspeed_resumes_weights_only_and_refuses_a_pickled_payload(runs):
     import json
 
     zero3 = ["--config_file", "launch/deepspeed.yaml", "--zero_stage", "3", "--num_processes", "2"]
-    tiny = ["train.epochs=1", "data.train_split=test", "data.batch_size=32", "train.max_steps=6", "log.every_steps=1",
-            "checkpoint.every_steps=3", "checkpoint.keep=5", "train.precision=fp32"]  # fmt: skip
+    tiny = [
+        "train.epochs=1",
+        "data.train_split=test",
+        "data.batch_size=32",
+        "train.max_steps=6",
+        "log.every_steps=1",
+        "checkpoint.every_steps=3",
+        "checkpoint.keep=5",
+        "train.precision=fp32",
+    ]
     first = launch(runs, "zero3-first", zero3, tiny)
     step3 = first.run_dir / "checkpoints" / "step-000000003"
     # DeepSpeed's own engine would load these shards with weights_only=False; the trainer's loads them weights-only

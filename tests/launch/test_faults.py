@@ -161,8 +161,14 @@ write_safely(write, Path(sys.argv[1]) / "epoch_002.png")
 
 
 def test_a_second_ctrl_c_in_the_middle_of_a_write_leaves_no_half_file(tmp_path):
-    proc = subprocess.run([os.sys.executable, "-c", STOP_AT_ONCE_WHILE_WRITING, str(tmp_path)], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=60)  # fmt: skip
+    proc = subprocess.run(
+        [os.sys.executable, "-c", STOP_AT_ONCE_WHILE_WRITING, str(tmp_path)],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 128 + signal.SIGINT, proc.stderr
     assert "Ctrl-C again: stopped at once" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither the image nor its .partial file
@@ -187,15 +193,28 @@ def test_resume_of_a_streamed_run_with_another_world_size_is_refused_and_changes
 
 def test_a_second_launch_into_a_running_run_is_refused_and_a_dead_runs_lock_is_not_in_the_way(tmp_path):
     cvae_dist = str(REPO / ".venv/bin/cvae-dist") if (REPO / ".venv/bin/cvae-dist").exists() else "cvae-dist"
-    argv = [cvae_dist, "train", "--config", str(DEBUG), f"output_dir={tmp_path}", "run_name=busy", "log.wandb=disabled",
-            "data.train_split=test", "data.batch_size=32", "log.every_steps=5", "checkpoint.every_steps=5"]  # fmt: skip
-    first = subprocess.Popen([*argv, "train.epochs=1000"], cwd=REPO, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.STDOUT)  # fmt: skip
+    argv = [
+        cvae_dist,
+        "train",
+        "--config",
+        str(DEBUG),
+        f"output_dir={tmp_path}",
+        "run_name=busy",
+        "log.wandb=disabled",
+        "data.train_split=test",
+        "data.batch_size=32",
+        "log.every_steps=5",
+        "checkpoint.every_steps=5",
+    ]
+    first = subprocess.Popen(
+        [*argv, "train.epochs=1000"], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT
+    )
     run_dir = tmp_path / "busy"
     try:
         wait_for_step(run_dir, 5, first)
-        second = subprocess.run([*argv, "train.epochs=1000", "resume=auto"], cwd=REPO, capture_output=True,
-                                text=True, timeout=300)  # fmt: skip
+        second = subprocess.run(
+            [*argv, "train.epochs=1000", "resume=auto"], cwd=REPO, capture_output=True, text=True, timeout=300
+        )
         assert second.returncode == 2, second.stderr[-3000:]
         (line,) = [x for x in second.stderr.splitlines() if x.strip()]
         assert f"run {run_dir} is in use by pid {first.pid} on " in line and "one launch trains a run at a time" in line
@@ -205,7 +224,8 @@ def test_a_second_launch_into_a_running_run_is_refused_and_a_dead_runs_lock_is_n
         first.wait()
     assert (run_dir / ".lock").is_file()
     step = verify_checkpoint(checkpoint_dirs(run_dir)[-1]).step
-    third = subprocess.run([*argv, "resume=auto", f"train.max_steps={step + 1}"], cwd=REPO, capture_output=True,
-                           text=True, timeout=300)  # fmt: skip
+    third = subprocess.run(
+        [*argv, "resume=auto", f"train.max_steps={step + 1}"], cwd=REPO, capture_output=True, text=True, timeout=300
+    )
     assert third.returncode == 0, third.stderr[-3000:]
     assert json.loads((run_dir / "status.json").read_text())["state"] == "completed"

@@ -32,8 +32,13 @@ spec.loader.exec_module(gpu_check)
 
 # 20 steps of the debug recipe, a step line every 5, fp32, deterministic kernels (cuDNN may otherwise pick
 # non-deterministic backward convolutions, and no two runs would agree bit for bit).
-STEPS = ["train.max_steps=20", "log.every_steps=5", "log.wandb=disabled", "train.precision=fp32",
-         "train.deterministic=true"]  # fmt: skip
+STEPS = [
+    "train.max_steps=20",
+    "log.every_steps=5",
+    "log.wandb=disabled",
+    "train.precision=fp32",
+    "train.deterministic=true",
+]
 TOLERANCE = {"fp32": 1e-3, "bf16": 2e-2}  # graph vs eager, per step line (relative): the same kernels, reordered
 
 
@@ -52,9 +57,16 @@ def test_cuda_graph_is_the_default_and_matches_eager_steps(tmp_path):
 @gpu
 def test_resume_with_cuda_graphs_continues_the_trajectory(tmp_path):
     """A resumed run warms up with eager steps again before it captures: within graph-vs-eager tolerance."""
-    common = ["train.max_steps=40", "log.every_steps=10", "checkpoint.every_steps=20", "checkpoint.keep=5",
-              "log.wandb=disabled", "train.precision=bf16", "train.deterministic=true",
-              f"output_dir={tmp_path}"]  # fmt: skip
+    common = [
+        "train.max_steps=40",
+        "log.every_steps=10",
+        "checkpoint.every_steps=20",
+        "checkpoint.keep=5",
+        "log.wandb=disabled",
+        "train.precision=bf16",
+        "train.deterministic=true",
+        f"output_dir={tmp_path}",
+    ]
     full = train(load_config(DEBUG, [*common, "run_name=full"]))
     cut = tmp_path / "cut"
     shutil.copytree(full.run_dir, cut)
@@ -83,8 +95,12 @@ def test_resident_digits_on_the_device_are_the_hosts_global_batches(world):
 
 @gpu
 def test_auto_picks_bf16_on_a_gpu_that_has_it(tmp_path):
-    run = train(load_config(DEBUG, ["train.max_steps=5", "log.every_steps=5", "log.wandb=offline",
-                                    f"output_dir={tmp_path}", "run_name=auto"]))  # fmt: skip
+    run = train(
+        load_config(
+            DEBUG,
+            ["train.max_steps=5", "log.every_steps=5", "log.wandb=offline", f"output_dir={tmp_path}", "run_name=auto"],
+        )
+    )
     config = read_run(run.run_dir).config
     want = "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp32"
     assert config["precision"] == want and config["step_mode"] == "GraphStep"
@@ -117,17 +133,23 @@ def test_gpu_check_shows_the_root_error_of_a_log(tmp_path):
         "  rank      : 0 (local_rank: 0)\n=====\n"
     )
     logs = {
-        "launch": (f"starting\n{rank}RuntimeError: Expected running_mean to have type BFloat16\n{rank}"
-                   f"RuntimeError: the other rank's\n{torchrun}", "RuntimeError: Expected running_mean to have type "
-                   "BFloat16"),
-        "user error": ("cvae-dist train: error: model.image_size=30: must be a positive multiple of 8\n" * 2 + torchrun,
-                       "cvae-dist train: error: model.image_size=30: must be a positive multiple of 8"),
-        "rank prefix": ("[rank0]: Traceback (most recent call last):\n[rank0]:   File \"a.py\", line 1\n[rank0]:\n"
-                        "[rank0]: torch.OutOfMemoryError: CUDA out of memory\n", "torch.OutOfMemoryError: CUDA out of "
-                        "memory"),
+        "launch": (
+            f"starting\n{rank}RuntimeError: Expected running_mean to have type BFloat16\n{rank}"
+            f"RuntimeError: the other rank's\n{torchrun}",
+            "RuntimeError: Expected running_mean to have type BFloat16",
+        ),
+        "user error": (
+            "cvae-dist train: error: model.image_size=30: must be a positive multiple of 8\n" * 2 + torchrun,
+            "cvae-dist train: error: model.image_size=30: must be a positive multiple of 8",
+        ),
+        "rank prefix": (
+            '[rank0]: Traceback (most recent call last):\n[rank0]:   File "a.py", line 1\n[rank0]:\n'
+            "[rank0]: torch.OutOfMemoryError: CUDA out of memory\n",
+            "torch.OutOfMemoryError: CUDA out of memory",
+        ),
         "no traceback": ("step 10 loss 3.2\nstep 20 loss 3.1\n\n", "step 20 loss 3.1"),
         "empty": ("", "(empty log)"),
-    }  # fmt: skip
+    }
     for name, (text, want) in logs.items():
         (tmp_path / "log").write_text(text)
         assert gpu_check.first_error(tmp_path / "log") == want, name
@@ -184,8 +206,10 @@ def test_gpu_check_leaves_three_files_in_out(tmp_path):
 
 def test_gpu_check_stops_before_any_check_when_a_package_is_missing(tmp_path):
     out = tmp_path / "out"
-    code = (f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import gpu_check as g; "
-            f"g.PREFLIGHT += ('no_such_package_here',); sys.exit(g.main(['--out', {str(out)!r}]))")  # fmt: skip
+    code = (
+        f"import sys; sys.path.insert(0, {str(REPO / 'benchmarks')!r}); import gpu_check as g; "
+        f"g.PREFLIGHT += ('no_such_package_here',); sys.exit(g.main(['--out', {str(out)!r}]))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stdout + proc.stderr
     lines = (out / "log.txt").read_text().splitlines()

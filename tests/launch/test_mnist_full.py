@@ -27,8 +27,13 @@ ONE = ["--config_file", "launch/cpu_debug.yaml"]
 STEPS = 40  # of the 468 in an epoch
 
 
-RUN = [f"train.max_steps={STEPS}", "log.every_steps=10", "checkpoint.every_steps=20", "log.sample_ids=true",
-       "train.precision=fp32"]  # fmt: skip
+RUN = [
+    f"train.max_steps={STEPS}",
+    "log.every_steps=10",
+    "checkpoint.every_steps=20",
+    "log.sample_ids=true",
+    "train.precision=fp32",
+]
 
 
 # Runs at different world sizes see different batches (each rank reads its own part) and BatchNorm statistics over
@@ -106,8 +111,14 @@ def test_sigterm_mid_epoch_resumes_exactly_on_the_full_set(tmp_path, ddp, mnist_
 
 
 def test_three_ranks_share_the_global_batch_and_track_one_rank_on_the_full_set(runs, mnist_full):
-    overrides = [*source(mnist_full), "train.max_steps=20", "log.every_steps=10", "log.sample_ids=true",
-                 "train.precision=fp32", "log.wandb=disabled"]  # fmt: skip
+    overrides = [
+        *source(mnist_full),
+        "train.max_steps=20",
+        "log.every_steps=10",
+        "log.sample_ids=true",
+        "train.precision=fp32",
+        "log.wandb=disabled",
+    ]
     three = launch(runs, "three", DDP3, overrides, timeout=LAUNCH_TIMEOUT, config=MNIST)
     one = launch(runs, "one", ONE, overrides, timeout=LAUNCH_TIMEOUT, config=MNIST)
     # resident: every rank slices its share of the same global batches (43 / 43 / 42), 468 of them at any world size

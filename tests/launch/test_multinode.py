@@ -30,13 +30,34 @@ def launch_two_machines(tmp_path, name: str, gpu_ids: list[str], overrides: list
     port = str(free_port())
     procs = []
     for machine in (0, 1):
-        launcher = ["--config_file", "launch/multi_node.yaml", "--num_machines", "2", "--num_processes", "2",
-                    "--machine_rank", str(machine), "--main_process_ip", "127.0.0.1", "--main_process_port", port,
-                    *gpu_ids]  # fmt: skip
+        launcher = [
+            "--config_file",
+            "launch/multi_node.yaml",
+            "--num_machines",
+            "2",
+            "--num_processes",
+            "2",
+            "--machine_rank",
+            str(machine),
+            "--main_process_ip",
+            "127.0.0.1",
+            "--main_process_port",
+            port,
+            *gpu_ids,
+        ]
         cmd = launch_command(tmp_path, name, launcher, overrides)
         env = {**ENV, "OMP_NUM_THREADS": "1"}  # two one-core "machines" on this two-core host
-        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, start_new_session=True))  # fmt: skip
+        procs.append(
+            subprocess.Popen(
+                cmd,
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                start_new_session=True,
+            )
+        )
     results = []
     try:
         for proc in procs:

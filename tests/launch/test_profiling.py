@@ -32,8 +32,11 @@ def trace_events(path: Path) -> list[dict]:
 
 def steps_in(events: list[dict]) -> dict[int, tuple[float, float]]:
     """The trace's `step <n>` markers: {n: (start, end)} in the trace's microseconds."""
-    return {int(e["name"].split()[1]): (e["ts"], e["ts"] + e["dur"]) for e in events
-            if e.get("cat") == "user_annotation" and e["name"].startswith("step ")}  # fmt: skip
+    return {
+        int(e["name"].split()[1]): (e["ts"], e["ts"] + e["dur"])
+        for e in events
+        if e.get("cat") == "user_annotation" and e["name"].startswith("step ")
+    }
 
 
 def ops_per_step(events: list[dict], name: str) -> dict[int | None, int]:
@@ -139,12 +142,23 @@ def worker_ranks(launcher: int) -> dict[int, int]:
 
 def test_sigusr2_to_one_rank_of_a_live_job_profiles_the_same_steps_on_both_and_the_run_completes(tmp_path):
     # the 4,500 training digits in batches of 32: 140 steps, a step line every 10
-    overrides = ["data.batch_size=32", "train.epochs=1", "log.every_steps=10", "train.precision=fp32",
-                 "log.wandb=disabled"]  # fmt: skip
+    overrides = [
+        "data.batch_size=32",
+        "train.epochs=1",
+        "log.every_steps=10",
+        "train.precision=fp32",
+        "log.wandb=disabled",
+    ]
     run_dir = tmp_path / "live"
     with (tmp_path / "live.log").open("w") as log:
-        proc = subprocess.Popen(launch_command(tmp_path, "live", DDP, overrides), cwd=REPO, env=ENV, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+        proc = subprocess.Popen(
+            launch_command(tmp_path, "live", DDP, overrides),
+            cwd=REPO,
+            env=ENV,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         wait_for_step(run_dir, 10, proc)
         ranks = worker_ranks(proc.pid)
@@ -179,10 +193,17 @@ def test_usr2_to_a_slurm_job_profiles_its_trainers_and_neither_stops_nor_requeue
         env.pop(key, None)
     # the 4,500 training digits in batches of 32 on 2 processes: 140 steps
     job = slurm_cluster.submit(
-        "slurm/train.sbatch", "configs/debug.yaml", "data.batch_size=32", "train.epochs=1", "log.every_steps=10",
-        "train.precision=fp32", f"output_dir={out}",
-        log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env=env,
-    )  # fmt: skip
+        "slurm/train.sbatch",
+        "configs/debug.yaml",
+        "data.batch_size=32",
+        "train.epochs=1",
+        "log.every_steps=10",
+        "train.precision=fp32",
+        f"output_dir={out}",
+        log_dir=tmp_path / "slurm",
+        sbatch=("-n", "1"),
+        env=env,
+    )
     run_dir = out / f"cvae-train-{job.id}"
 
     def training(_job) -> bool:

@@ -16,8 +16,15 @@ DDP = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes", "2"]
 LAUNCHER = [*DDP, "--max_restarts", "1"]
 # The 500 held-out digits in global batches of 32 (16 a rank): 15 steps an epoch, steps 1..30 over 2 epochs. A step
 # line every 2 steps, a checkpoint every 8 and at each epoch's end: steps 8 15 16 24 30.
-RUN = ["data.train_split=test", "data.batch_size=32", "train.epochs=2", "log.every_steps=2",
-       "checkpoint.every_steps=8", "train.precision=fp32", "resume=allow"]  # fmt: skip
+RUN = [
+    "data.train_split=test",
+    "data.batch_size=32",
+    "train.epochs=2",
+    "log.every_steps=2",
+    "checkpoint.every_steps=8",
+    "train.precision=fp32",
+    "resume=allow",
+]
 # mid-epoch 2, after the checkpoint at 16: a step line is written at the exchange after its own, so the lines of
 # steps 18 and 20 are in metrics.jsonl when the victim dies in step 23 (22's is not yet), and the restart drops them
 STEPS, CHECKPOINT, KILL_AT, WRITTEN_AFTER = 30, 16, 23, 2

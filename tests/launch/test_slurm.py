@@ -87,9 +87,14 @@ def assert_completed(cluster: SlurmCluster, job, state: str) -> None:
 def test_single_node_job(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     out = tmp_path / "runs"
     job = slurm_cluster.submit(
-        "slurm/train.sbatch", "configs/debug.yaml", *QUICK, f"output_dir={out}",
-        log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env=job_env(),
-    )  # fmt: skip
+        "slurm/train.sbatch",
+        "configs/debug.yaml",
+        *QUICK,
+        f"output_dir={out}",
+        log_dir=tmp_path / "slurm",
+        sbatch=("-n", "1"),
+        env=job_env(),
+    )
     state = slurm_cluster.wait(job, timeout=240)
     assert_completed(slurm_cluster, job, state)
 
@@ -111,9 +116,15 @@ def test_single_node_job(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
 def test_multinode_job(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     out = tmp_path / "runs"
     job = slurm_cluster.submit(
-        "slurm/train_multinode.sbatch", "configs/debug.yaml", *QUICK, "log.sample_ids=true", f"output_dir={out}",
-        log_dir=tmp_path / "slurm", sbatch=("-N", "2", "--ntasks-per-node", "1"), env=job_env(),
-    )  # fmt: skip
+        "slurm/train_multinode.sbatch",
+        "configs/debug.yaml",
+        *QUICK,
+        "log.sample_ids=true",
+        f"output_dir={out}",
+        log_dir=tmp_path / "slurm",
+        sbatch=("-N", "2", "--ntasks-per-node", "1"),
+        env=job_env(),
+    )
     state = slurm_cluster.wait(job, timeout=240)
     assert_completed(slurm_cluster, job, state)
 
@@ -141,9 +152,14 @@ def test_multinode_job(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
 def test_preempted_job_is_requeued_and_resumes(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     out = tmp_path / "runs"
     job = slurm_cluster.submit(
-        "slurm/train.sbatch", "configs/debug.yaml", *LONG, f"output_dir={out}",
-        log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env=job_env(),
-    )  # fmt: skip
+        "slurm/train.sbatch",
+        "configs/debug.yaml",
+        *LONG,
+        f"output_dir={out}",
+        log_dir=tmp_path / "slurm",
+        sbatch=("-n", "1"),
+        env=job_env(),
+    )
     run_dir = out / f"cvae-train-{job.id}"
     state = preempt(slurm_cluster, job, run_dir, 120, 300)
     assert_completed(slurm_cluster, job, state)
@@ -165,9 +181,14 @@ def test_preempted_array_task_is_requeued_alone(slurm_cluster: SlurmCluster, tmp
     # `scontrol requeue <that id>` would requeue the whole array, `<array>_1` requeues task 1 only.
     out, logs = tmp_path / "runs", tmp_path / "slurm"
     array = slurm_cluster.submit(
-        "slurm/train.sbatch", "configs/debug.yaml", *LONG, f"output_dir={out}", log_dir=logs,
-        sbatch=("-n", "1", "--array=0-1", f"--output={logs}/%x-%A_%a.out"), env=job_env(),
-    ).id  # fmt: skip
+        "slurm/train.sbatch",
+        "configs/debug.yaml",
+        *LONG,
+        f"output_dir={out}",
+        log_dir=logs,
+        sbatch=("-n", "1", "--array=0-1", f"--output={logs}/%x-%A_%a.out"),
+        env=job_env(),
+    ).id
     request.addfinalizer(lambda: subprocess.run(["scancel", array], capture_output=True, timeout=30))
     tasks = [Job(f"{array}_{t}", logs / f"cvae-train-{array}_{t}.out") for t in (0, 1)]
     run_dirs = [out / f"cvae-train-{array}_{t}" for t in (0, 1)]  # named after the task, the same across requeues
@@ -192,9 +213,15 @@ def test_preempted_array_task_is_requeued_alone(slurm_cluster: SlurmCluster, tmp
 def test_dead_process_restarts_in_place_and_usr1_still_requeues(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     out = tmp_path / "runs"
     job = slurm_cluster.submit(
-        "slurm/train.sbatch", "configs/debug.yaml", *LONG, "checkpoint.every_steps=4", f"output_dir={out}",
-        log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env={**job_env(), "MAX_RESTARTS": "2"},
-    )  # fmt: skip
+        "slurm/train.sbatch",
+        "configs/debug.yaml",
+        *LONG,
+        "checkpoint.every_steps=4",
+        f"output_dir={out}",
+        log_dir=tmp_path / "slurm",
+        sbatch=("-n", "1"),
+        env={**job_env(), "MAX_RESTARTS": "2"},
+    )
     run_dir = out / f"cvae-train-{job.id}"
     state = slurm_cluster.wait(job, timeout=120, until=lambda _job: checkpoints(run_dir))
     assert state == "RUNNING", f"job {job.id} ended {state}:\n{job.log_text()[-6000:]}"
@@ -223,9 +250,14 @@ def test_preempted_multirank_job_finds_a_renamed_run(slurm_cluster: SlurmCluster
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"output_dir: {out}\n")
     job = slurm_cluster.submit(
-        "slurm/train.sbatch", str(recipe), *LONG, "run_name=renamed",
-        log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env={**job_env(), "NUM_PROCESSES": "2"},
-    )  # fmt: skip
+        "slurm/train.sbatch",
+        str(recipe),
+        *LONG,
+        "run_name=renamed",
+        log_dir=tmp_path / "slurm",
+        sbatch=("-n", "1"),
+        env={**job_env(), "NUM_PROCESSES": "2"},
+    )
     run_dir = out / "renamed"
     state = preempt(slurm_cluster, job, run_dir, 180, 360)
     assert_completed(slurm_cluster, job, state)
@@ -249,9 +281,14 @@ def test_refused_restart_after_preemption_is_not_requeued(slurm_cluster: SlurmCl
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("data:\n  batch_size: 128\n")
     job = slurm_cluster.submit(
-        "slurm/train.sbatch", str(recipe), *LONG, f"output_dir={out}",
-        log_dir=tmp_path / "slurm", sbatch=("-n", "1"), env={**job_env(), "MAX_REQUEUES": "2"},
-    )  # fmt: skip
+        "slurm/train.sbatch",
+        str(recipe),
+        *LONG,
+        f"output_dir={out}",
+        log_dir=tmp_path / "slurm",
+        sbatch=("-n", "1"),
+        env={**job_env(), "MAX_REQUEUES": "2"},
+    )
     run_dir = out / f"cvae-train-{job.id}"
     changed = lambda: recipe.write_text("data:\n  batch_size: 64\n")  # noqa: E731  (what the requeued attempt reads)
     state = preempt(slurm_cluster, job, run_dir, 120, 300, before=changed)

@@ -15,8 +15,14 @@ from cvae_dist.checkpoint import checkpoint_dirs
 
 # Two epochs of the 4,500 shipped training digits (35 global batches of 128 each), every step's loss logged, a
 # checkpoint every 20 steps (step 20 is mid-epoch 1) and all of them kept.
-SAME = ["train.epochs=2", "log.every_steps=1", "train.precision=fp32", "checkpoint.every_steps=20",
-        "checkpoint.keep=10", "log.images_every_epochs=2"]  # fmt: skip
+SAME = [
+    "train.epochs=2",
+    "log.every_steps=1",
+    "train.precision=fp32",
+    "checkpoint.every_steps=20",
+    "checkpoint.keep=10",
+    "log.images_every_epochs=2",
+]
 STEPS = 70
 DDP = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes"]
 ONE = ["--config_file", "launch/cpu_debug.yaml"]

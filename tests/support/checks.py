@@ -120,8 +120,10 @@ def read_only(path: Path):
         finally:
             _sh("chattr", "-i", path)
     else:
-        pytest.skip("root bypasses permission bits, and neither a read-only bind mount (needs CAP_SYS_ADMIN) nor "
-                    "chattr +i (needs a filesystem that supports it) works here")  # fmt: skip
+        pytest.skip(
+            "root bypasses permission bits, and neither a read-only bind mount (needs CAP_SYS_ADMIN) nor "
+            "chattr +i (needs a filesystem that supports it) works here"
+        )
 
 
 @contextlib.contextmanager
@@ -130,8 +132,9 @@ def small_disk(path: Path, kib: int):
     if os.geteuid() != 0:
         pytest.skip("a full disk is simulated with a small tmpfs, and mounting one needs root")
     path.mkdir()
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True,
-                            text=True)  # fmt: skip
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(path)], capture_output=True, text=True
+    )
     if result.returncode != 0:
         pytest.skip(f"mount -t tmpfs failed ({result.stderr.strip()}): cannot simulate a full disk")
     try:

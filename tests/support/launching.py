@@ -62,15 +62,27 @@ def free_port() -> int:
 FAULT_ENTRY = str(Path(__file__).with_name("fault_entry.py"))
 
 
-def launch_command(tmp_path: Path, name: str, launcher_args, overrides=(), config="configs/debug.yaml",
-                   fault: tuple = ()) -> list[str]:  # fmt: skip
+def launch_command(
+    tmp_path: Path, name: str, launcher_args, overrides=(), config="configs/debug.yaml", fault: tuple = ()
+) -> list[str]:
     """`accelerate launch <launcher_args> -m cvae_dist.cli train ...` with a free rendezvous port, so concurrent
     launches (other tests, a benchmark) never collide. `fault`: ("nan", step, rank) or ("slow", rank, seconds)
     runs tests/support/fault_entry.py instead (see there)."""
     port = [] if "--main_process_port" in launcher_args else ["--main_process_port", str(free_port())]
     entry = [FAULT_ENTRY, *map(str, fault)] if fault else ["-m", "cvae_dist.cli"]
-    return [*ACCELERATE_LAUNCH, *launcher_args, *port, *entry, "train", "--config", str(REPO / config),
-            f"output_dir={tmp_path}", f"run_name={name}", "log.wandb=offline", *overrides]  # fmt: skip
+    return [
+        *ACCELERATE_LAUNCH,
+        *launcher_args,
+        *port,
+        *entry,
+        "train",
+        "--config",
+        str(REPO / config),
+        f"output_dir={tmp_path}",
+        f"run_name={name}",
+        "log.wandb=offline",
+        *overrides,
+    ]
 
 
 # (without a W&B service an in-process test may have started: each launch's runs start their own)

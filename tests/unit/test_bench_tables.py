@@ -73,11 +73,19 @@ def test_data_section_and_table_with_unknown_figures(monkeypatch):
     args = SimpleNamespace(data_seconds=None, seconds=1.0, warmup=0.0, trials=1)
     cfg = SimpleNamespace(data=SimpleNamespace(batch_size=128, num_workers=None))
     configs = [  # as the parent has them back from the workers' JSON
-        {"precision": "bf16", "layout": "nchw", "mode": "eager",
-         "framework": {"median_img_per_s": 90.0, "median_data_wait_frac": None}},
-        {"precision": "fp32", "layout": "nchw", "mode": "eager",
-         "framework": {"median_img_per_s": None, "median_data_wait_frac": 0.002}},
-    ]  # fmt: skip
+        {
+            "precision": "bf16",
+            "layout": "nchw",
+            "mode": "eager",
+            "framework": {"median_img_per_s": 90.0, "median_data_wait_frac": None},
+        },
+        {
+            "precision": "fp32",
+            "layout": "nchw",
+            "mode": "eager",
+            "framework": {"median_img_per_s": None, "median_data_wait_frac": 0.002},
+        },
+    ]
     data = through_json(bench.data_section(args, cfg, torch.device("cpu"), configs))
     assert data["max_data_wait_frac"] is None and data["data_to_train_ratio_after"]["fp32/nchw"] is None
     assert data["data_to_train_ratio_after"]["bf16/nchw"] == 1e5 / 90.0
@@ -93,9 +101,14 @@ def test_scaling_section_and_table_with_unknown_figures(monkeypatch):
     def launched(args, launcher, extra, env):
         processes = 2 if "--num_processes" in launcher else 1
         local = extra == ["model.batchnorm=local"]
-        return {"processes": processes, "threads": int(env["OMP_NUM_THREADS"]), "backend": "MULTI_CPU",
-                "per_rank_batch": 128 // processes, "median_img_per_s": None if local else 500.0,
-                "median_sync_wait_frac": math.nan if processes > 1 else 0.0}  # fmt: skip
+        return {
+            "processes": processes,
+            "threads": int(env["OMP_NUM_THREADS"]),
+            "backend": "MULTI_CPU",
+            "per_rank_batch": 128 // processes,
+            "median_img_per_s": None if local else 500.0,
+            "median_sync_wait_frac": math.nan if processes > 1 else 0.0,
+        }
 
     monkeypatch.setattr(bench, "scaling_run", launched)
     scaling = through_json(bench.scaling_section(SimpleNamespace()))
@@ -114,7 +127,7 @@ def test_telemetry_line_with_unknown_figures():
             "off_img_per_s": None,
             "ratio": None,
             "trials": {"on": [80.0, 81.0], "off": [None, None]},
-        }  # fmt: skip
+        }
     )
     assert line == "telemetry (bf16/nchw): on 80 img/s, off n/a img/s, on/off n/a (medians of 2 interleaved trials)"
 
@@ -127,8 +140,18 @@ def write_run(run_dir: Path, lines: list[tuple], device: str = "cpu", telemetry:
     records = [{"time": 1.0, "step": 0, "epoch": 1, "event": "started", "world_size": 1}]
     for i, (step, epoch, rate) in enumerate(lines):
         figures = {f"rank/0/{name}": 0.01 * (i + 1) for name in TELEMETRY} if telemetry else {}
-        records.append({"time": 2.0, "step": step, "epoch": epoch, "train/step_loss": 100.0, "images_seen": 32 * step,
-                        "rank/0/img_per_s": rate, **figures, "throughput/global_img_per_s": rate})  # fmt: skip
+        records.append(
+            {
+                "time": 2.0,
+                "step": step,
+                "epoch": epoch,
+                "train/step_loss": 100.0,
+                "images_seen": 32 * step,
+                "rank/0/img_per_s": rate,
+                **figures,
+                "throughput/global_img_per_s": rate,
+            }
+        )
         if i + 1 == len(lines) or lines[i + 1][1] != epoch:
             records.append({"time": 3.0, "step": step, "epoch": epoch, "train/loss": 99.0, "train/img_per_s": 1.0})
     records.append({"time": 4.0, "step": lines[-1][0], "epoch": lines[-1][1], "event": "checkpoint:max_steps"})
@@ -182,8 +205,9 @@ def test_a_framework_trial_is_one_train_run_sized_by_a_warmup_run(tmp_path, monk
 
     monkeypatch.setattr(bench, "train", train)
     monkeypatch.setattr(bench, "_device", lambda: torch.device("cpu"))
-    args = SimpleNamespace(config=None, overrides=[f"output_dir={tmp_path}", "log.every_steps=2"], batch=None,
-                           seconds=1.0)  # fmt: skip
+    args = SimpleNamespace(
+        config=None, overrides=[f"output_dir={tmp_path}", "log.every_steps=2"], batch=None, seconds=1.0
+    )
     runs = bench.FrameworkRuns(args, "t", ["log.telemetry=true"])
     trial = runs.trial(["log.telemetry=false"])
     assert calls == [("t-1", 4, True, "disabled"), ("t-2", 6, False, "disabled")]

@@ -87,8 +87,15 @@ def test_a_checkpoint_takes_the_meters_state_and_logs_its_path(monkeypatch, tmp_
 def test_checkpoint_dirs_are_the_finished_ones_oldest_first(tmp_path):
     assert checkpoint_dirs(tmp_path) == []  # no checkpoints/ yet
     root = tmp_path / "checkpoints"
-    for name in ("step-000000020", "step-000000003", ".partial-step-000000030", "step-000000010",
-                 "step-000000004.corrupt", "step-000000005.abandoned", "step-"):  # fmt: skip
+    for name in (
+        "step-000000020",
+        "step-000000003",
+        ".partial-step-000000030",
+        "step-000000010",
+        "step-000000004.corrupt",
+        "step-000000005.abandoned",
+        "step-",
+    ):
         (root / name).mkdir(parents=True)
     (root / "step-000000040").write_text("a file, not a checkpoint")
     assert [p.name for p in checkpoint_dirs(tmp_path)] == ["step-000000003", "step-000000010", "step-000000020"]
@@ -141,9 +148,19 @@ MODEL = {"latent_dim": 8, "filters": 64, "image_size": 64}
 
 def state_of(**fields) -> TrainerState:
     """A 2-rank run's state (DDP, resident split), with `fields` changed."""
-    defaults = {"world_size": 2, "per_rank_batch_size": 64, "global_batch_size": 128, "data_path": "resident",
-                "engine": "ddp", "zero_stage": 0, "data_workers": 0, "model": MODEL, "settings": {}}  # fmt: skip
+    defaults = {
+        "world_size": 2,
+        "per_rank_batch_size": 64,
+        "global_batch_size": 128,
+        "data_path": "resident",
+        "engine": "ddp",
+        "zero_stage": 0,
+        "data_workers": 0,
+        "model": MODEL,
+        "settings": {},
+    }
     return TrainerState(**(defaults | fields))
+
 
 STREAMED = {"data_path": "streamed"}
 ZERO2 = {"zero_stage": 2, "engine": "deepspeed"}
@@ -151,25 +168,53 @@ ZERO2 = {"zero_stage": 2, "engine": "deepspeed"}
 
 @pytest.mark.parametrize(
     ("saved", "current", "refusal"),
-    [(state_of(model=MODEL | {"latent_dim": 4}), state_of(), "written for model"),
-     (state_of(per_rank_batch_size=32, global_batch_size=64), state_of(),
-      "global batch of 64 images, this run has 128; resume with data.batch_size=64"),
-     (state_of(**STREAMED), state_of(), "the streamed data path, this run's split is resident"),
-     (state_of(world_size=4, per_rank_batch_size=32, **STREAMED), state_of(**STREAMED),
-      "a streamed split is dealt to the ranks by its shards, so its order depends on the world size: relaunch with 4"),
-     (state_of(world_size=4, per_rank_batch_size=32, **ZERO2), state_of(**ZERO2), "ZeRO keeps each rank's optimizer "
-      "partition and this trainer does not convert it (DeepSpeed's universal checkpoint): relaunch with 4"),
-     (state_of(**ZERO2), state_of(), "written under DeepSpeed ZeRO-2, this launch runs DDP or one process"),
-     (state_of(data_workers=2, **STREAMED), state_of(**STREAMED),
-      "written with 2 data worker(s) per rank, this launch has 0"),
-     # DeepSpeed without ZeRO (stage 0) is told from DDP by the engine the checkpoint records
-     (state_of(engine="deepspeed"), state_of(engine="ddp"), "written under DeepSpeed ZeRO-0, this launch runs DDP"),
-     (state_of(settings={"train.seed": 0, "train.lr": 0.001}), state_of(settings={"train.seed": 1, "train.lr": 0.002}),
-      "train.seed=0 in the run, 1 here; the model, the data, its order and the seed cannot change within a run: "
-      "resume with train.seed=0")],
-    ids=["model", "global-batch", "data-path", "streamed-world", "deepspeed-world", "engine",
-         "streamed-workers", "deepspeed-zero0", "seed"],
-)  # fmt: skip
+    [
+        (state_of(model=MODEL | {"latent_dim": 4}), state_of(), "written for model"),
+        (
+            state_of(per_rank_batch_size=32, global_batch_size=64),
+            state_of(),
+            "global batch of 64 images, this run has 128; resume with data.batch_size=64",
+        ),
+        (state_of(**STREAMED), state_of(), "the streamed data path, this run's split is resident"),
+        (
+            state_of(world_size=4, per_rank_batch_size=32, **STREAMED),
+            state_of(**STREAMED),
+            "a streamed split is dealt to the ranks by its shards, so its order depends on the world size: "
+            "relaunch with 4",
+        ),
+        (
+            state_of(world_size=4, per_rank_batch_size=32, **ZERO2),
+            state_of(**ZERO2),
+            "ZeRO keeps each rank's optimizer "
+            "partition and this trainer does not convert it (DeepSpeed's universal checkpoint): relaunch with 4",
+        ),
+        (state_of(**ZERO2), state_of(), "written under DeepSpeed ZeRO-2, this launch runs DDP or one process"),
+        (
+            state_of(data_workers=2, **STREAMED),
+            state_of(**STREAMED),
+            "written with 2 data worker(s) per rank, this launch has 0",
+        ),
+        # DeepSpeed without ZeRO (stage 0) is told from DDP by the engine the checkpoint records
+        (state_of(engine="deepspeed"), state_of(engine="ddp"), "written under DeepSpeed ZeRO-0, this launch runs DDP"),
+        (
+            state_of(settings={"train.seed": 0, "train.lr": 0.001}),
+            state_of(settings={"train.seed": 1, "train.lr": 0.002}),
+            "train.seed=0 in the run, 1 here; the model, the data, its order and the seed cannot change within a run: "
+            "resume with train.seed=0",
+        ),
+    ],
+    ids=[
+        "model",
+        "global-batch",
+        "data-path",
+        "streamed-world",
+        "deepspeed-world",
+        "engine",
+        "streamed-workers",
+        "deepspeed-zero0",
+        "seed",
+    ],
+)
 def test_an_incompatible_resume_is_refused_in_one_line(tmp_path, saved, current, refusal):
     with pytest.raises(CheckpointError) as err:
         check_compatible(saved, tmp_path / "step-000000010", current)
@@ -197,12 +242,16 @@ def test_a_resume_returns_the_settings_it_changes(tmp_path):
 
 @pytest.mark.parametrize(
     ("manifest", "refusal"),
-    [("[1, 2]", "expected an object of file name -> sha256"), ('{"a": 3}', "expected an object"),
-     ("{}", "expected an object"), ('{"model.bin": "x"}', "does not list trainer_state.json"),
-     ('{"trainer_state.json": "x", "../../etc/passwd": "y"}', "../../etc/passwd is outside the checkpoint"),
-     ("not json", "not JSON")],
+    [
+        ("[1, 2]", "expected an object of file name -> sha256"),
+        ('{"a": 3}', "expected an object"),
+        ("{}", "expected an object"),
+        ('{"model.bin": "x"}', "does not list trainer_state.json"),
+        ('{"trainer_state.json": "x", "../../etc/passwd": "y"}', "../../etc/passwd is outside the checkpoint"),
+        ("not json", "not JSON"),
+    ],
     ids=["list", "number", "empty", "no-state", "outside", "not-json"],
-)  # fmt: skip
+)
 def test_a_manifest_of_the_wrong_shape_is_refused_in_one_line(tmp_path, manifest, refusal):
     path = sealed(tmp_path / "step-000000001", {"trainer_state.json": "{}"})
     (path / "manifest.json").write_text(manifest)

@@ -73,9 +73,14 @@ def test_cli_reports_config_errors_in_one_line(capsys):
 
 @pytest.mark.parametrize(
     ("value", "expected"),
-    [("fp32", Precision.fp32), ("'fp32'", Precision.fp32), ("bf16", Precision.bf16), ("fp16", Precision.fp16),
-     ("auto", Precision.auto)],
-)  # fmt: skip
+    [
+        ("fp32", Precision.fp32),
+        ("'fp32'", Precision.fp32),
+        ("bf16", Precision.bf16),
+        ("fp16", Precision.fp16),
+        ("auto", Precision.auto),
+    ],
+)
 def test_precision_by_name_on_the_command_line_and_in_yaml(tmp_path, value, expected):
     assert load_config(None, [f"train.precision={value}"]).train.precision is expected
     recipe = tmp_path / "r.yaml"
@@ -98,10 +103,12 @@ def test_yaml_words_stay_words_for_every_enum_key_and_booleans_still_read(tmp_pa
 
 @pytest.mark.parametrize(
     ("text", "where"),
-    [("train:\n  epochs: 3\n  lr: [0.1\n", "4:1"),  # an unclosed list
-     ("train:\n  epochs: 3\n log:\n  every_steps: [1\n", "3:2")],  # a recipe edited by hand, indentation broken
+    [
+        ("train:\n  epochs: 3\n  lr: [0.1\n", "4:1"),  # an unclosed list
+        ("train:\n  epochs: 3\n log:\n  every_steps: [1\n", "3:2"),
+    ],  # a recipe edited by hand, indentation broken
     ids=["unclosed", "indentation"],
-)  # fmt: skip
+)
 def test_yaml_syntax_error_is_one_line_naming_file_line_and_column(tmp_path, capsys, text, where):
     bad = tmp_path / "bad.yaml"
     bad.write_text(text)
@@ -121,15 +128,39 @@ def test_checkpoint_interval_must_align_with_loss_checks():
 
 @pytest.mark.parametrize(
     "override",
-    ["train.lr=-0.001", "train.lr=nan", "train.lr=0", "train.weight_decay=-1e-5", "train.weight_decay=nan",
-     "train.weight_decay=inf", "train.collective_timeout_s=-5", "train.collective_timeout_s=604801",
-     "train.collective_timeout_s=100000000000000", "train.seed=-1", "data.shuffle_buffer=-5",
-     "log.straggler_fraction=0", "log.straggler_fraction=1.5", "log.straggler_intervals=0",
-     "log.images_every_epochs=0", "log.peak_tflops=0", "log.peak_tflops=nan",
-     "checkpoint.every_steps=-10", "output_dir=''", "data.train_split=train+", "log.project=' '", "resume=''",
-     f"run_name={'x' * 250}{{time}}", "run_name=..", "run_name=.", "run_name=../escaped", "run_name=a/b",
-     "run_name=.hidden", "run_name='a\\\\b'", "run_name='tab\there'"],
-)  # fmt: skip
+    [
+        "train.lr=-0.001",
+        "train.lr=nan",
+        "train.lr=0",
+        "train.weight_decay=-1e-5",
+        "train.weight_decay=nan",
+        "train.weight_decay=inf",
+        "train.collective_timeout_s=-5",
+        "train.collective_timeout_s=604801",
+        "train.collective_timeout_s=100000000000000",
+        "train.seed=-1",
+        "data.shuffle_buffer=-5",
+        "log.straggler_fraction=0",
+        "log.straggler_fraction=1.5",
+        "log.straggler_intervals=0",
+        "log.images_every_epochs=0",
+        "log.peak_tflops=0",
+        "log.peak_tflops=nan",
+        "checkpoint.every_steps=-10",
+        "output_dir=''",
+        "data.train_split=train+",
+        "log.project=' '",
+        "resume=''",
+        f"run_name={'x' * 250}{{time}}",
+        "run_name=..",
+        "run_name=.",
+        "run_name=../escaped",
+        "run_name=a/b",
+        "run_name=.hidden",
+        "run_name='a\\\\b'",
+        "run_name='tab\there'",
+    ],
+)
 def test_every_value_out_of_its_range_is_refused_in_one_line_naming_key_value_and_what_is_accepted(override):
     with pytest.raises(ConfigError) as err:
         load_config(None, [override])
@@ -153,8 +184,17 @@ def test_every_key_that_its_type_does_not_bound_has_a_rule():
 
 
 def test_the_defaults_and_edge_values_that_mean_something_are_accepted():
-    cfg = load_config(None, ["data.shuffle_buffer=0", "train.weight_decay=0", "log.straggler_fraction=1",
-                             "train.seed=4294967295", "run_name=x{time}", "resume=allow"])  # fmt: skip
+    cfg = load_config(
+        None,
+        [
+            "data.shuffle_buffer=0",
+            "train.weight_decay=0",
+            "log.straggler_fraction=1",
+            "train.seed=4294967295",
+            "run_name=x{time}",
+            "resume=allow",
+        ],
+    )
     assert cfg.data.shuffle_buffer == 0 and cfg.train.seed == 2**32 - 1
 
 
@@ -170,10 +210,12 @@ def test_a_run_name_that_escapes_or_is_too_long_is_refused_before_anything_is_wr
 
 @pytest.mark.parametrize(
     ("content", "expected"),
-    [(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a text YAML file (byte 0 is not UTF-8)"),
-     (None, "is a directory: --config takes a YAML file")],
+    [
+        (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not a text YAML file (byte 0 is not UTF-8)"),
+        (None, "is a directory: --config takes a YAML file"),
+    ],
     ids=["binary", "directory"],
-)  # fmt: skip
+)
 def test_a_config_that_is_not_a_text_file_is_refused_in_one_line(tmp_path, capsys, content, expected):
     recipe = tmp_path / "recipe.yaml"
     recipe.mkdir() if content is None else recipe.write_bytes(content)
@@ -211,8 +253,9 @@ def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path):
     bomb = tmp_path / "bomb.yaml"
     bomb.write_text("\n".join(rows) + "\n")
     load = f"from cvae_dist.config import ConfigError, load_config\ntry: load_config({str(bomb)!r})\n"
-    proc = subprocess.run([sys.executable, "-c", load + "except ConfigError as e: print(e)"], capture_output=True,
-                          text=True, timeout=30)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", load + "except ConfigError as e: print(e)"], capture_output=True, text=True, timeout=30
+    )
     assert proc.stdout == f"{bomb}:2:8: YAML alias *a: aliases are not accepted; write the value out\n", proc.stderr
     with pytest.raises(ConfigError, match=r"^override 'log.group=\*a':1:1: YAML alias \*a: aliases are not accepted"):
         load_config(None, ["log.group=*a"])
@@ -224,8 +267,11 @@ def test_a_recipe_cannot_read_the_environment(tmp_path, monkeypatch):
     monkeypatch.setenv("CVAE_DIST_TEST_SECRET", "s3cret")
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("log:\n  group: ${oc.env:CVAE_DIST_TEST_SECRET}\n")
-    for path, override in [(recipe, None), (None, "log.project=${oc.env:CVAE_DIST_TEST_SECRET,x}"),
-                           (None, "log.group=${oc.decode:'\\${oc.env:CVAE_DIST_TEST_SECRET}'}")]:  # fmt: skip
+    for path, override in [
+        (recipe, None),
+        (None, "log.project=${oc.env:CVAE_DIST_TEST_SECRET,x}"),
+        (None, "log.group=${oc.decode:'\\${oc.env:CVAE_DIST_TEST_SECRET}'}"),
+    ]:
         with pytest.raises(ConfigError) as err:
             load_config(path, [override] if override else [])
         message = str(err.value)

@@ -276,8 +276,11 @@ def png(side: int = 28, value: int = 0) -> bytes:
 def bad_rows() -> dict:
     """Rows 0, 3 and 5 are good; 1 is not a PNG, 2 has no bytes, 4 is 32x32, 6 has label 12, 7 no label."""
     images = [png(value=10), b"not a png", None, png(value=30), png(side=32), png(value=50), png(), png()]
-    return {"image": [None if b is None else {"bytes": b, "path": None} for b in images],
-            "label": [1, 2, 3, 4, 5, 6, 12, None], "id": [100 + i for i in range(8)]}  # fmt: skip
+    return {
+        "image": [None if b is None else {"bytes": b, "path": None} for b in images],
+        "label": [1, 2, 3, 4, 5, 6, 12, None],
+        "id": [100 + i for i in range(8)],
+    }
 
 
 def test_decode_batch_skip_drops_bad_records_and_keeps_the_good_ones():
@@ -292,9 +295,14 @@ def test_decode_batch_skip_drops_bad_records_and_keeps_the_good_ones():
 
 @pytest.mark.parametrize(
     ("row", "problem"),
-    [(1, "undecodable image"), (2, "no image bytes"), (4, "image is 32x32, expected 28x28"),
-     (6, "label 12 outside 0..9"), (7, "missing label")],
-)  # fmt: skip
+    [
+        (1, "undecodable image"),
+        (2, "no image bytes"),
+        (4, "image is 32x32, expected 28x28"),
+        (6, "label 12 outside 0..9"),
+        (7, "missing label"),
+    ],
+)
 def test_decode_batch_error_names_the_first_bad_record_and_its_problem(row, problem):
     rows = bad_rows()
     keep = [0, 3, row, 5, 6 if row == 7 else 7]  # good rows, the bad one, a good one and another bad one

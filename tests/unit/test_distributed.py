@@ -66,9 +66,16 @@ def test_an_explicit_precision_wins_over_the_launcher_and_the_device(monkeypatch
 
 @pytest.mark.parametrize(
     ("launcher", "fast", "device", "want"),
-    [("bf16", "0", "cpu", "bf16"), ("BF16", "0", "cuda", "bf16"), ("fp16", "1", "cuda", "fp16"),  # the launcher's
-     ("no", "1", "cpu", "bf16"), (None, "1", "cuda", "bf16"), ("NO", "0", "cpu", "fp32"), (None, "0", "cuda", "fp32")],
-)  # fmt: skip
+    [
+        ("bf16", "0", "cpu", "bf16"),
+        ("BF16", "0", "cuda", "bf16"),
+        ("fp16", "1", "cuda", "fp16"),  # the launcher's
+        ("no", "1", "cpu", "bf16"),
+        (None, "1", "cuda", "bf16"),
+        ("NO", "0", "cpu", "fp32"),
+        (None, "0", "cuda", "fp32"),
+    ],
+)
 def test_auto_takes_the_launchers_precision_else_the_devices_fastest(monkeypatch, launcher, fast, device, want):
     from cvae_dist.distributed import resolve_precision
 
@@ -145,8 +152,11 @@ def test_an_exchange_is_enqueued_before_anything_waits_for_the_device_and_read_l
     assert waits == ["gather"]
     gathered = read()
     assert waits[0] == "gather" and "cpu" in waits
-    assert {k: v.tolist() for k, v in gathered.items()} == {"loss/interval": [3.5], "stop": [1.0],
-                                                             "poll/seconds_per_step": [0.25]}  # fmt: skip
+    assert {k: v.tolist() for k, v in gathered.items()} == {
+        "loss/interval": [3.5],
+        "stop": [1.0],
+        "poll/seconds_per_step": [0.25],
+    }
 
 
 def test_stop_polls_are_spaced_by_the_slowest_ranks_pace_and_never_due_at_once_after_a_send():

@@ -58,8 +58,10 @@ def test_an_output_dir_that_is_a_file_is_refused(tmp_path):
     (tmp_path / "out").write_text("a file")
     with pytest.raises(ConfigError) as err:
         check_writable(tmp_path / "out" / "run")
-    assert str(err.value) == f"{tmp_path / 'out'} is a file, not a directory: output_dir and run_name must name a " \
-                             "directory"  # fmt: skip
+    assert (
+        str(err.value) == f"{tmp_path / 'out'} is a file, not a directory: output_dir and run_name must name a "
+        "directory"
+    )
 
 
 def test_a_failed_write_leaves_the_old_file_and_no_partial_one(tmp_path):

@@ -73,8 +73,10 @@ def test_from_pretrained_checks_a_hub_repos_config_json_too(tmp_path, built, con
 def test_a_good_export_loads_from_a_directory_and_the_hub(tmp_path):
     local = export(tmp_path / "export", SHAPE)
     hub_cache(tmp_path / "cache", SHAPE)
-    for model in (CVAE.from_pretrained(local), CVAE.from_pretrained("someone/cvae", cache_dir=tmp_path / "cache",
-                                                                    local_files_only=True)):  # fmt: skip
+    for model in (
+        CVAE.from_pretrained(local),
+        CVAE.from_pretrained("someone/cvae", cache_dir=tmp_path / "cache", local_files_only=True),
+    ):
         assert model.config == ModelConfig(**SHAPE) and not model.training
 
 

@@ -21,9 +21,22 @@ from cvae_dist.metrics import code_commit
 from cvae_dist.profiling import Profiler, Window, next_window, range_window
 
 
-@pytest.mark.parametrize(("text", "expected"), [("3-5", (3, 5)), ("20-25", (20, 25)), ("7-7", (7, 7)),
-                                                (" 1 - 2 ", (1, 2)), ("5-3", None), ("0-2", None), ("3", None),
-                                                ("3-", None), ("a-b", None), ("", None), (None, None)])  # fmt: skip
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("3-5", (3, 5)),
+        ("20-25", (20, 25)),
+        ("7-7", (7, 7)),
+        (" 1 - 2 ", (1, 2)),
+        ("5-3", None),
+        ("0-2", None),
+        ("3", None),
+        ("3-", None),
+        ("a-b", None),
+        ("", None),
+        (None, None),
+    ],
+)
 def test_step_range_reads_a_to_b(text, expected):
     assert step_range(text) == expected
 
@@ -90,8 +103,17 @@ class Recorder:
 
 
 def make(tmp_path, recorder, steps=None, last=20, rank=0, **kw) -> Profiler:
-    return Profiler(LogConfig(profile_steps=steps, **kw), tmp_path, rank, torch.device("cpu"), 1, last,
-                    gather=recorder.gather, logger=recorder, say=recorder.said.append)  # fmt: skip
+    return Profiler(
+        LogConfig(profile_steps=steps, **kw),
+        tmp_path,
+        rank,
+        torch.device("cpu"),
+        1,
+        last,
+        gather=recorder.gather,
+        logger=recorder,
+        say=recorder.said.append,
+    )
 
 
 def tiny_step():
@@ -117,7 +139,7 @@ def test_a_window_records_exactly_its_steps_and_no_profiler_lives_outside_it(tmp
         5: (False, False),
         6: (False, False),
         7: (False, False),
-    }  # fmt: skip  (2: the warm-up, nothing recorded)
+    }  # 2: the warm-up, nothing recorded
     assert profiler.step(6) is profiler.step(7) is profiling._NOTHING  # one shared null context, nothing made
     assert made[0]() is None  # the profiler object itself is gone (collected at the window's end)
     path = tmp_path / "profiles" / "rank0-steps3-4.pt.trace.json.gz"
@@ -161,8 +183,9 @@ def test_a_request_on_any_rank_gives_every_rank_the_same_window_once(tmp_path):
         assert p.window is None
         p.agree(gathered((0.0, 1.0)), 10)  # SIGUSR2 reached rank 1 only
     assert profilers[0].window == profilers[1].window == Window(12, 16, "SIGUSR2", True)
-    assert recs[0].said == ["SIGUSR2 (rank 1) at step 10: profiling steps 12-16 on every rank into "
-                            f"{tmp_path / 'profiles'}"]  # fmt: skip
+    assert recs[0].said == [
+        f"SIGUSR2 (rank 1) at step 10: profiling steps 12-16 on every rank into {tmp_path / 'profiles'}"
+    ]
     profilers[0].agree(gathered((1.0, 0.0)), 11)
     assert profilers[0].window.first == 12 and "already due" in recs[0].said[-1]
     p = make(tmp_path, Recorder(), last=10)

@@ -215,12 +215,20 @@ def train_five(step, model) -> tuple[dict[str, torch.Tensor], LossMeter]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, meter
 
 
-@pytest.mark.parametrize(("capture", "mode", "said"), [
-    (Replays(), "GraphStep", "CUDA graph: the first replay matches the eager step"),
-    (Replays(wrong=True), "EagerStep", "CUDA graph: not used, its first replay differs from the eager step by"),
-    (Replays(fails=True), "EagerStep", "CUDA graph: not used, capture failed: RuntimeError: operation not permitted "
-                                       "when stream is capturing; training on with eager steps"),
-], ids=["agrees", "disagrees", "capture-raises"])  # fmt: skip
+@pytest.mark.parametrize(
+    ("capture", "mode", "said"),
+    [
+        (Replays(), "GraphStep", "CUDA graph: the first replay matches the eager step"),
+        (Replays(wrong=True), "EagerStep", "CUDA graph: not used, its first replay differs from the eager step by"),
+        (
+            Replays(fails=True),
+            "EagerStep",
+            "CUDA graph: not used, capture failed: RuntimeError: operation not permitted "
+            "when stream is capturing; training on with eager steps",
+        ),
+    ],
+    ids=["agrees", "disagrees", "capture-raises"],
+)
 def test_a_graph_proves_itself_on_its_first_replay_or_the_run_trains_on_eagerly(capsys, capture, mode, said):
     eager, _ = tiny_cvae_step(skip_nonfinite=False)
     eager_weights, eager_meter = train_five(eager, eager.model)

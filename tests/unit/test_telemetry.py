@@ -173,9 +173,17 @@ def test_step_timer_on_cpu_measures_every_phase_of_the_interval(monkeypatch):
     local = timer.local()
     assert set(local) == set(RANK_FIELDS)
     img_per_s = 4 * 16 / 2.0
-    expected = {"img_per_s": img_per_s, "busy_img_per_s": img_per_s, "step_time_s": 0.5, "data_wait_frac": 0.2,
-                "idle_frac": 0.15, "sync_wait_frac": 0.0, "fwd_bwd_s": 0.3, "optimizer_s": 0.1,
-                "mfu": img_per_s * 1e9 / 128e9}  # fmt: skip
+    expected = {
+        "img_per_s": img_per_s,
+        "busy_img_per_s": img_per_s,
+        "step_time_s": 0.5,
+        "data_wait_frac": 0.2,
+        "idle_frac": 0.15,
+        "sync_wait_frac": 0.0,
+        "fwd_bwd_s": 0.3,
+        "optimizer_s": 0.1,
+        "mfu": img_per_s * 1e9 / 128e9,
+    }
     assert {k: local[k] for k in expected} == pytest.approx(expected)  # (idle: the 3 waits between 4 steps)
     assert local["peak_mem_mb"] > 0  # the process's peak resident set
     clock.now += 1
