@@ -25,6 +25,18 @@ QUICK = ("train.epochs=1", "data.train_split=test", "log.every_steps=1", "log.wa
 LONG = ("train.epochs=1", "log.every_steps=1", "log.wandb=offline")
 
 
+def submit_one_node(cluster: SlurmCluster, tmp_path, recipe, *overrides: str, **env: str):
+    """slurm/train.sbatch as a one-node job of `recipe` and `overrides` (logs in tmp_path/slurm), `env` added."""
+    return cluster.submit(
+        "slurm/train.sbatch",
+        str(recipe),
+        *overrides,
+        log_dir=tmp_path / "slurm",
+        sbatch=("-n", "1"),
+        env={**job_env(), **env},
+    )
+
+
 def job_env() -> dict[str, str]:
     env = dict(os.environ)  # (with the W&B service in-process tests started here: job.sh must not use it)
     env["WANDB_MODE"] = "offline"
@@ -86,15 +98,7 @@ def assert_completed(cluster: SlurmCluster, job, state: str) -> None:
 
 def test_single_node_job(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     out = tmp_path / "runs"
-    job = slurm_cluster.submit(
-        "slurm/train.sbatch",
-        "configs/debug.yaml",
-        *QUICK,
-        f"output_dir={out}",
-        log_dir=tmp_path / "slurm",
-        sbatch=("-n", "1"),
-        env=job_env(),
-    )
+    job = submit_one_node(slurm_cluster, tmp_path, "configs/debug.yaml", *QUICK, f"output_dir={out}")
     state = slurm_cluster.wait(job, timeout=240)
     assert_completed(slurm_cluster, job, state)
 
@@ -151,15 +155,7 @@ def test_multinode_job(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
 
 def test_preempted_job_is_requeued_and_resumes(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     out = tmp_path / "runs"
-    job = slurm_cluster.submit(
-        "slurm/train.sbatch",
-        "configs/debug.yaml",
-        *LONG,
-        f"output_dir={out}",
-        log_dir=tmp_path / "slurm",
-        sbatch=("-n", "1"),
-        env=job_env(),
-    )
+    job = submit_one_node(slurm_cluster, tmp_path, "configs/debug.yaml", *LONG, f"output_dir={out}")
     run_dir = out / f"cvae-train-{job.id}"
     state = preempt(slurm_cluster, job, run_dir, 120, 300)
     assert_completed(slurm_cluster, job, state)
@@ -212,15 +208,14 @@ def test_preempted_array_task_is_requeued_alone(slurm_cluster: SlurmCluster, tmp
 
 def test_dead_process_restarts_in_place_and_usr1_still_requeues(slurm_cluster: SlurmCluster, tmp_path):  # noqa: F811
     out = tmp_path / "runs"
-    job = slurm_cluster.submit(
-        "slurm/train.sbatch",
+    job = submit_one_node(
+        slurm_cluster,
+        tmp_path,
         "configs/debug.yaml",
         *LONG,
         "checkpoint.every_steps=4",
         f"output_dir={out}",
-        log_dir=tmp_path / "slurm",
-        sbatch=("-n", "1"),
-        env={**job_env(), "MAX_RESTARTS": "2"},
+        MAX_RESTARTS="2",
     )
     run_dir = out / f"cvae-train-{job.id}"
     state = slurm_cluster.wait(job, timeout=120, until=lambda _job: checkpoints(run_dir))
@@ -249,15 +244,7 @@ def test_preempted_multirank_job_finds_a_renamed_run(slurm_cluster: SlurmCluster
     out = tmp_path / "runs"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(f"output_dir: {out}\n")
-    job = slurm_cluster.submit(
-        "slurm/train.sbatch",
-        str(recipe),
-        *LONG,
-        "run_name=renamed",
-        log_dir=tmp_path / "slurm",
-        sbatch=("-n", "1"),
-        env={**job_env(), "NUM_PROCESSES": "2"},
-    )
+    job = submit_one_node(slurm_cluster, tmp_path, str(recipe), *LONG, "run_name=renamed", NUM_PROCESSES="2")
     run_dir = out / "renamed"
     state = preempt(slurm_cluster, job, run_dir, 180, 360)
     assert_completed(slurm_cluster, job, state)
@@ -280,15 +267,7 @@ def test_refused_restart_after_preemption_is_not_requeued(slurm_cluster: SlurmCl
     out = tmp_path / "runs"
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("data:\n  batch_size: 128\n")
-    job = slurm_cluster.submit(
-        "slurm/train.sbatch",
-        str(recipe),
-        *LONG,
-        f"output_dir={out}",
-        log_dir=tmp_path / "slurm",
-        sbatch=("-n", "1"),
-        env={**job_env(), "MAX_REQUEUES": "2"},
-    )
+    job = submit_one_node(slurm_cluster, tmp_path, str(recipe), *LONG, f"output_dir={out}", MAX_REQUEUES="2")
     run_dir = out / f"cvae-train-{job.id}"
     changed = lambda: recipe.write_text("data:\n  batch_size: 64\n")  # noqa: E731  (what the requeued attempt reads)
     state = preempt(slurm_cluster, job, run_dir, 120, 300, before=changed)
