@@ -227,9 +227,7 @@ def _parts(
         "nodes": [i["node"] for i in identities],
         **distributed.environment_facts(setup),
     }
-    monitor = Monitor(
-        cfg, accelerator, run_dir, facts, identities, timer, state.step + 1, last_step, cfg.data.batch_size
-    )
+    monitor = Monitor(cfg, accelerator, run_dir, facts, identities, timer, state.step + 1, last_step)
     meter = LossMeter.from_state(state.loss, device, rank, state.step, world)
     checkpointer = Checkpointer(
         accelerator,

@@ -23,34 +23,17 @@ from cvae_dist.profiling import Profiler
 class Monitor:
     """The run's observability. Built with the other parts (nothing written); `start` opens the sinks."""
 
-    def __init__(
-        self,
-        cfg: JobConfig,
-        accelerator: Accelerator,
-        run_dir: Path,
-        facts: dict,
-        identities: list[dict],
-        timer,
-        first_step: int,
-        last_step: int,
-        global_batch: int,
-    ):
+    def __init__(self, cfg: JobConfig, accelerator: Accelerator, run_dir: Path, facts: dict, identities, timer, *steps):
+        """`steps`: the run's next and last step (profile windows fall between)."""
         self.cfg, self.accelerator, self.dir, self.facts = cfg, accelerator, run_dir, facts
-        self.identities, self.timer, self.global_batch = identities, timer, global_batch
+        self.identities, self.timer = identities, timer
         self.stragglers = telemetry.StragglerDetector(cfg.log, accelerator.num_processes)
         self.table = telemetry.RankTable(identities)
-        self.profiler = Profiler(
-            cfg.log,
-            run_dir,
-            accelerator.process_index,
-            accelerator.device,
-            first_step,
-            last_step,
-            gather=_gather,
-            logger=self,
-            say=accelerator.print,
-            graph=facts["step_mode"] == "GraphStep",
+        where, graph = (
+            (cfg.log, run_dir, accelerator.process_index, accelerator.device),
+            facts["step_mode"] == "GraphStep",
         )
+        self.profiler = Profiler(*where, *steps, gather=_gather, logger=self, say=accelerator.print, graph=graph)
         self.logger: RunLogger | None = None
         self.record: RankRecord | None = None
         self.progress: tqdm | None = None
@@ -59,30 +42,16 @@ class Monitor:
 
     def start(self, state, resume, changed: dict) -> None:
         """Open metrics.jsonl and W&B (a resumed run continues both), note how this launch began."""
-        cfg = self.cfg
-        self.logger = RunLogger(
-            self.dir,
-            cfg,
-            self.facts,
-            rank=self.accelerator.process_index,
-            resume_id=state.wandb_run_id,
-            # resume=auto with nothing to resume yet (a restart before the first checkpoint)
-            # starts at step 0: the lost attempt's lines go too
-            resume_step=None if cfg.resume is None else state.step,
-        )
+        # resume=auto with nothing to resume yet (a restart before the first checkpoint) starts at step 0: the lost
+        # attempt's lines go too
+        resume_step = None if self.cfg.resume is None else state.step
+        rank = self.accelerator.process_index
+        self.logger = RunLogger(self.dir, self.cfg, self.facts, rank, state.wandb_run_id, resume_step)
         state.wandb_run_id = self.logger.run_id
-        self.note(
-            {
-                "step": state.step,
-                "epoch": state.epoch,
-                "event": "resumed" if resume else "started",
-                "from": str(resume.path) if resume else None,
-                "changed": {k: list(v) for k, v in changed.items()},
-                "wandb_run_id": self.logger.run_id,
-                "world_size": self.accelerator.num_processes,
-            }
-        )
-        self.record = RankRecord(self.dir, self.facts, cfg.log.sample_ids, state)
+        event = {"step": state.step, "epoch": state.epoch, "event": "resumed" if resume else "started"}
+        event |= {"from": str(resume.path) if resume else None, "changed": {k: list(v) for k, v in changed.items()}}
+        self.note(event | {"wandb_run_id": self.logger.run_id, "world_size": self.accelerator.num_processes})
+        self.record = RankRecord(self.dir, self.facts, self.cfg.log.sample_ids, state)
         self.timer.restart()  # the first interval measures steps, not the set-up
 
     def log(self, record: dict, images: dict | None = None, at: float | None = None) -> None:
@@ -98,14 +67,8 @@ class Monitor:
 
     def batches(self, batches: Iterable, epoch: int, total: int, done: int) -> Iterable:
         """The epoch's batches, with a progress bar (local main process) and the data wait timed."""
-        self.progress = tqdm(
-            batches,
-            total=total,
-            initial=done,
-            desc=f"epoch {epoch}",
-            leave=False,
-            disable=None if self.accelerator.is_local_main_process else True,
-        )
+        bar = {"total": total, "initial": done, "desc": f"epoch {epoch}", "leave": False}
+        self.progress = tqdm(batches, disable=None if self.accelerator.is_local_main_process else True, **bar)
         return self.timer.timed(self.progress)
 
     def step(self, n: int):
@@ -126,7 +89,7 @@ class Monitor:
         """Every rank's fields, read at `step`: profile requests agreed; at a step line (`line`: its loss and place)
         the line written, the table's means, and stragglers named."""
         if line is not None:
-            line |= telemetry.summarise(gathered, line["step"], self.global_batch)
+            line |= telemetry.summarise(gathered, line["step"], self.cfg.data.batch_size)
             at = line.pop("time")
             self.log(line, at=at)  # (stamped with its interval's end, not the later moment it is read)
             self.table.add(gathered)
