@@ -163,6 +163,13 @@ def make_accelerator(cfg: JobConfig) -> Setup:
     if deepspeed and cfg.train.on_nonfinite is NonFinite.skip:
         engine = "(its engine steps inside backward); accepted there: error"
         raise ConfigError(f"train.on_nonfinite=skip is not available under DeepSpeed {engine}")
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config if deepspeed else {}
+    if (steps := ds_config.get("gradient_accumulation_steps", 1)) not in (1, "auto"):
+        doubled = f"it would train batches of {steps} x data.batch_size while every count says data.batch_size"
+        raise LaunchError(
+            f"gradient_accumulation_steps={steps} in the DeepSpeed config: {doubled}, with BatchNorm's statistics "
+            "per micro-batch; accepted: 1 (give the batch as data.batch_size)"
+        )
     zero = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else 0
     dynamo = accelerator.state.dynamo_plugin.backend.value
     eager_reason = _eager_reason(cfg, accelerator.device.type, deepspeed, precision, dynamo)
@@ -227,11 +234,8 @@ def configure_deepspeed(setup: Setup, cfg: JobConfig, per_rank_batch: int) -> No
         unequal = f"data.batch_size={batch} does not divide by the world size {world}; accepted: a multiple of it"
         raise ConfigError(f"DeepSpeed needs an equal micro-batch on every rank: {unequal}")
     ds = setup.accelerator.state.deepspeed_plugin.deepspeed_config
-    accumulation = ds.get("gradient_accumulation_steps", 1)
-    accumulation = 1 if accumulation == "auto" else int(accumulation)
-    ds["train_micro_batch_size_per_gpu"] = per_rank_batch
-    ds["gradient_accumulation_steps"] = accumulation
-    ds["train_batch_size"] = per_rank_batch * accumulation * world
+    ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = per_rank_batch, 1  # (more: refused)
+    ds["train_batch_size"] = per_rank_batch * world
     if ds.get("gradient_clipping", "auto") == "auto":
         ds["gradient_clipping"] = 0.0  # accelerate would fill in 1.0; the recipe does not clip
     ds["bf16"], ds["fp16"] = {"enabled": False}, {"enabled": False}

@@ -175,6 +175,19 @@ def test_gpu_launch_config_without_cuda_is_refused(runs):
     assert "Traceback" not in run.output.split(errors[-1])[0]
 
 
+def test_deepspeed_gradient_accumulation_is_refused_in_one_line_before_anything_is_written(runs):
+    # Accumulating would train a batch of 2 x data.batch_size while every count (steps, epochs, checkpoints, resume)
+    # says data.batch_size, and take BatchNorm's statistics per micro-batch: refused, not silently doubled.
+    config = runs / "deepspeed-accumulating.yaml"
+    text = open("launch/deepspeed.yaml").read()
+    config.write_text(text.replace("gradient_accumulation_steps: 1", "gradient_accumulation_steps: 2"))
+    run = launch(runs, "accumulating", ["--config_file", str(config)], ["train.max_steps=2"], check=False)
+    assert run.returncode != 0 and not run.run_dir.exists()
+    errors = [x for x in run.output.splitlines() if x.startswith("cvae-dist train: error:")]
+    assert errors and all(x == errors[0] for x in errors), run.output[-3000:]
+    assert "gradient_accumulation_steps=2" in errors[0] and "accepted: 1" in errors[0]
+
+
 def test_compiled_model_trains_and_exports_plain_weights(runs):
     # accelerate compiles the model in prepare() under --dynamo_backend; the export must still load into a CVAE.
     launcher = ["--config_file", "launch/cpu_debug.yaml", "--dynamo_backend", "inductor"]
