@@ -81,7 +81,7 @@ class Run:
                 # after load_state, which brings back the settings the checkpoint was written with
                 train = self.cfg.train
                 apply_step_mode(self.optimizer, self.setup.graph, train.lr, accelerator.device, train.weight_decay)
-                self.monitor.start(self.state, self.resume, self.changed)
+                self.state.wandb_run_id = self.monitor.start(self.state, self.resume, self.changed)
                 try:
                     yield
                 finally:

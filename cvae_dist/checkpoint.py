@@ -138,8 +138,8 @@ class Checkpointer:
         """A checkpoint now (`tag` says why, in metrics.jsonl), or the newest one where it already holds this step."""
         if state.step == self.saved_step:
             return self.run_dir / "checkpoints" / f"{STEP_PREFIX}{state.step:09d}"
-        state.loss = self.meter.to_state()
-        path = save_checkpoint(self.accelerator, self.run_dir, state, self.cfg.keep)
+        saved = dataclasses.replace(state, loss=self.meter.to_state())  # (the run's state is the loop's to change)
+        path = save_checkpoint(self.accelerator, self.run_dir, saved, self.cfg.keep)
         self.saved_step = state.step
         self.log({"step": state.step, "epoch": state.epoch, "event": f"checkpoint:{tag}", "path": str(path)})
         return path

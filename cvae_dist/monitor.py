@@ -40,19 +40,19 @@ class Monitor:
 
     # ---- the sinks, once the run directory exists
 
-    def start(self, state, resume, changed: dict) -> None:
-        """Open metrics.jsonl and W&B (a resumed run continues both), note how this launch began."""
+    def start(self, state, resume, changed: dict) -> str | None:
+        """Open metrics.jsonl and W&B (a resumed run continues both), note how this launch began; the W&B run's id."""
         # resume=auto with nothing to resume yet (a restart before the first checkpoint) starts at step 0: the lost
         # attempt's lines go too
         resume_step = None if self.cfg.resume is None else state.step
         rank = self.accelerator.process_index
         self.logger = RunLogger(self.dir, self.cfg, self.facts, rank, state.wandb_run_id, resume_step)
-        state.wandb_run_id = self.logger.run_id
         event = {"step": state.step, "epoch": state.epoch, "event": "resumed" if resume else "started"}
         event |= {"from": str(resume.path) if resume else None, "changed": {k: list(v) for k, v in changed.items()}}
         self.note(event | {"wandb_run_id": self.logger.run_id, "world_size": self.accelerator.num_processes})
         self.record = RankRecord(self.dir, self.facts, self.cfg.log.sample_ids, state)
         self.timer.restart()  # the first interval measures steps, not the set-up
+        return self.logger.run_id
 
     def log(self, record: dict, images: dict | None = None, at: float | None = None) -> None:
         self.logger.log(record, images, at)

@@ -80,7 +80,9 @@ def test_a_checkpoint_takes_the_meters_state_and_logs_its_path(monkeypatch, tmp_
     logged = []
     state = state_of(step=7, epoch=2)
     path = Checkpointer(None, tmp_path, CheckpointConfig(keep=5), Meter(), logged.append).save(state, "signal")
-    assert path == tmp_path / "x" and got == [(state, 5)] and state.loss == Meter().to_state()
+    ((saved, keep),) = got
+    assert path == tmp_path / "x" and keep == 5 and saved.loss == Meter().to_state() and saved.step == 7
+    assert state.loss == {}  # the run's own state is the loop's to change
     assert logged == [{"step": 7, "epoch": 2, "event": "checkpoint:signal", "path": str(tmp_path / "x")}]
 
 
