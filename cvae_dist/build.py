@@ -18,10 +18,12 @@ from cvae_dist.batchnorm import use_global_batchnorm
 from cvae_dist.checkpoint import Checkpointer, TrainerState
 from cvae_dist.config import TIME_FORMAT, ConfigError, JobConfig, flat_settings
 from cvae_dist.data import DataError, RankStream, batch_share, load_split, to_model_input
+from cvae_dist.ema import EMA
 from cvae_dist.faults import StopPoll, StopSignal
 from cvae_dist.loss_meter import LossMeter
 from cvae_dist.model import CVAE, count_parameters
 from cvae_dist.monitor import Monitor
+from cvae_dist.schedule import Schedule
 from cvae_dist.step import EagerStep, GraphStep, apply_step_mode, make_step
 
 
@@ -51,6 +53,13 @@ class Run:
     eval_pixels: torch.Tensor
     eval_labels: torch.Tensor
     prior: torch.Tensor  # fixed latent draws for the sample half of the figure
+    schedule: Schedule  # each step's lr and KL weight
+    ema: EMA | None  # train.ema_decay's average of the weights: what is evaluated, pictured and exported
+
+    @property
+    def weights(self) -> torch.nn.Module:
+        """The model evaluated, pictured and exported: the EMA where there is one."""
+        return self.ema.model if self.ema is not None else self.model
 
     @property
     def accelerator(self) -> Accelerator:
@@ -96,6 +105,10 @@ class Run:
         accelerator, resume = self.accelerator, self.resume
         if resume is not None:
             accelerator.load_state(str(resume.path))
+            if self.ema is not None:
+                self.ema.start()  # at the resumed weights, unless the checkpoint holds an average
+                if not self.ema.load(resume.path):
+                    accelerator.print("train.ema_decay: the checkpoint holds no EMA; it starts at the resumed weights")
             accelerator.print(f"resumed from {resume.path}: epoch {self.state.epoch}, step {self.state.step}")
             if accelerator.is_main_process and resume.own:
                 for moved in checkpoint.set_aside_newer(self.dir, resume.state.step):
@@ -181,7 +194,11 @@ def _parts(
         torch.cuda.current_stream().wait_stream(side_stream)
     if setup.deepspeed:
         distributed.load_deepspeed_weights_only(model)
-    step = make_step(setup, model, optimizer, cfg, share, side_stream)
+    ema = None
+    if cfg.train.ema_decay is not None:  # after prepare: an engine may have moved the weights
+        layout = cfg.train.channels_last and not setup.deepspeed
+        ema = EMA(accelerator.unwrap_model(model), cfg.model, cfg.train.ema_decay, device, layout)
+    step = make_step(setup, model, optimizer, cfg, share, side_stream, ema)
     if not graph and cfg.log.telemetry:  # hooks do not run inside a replayed CUDA graph
         timer.instrument(model, optimizer)
 
@@ -203,7 +220,8 @@ def _parts(
         state = state.continued(resume.state)
         if not resume.own:  # a new run from another run's checkpoint: its own W&B run
             state.wandb_run_id = None
-    last_step = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or cfg.train.epochs * steps_per_epoch)
+    steps = cfg.train.epochs * steps_per_epoch
+    last_step = min(steps, cfg.train.max_steps or steps)
     if last_step <= state.step and cfg.train.max_steps is not None:
         accelerator.print(f"train.max_steps={cfg.train.max_steps}: nothing left to train (at step {state.step})")
 
@@ -217,6 +235,7 @@ def _parts(
         "steps_per_epoch": steps_per_epoch,
         "threads_per_rank": torch.get_num_threads(),
         "step_mode": type(step).__name__,
+        "evaluated_weights": f"ema (decay {cfg.train.ema_decay})" if ema else "live",
         "global_batchnorm": setup.global_batchnorm,
         "straggler_detection": (blocked_unknown or "on") if cfg.log.telemetry else "off (log.telemetry=false)",
         "data_path": state.data_path,
@@ -235,6 +254,7 @@ def _parts(
         cfg.checkpoint,
         meter,
         monitor.log,
+        ema,
         saved_step=resume.state.step if resume and resume.own else None,
     )
     prior = torch.randn(
@@ -268,6 +288,8 @@ def _parts(
         eval_pixels,
         eval_labels,
         prior,
+        Schedule(cfg.train, cfg.data.batch_size, steps),
+        ema,
     )
 
 

@@ -18,7 +18,7 @@ from safetensors import SafetensorError
 from cvae_dist import strict_json
 from cvae_dist.config import CheckpointConfig, ConfigError, JobConfig, model_shape
 from cvae_dist.distributed import is_deepspeed
-from cvae_dist.files import DiskError, disk_error, run_started, set_aside, write_failure
+from cvae_dist.files import DiskError, disk_error, replace_dir, run_started, set_aside, write_failure
 from cvae_dist.model import CVAE, WEIGHTS, portable, weights_mismatch
 
 STATE_FILE, MANIFEST_FILE, STEP_PREFIX = "trainer_state.json", "manifest.json", "step-"
@@ -31,10 +31,12 @@ class CheckpointError(ValueError):
     """A checkpoint that is incomplete, corrupt, or not this trainer's."""
 
 
-def export_final(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, cfg: JobConfig) -> Path:
-    """The final weights as `model/` (every rank takes part: ZeRO-3 gathers its partitions)."""
-    state_dict = accelerator.get_state_dict(model) if is_deepspeed(accelerator) else model.state_dict()
-    export_dir = run_dir / "model"
+def export_final(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path, cfg: JobConfig, name="model") -> Path:
+    """The weights as `model/` (or `name`/), replacing an earlier export whole (every rank takes part: ZeRO-3 gathers
+    its partitions). `model`: the prepared model, or the EMA's plain CVAE."""
+    engine = is_deepspeed(accelerator) and not isinstance(model, CVAE)
+    state_dict = accelerator.get_state_dict(model) if engine else model.state_dict()
+    export_dir = run_dir / name
     if accelerator.is_main_process:
         final = CVAE(cfg.model)
         final.load_state_dict(portable(state_dict))
@@ -44,24 +46,24 @@ def export_final(accelerator: Accelerator, model: torch.nn.Module, run_dir: Path
 
 
 def write_export(model: CVAE, export_dir: Path) -> Path:
-    """`save_pretrained`, checked by loading it back; a failed write leaves no half export."""
-    existed, model = export_dir.is_dir(), model.cpu().eval()
+    """`save_pretrained` into a hidden directory, checked by loading it back, then put in `export_dir`'s place (an
+    earlier export there is replaced whole): a failed write leaves no half export."""
+    model, partial = model.cpu().eval(), export_dir.with_name(f".{export_dir.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)
     try:
-        model.save_pretrained(export_dir)
+        model.save_pretrained(partial)
     except (OSError, *_WRITER_ERRORS) as e:
-        error = write_failure(export_dir, e)
-        for path in export_dir.iterdir() if existed else ():
-            path.unlink(missing_ok=True)
-        if not existed:
-            shutil.rmtree(export_dir, ignore_errors=True)
+        error = write_failure(partial, e)
+        shutil.rmtree(partial, ignore_errors=True)
         if not isinstance(error, OSError):
             raise
         raise disk_error(export_dir, error) from None
-    reloaded = CVAE.from_pretrained(export_dir)
+    reloaded = CVAE.from_pretrained(partial)
     back = reloaded.state_dict()
     same = all(torch.equal(v.float(), back[k].float()) for k, v in model.state_dict().items())
     if reloaded.config != model.config or not same:
         raise RuntimeError(f"{export_dir}: the export does not load back to the same weights")
+    replace_dir(partial, export_dir)
     return export_dir
 
 
@@ -84,10 +86,14 @@ class TrainerState:
     loss: dict = field(default_factory=dict)  # the LossMeter's state: every rank's partial sums
     epoch_seconds: float = 0.0
     wandb_run_id: str | None = None
+    best_loss: float | None = None  # the lowest held-out loss per image so far, and where
+    best_epoch: int = 0
+    best_step: int = 0
 
     def continued(self, saved: TrainerState) -> TrainerState:
         """This launch's state (its world size, engine, settings) at the saved one's place in training."""
         progress = ("step", "epoch", "batches_done", "loss", "epoch_seconds", "wandb_run_id")
+        progress += ("best_loss", "best_epoch", "best_step")
         return dataclasses.replace(self, **{name: getattr(saved, name) for name in progress})
 
     @classmethod
@@ -120,8 +126,9 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
 class Checkpointer:
     """When to checkpoint, and the checkpoint itself: every rank asks at the same points and gets the same answer."""
 
-    def __init__(self, accelerator: Accelerator, run_dir: Path, cfg: CheckpointConfig, meter, log, saved_step=None):
+    def __init__(self, accelerator, run_dir: Path, cfg: CheckpointConfig, meter, log, ema=None, saved_step=None):
         self.accelerator, self.run_dir, self.cfg, self.meter, self.log = accelerator, run_dir, cfg, meter, log
+        self.ema = ema  # saved beside the weights
         self.saved_step: int | None = saved_step  # the step of this run's checkpoint that holds the state as it is now
 
     def due_at_step_line(self, state: TrainerState, epoch_over: bool) -> bool:
@@ -130,8 +137,10 @@ class Checkpointer:
         return every > 0 and state.step % every == 0 and not epoch_over
 
     def at_epoch_end(self, state: TrainerState, last: bool) -> Path | None:
-        """With `checkpoint.every_epoch`, after the run's last step, and where `every_steps` falls on an epoch's end."""
-        due = self.cfg.every_epoch or last or self.due_at_step_line(state, epoch_over=False)
+        """With `checkpoint.every_epoch`, after the run's last step, where `every_steps` falls on an epoch's end, and
+        with `keep_best` at a new best held-out loss."""
+        best = self.cfg.keep_best and state.best_step == state.step
+        due = self.cfg.every_epoch or last or best or self.due_at_step_line(state, epoch_over=False)
         return self.save(state, "epoch") if due else None
 
     def save(self, state: TrainerState, tag: str) -> Path:
@@ -139,15 +148,19 @@ class Checkpointer:
         if state.step == self.saved_step:
             return self.run_dir / "checkpoints" / f"{STEP_PREFIX}{state.step:09d}"
         saved = dataclasses.replace(state, loss=self.meter.to_state())  # (the run's state is the loop's to change)
-        path = save_checkpoint(self.accelerator, self.run_dir, saved, self.cfg.keep)
+        best = state.best_step if self.cfg.keep_best else None
+        path = save_checkpoint(self.accelerator, self.run_dir, saved, self.cfg.keep, self.ema, best)
         self.saved_step = state.step
         self.log({"step": state.step, "epoch": state.epoch, "event": f"checkpoint:{tag}", "path": str(path)})
         return path
 
 
-def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState, keep: int) -> Path:
-    """`checkpoints/step-NNNNNNNNN`, the newest `keep` kept: saved into a hidden directory that gets a sha256 manifest,
-    then renamed into place: a kill leaves no half checkpoint that looks complete, a failed write a DiskError."""
+def save_checkpoint(
+    accelerator, run_dir: Path, state: TrainerState, keep: int, ema=None, best: int | None = None
+) -> Path:
+    """`checkpoints/step-NNNNNNNNN`, the newest `keep` kept (and the one at step `best`): saved into a hidden directory
+    that gets a sha256 manifest, then renamed into place: a kill leaves no half checkpoint that looks complete, a
+    failed write a DiskError. `ema`: the EMA of the weights, saved beside them."""
     final = run_dir / "checkpoints" / f"{STEP_PREFIX}{state.step:09d}"
     partial = final.with_name(f".partial-{final.name}")
     if accelerator.is_main_process:
@@ -165,14 +178,18 @@ def save_checkpoint(accelerator: Accelerator, run_dir: Path, state: TrainerState
     if failed.item() == 0 and accelerator.is_main_process:
         try:
             (partial / STATE_FILE).write_text(strict_json.dumps(asdict(state), indent=1))
+            if ema is not None:
+                ema.save(partial)
             manifest = {str(p.relative_to(partial)): _sha256(p) for p in sorted(partial.rglob("*")) if p.is_file()}
             (partial / MANIFEST_FILE).write_text(strict_json.dumps(manifest, indent=1))
             os.replace(partial, final)
         except OSError as e:
             error = e
         else:
+            kept = None if best is None else f"{STEP_PREFIX}{best:09d}"
             for old in checkpoint_dirs(run_dir)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+                if old.name != kept:
+                    shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     if error is not None or not final.exists():
         if accelerator.is_main_process:

@@ -41,6 +41,13 @@ class NonFinite(enum.Enum):
     skip = "skip"  # drop a step whose gradients are not finite (one host-device sync per step)
 
 
+class LRSchedule(enum.Enum):
+    constant = "constant"  # train.lr after the warm-up
+    cosine = "cosine"  # to train.min_lr at the end of train.epochs
+    linear = "linear"  # to train.min_lr at the end of train.epochs
+    wsd = "wsd"  # warm-up, stable, then a 1-sqrt decay to train.min_lr over the last 20% (Hägele et al. 2024)
+
+
 class WandbMode(enum.Enum):
     auto = "auto"  # online when an API key is configured, offline otherwise
     online = "online"
@@ -76,8 +83,16 @@ class DataConfig:
 class TrainConfig:
     epochs: int = 50
     max_steps: int | None = None  # stop after this many steps in all (a bounded run, e.g. a smoke test)
-    lr: float = 1e-3
+    lr: float = 1e-3  # the peak learning rate
     weight_decay: float = 1e-5
+    # The recipe's clocks count images seen (steps x data.batch_size): the same curve at any world size and on resume.
+    lr_schedule: LRSchedule = LRSchedule.constant
+    warmup_images: int = 0  # the lr rises linearly from 0 to train.lr over this many images
+    min_lr: float = 0.0  # where cosine, linear and wsd end (at train.epochs; train.max_steps only stops early)
+    kl_warmup_images: int = 0  # the KL term's weight rises linearly from 0 to 1 over this many images (0: always 1)
+    clip_grad_norm: float | None = None  # clip the global gradient norm to this (null: no clipping)
+    ema_decay: float | None = None  # an EMA of the weights, evaluated, pictured and exported (null: none)
+    early_stop_epochs: int | None = None  # end the run after this many epochs without a better held-out loss
     seed: int = 0
     precision: Precision = Precision.auto
     channels_last: bool = True
@@ -108,6 +123,7 @@ class CheckpointConfig:
     every_steps: int = 0  # also checkpoint every N steps (a multiple of log.every_steps); 0: epoch ends only
     every_epoch: bool = True
     keep: int = 3  # newest checkpoints kept; older ones are deleted
+    keep_best: bool = False  # also keep the checkpoint of the lowest held-out loss, and export it as model-best/
 
 
 @dataclass
@@ -128,6 +144,8 @@ class JobConfig:
             if not holds(value):
                 shown = repr(value) if isinstance(value, str) else value
                 raise ConfigError(f"{key}={shown}: must be {accepted}")
+        if self.train.min_lr > self.train.lr:
+            raise ConfigError(f"train.min_lr={self.train.min_lr}: must be at most train.lr={self.train.lr} (the peak)")
         every = self.checkpoint.every_steps
         if every % self.log.every_steps:
             raise ConfigError(
@@ -179,6 +197,12 @@ RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
     "train.max_steps": (lambda v: v is None or v > 0, "positive (or null: no limit)"),
     "train.lr": (lambda v: math.isfinite(v) and v > 0, "a finite number above 0"),
     "train.weight_decay": (lambda v: math.isfinite(v) and v >= 0, "a finite number, 0 or more"),
+    "train.warmup_images": (lambda v: v >= 0, "0 or more images (0: no warm-up)"),
+    "train.min_lr": (lambda v: math.isfinite(v) and v >= 0, "a finite number, 0 or more, at most train.lr"),
+    "train.kl_warmup_images": (lambda v: v >= 0, "0 or more images (0: the KL weight is always 1)"),
+    "train.clip_grad_norm": (lambda v: v is None or (math.isfinite(v) and v > 0), "a finite number above 0 (or null)"),
+    "train.ema_decay": (lambda v: v is None or 0 < v < 1, "above 0 and below 1, e.g. 0.999 (or null: no EMA)"),
+    "train.early_stop_epochs": (lambda v: v is None or v > 0, "a positive number of epochs (or null: never)"),
     "train.seed": (lambda v: 0 <= v < 2**32, "an integer from 0 to 4294967295 (numpy's seed range)"),
     # far larger ones overflow torch's deadlines (1e10 s: the store times out at once; 1e14 s: OverflowError)
     "train.collective_timeout_s": (lambda v: 0 < v <= 604_800, "a positive number of seconds, at most 604800 (a week)"),

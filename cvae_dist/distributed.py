@@ -171,6 +171,11 @@ def make_accelerator(cfg: JobConfig) -> Setup:
             "per micro-batch; accepted: 1 (give the batch as data.batch_size)"
         )
     zero = accelerator.state.deepspeed_plugin.zero_stage if deepspeed else 0
+    if zero == 3 and cfg.train.ema_decay is not None:
+        partition = "each ZeRO-3 rank holds a partition of the weights, and the EMA needs them whole"
+        raise LaunchError(
+            f"train.ema_decay={cfg.train.ema_decay} under DeepSpeed ZeRO-3: {partition}; accepted: ZeRO 1 or 2, DDP"
+        )
     dynamo = accelerator.state.dynamo_plugin.backend.value
     eager_reason = _eager_reason(cfg, accelerator.device.type, deepspeed, precision, dynamo)
     return Setup(accelerator, precision, why, deepspeed, zero, eager_reason, global_batchnorm)
@@ -225,7 +230,7 @@ def load_deepspeed_weights_only(engine) -> None:
 
 
 def configure_deepspeed(setup: Setup, cfg: JobConfig, per_rank_batch: int) -> None:
-    """DeepSpeed's batch fields from ours, no clipping, and mixed precision as torch autocast (its own bf16/fp16 modes
+    """DeepSpeed's batch fields and clipping from ours, and mixed precision as torch autocast (its own bf16/fp16 modes
     keep buffers in fp32, which BatchNorm's kernel cannot take; `torch_autocast` does as DDP's mixed precision does)."""
     if not setup.deepspeed:
         return
@@ -236,8 +241,13 @@ def configure_deepspeed(setup: Setup, cfg: JobConfig, per_rank_batch: int) -> No
     ds = setup.accelerator.state.deepspeed_plugin.deepspeed_config
     ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = per_rank_batch, 1  # (more: refused)
     ds["train_batch_size"] = per_rank_batch * world
-    if ds.get("gradient_clipping", "auto") == "auto":
-        ds["gradient_clipping"] = 0.0  # accelerate would fill in 1.0; the recipe does not clip
+    clip = cfg.train.clip_grad_norm or 0.0  # (accelerate would fill in 1.0 for auto)
+    if ds.get("gradient_clipping", "auto") not in ("auto", clip):
+        given = f"gradient_clipping={ds['gradient_clipping']} in the DeepSpeed config"
+        raise ConfigError(
+            f"{given}, train.clip_grad_norm={cfg.train.clip_grad_norm}: the recipe's decides; accepted: auto"
+        )
+    ds["gradient_clipping"] = clip
     ds["bf16"], ds["fp16"] = {"enabled": False}, {"enabled": False}
     if setup.precision != "fp32":  # lower_precision_safe_modules=[]: gradients reduced in fp32, as DDP reduces them
         dtype = "bfloat16" if setup.precision == "bf16" else "float16"

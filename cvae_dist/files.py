@@ -161,6 +161,16 @@ def write_safely(write: Callable[[Path], object], path: Path) -> None:
         _WRITING.discard(tmp)
 
 
+def replace_dir(new: Path, path: Path) -> None:
+    """Put the directory `new` in the place of `path` (ours, if it exists), never leaving a half of either there."""
+    old = path.with_name(f".{path.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if path.exists():
+        path.rename(old)
+    new.rename(path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_partial_files() -> None:
     """Delete what `write_safely` is writing now: a process that stops at once leaves no half file."""
     for path in list(_WRITING):

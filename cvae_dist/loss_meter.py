@@ -13,7 +13,7 @@ class LossMeter:
     """This rank's summed losses over the epoch and the interval, its first non-finite step and the steps skipped;
     plus every rank's sums as of the last exchange: what a checkpoint saves and a resumed run starts from."""
 
-    NAMES = ("loss/interval", "loss/epoch", "loss/first_bad")  # (and loss/skipped, a host count)
+    NAMES = ("loss/interval", "loss/epoch", "loss/first_bad", "grad/norm")  # (and loss/skipped, a host count)
 
     def __init__(self, device: torch.device, rank: int, step: int, state: dict | None = None, world_size: int = 1):
         state = state or {}
@@ -23,6 +23,7 @@ class LossMeter:
         self.epoch = torch.tensor(_share(self.epoch_sums, rank, world_size), device=device)
         self.first_bad = torch.full_like(self.epoch, -1.0)  # -1: none yet
         self.step = torch.full_like(self.epoch, float(step))  # the global step, counted on the device
+        self.grad_norm = torch.zeros_like(self.epoch)  # the last step's global gradient norm (before clipping)
 
     @classmethod
     def from_state(cls, state: dict, device: torch.device, rank: int, step: int, world_size: int) -> LossMeter:
@@ -31,9 +32,14 @@ class LossMeter:
     def to_state(self) -> dict:
         return {k: getattr(self, k) for k in ("epoch_sums", "interval_sums", "epoch_skipped", "interval_skipped")}
 
-    def add(self, loss: torch.Tensor | None) -> None:
-        """One step's summed loss (None: the step was skipped), in place: a CUDA graph can capture it."""
+    def add(self, loss: torch.Tensor | None, grad_norm: torch.Tensor | float | None = None) -> None:
+        """One step's summed loss (None: the step was skipped) and gradient norm (None: unknown), in place: a CUDA
+        graph can capture it."""
         self.step.add_(1)
+        if isinstance(grad_norm, torch.Tensor):
+            self.grad_norm.copy_(grad_norm)
+        else:
+            self.grad_norm.fill_(math.nan if grad_norm is None else grad_norm)
         if loss is None:
             self.epoch_skipped += 1
             self.interval_skipped += 1
@@ -43,7 +49,7 @@ class LossMeter:
         self.interval.add_(loss)
 
     def local(self) -> dict[str, torch.Tensor]:
-        sums = dict(zip(self.NAMES, (self.interval, self.epoch, self.first_bad), strict=True))
+        sums = dict(zip(self.NAMES, (self.interval, self.epoch, self.first_bad, self.grad_norm), strict=True))
         return sums | {"loss/skipped": float(self.interval_skipped)}  # (the same on every rank: a global verdict)
 
     def note(self, gathered: dict[str, torch.Tensor]) -> None:

@@ -173,14 +173,15 @@ def _init_wandb(run_dir: Path, cfg: JobConfig, run_config: dict, mode: str, resu
 
 
 def _plain(v: Any) -> Any:
-    """`v` for JSON: tensors as numbers, floats rounded, in containers too (keys as strings)."""
+    """`v` for JSON: tensors as numbers, floats to 8 significant digits (an lr of 1e-7 too), in containers too (keys
+    as strings)."""
     if isinstance(v, dict):
         return {str(k): _plain(x) for k, x in v.items()}
     if isinstance(v, list | tuple):
         return [_plain(x) for x in v]
     if isinstance(v, torch.Tensor):
         return v.item()
-    return round(v, 6) if isinstance(v, float) else v
+    return float(f"{v:.8g}") if isinstance(v, float) else v
 
 
 def code_commit() -> dict[str, Any]:

@@ -103,8 +103,8 @@ class Monitor:
 
     # ---- the epoch's end and the run's
 
-    def epoch_line(self, summary: dict, images: dict | None, steps: int) -> None:
-        self.record.end_epoch(summary["epoch"], steps)
+    def epoch_line(self, summary: dict, images: dict | None) -> None:
+        self.record.end_epoch(summary["epoch"], summary["train/epoch_steps"])
         self.log(summary, images)
         self.accelerator.print(
             f"epoch {summary['epoch']}: loss {summary['train/loss']:,.1f} "

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 
@@ -13,7 +14,9 @@ import torch
 
 from cvae_dist.config import NonFinite
 from cvae_dist.data import derived_seed, to_model_input
+from cvae_dist.distributed import is_deepspeed
 from cvae_dist.model import vae_loss
+from cvae_dist.schedule import Knobs
 
 log = logging.getLogger(__name__)
 
@@ -50,32 +53,64 @@ class SampleNoise:
 
 
 class EagerStep:
-    """resize -> forward (autocast) -> summed loss in fp32 -> backward -> AdamW."""
+    """resize -> forward (autocast) -> summed loss in fp32 -> backward -> clip -> AdamW -> EMA. The lr and the KL
+    weight are set in place before the step (`set`): a CUDA graph reads those very tensors."""
 
-    def __init__(self, accelerator, model, optimizer, noise: SampleNoise, image_size, channels_last, skip_nonfinite):
-        self.accelerator, self.model, self.optimizer, self.noise = accelerator, model, optimizer, noise
-        self.image_size, self.channels_last, self.skip_nonfinite = image_size, channels_last, skip_nonfinite
+    def __init__(
+        self, accelerator, model, optimizer, noise, image_size, channels_last, skip_nonfinite, clip=None, ema=None
+    ):
+        self.accelerator, self.model, self.optimizer, self.noise, self.ema = accelerator, model, optimizer, noise, ema
+        self.image_size, self.channels_last = image_size, channels_last
+        self.clip, self.skip_nonfinite = clip or math.inf, skip_nonfinite  # (clip: train.clip_grad_norm)
+        self.kl_weight, self.knobs = torch.ones((), device=accelerator.device), None
         self.mode, self.check = "EagerStep", None  # what ran, and a graph's first-replay check (GraphStep's)
 
-    def __call__(self, pixels: torch.Tensor, meter) -> None:
+    def __call__(self, pixels: torch.Tensor, meter, knobs: Knobs | None = None) -> None:
+        self.set(knobs)
         loss = self.forward_backward(pixels)
+        norm = self.clip_gradients()
         # the gradients are averaged over ranks: every rank reaches the same verdict (a sync a step, skip mode only)
         skip = self.skip_nonfinite and not _finite_gradients(self.optimizer)
         if not skip:
-            self.optimizer.step()
+            self.update()
         self.optimizer.zero_grad(set_to_none=True)
-        meter.add(None if skip else loss.detach())  # None: dropped for non-finite gradients
+        meter.add(None if skip else loss.detach(), norm)  # None: dropped for non-finite gradients
+
+    def set(self, knobs: Knobs | None) -> None:
+        """This step's lr and KL weight, where the step reads them (nothing when unchanged)."""
+        if knobs is None or knobs == self.knobs:
+            return
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].fill_(knobs.lr)  # in place: a float would be baked into a captured kernel
+            else:
+                group["lr"] = knobs.lr
+        self.kl_weight.fill_(knobs.kl_weight)
+        self.knobs = knobs
 
     def close(self) -> None: ...  # nothing to release (GraphStep's holds a CUDA graph)
 
     def forward_backward(self, pixels: torch.Tensor) -> torch.Tensor:
+        """The summed loss (KL weight 1, the seed's figure); the gradient is the weighted objective's."""
         x = to_model_input(pixels, self.image_size, self.channels_last)
         with self.accelerator.autocast():
             out = self.model(x, self.noise.draw())
-        loss = vae_loss(out, x).total
+        parts = vae_loss(out, x)
         # DDP/DeepSpeed average gradients over ranks: times the world size, the gradient of the global batch's sum
-        self.accelerator.backward(loss * self.accelerator.num_processes)
-        return loss
+        self.accelerator.backward((parts.reconstruction + self.kl_weight * parts.kl) * self.accelerator.num_processes)
+        return parts.total
+
+    def clip_gradients(self) -> torch.Tensor | float | None:
+        """The global gradient norm (after DDP's all-reduce), clipped to train.clip_grad_norm (a multiply by 1 when
+        off); no host sync. Under DeepSpeed its engine clipped inside backward and this reads its norm (or None)."""
+        if is_deepspeed(self.accelerator):
+            return self.model.get_global_grad_norm()  # (accelerate's would read it on the host: a sync a step)
+        return self.accelerator.clip_grad_norm_(self.model.parameters(), self.clip)
+
+    def update(self) -> None:
+        self.optimizer.step()
+        if self.ema is not None:
+            self.ema.update()
 
 
 def cuda_graph(body: Callable[[], None], stream: torch.cuda.Stream, generator: torch.Generator):
@@ -101,7 +136,8 @@ class GraphStep:
         self.side_stream = side_stream  # DDP was wrapped on it too (PyTorch's notes on capturing DDP's backward)
         self.tolerance, self.capture, self.mode, self.check = tolerance, capture, "GraphStep", None
 
-    def __call__(self, pixels: torch.Tensor, meter) -> None:
+    def __call__(self, pixels: torch.Tensor, meter, knobs: Knobs | None = None) -> None:
+        self.eager.set(knobs)  # between replays, never a recapture
         if self.graph is not None:
             self.static_pixels.copy_(pixels, non_blocking=True)
             self.graph.replay()
@@ -140,8 +176,9 @@ class GraphStep:
 
     def _body(self, meter) -> None:
         loss = self.eager.forward_backward(self.static_pixels).detach()
-        self.eager.optimizer.step()
-        meter.add(loss)
+        norm = self.eager.clip_gradients()
+        self.eager.update()
+        meter.add(loss, norm)
 
     def _capture_and_check(self, meter) -> None:
         """Capture, replay once against the eager step from the same state, keep the graph or fall back (all ranks)."""
@@ -186,7 +223,8 @@ class GraphStep:
         model, optimizer = self.eager.accelerator.unwrap_model(self.eager.model), self.eager.optimizer
         adamw = [t for s in optimizer.state.values() for t in s.values() if isinstance(t, torch.Tensor)]
         sums = [v for v in meter.local().values() if isinstance(v, torch.Tensor)]
-        return [*model.parameters(), *model.buffers(), *adamw, *sums, meter.step]
+        ema = self.eager.ema.tensors() if self.eager.ema is not None else []
+        return [*model.parameters(), *model.buffers(), *adamw, *sums, meter.step, *ema]
 
     def _snapshot(self, meter) -> list[torch.Tensor]:
         return [t.detach().clone() for t in self._state(meter)]
@@ -223,11 +261,22 @@ def _relative_difference(start: list[torch.Tensor], eager: list[torch.Tensor], g
     return worst
 
 
-def make_step(setup, model, optimizer, cfg, share: slice, side_stream=None) -> EagerStep | GraphStep:
+def make_step(setup, model, optimizer, cfg, share: slice, side_stream=None, ema=None) -> EagerStep | GraphStep:
     """A CUDA graph where the set-up allows one (`side_stream`: the one the model was prepared on), else eager."""
     noise = SampleNoise(cfg.train.seed, cfg.data.batch_size, cfg.model.latent_dim, share, setup.accelerator.device)
     skip = cfg.train.on_nonfinite is NonFinite.skip
-    eager = EagerStep(setup.accelerator, model, optimizer, noise, cfg.model.image_size, cfg.train.channels_last, skip)
+    train = cfg.train
+    eager = EagerStep(
+        setup.accelerator,
+        model,
+        optimizer,
+        noise,
+        cfg.model.image_size,
+        train.channels_last,
+        skip,
+        train.clip_grad_norm,
+        ema,
+    )
     if not setup.graph:
         return eager
     warmup = 11 if isinstance(model, torch.nn.parallel.DistributedDataParallel) else 3

@@ -36,7 +36,7 @@ def train(cfg: JobConfig) -> TrainResult:
     with StopSignal() as stop:
         run = build(cfg)  # every check and every part; nothing written yet
         state, meter, monitor, exchange, poll = run.state, run.meter, run.monitor, run.exchange, run.poll
-        accelerator, batch_size, losses = run.accelerator, cfg.data.batch_size, []
+        accelerator, losses = run.accelerator, []
         with run.opened(stop):  # run directory, status.json, resumed weights, sinks; graph and lock released after
             while state.step < run.last_step:
                 epoch, started = state.epoch, time.perf_counter() - state.epoch_seconds
@@ -45,7 +45,8 @@ def train(cfg: JobConfig) -> TrainResult:
                 batches = run.stream.epoch(epoch, run.epoch_steps(), skip=state.batches_done)
                 for batch in monitor.batches(batches, epoch, run.epoch_steps(), state.batches_done):
                     with monitor.step(state.step + 1):
-                        run.step(batch.pixels.to(accelerator.device, non_blocking=True), meter)
+                        knobs = run.schedule.at(state.step + 1)
+                        run.step(batch.pixels.to(accelerator.device, non_blocking=True), meter, knobs)
                     monitor.stepped(batch.ids)
                     state.step, state.batches_done = state.step + 1, state.batches_done + 1
                     line = state.step % cfg.log.every_steps == 0
@@ -72,27 +73,24 @@ def train(cfg: JobConfig) -> TrainResult:
                     if stopping:
                         raise stop.stopped(state.step, str(saved))
                     break
-                # The epoch's end: its loss over all ranks, the held-out loss, the figure, its line, a checkpoint.
-                seconds, steps, skipped = time.perf_counter() - started, state.batches_done, meter.epoch_skipped
-                loss = meter.end_epoch(distributed.exchange(accelerator, meter.local()), state.step, steps)
+                # The epoch's end: its loss over all ranks, the held-out loss (the best kept), its line, a checkpoint.
+                summary = epoch_summary(run, time.perf_counter() - started)
+                if state.best_loss is None or summary["eval/loss_per_image"] < state.best_loss:
+                    state.best_loss, state.best_epoch, state.best_step = (
+                        summary["eval/loss_per_image"],
+                        epoch,
+                        state.step,
+                    )
+                    if cfg.checkpoint.keep_best:
+                        checkpoint.export_final(accelerator, run.weights, run.dir, cfg, "model-best")
+                if stop_early(run, epoch):
+                    run.last_step = state.step
                 last = state.step >= run.last_step
-                summary = {
-                    "step": state.step,
-                    "epoch": epoch,
-                    "train/loss": loss,
-                    "train/loss_per_image": loss / batch_size,
-                    "train/img_per_s": steps * batch_size / seconds,
-                    "train/epoch_time_s": seconds,
-                    "train/epoch_steps": steps,
-                    "train/skipped_steps": skipped,
-                    "data/bad_records_skipped": run.bad_records,
-                    **evaluation.evaluate(run.model, accelerator, run.eval_pixels, run.model_input, cfg.train.seed),
-                }
                 images = None
                 if epoch % cfg.log.images_every_epochs == 0 or last:
                     images = monitor.figure(epoch, state.step, last, *figure(run))
-                monitor.epoch_line(summary, images, steps)
-                losses.append(loss)
+                monitor.epoch_line(summary | {"eval/best_loss_per_image": state.best_loss}, images)
+                losses.append(summary["train/loss"])
                 state.epoch, state.batches_done, state.epoch_seconds = epoch + 1, 0, 0.0
                 run.checkpointer.at_epoch_end(state, last)
                 # asked since the epoch's last line (the evaluation included): the next epoch does not start
@@ -100,7 +98,7 @@ def train(cfg: JobConfig) -> TrainResult:
                 if stopping and not last:
                     raise stop.stopped(state.step, str(run.checkpointer.save(state, "signal")))
             # The finish: the exported model, this rank's record, the run's summary and artifacts.
-            export_dir = checkpoint.export_final(accelerator, run.model, run.dir, cfg)
+            export_dir = checkpoint.export_final(accelerator, run.weights, run.dir, cfg)
             monitor.finish(export_dir, losses[-1] if losses else None, provenance(run), **digests(run))
     accelerator.end_training()
     return TrainResult(run.dir, losses, state.step)
@@ -116,6 +114,7 @@ def read(run: Run, seen: tuple[Sent, dict] | None, started: float) -> bool:
     if sent.line:
         loss = run.meter.end_interval(gathered, sent.step, run.cfg.log.every_steps)
         line = {"time": sent.time, "step": sent.step, "epoch": sent.epoch, "train/step_loss": loss}
+        line |= run.schedule.at(sent.step).logged() | {"train/grad_norm": gathered["grad/norm"][0].item()}
         run.state.epoch_seconds = time.perf_counter() - started
     else:
         run.meter.note(gathered)
@@ -123,11 +122,41 @@ def read(run: Run, seen: tuple[Sent, dict] | None, started: float) -> bool:
     return run.poll.polled(gathered)
 
 
+def epoch_summary(run: Run, seconds: float) -> dict:
+    """The epoch's figures: its loss over every rank's steps, its speed, the held-out loss of the evaluated weights."""
+    state, meter, batch_size = run.state, run.meter, run.cfg.data.batch_size
+    steps, skipped = state.batches_done, meter.epoch_skipped
+    loss = meter.end_epoch(distributed.exchange(run.accelerator, meter.local()), state.step, steps)
+    return {
+        "step": state.step,
+        "epoch": state.epoch,
+        "train/loss": loss,
+        "train/loss_per_image": loss / batch_size,
+        "train/img_per_s": steps * batch_size / seconds,
+        "train/epoch_time_s": seconds,
+        "train/epoch_steps": steps,
+        "train/skipped_steps": skipped,
+        "data/bad_records_skipped": run.bad_records,
+        **evaluation.evaluate(run.weights, run.accelerator, run.eval_pixels, run.model_input, run.cfg.train.seed),
+    }
+
+
+def stop_early(run: Run, epoch: int) -> bool:
+    """Whether `train.early_stop_epochs` epochs have passed without a better held-out loss (saying so)."""
+    patience, state = run.cfg.train.early_stop_epochs, run.state
+    if patience is None or epoch - state.best_epoch < patience or state.step >= run.last_step:
+        return False
+    best = f"its best, {state.best_loss:.2f} per image, at epoch {state.best_epoch}"
+    run.accelerator.print(f"early stop after epoch {epoch}: no better held-out loss for {patience} epochs ({best})")
+    run.monitor.note({"step": state.step, "epoch": epoch, "event": "early_stop", "best_epoch": state.best_epoch})
+    return True
+
+
 def figure(run: Run) -> tuple:
     """The figure of a fixed held-out batch (reconstructions, a blank row, prior samples), and its table's columns."""
     pixels = run.eval_pixels[: evaluation.GRID_IMAGES]
     image, reconstructions = evaluation.figure(
-        run.model, run.accelerator, pixels, run.prior, run.model_input, run.cfg.train.seed
+        run.weights, run.accelerator, pixels, run.prior, run.model_input, run.cfg.train.seed
     )
     return image, pixels, reconstructions, run.eval_labels[: evaluation.GRID_IMAGES]
 

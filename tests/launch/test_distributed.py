@@ -1,5 +1,7 @@
 """Real multi-process training on CPU (gloo): DDP, DeepSpeed ZeRO 1/2/3, uneven world sizes, bf16."""
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -179,7 +181,7 @@ def test_deepspeed_gradient_accumulation_is_refused_in_one_line_before_anything_
     # Accumulating would train a batch of 2 x data.batch_size while every count (steps, epochs, checkpoints, resume)
     # says data.batch_size, and take BatchNorm's statistics per micro-batch: refused, not silently doubled.
     config = runs / "deepspeed-accumulating.yaml"
-    text = open("launch/deepspeed.yaml").read()
+    text = Path("launch/deepspeed.yaml").read_text()
     config.write_text(text.replace("gradient_accumulation_steps: 1", "gradient_accumulation_steps: 2"))
     run = launch(runs, "accumulating", ["--config_file", str(config)], ["train.max_steps=2"], check=False)
     assert run.returncode != 0 and not run.run_dir.exists()

@@ -1,14 +1,15 @@
 """The same training at any world size, under real launches on CPU (gloo), in fp32: 1, 2 and 3 ranks (3: shares of
 43/43/42) train on the same global batches with BatchNorm statistics and noise over the global batch, so their
 per-step losses and final weights agree up to float reduction order; and a checkpoint written on 2 ranks resumes on
-1 and on 3."""
+1 and on 3. With the recipe knobs on: the lr and KL weight of every step are the same numbers at every world size
+and across the resume (one clock, in images), the clipped gradient norms and the EMA agree as the losses do."""
 
 import itertools
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.checks import copy_of, epoch_losses, step_losses
+from support.checks import copy_of, epoch_losses, lines, step_losses
 from support.launching import launch
 
 from cvae_dist.checkpoint import checkpoint_dirs
@@ -22,6 +23,14 @@ SAME = [
     "checkpoint.every_steps=20",
     "checkpoint.keep=10",
     "log.images_every_epochs=2",
+    # the knobs: a warm-up, a cosine decay and a KL warm-up that all move within the run, clipping that bites in the
+    # first steps (gradient norms of the summed loss start near 4e5), an EMA (what the final export holds)
+    "train.lr_schedule=cosine",
+    "train.warmup_images=1280",
+    "train.min_lr=1e-4",
+    "train.kl_warmup_images=2560",
+    "train.clip_grad_norm=100000",
+    "train.ema_decay=0.9",
 ]
 STEPS = 70
 DDP = ["--config_file", "launch/ddp_cpu.yaml", "--num_processes"]
@@ -53,7 +62,22 @@ def by_world(runs):
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
+    """The final export: the EMA's weights."""
     return load_file(run_dir / "model" / "model.safetensors")
+
+
+def knobs(run_dir) -> dict[int, tuple[float, float]]:
+    """Every step's lr and KL weight, as logged."""
+    return {r["step"]: (r["train/lr"], r["train/kl_weight"]) for r in lines(run_dir) if "train/lr" in r}
+
+
+def grad_norms(run_dir) -> dict[int, float]:
+    return {r["step"]: r["train/grad_norm"] for r in lines(run_dir) if "train/grad_norm" in r}
+
+
+def emas(run_dir) -> dict[int, dict[str, torch.Tensor]]:
+    """The EMA each checkpoint holds, by step."""
+    return {int(c.name.removeprefix("step-")): load_file(c / "ema.safetensors") for c in checkpoint_dirs(run_dir)}
 
 
 def gaps(losses: dict, reference: dict) -> dict[int, float]:
@@ -96,6 +120,25 @@ def test_one_two_and_three_ranks_train_the_same_model(by_world):
         assert final <= 2 * control_weights
 
 
+def test_the_lr_kl_weight_gradient_norm_and_ema_follow_one_clock_at_every_world_size(by_world):
+    alone, bound = by_world[1].run_dir, float_order_bound(by_world)
+    assert len(set(knobs(alone).values())) == STEPS  # the lr or the KL weight changes at every step
+    assert knobs(alone)[1] == (1e-4, 0.05) and knobs(alone)[STEPS][0] == pytest.approx(1e-4)  # 128 / 1280, 128 / 2560
+    clipped = [s for s, n in grad_norms(alone).items() if n > 100_000]
+    assert clipped and max(clipped) < STEPS  # clipping bites early, not throughout
+    control_ema = max(
+        weight_gap(a, b) for a, b in zip(emas(by_world["control"].run_dir).values(), emas(alone).values(), strict=True)
+    )
+    for world in (2, 3):
+        run_dir = by_world[world].run_dir
+        assert knobs(run_dir) == knobs(alone)  # the same numbers: one clock, counted in images
+        assert not beyond(gaps(grad_norms(run_dir), grad_norms(alone)), bound)
+        assert emas(run_dir).keys() == emas(alone).keys() == {20, 35, 40, 60, 70}
+        worst = max(weight_gap(emas(run_dir)[s], emas(alone)[s]) for s in emas(alone))
+        print(f"world {world}: EMA gap {worst:.2e} (control {control_ema:.2e})")
+        assert worst <= 2 * control_ema + FLOOR
+
+
 def test_the_split_is_decoded_once_per_machine(by_world):
     # the session's runs share one cache (tests/conftest.py): at most one rank of them all decoded, the rest read it
     tables = [r["data_table"] for w in (1, 2, 3, "control") for r in by_world[w].ranks()]
@@ -131,8 +174,9 @@ def test_a_two_rank_checkpoint_resumes_on_another_world_size(runs, by_world, wor
     assert sorted(losses) == list(range(1, STEPS + 1))  # steps 21.. logged once, by the resumed run
     after = {s: loss for s, loss in losses.items() if s > 20}
     assert not beyond(gaps(after, step_losses(two.run_dir)), float_order_bound(by_world))
+    assert knobs(run_dir) == knobs(two.run_dir)  # the resumed steps on the 2-rank run's clock
     control_weights = weight_gap(weights(by_world["control"].run_dir), weights(by_world[1].run_dir))
-    assert weight_gap(weights(run_dir), weights(two.run_dir)) <= 2 * control_weights
+    assert weight_gap(weights(run_dir), weights(two.run_dir)) <= 2 * control_weights  # the EMA came back and went on
 
 
 def test_a_two_rank_run_ended_by_max_steps_inside_an_epoch_resumes_there_on_one_rank(runs, by_world):

@@ -30,7 +30,7 @@ def run_checkpoints(monkeypatch, tmp_path, cfg: CheckpointConfig, epochs: int, s
     checkpoints saved, as (step, tag)."""
     saved = []
 
-    def save_checkpoint(_accelerator, run_dir, state, keep):
+    def save_checkpoint(_accelerator, run_dir, state, keep, *_):
         saved.append(state.step)
         return run_dir / "checkpoints" / f"step-{state.step:09d}"
 
@@ -76,7 +76,7 @@ def test_every_steps_and_every_epoch_together(monkeypatch, tmp_path):
 
 def test_a_checkpoint_takes_the_meters_state_and_logs_its_path(monkeypatch, tmp_path):
     got = []
-    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda a, d, s, keep: got.append((s, keep)) or d / "x")
+    monkeypatch.setattr(checkpoint, "save_checkpoint", lambda a, d, s, keep, *_: got.append((s, keep)) or d / "x")
     logged = []
     state = state_of(step=7, epoch=2)
     path = Checkpointer(None, tmp_path, CheckpointConfig(keep=5), Meter(), logged.append).save(state, "signal")

@@ -68,11 +68,13 @@ def logger(run_dir, rank: int = 0, resume_step: int | None = None) -> RunLogger:
 def test_metrics_lines_hold_plain_values(tmp_path):
     log = logger(tmp_path)
     third = 1 / 3
-    log.log({"step": 3, "train/step_loss": torch.tensor(2.5), "ratio": third, "event": "x", "n": 7})
+    values = {"ratio": third, "train/lr": 3e-7 * third, "train/loss": 12345.678901}
+    log.log({"step": 3, "train/step_loss": torch.tensor(2.5), "event": "x", "n": 7, **values})
     log.close()
     (line,) = lines(tmp_path)
     assert line["train/step_loss"] == 2.5 and line["event"] == "x" and line["n"] == 7 and line["step"] == 3
-    assert line["ratio"] == pytest.approx(third, abs=1e-6) and len(repr(line["ratio"]).split(".")[1]) <= 6
+    # 8 significant digits: short lines, and a small lr keeps its figures (rounding to places made 1e-7 a 0)
+    assert (line["ratio"], line["train/lr"], line["train/loss"]) == (0.33333333, 1e-7, 12345.679)
     assert isinstance(line["time"], float)
 
 

@@ -8,10 +8,12 @@ import pytest
 import torch
 from accelerate import Accelerator
 
-from cvae_dist.config import ModelConfig
+from cvae_dist.config import LRSchedule, ModelConfig, TrainConfig
 from cvae_dist.data import batch_share, to_model_input
+from cvae_dist.ema import EMA
 from cvae_dist.loss_meter import LossMeter
 from cvae_dist.model import CVAE, vae_loss
+from cvae_dist.schedule import Schedule
 from cvae_dist.step import EagerStep, GraphStep, SampleNoise, _finite_gradients, apply_step_mode
 
 
@@ -73,16 +75,22 @@ def test_a_graphs_lr_is_a_tensor_that_every_step_reads():
 SIZE = 16
 
 
-def tiny_cvae_step(skip_nonfinite: bool):
-    """An EagerStep on a small CVAE, prepared by a one-process CPU Accelerator, and a copy of its start."""
+def tiny_cvae_step(skip_nonfinite: bool, clip: float | None = None, ema_decay: float | None = None):
+    """An EagerStep on a small CVAE, prepared by a one-process CPU Accelerator, and a copy of its start. With `clip`
+    or `ema_decay`, as a graph's: the lr a tensor (fused AdamW reads it)."""
     accelerator = Accelerator(cpu=True)
     torch.manual_seed(0)
-    model = CVAE(ModelConfig(latent_dim=2, filters=8, image_size=SIZE))
+    cfg = ModelConfig(latent_dim=2, filters=8, image_size=SIZE)
+    model = CVAE(cfg)
     start = copy.deepcopy(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-5)
+    knobs = clip is not None or ema_decay is not None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=1e-5, fused=knobs or None)
     model, optimizer = accelerator.prepare(model, optimizer)
+    if knobs:
+        optimizer.param_groups[0]["lr"] = torch.tensor(1e-2)
     noise = SampleNoise(3, 6, 2, slice(0, 6), accelerator.device)
-    step = EagerStep(accelerator, model, optimizer, noise, SIZE, channels_last=False, skip_nonfinite=skip_nonfinite)
+    ema = EMA(model, cfg, ema_decay, accelerator.device, False) if ema_decay else None
+    step = EagerStep(accelerator, model, optimizer, noise, SIZE, False, skip_nonfinite, clip, ema)
     return step, start
 
 
@@ -208,10 +216,10 @@ def batches(n: int) -> list[torch.Tensor]:
     return [torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8, generator=g) for _ in range(n)]
 
 
-def train_five(step, model) -> tuple[dict[str, torch.Tensor], LossMeter]:
+def train_five(step, model, schedule=None) -> tuple[dict[str, torch.Tensor], LossMeter]:
     meter = LossMeter(torch.device("cpu"), rank=0, step=0)
-    for b in batches(5):
-        step(b, meter)
+    for i, b in enumerate(batches(5)):
+        step(b, meter, schedule.at(i + 1) if schedule else None)
     return {k: v.detach().clone() for k, v in model.state_dict().items()}, meter
 
 
@@ -246,3 +254,43 @@ def test_a_graph_proves_itself_on_its_first_replay_or_the_run_trains_on_eagerly(
         assert torch.allclose(weights[name], w, rtol=1e-5, atol=1e-6), name
     assert meter.local()["loss/epoch"].item() == pytest.approx(eager_meter.local()["loss/epoch"].item(), rel=1e-6)
     assert int(meter.step) == 5
+
+
+def test_a_graph_with_a_schedule_kl_warmup_clipping_and_an_ema_trains_as_eager_steps_do():
+    # the lr and KL weight change every step: a replay reads them from the same tensors, set in place between replays
+    # (never a recapture); clipping and the EMA's update are inside the captured body, without a host sync
+    train = TrainConfig(lr=1e-2, lr_schedule=LRSchedule.cosine, warmup_images=12, kl_warmup_images=60)
+    schedule = Schedule(train, 6, 10)
+    eager, _ = tiny_cvae_step(False, clip=1.0, ema_decay=0.5)
+    eager_weights, eager_meter = train_five(eager, eager.model, schedule)
+    inner, _ = tiny_cvae_step(False, clip=1.0, ema_decay=0.5)
+    lr, kl_weight = inner.optimizer.param_groups[0]["lr"], inner.kl_weight
+    capture = Replays()
+    step = GraphStep(inner, batch=6, warmup=2, side_stream=None, tolerance=1e-3, capture=capture)
+    capture.weights = list(inner.model.parameters())
+    weights, meter = train_five(step, inner.model, schedule)
+    assert step.mode == "GraphStep" and capture.replays == 3 and step.check["max_rel_diff"] <= 1e-6
+    assert inner.optimizer.param_groups[0]["lr"] is lr and inner.kl_weight is kl_weight  # the tensors a graph reads
+    assert lr.item() == pytest.approx(schedule.at(5).lr) and kl_weight.item() == schedule.at(5).kl_weight < 1
+    for name, w in eager_weights.items():
+        assert torch.allclose(weights[name], w, rtol=1e-5, atol=1e-6), name
+    for mine, theirs in zip(inner.ema.tensors(), eager.ema.tensors(), strict=True):
+        assert torch.allclose(mine, theirs, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(inner.ema.averaged[0], inner.model.encoder.down1.conv.weight)  # an average, not a copy
+    assert meter.local()["grad/norm"].item() == pytest.approx(eager_meter.local()["grad/norm"].item(), rel=1e-5)
+
+
+def test_clipping_scales_the_global_gradient_to_the_bound_and_reports_the_norm_before():
+    step, _ = tiny_cvae_step(False, clip=0.5)
+    step.forward_backward(pixels())
+    grads = [p.grad.clone() for p in step.model.parameters()]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    assert norm > 0.5  # (a summed loss: its gradient is far above the bound)
+    assert step.clip_gradients().item() == pytest.approx(norm.item(), rel=1e-5)
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in step.model.parameters()]))
+    assert after.item() == pytest.approx(0.5, rel=1e-4)
+    off, _ = tiny_cvae_step(False)
+    off.forward_backward(pixels())
+    before = [p.grad.clone() for p in off.model.parameters()]
+    off.clip_gradients()  # no clipping: the gradients stay as they are, bit for bit
+    assert all(torch.equal(p.grad, g) for p, g in zip(off.model.parameters(), before, strict=True))
