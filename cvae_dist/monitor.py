@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
 from cvae_dist import telemetry
@@ -103,6 +104,10 @@ class Monitor:
 
     # ---- the epoch's end and the run's
 
+    def epoch_cut(self, epoch: int, steps: int) -> None:
+        """`train.max_steps` ended the run inside `epoch`, after `steps` of its steps: no epoch line."""
+        self.record.end_epoch(epoch, steps)
+
     def epoch_line(self, summary: dict, images: dict | None) -> None:
         self.record.end_epoch(summary["epoch"], summary["train/epoch_steps"])
         self.log(summary, images)
@@ -135,6 +140,4 @@ class Monitor:
 
 
 def _gather(obj) -> list:
-    from accelerate.utils import gather_object
-
     return gather_object([obj])

@@ -68,7 +68,7 @@ def train(cfg: JobConfig) -> TrainResult:
                         run.checkpointer.save(state, "steps")
                 stopping = read(run, exchange.settle(), started)  # the epoch's last exchange
                 if state.batches_done < run.steps_per_epoch:  # train.max_steps ends the run inside this epoch
-                    monitor.record.end_epoch(epoch, state.batches_done)
+                    monitor.epoch_cut(epoch, state.batches_done)
                     saved = run.checkpointer.save(state, "max_steps")
                     if stopping:
                         raise stop.stopped(state.step, str(saved))

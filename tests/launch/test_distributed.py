@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from support.launching import launch
+from support.launching import launch, lines
 
 from cvae_dist.checkpoint import checkpoint_dirs
 from cvae_dist.distributed import fast_bf16
@@ -188,6 +188,25 @@ def test_deepspeed_gradient_accumulation_is_refused_in_one_line_before_anything_
     errors = [x for x in run.output.splitlines() if x.startswith("cvae-dist train: error:")]
     assert errors and all(x == errors[0] for x in errors), run.output[-3000:]
     assert "gradient_accumulation_steps=2" in errors[0] and "accepted: 1" in errors[0]
+
+
+def test_deepspeed_clips_with_its_own_key_keeps_an_ema_and_refuses_one_under_zero3(runs):
+    # ZeRO-2 steps inside its engine: clipping is DeepSpeed's `gradient_clipping` (set from train.clip_grad_norm), the
+    # EMA follows the engine's weights; ZeRO-3 partitions them, so an EMA there is refused in one line.
+    knobs = ["train.clip_grad_norm=50000", "train.ema_decay=0.9", "train.lr_schedule=cosine"]
+    launcher = ["--config_file", "launch/deepspeed.yaml", "--num_processes", "2", "--zero_stage"]
+    run = launch(runs, "zero2-knobs", [*launcher, "2"], [*ONE_EPOCH, *knobs])
+    assert run.wandb_config()["evaluated_weights"] == "ema (decay 0.9)"
+    steps = [r for r in lines(run.run_dir) if "train/step_loss" in r]
+    assert steps[-1]["train/step_loss"] < steps[0]["train/step_loss"] / 2 and steps[-1]["train/lr"] < 1e-3
+    norms = [r["train/grad_norm"] for r in steps]
+    assert all(n is None or n > 0 for n in norms)  # DeepSpeed's own norm (None where its engine computes none)
+    ema = load_file(checkpoint_dirs(run.run_dir)[-1] / "ema.safetensors")
+    exported = load_file(run.run_dir / "model" / "model.safetensors")
+    assert all(torch.equal(exported[k], v) for k, v in ema.items())
+    refused = launch(runs, "zero3-ema", [*launcher, "3"], [*ONE_EPOCH, *knobs], check=False)
+    assert refused.returncode != 0 and not refused.run_dir.exists()
+    assert "train.ema_decay=0.9 under DeepSpeed ZeRO-3" in refused.output and "Traceback" not in refused.output
 
 
 def test_compiled_model_trains_and_exports_plain_weights(runs):

@@ -120,15 +120,19 @@ def test_one_two_and_three_ranks_train_the_same_model(by_world):
         assert final <= 2 * control_weights
 
 
+def ema_control_gap(by_world) -> float:
+    """What float order alone does to the EMA: the one-thread control's largest gap at any checkpoint."""
+    pairs = zip(emas(by_world["control"].run_dir).values(), emas(by_world[1].run_dir).values(), strict=True)
+    return max(weight_gap(a, b) for a, b in pairs)
+
+
 def test_the_lr_kl_weight_gradient_norm_and_ema_follow_one_clock_at_every_world_size(by_world):
     alone, bound = by_world[1].run_dir, float_order_bound(by_world)
     assert len(set(knobs(alone).values())) == STEPS  # the lr or the KL weight changes at every step
     assert knobs(alone)[1] == (1e-4, 0.05) and knobs(alone)[STEPS][0] == pytest.approx(1e-4)  # 128 / 1280, 128 / 2560
     clipped = [s for s, n in grad_norms(alone).items() if n > 100_000]
     assert clipped and max(clipped) < STEPS  # clipping bites early, not throughout
-    control_ema = max(
-        weight_gap(a, b) for a, b in zip(emas(by_world["control"].run_dir).values(), emas(alone).values(), strict=True)
-    )
+    control_ema = ema_control_gap(by_world)
     for world in (2, 3):
         run_dir = by_world[world].run_dir
         assert knobs(run_dir) == knobs(alone)  # the same numbers: one clock, counted in images
@@ -176,7 +180,10 @@ def test_a_two_rank_checkpoint_resumes_on_another_world_size(runs, by_world, wor
     assert not beyond(gaps(after, step_losses(two.run_dir)), float_order_bound(by_world))
     assert knobs(run_dir) == knobs(two.run_dir)  # the resumed steps on the 2-rank run's clock
     control_weights = weight_gap(weights(by_world["control"].run_dir), weights(by_world[1].run_dir))
-    assert weight_gap(weights(run_dir), weights(two.run_dir)) <= 2 * control_weights  # the EMA came back and went on
+    assert weight_gap(weights(run_dir), weights(two.run_dir)) <= 2 * control_weights
+    resumed, two_emas = emas(run_dir), emas(two.run_dir)  # the EMA came back from step 20 and went on
+    assert resumed.keys() == two_emas.keys()
+    assert max(weight_gap(resumed[s], two_emas[s]) for s in resumed) <= 2 * ema_control_gap(by_world) + FLOOR
 
 
 def test_a_two_rank_run_ended_by_max_steps_inside_an_epoch_resumes_there_on_one_rank(runs, by_world):
