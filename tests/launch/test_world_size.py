@@ -46,6 +46,10 @@ ONE = ["--config_file", "launch/cpu_debug.yaml"]
 # BatchNorm at 2 ranks: 1.1e-4 at step 1, 84x the control's.
 ORDER_FACTOR = 5  # a step's gap may be this many times the control's largest gap up to that step ...
 FLOOR = 1e-5  # ... plus this (float32 rounding of a sum of ~1e5)
+# A gradient norm differs more at once: 1.9e-4 (2 ranks) and 2.3e-4 (3 ranks) at step 1, where the control differs
+# by 1.1e-6 (global BatchNorm's backward sums over the ranks in another order); measured 2026-12-07, the worst step
+# at 2 ranks was 1.8x (the control's envelope + 1e-3), within ORDER_FACTOR x it (norm_bound)
+NORM_FLOOR = 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +124,13 @@ def test_one_two_and_three_ranks_train_the_same_model(by_world):
         assert final <= 2 * control_weights
 
 
+def norm_bound(by_world) -> dict[int, float]:
+    """Each step's allowance for a gradient norm: ORDER_FACTOR x the control's largest gap up to it, plus NORM_FLOOR."""
+    control = gaps(grad_norms(by_world["control"].run_dir), grad_norms(by_world[1].run_dir))
+    envelope = itertools.accumulate(control.values(), max)
+    return {s: ORDER_FACTOR * e + NORM_FLOOR for s, e in zip(control, envelope, strict=True)}
+
+
 def ema_control_gap(by_world) -> float:
     """What float order alone does to the EMA: the one-thread control's largest gap at any checkpoint."""
     pairs = zip(emas(by_world["control"].run_dir).values(), emas(by_world[1].run_dir).values(), strict=True)
@@ -127,7 +138,7 @@ def ema_control_gap(by_world) -> float:
 
 
 def test_the_lr_kl_weight_gradient_norm_and_ema_follow_one_clock_at_every_world_size(by_world):
-    alone, bound = by_world[1].run_dir, float_order_bound(by_world)
+    alone = by_world[1].run_dir
     assert len(set(knobs(alone).values())) == STEPS  # the lr or the KL weight changes at every step
     assert knobs(alone)[1] == (1e-4, 0.05) and knobs(alone)[STEPS][0] == pytest.approx(1e-4)  # 128 / 1280, 128 / 2560
     clipped = [s for s, n in grad_norms(alone).items() if n > 100_000]
@@ -136,7 +147,7 @@ def test_the_lr_kl_weight_gradient_norm_and_ema_follow_one_clock_at_every_world_
     for world in (2, 3):
         run_dir = by_world[world].run_dir
         assert knobs(run_dir) == knobs(alone)  # the same numbers: one clock, counted in images
-        assert not beyond(gaps(grad_norms(run_dir), grad_norms(alone)), bound)
+        assert not beyond(gaps(grad_norms(run_dir), grad_norms(alone)), norm_bound(by_world))
         assert emas(run_dir).keys() == emas(alone).keys() == {20, 35, 40, 60, 70}
         worst = max(weight_gap(emas(run_dir)[s], emas(alone)[s]) for s in emas(alone))
         print(f"world {world}: EMA gap {worst:.2e} (control {control_ema:.2e})")
