@@ -56,10 +56,14 @@ class Run:
     schedule: Schedule  # each step's lr and KL weight
     ema: EMA | None  # train.ema_decay's average of the weights: what is evaluated, pictured and exported
 
-    @property
     def weights(self) -> torch.nn.Module:
-        """The model evaluated, pictured and exported: the EMA where there is one."""
-        return self.ema.model if self.ema is not None else self.model
+        """The model evaluated, pictured and exported: the EMA where there is one (BatchNorm's statistics re-estimated
+        for its weights, once per step; every rank calls this at the same points)."""
+        if self.ema is None:
+            return self.model
+        with self.accelerator.autocast():
+            self.ema.refresh(self.model_input, self.state.step, self.cfg.train.seed)
+        return self.ema.model
 
     @property
     def accelerator(self) -> Accelerator:
@@ -198,6 +202,8 @@ def _parts(
     if cfg.train.ema_decay is not None:  # after prepare: an engine may have moved the weights
         layout = cfg.train.channels_last and not setup.deepspeed
         ema = EMA(accelerator.unwrap_model(model), cfg.model, cfg.train.ema_decay, device, layout)
+        if setup.global_batchnorm:  # its statistics re-estimated over the global batches, as the live model's
+            use_global_batchnorm(ema.model)
     step = make_step(setup, model, optimizer, cfg, share, side_stream, ema)
     if not graph and cfg.log.telemetry:  # hooks do not run inside a replayed CUDA graph
         timer.instrument(model, optimizer)

@@ -1,6 +1,6 @@
-"""The recipe's clocks: a step's learning rate and KL weight, read off the images seen once it is taken (steps x the
-global batch). One clock for every rank, so 1, 2 or 3 ranks, and a run resumed on another world size, follow the
-same curve; a resume that changes a knob continues on the new curve from where the run is."""
+"""The recipe's clocks: a step's learning rate, KL weight and EMA decay, read off the images seen once it is taken
+(steps x the global batch). One clock for every rank, so 1, 2 or 3 ranks, and a run resumed on another world size,
+follow the same curve; a resume that changes a knob continues on the new curve from where the run is."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ class Knobs(NamedTuple):
 
     lr: float
     kl_weight: float
+    ema_decay: float = 0.0  # train.ema_decay, warmed up: the average forgets its start as the run goes (0: no EMA)
 
     def logged(self) -> dict[str, float]:
         return {"train/lr": self.lr, "train/kl_weight": self.kl_weight}
@@ -31,11 +32,13 @@ class Schedule:
     def at(self, step: int) -> Knobs:
         seen, t = step * self.batch, self.train
         kl = min(1.0, seen / t.kl_warmup_images) if t.kl_warmup_images else 1.0
+        # (1 + n) / (10 + n) after n updates, as TensorFlow's ExponentialMovingAverage: the initial weights fade fast
+        ema = min(t.ema_decay, step / (9 + step)) if t.ema_decay else 0.0
         if seen < t.warmup_images:
-            return Knobs(t.lr * seen / t.warmup_images, kl)
+            return Knobs(t.lr * seen / t.warmup_images, kl, ema)
         if t.lr_schedule is LRSchedule.constant:
-            return Knobs(t.lr, kl)
-        return Knobs(t.min_lr + (t.lr - t.min_lr) * self._decay(seen), kl)
+            return Knobs(t.lr, kl, ema)
+        return Knobs(t.min_lr + (t.lr - t.min_lr) * self._decay(seen), kl, ema)
 
     def _decay(self, seen: int) -> float:
         """From 1 (the peak) down to 0 (train.min_lr) at the end of the run."""

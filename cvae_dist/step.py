@@ -75,9 +75,10 @@ class EagerStep:
             self.update()
         self.optimizer.zero_grad(set_to_none=True)
         meter.add(None if skip else loss.detach(), norm)  # None: dropped for non-finite gradients
+        self.keep(pixels)
 
     def set(self, knobs: Knobs | None) -> None:
-        """This step's lr and KL weight, where the step reads them (nothing when unchanged)."""
+        """This step's lr, KL weight and EMA decay, where the step reads them (nothing when unchanged)."""
         if knobs is None or knobs == self.knobs:
             return
         for group in self.optimizer.param_groups:
@@ -86,6 +87,8 @@ class EagerStep:
             else:
                 group["lr"] = knobs.lr
         self.kl_weight.fill_(knobs.kl_weight)
+        if self.ema is not None:
+            self.ema.weight.fill_(1.0 - knobs.ema_decay)
         self.knobs = knobs
 
     def close(self) -> None: ...  # nothing to release (GraphStep's holds a CUDA graph)
@@ -111,6 +114,10 @@ class EagerStep:
         self.optimizer.step()
         if self.ema is not None:
             self.ema.update()
+
+    def keep(self, pixels: torch.Tensor) -> None:
+        if self.ema is not None:  # the batches its BatchNorm statistics are re-estimated over
+            self.ema.keep(pixels)
 
 
 def cuda_graph(body: Callable[[], None], stream: torch.cuda.Stream, generator: torch.Generator):
@@ -141,6 +148,7 @@ class GraphStep:
         if self.graph is not None:
             self.static_pixels.copy_(pixels, non_blocking=True)
             self.graph.replay()
+            self.eager.keep(pixels)
         elif self.warmup > 0 or self.mode != "GraphStep":
             self.warmup -= 1
             with self._on_side_stream():

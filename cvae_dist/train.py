@@ -82,7 +82,7 @@ def train(cfg: JobConfig) -> TrainResult:
                         state.step,
                     )
                     if cfg.checkpoint.keep_best:
-                        checkpoint.export_final(accelerator, run.weights, run.dir, cfg, "model-best")
+                        checkpoint.export_final(accelerator, run.weights(), run.dir, cfg, "model-best")
                 if stop_early(run, epoch):
                     run.last_step = state.step
                 last = state.step >= run.last_step
@@ -98,7 +98,7 @@ def train(cfg: JobConfig) -> TrainResult:
                 if stopping and not last:
                     raise stop.stopped(state.step, str(run.checkpointer.save(state, "signal")))
             # The finish: the exported model, this rank's record, the run's summary and artifacts.
-            export_dir = checkpoint.export_final(accelerator, run.weights, run.dir, cfg)
+            export_dir = checkpoint.export_final(accelerator, run.weights(), run.dir, cfg)
             monitor.finish(export_dir, losses[-1] if losses else None, provenance(run), **digests(run))
     accelerator.end_training()
     return TrainResult(run.dir, losses, state.step)
@@ -137,7 +137,7 @@ def epoch_summary(run: Run, seconds: float) -> dict:
         "train/epoch_steps": steps,
         "train/skipped_steps": skipped,
         "data/bad_records_skipped": run.bad_records,
-        **evaluation.evaluate(run.weights, run.accelerator, run.eval_pixels, run.model_input, run.cfg.train.seed),
+        **evaluation.evaluate(run.weights(), run.accelerator, run.eval_pixels, run.model_input, run.cfg.train.seed),
     }
 
 
@@ -156,7 +156,7 @@ def figure(run: Run) -> tuple:
     """The figure of a fixed held-out batch (reconstructions, a blank row, prior samples), and its table's columns."""
     pixels = run.eval_pixels[: evaluation.GRID_IMAGES]
     image, reconstructions = evaluation.figure(
-        run.weights, run.accelerator, pixels, run.prior, run.model_input, run.cfg.train.seed
+        run.weights(), run.accelerator, pixels, run.prior, run.model_input, run.cfg.train.seed
     )
     return image, pixels, reconstructions, run.eval_labels[: evaluation.GRID_IMAGES]
 

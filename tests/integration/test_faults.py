@@ -69,6 +69,7 @@ def test_sighup_is_a_stop_signal_unless_nohup_ignores_it():
 
     before = signal.getsignal(signal.SIGHUP)
     try:
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)  # (as in a terminal, whether or not this test runs under nohup)
         with StopSignal() as stop:
             assert signal.getsignal(signal.SIGHUP) == stop._handle
         signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -1,9 +1,15 @@
 """The EMA of the weights (ema.py): a lerp in place after each step, checkpointed and resumed."""
 
+import copy
+import functools
+
 import torch
+from torch.optim.swa_utils import update_bn
 
 from cvae_dist.config import ModelConfig
-from cvae_dist.ema import EMA
+from cvae_dist.data import to_model_input
+from cvae_dist.ema import EMA, RECENT
+from cvae_dist.evaluation import fixed_noise
 from cvae_dist.model import CVAE
 
 CFG = ModelConfig(latent_dim=2, filters=8, image_size=16)
@@ -63,3 +69,28 @@ def test_a_wrapped_models_weights_are_read_through_its_wrapper():
     trained_a_little(live)
     ema.update()
     assert torch.allclose(ema.model.encoder.mu.bias, 0.1 * live.encoder.mu.bias, atol=1e-6)  # (it started at 0)
+
+
+def test_batchnorm_statistics_are_re_estimated_for_the_averaged_weights_over_the_latest_batches():
+    # averaged with the weights, the statistics lag them while they move fast: before the average is evaluated they
+    # are those of its own weights over the latest batches (swa_utils.update_bn), once per step
+    torch.manual_seed(0)
+    live, cpu = CVAE(CFG), torch.device("cpu")
+    ema = EMA(live, CFG, 0.5, cpu, channels_last=False)
+    batches = [torch.randint(0, 256, (6, 1, 28, 28), dtype=torch.uint8) for _ in range(RECENT + 2)]
+    for pixels in batches:
+        trained_a_little(live)
+        ema.update()
+        ema.keep(pixels)
+    model_input = functools.partial(to_model_input, image_size=16, channels_last=False)
+    expected = copy.deepcopy(ema.model)
+    with fixed_noise(cpu, 3):
+        update_bn([model_input(p) for p in batches[-RECENT:]], expected)
+    averaged = ema.model.encoder.down1.norm.running_mean.clone()
+    ema.refresh(model_input, step=10, seed=3)
+    assert not torch.equal(ema.model.encoder.down1.norm.running_mean, averaged)
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in ema.model.state_dict().items())
+    assert not ema.model.training
+    ema.keep(batches[0])
+    ema.refresh(model_input, step=10, seed=3)  # the same step: not again
+    assert all(torch.equal(v, expected.state_dict()[k]) for k, v in ema.model.state_dict().items())

@@ -73,3 +73,12 @@ def test_a_wrong_knob_is_one_line_naming_what_is_accepted(override, said):
     with pytest.raises(ConfigError, match=None) as e:
         load_config(None, [override])
     assert said in str(e.value) and "\n" not in str(e.value)
+
+
+def test_the_ema_decay_warms_up_so_the_initial_weights_fade():
+    schedule = Schedule(TrainConfig(ema_decay=0.99), BATCH, 1000)
+    decays = [schedule.at(s).ema_decay for s in range(1, 1001)]
+    assert decays[0] == pytest.approx(0.1) and decays[9] == pytest.approx(10 / 19)  # (1 + n) / (10 + n), n updates
+    assert decays[890] == decays[-1] == 0.99 and decays[889] < 0.99  # the decay itself from the 891st step on
+    assert all(a <= b for a, b in zip(decays, decays[1:], strict=False))
+    assert Schedule(TrainConfig(), BATCH, STEPS).at(5).ema_decay == 0.0  # no EMA

@@ -259,7 +259,7 @@ def test_a_graph_proves_itself_on_its_first_replay_or_the_run_trains_on_eagerly(
 def test_a_graph_with_a_schedule_kl_warmup_clipping_and_an_ema_trains_as_eager_steps_do():
     # the lr and KL weight change every step: a replay reads them from the same tensors, set in place between replays
     # (never a recapture); clipping and the EMA's update are inside the captured body, without a host sync
-    train = TrainConfig(lr=1e-2, lr_schedule=LRSchedule.cosine, warmup_images=12, kl_warmup_images=60)
+    train = TrainConfig(lr=1e-2, lr_schedule=LRSchedule.cosine, warmup_images=12, kl_warmup_images=60, ema_decay=0.5)
     schedule = Schedule(train, 6, 10)
     eager, _ = tiny_cvae_step(False, clip=1.0, ema_decay=0.5)
     eager_weights, eager_meter = train_five(eager, eager.model, schedule)
