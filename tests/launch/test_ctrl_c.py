@@ -165,6 +165,15 @@ def test_a_second_ctrl_c_more_than_3_s_later_exits_at_once(tmp_path):
     assert checkpoint_dirs(tmp_path / "run") == [] and not leftovers(tmp_path / "run")
 
 
+@pytest.fixture(autouse=True)
+def hangup_as_in_a_terminal():
+    """A terminal's jobs start with SIGHUP at its default action; under nohup it is ignored, and the trainers these
+    tests start would inherit that."""
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)
+    yield
+    signal.signal(signal.SIGHUP, before)
+
+
 def start_on_a_terminal(tmp_path: Path, name: str, overrides: list[str]) -> tuple[subprocess.Popen, int]:
     """`cvae-dist train` in a session of its own whose controlling terminal is a pseudo-terminal, as a login shell's
     job is (an ssh session's, a terminal window's); returns the process and the terminal's other end (close it: the
