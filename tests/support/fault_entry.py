@@ -36,7 +36,8 @@ def main(argv: list[str]) -> int:
         calls += 1
         parts = vae_loss(out, x)
         if fault == "nan" and calls == int(a) and rank == int(b):
-            return LossParts(parts.total * math.nan, parts.reconstruction, parts.kl)
+            # (the loss and the objective the gradient comes from, as a NaN in the model's output makes them)
+            return LossParts(parts.total * math.nan, parts.reconstruction * math.nan, parts.kl)
         if fault == "die" and calls == int(a) and rank == int(b) and first_attempt:
             os.kill(os.getpid(), signal.SIGKILL)  # no handler, no cleanup: what `kill -9` or the OOM killer does
         if fault == "slow" and rank == int(a):
